@@ -1,0 +1,3 @@
+import logging
+
+logging.getLogger("vllm_eplb").setLevel(logging.INFO)

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+
+from vllm_eplb.core.placement import Topology
+from vllm_eplb.core.transfer import plan_layer
+from vllm_eplb.core.transfer.backend import TransferHandle
+from vllm_eplb.core.transfer.engine import TransferEngine
+
+
+def simulate(old, new, topo, dim=3):
+    """Execute a layer plan for every rank in one process; return per-rank slot contents."""
+    plan = plan_layer(0, np.array(old), np.array(new), topo)
+    n = topo.slots_per_rank
+    weights = [torch.tensor([[float(old[r * n + i])] * dim for i in range(n)]) for r in range(topo.num_ranks)]
+    received = {}
+    for t in plan.transfers:
+        for e, s in zip(t.experts, t.src_slots):
+            assert weights[t.src][s][0].item() == e, "sender does not hold the expert it sends"
+            received[(t.dst, e)] = weights[t.src][s].clone()
+    for r in range(topo.num_ranks):
+        part = plan.part(r)
+        local = {e: weights[r][s].clone() for e, s in part.local_sources.items()}
+        for slot, e in part.writes.items():
+            weights[r][slot] = local[e] if e in local else received[(r, e)]
+    return plan, weights
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_reaches_new_placement(seed):
+    rng = np.random.default_rng(seed)
+    topo = Topology(4, 8, 12)
+    old = np.concatenate([rng.permutation(8), rng.integers(0, 8, 4)])
+    new = np.concatenate([rng.permutation(8), rng.integers(0, 8, 4)])
+    plan, weights = simulate(old.tolist(), new.tolist(), topo)
+    got = np.concatenate([w[:, 0].numpy() for w in weights]).astype(int)
+    assert got.tolist() == new.tolist()
+
+
+def test_local_copy_instead_of_transfer():
+    topo = Topology(2, 4, 6)
+    # rank 0 holds 0,1,2 ; wants 2,0,1 : pure local permutation, nothing crosses ranks
+    plan = plan_layer(0, np.array([0, 1, 2, 3, 0, 1]), np.array([2, 0, 1, 3, 0, 1]), topo)
+    assert plan.transfers == []
+    assert plan.part(0).local_sources == {2: 2, 0: 0, 1: 1}
+
+
+def test_expert_needed_twice_is_received_once():
+    topo = Topology(2, 4, 8)
+    # rank 1 wants a second copy of 3, which it holds: a local copy, nothing crosses ranks
+    plan = plan_layer(0, np.array([0, 1, 2, 3, 0, 1, 2, 3]), np.array([0, 1, 2, 3, 0, 1, 3, 3]), topo)
+    assert plan.transfers == []
+    # rank 1 wants expert 0 in two slots and holds none: one transfer carries it once
+    plan = plan_layer(0, np.array([0, 1, 2, 3, 3, 3, 3, 3]), np.array([0, 1, 2, 3, 0, 0, 3, 3]), topo)
+    assert [(t.src, t.dst, t.experts) for t in plan.transfers] == [(0, 1, (0,))]
+    assert plan.part(1).writes == {0: 0, 1: 0}
+
+
+def test_sources_are_spread_over_replicas():
+    topo = Topology(4, 2, 8)
+    # expert 0 on ranks 0 and 1; ranks 2 and 3 each need it: one from each holder
+    old = [0, 1, 0, 1, 1, 1, 1, 1]
+    new = [0, 1, 0, 1, 0, 1, 0, 1]
+    plan = plan_layer(0, np.array(old), np.array(new), topo)
+    srcs = sorted(t.src for t in plan.transfers)
+    assert srcs == [0, 1]
+
+
+def test_engine_commit_with_local_swap():
+    """Swapping two slots on one rank needs the snapshot: without it one expert is lost."""
+    topo = Topology(1, 2, 2)
+    plan = plan_layer(0, np.array([0, 1]), np.array([1, 0]), topo)
+    w = torch.tensor([[0.0], [1.0]])
+
+    class NoTraffic(TransferHandle):
+        def done(self):
+            return True
+
+        def wait(self):
+            return {}
+
+        @property
+        def staging_bytes(self):
+            return 0
+
+    class Backend:
+        name = "none"
+
+        def start(self, jobs, rank):
+            return NoTraffic()
+
+    eng = TransferEngine(Backend(), lambda layer: [w], 0)
+    step = eng.start([plan])
+    eng.finish(step)
+    eng.commit(step)
+    assert w[:, 0].tolist() == [1.0, 0.0]

@@ -1,0 +1,23 @@
+"""The balancer core. Imports nothing from vLLM: it runs under a test harness, a
+synthetic benchmark, or vLLM through `vllm_eplb.integration`."""
+
+from .agreement import Agreement, AgreementError, new_gloo_group
+from .balancer import Balancer, Comm, MoELayout
+from .config import BalancerConfig
+from .placement import RoutingMaps, Topology, default_placement
+from .state_machine import STATES, TRANSITIONS
+
+__all__ = [
+    "Agreement",
+    "AgreementError",
+    "Balancer",
+    "BalancerConfig",
+    "Comm",
+    "MoELayout",
+    "RoutingMaps",
+    "STATES",
+    "TRANSITIONS",
+    "Topology",
+    "default_placement",
+    "new_gloo_group",
+]

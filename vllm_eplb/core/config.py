@@ -1,0 +1,57 @@
+"""Settings of the balancer core.
+
+These are the knobs the state machine itself reads. The integration layer
+(`vllm_eplb.integration.config`) adds vLLM's own EPLB keys on top and maps an
+`eplb.json` file onto this model.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class BalancerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window_size: int = Field(
+        1000, ge=1, description="Forward passes of expert load a plan is based on."
+    )
+    step_interval: int = Field(
+        3000,
+        ge=1,
+        description="Forward passes from the start of one cycle to the start of the next.",
+    )
+    layers_per_pass: int = Field(
+        1, ge=1, description="MoE layers moved per transfer step (one step spans 1 + agreement_lag passes)."
+    )
+    improvement_threshold: float = Field(
+        0.05,
+        ge=0.0,
+        description="Minimum relative balancedness gain (predicted/current - 1) for a plan to be applied.",
+    )
+    policy: str = Field("greedy", description="Placement policy name (see vllm_eplb.core.policies).")
+    agreement_lag: int = Field(
+        2,
+        ge=1,
+        description="Passes between posting a cross-rank agreement round and reading its result.",
+    )
+    agreement_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest a rank waits for an agreement round before declaring the group broken.",
+    )
+    planning_timeout_s: float = Field(
+        60.0, gt=0, description="A plan not ready on every rank after this long aborts the cycle."
+    )
+    transfer_timeout_s: float = Field(
+        120.0, gt=0, description="Longest a rank waits for one transfer step's data."
+    )
+
+    @model_validator(mode="after")
+    def _window_fits_interval(self) -> "BalancerConfig":
+        if self.window_size > self.step_interval:
+            raise ValueError(
+                f"window_size ({self.window_size}) must not exceed step_interval "
+                f"({self.step_interval}): the load window is collected inside each cycle"
+            )
+        return self

@@ -1,0 +1,89 @@
+"""Background planner: runs a placement policy off the forward loop.
+
+The forward loop submits a job and then only polls `result()`; it never waits on
+the thread (invariant 3). When the job ends, its outcome is rank-local news: the
+state machine publishes it through an agreement round before acting on it
+(invariant 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .placement import Topology, moved_slots, placement_digest, predicted_balancedness, validate_placement
+from .policies import PlanInput, Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    placement: np.ndarray  # (layers, physical)
+    current_balancedness: float  # predicted for the placement in force, on the same load
+    predicted_balancedness: float
+    moved_slots: int
+    plan_seconds: float
+    digest: tuple[int, int]
+
+    @property
+    def improvement(self) -> float:
+        """Relative gain: predicted / current - 1."""
+        if self.current_balancedness <= 0:
+            return 0.0
+        return self.predicted_balancedness / self.current_balancedness - 1.0
+
+
+def make_plan(policy: Policy, logical_load: np.ndarray, current: np.ndarray, topo: Topology) -> Plan:
+    t0 = time.perf_counter()
+    new = np.ascontiguousarray(policy.place(PlanInput(logical_load, current, topo)), dtype=np.int64)
+    validate_placement(new, topo)
+    elapsed = time.perf_counter() - t0
+    return Plan(
+        placement=new,
+        current_balancedness=predicted_balancedness(current, logical_load, topo),
+        predicted_balancedness=predicted_balancedness(new, logical_load, topo),
+        moved_slots=moved_slots(current, new),
+        plan_seconds=elapsed,
+        digest=placement_digest(new),
+    )
+
+
+class PlannerThread:
+    """One worker thread; at most one plan in flight."""
+
+    def __init__(self, policy: Policy, topo: Topology):
+        self.policy = policy
+        self.topo = topo
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-planner")
+        self._job: Future | None = None
+        self.submitted_at = 0.0
+
+    def submit(self, logical_load: np.ndarray, current: np.ndarray) -> None:
+        if self._job is not None and not self._job.done():
+            raise RuntimeError("a plan is already in flight")
+        self.submitted_at = time.monotonic()
+        self._job = self._pool.submit(make_plan, self.policy, logical_load, current.copy(), self.topo)
+
+    def done(self) -> bool:
+        return self._job is not None and self._job.done()
+
+    def result(self) -> Plan:
+        """The finished plan; re-raises the policy's exception. Only call when done()."""
+        assert self._job is not None and self._job.done()
+        return self._job.result()
+
+    def seconds_running(self) -> float:
+        return time.monotonic() - self.submitted_at
+
+    def discard(self) -> None:
+        """Forget the current job (a stale plan is never applied). A still-running job
+        finishes in the background and its result is dropped."""
+        self._job = None
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

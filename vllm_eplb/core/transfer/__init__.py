@@ -1,0 +1,19 @@
+from .backend import LayerJob, TransferBackend, TransferError, TransferHandle
+from .engine import InFlightStep, StepResult, TransferEngine
+from .gloo import GlooBackend
+from .plan import LayerPlan, RankPart, Transfer, plan_layer
+
+__all__ = [
+    "GlooBackend",
+    "InFlightStep",
+    "LayerJob",
+    "LayerPlan",
+    "RankPart",
+    "StepResult",
+    "Transfer",
+    "TransferBackend",
+    "TransferEngine",
+    "TransferError",
+    "TransferHandle",
+    "plan_layer",
+]

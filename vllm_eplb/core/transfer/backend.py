@@ -1,0 +1,58 @@
+"""The interface every transfer backend implements.
+
+A backend moves the experts of one transfer step (one or more layers) between
+ranks into staging buffers it owns. It never writes a weight slot: the engine
+commits staged experts at the pass the ranks agreed on (invariant 2), so a slot
+a peer may still be reading is never overwritten early.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from .plan import LayerPlan
+
+
+class TransferError(RuntimeError):
+    pass
+
+
+@dataclass
+class LayerJob:
+    plan: LayerPlan
+    weights: list[torch.Tensor]  # this rank's expert tensors of the layer, each (local slots, ...)
+
+
+class TransferHandle(ABC):
+    @abstractmethod
+    def done(self) -> bool:
+        """Non-blocking: has every send and receive of this rank completed?"""
+
+    @abstractmethod
+    def wait(self) -> dict[tuple[int, int], list[torch.Tensor]]:
+        """Block until complete; return {(layer, expert): [one tensor per weight]} of what
+        this rank received, on the weights' device. Raises TransferError."""
+
+    @property
+    @abstractmethod
+    def staging_bytes(self) -> int:
+        """Bytes of staging memory this step holds on this rank."""
+
+
+class TransferBackend(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
+        """Post this rank's sends and receives for the step; return at once."""
+
+    def close(self) -> None:  # pragma: no cover - optional
+        pass
+
+
+def expert_nbytes(weights: list[torch.Tensor]) -> int:
+    """Bytes of one expert across a layer's weight tensors."""
+    return sum(w[0].numel() * w.element_size() for w in weights)
