@@ -38,7 +38,7 @@ class Faults:
     slow_planner: tuple[int, float] | None = None  # (rank, seconds): the policy sleeps first
     divergent_plan: int | None = None  # rank whose policy returns a different (valid) plan
     internal_error: tuple[int, str] | None = None  # (rank, state): a bug raises in that state's tick once
-    skip_tick: tuple[int, int] | None = None  # (rank, pass): the rank misses one tick
+    config_override: tuple[int, dict] | None = None  # (rank, BalancerConfig fields) differing on that rank
 
 
 @dataclass
@@ -161,7 +161,9 @@ def _rank_main(rank: int, cfg: HarnessConfig, port: int, outdir: str) -> None:
     report = None
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.ranks)
-        bcfg = BalancerConfig(**cfg.balancer)
+        f = cfg.faults
+        overrides = f.config_override[1] if f.config_override and f.config_override[0] == rank else {}
+        bcfg = BalancerConfig(**{**cfg.balancer, **overrides})
         topo = Topology(cfg.ranks, cfg.logical, cfg.logical + cfg.redundant, cfg.ranks_per_node)
         ranks = list(range(cfg.ranks))
         agreement_group = new_gloo_group(ranks, bcfg.agreement_timeout_s)
@@ -170,7 +172,6 @@ def _rank_main(rank: int, cfg: HarnessConfig, port: int, outdir: str) -> None:
         workload = DriftingWorkload(cfg.dim, cfg.tokens, cfg.topics, cfg.zipf, cfg.drift_every, cfg.seed)
 
         policy = get_policy(bcfg.policy)
-        f = cfg.faults
         if f.planner_error and f.planner_error[0] == rank:
             policy = _FailingPolicy(policy, f.planner_error[1])
         if f.slow_planner and f.slow_planner[0] == rank:
@@ -203,10 +204,9 @@ def _rank_main(rank: int, cfg: HarnessConfig, port: int, outdir: str) -> None:
         for p in range(1, cfg.passes + 1):
             model.forward(workload.batch(p))
             state = balancer.state
-            if not (f.skip_tick and f.skip_tick == (rank, p)):
-                t0 = time.perf_counter()
-                balancer.tick()
-                tick_us.setdefault(state, []).append((time.perf_counter() - t0) * 1e6)
+            t0 = time.perf_counter()
+            balancer.tick()
+            tick_us.setdefault(state, []).append((time.perf_counter() - t0) * 1e6)
             if p % cfg.check_every == 0:
                 checks += 1
                 d = _map_digest(model)

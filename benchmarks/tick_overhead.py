@@ -1,0 +1,130 @@
+"""CPU cost of Balancer.tick() per forward pass, per state.
+
+Two (or --ranks) processes joined by gloo run the real balancer through several
+full cycles on a synthetic model of a given shape; each pass the "router" adds a
+skewed load (untimed), then tick() is timed. Prints median / p99 / max in
+microseconds per state, next to a baseline measured in the same run: the cost of
+calling an empty Python method, the floor any per-pass hook pays.
+
+Target (issue 2): at most 20 us per pass in idle and collecting (median and p99 of
+the passes that stay in the state; the one pass per cycle that fires a transition
+is reported on its own row).
+
+    python benchmarks/tick_overhead.py                  # both shapes, 2 ranks
+    python benchmarks/tick_overhead.py --shape deepseek-v3 --ranks 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, RoutingMaps, Topology, default_placement, new_gloo_group  # noqa: E402
+from vllm_eplb.core.transfer import GlooBackend  # noqa: E402
+from vllm_eplb.harness.runner import free_port  # noqa: E402
+
+SHAPES = {
+    # name: (MoE layers, logical experts, redundant slots, expert hidden elements moved)
+    "toy": (4, 16, 4, 64),
+    "qwen3-30b-a3b": (48, 128, 16, 64),
+    "deepseek-v3": (58, 256, 32, 64),
+}
+
+
+class _Empty:
+    def tick(self):
+        pass
+
+
+def _rank(rank, world, port, shape, passes, outdir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    layers, logical, redundant, elems = SHAPES[shape]
+    physical = logical + redundant
+    physical += (-physical) % world
+    topo = Topology(world, logical, physical)
+    cfg = BalancerConfig(window_size=50, step_interval=200, agreement_lag=2, improvement_threshold=0.0)
+    maps = RoutingMaps.allocate(default_placement(topo, layers), topo)
+    pass_load = torch.zeros((layers, physical), dtype=torch.int64)
+    weights = [[torch.zeros((topo.slots_per_rank, elems))] for _ in range(layers)]
+    g = [new_gloo_group(list(range(world)), 60) for _ in range(2)]
+    layout = MoELayout(topo, layers, pass_load, maps, lambda layer: weights[layer])
+    bal = Balancer(cfg, layout, Comm(rank, world, g[0], GlooBackend(g[1])))
+
+    rng = np.random.default_rng(rank)
+    zipf = 1.0 / np.arange(1, physical + 1) ** 1.2
+    loads = [torch.from_numpy(rng.poisson(50 * np.roll(zipf, i % physical), size=(layers, physical))) for i in range(16)]
+    empty = _Empty()
+    times: dict[str, list[float]] = {"baseline (empty method call)": []}
+    for p in range(passes):
+        pass_load += loads[p % 16]
+        state, n_transitions = bal.state, len(bal.stats.history)
+        t0 = time.perf_counter_ns()
+        bal.tick()
+        t1 = time.perf_counter_ns()
+        empty.tick()
+        t2 = time.perf_counter_ns()
+        # A pass that fires a transition does that state's once-per-cycle work (reset the
+        # window, post a round, start a step...): reported on a row of its own.
+        key = state if len(bal.stats.history) == n_transitions else f"{state}, transition pass"
+        times.setdefault(key, []).append((t1 - t0) / 1e3)
+        times["baseline (empty method call)"].append((t2 - t1) / 1e3)
+        dist.all_reduce(torch.zeros(1))  # the ranks' lockstep, as a model's collectives impose
+    stats = bal.stats
+    with open(os.path.join(outdir, f"{rank}.pkl"), "wb") as fh:
+        pickle.dump((times, stats.cycles_completed, dict(stats.cycles_skipped)), fh)
+    bal.shutdown()
+    dist.destroy_process_group()
+
+
+def run(shape: str, ranks: int, passes: int) -> tuple[dict, int]:
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_rank, args=(ranks, free_port(), shape, passes, d), nprocs=ranks)
+        with open(os.path.join(d, "0.pkl"), "rb") as fh:
+            times, completed, skipped = pickle.load(fh)
+    return times, completed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--passes", type=int, default=1000)
+    args = ap.parse_args()
+    shapes = list(SHAPES) if args.shape == "all" else [args.shape]
+    states = ["idle", "collecting", "planning", "syncing", "transferring"]
+    order = ["baseline (empty method call)", *states, *(f"{s}, transition pass" for s in states)]
+    print(f"tick() CPU cost per forward pass, rank 0 of {args.ranks} (gloo), torch {torch.__version__}")
+    print(f"{'shape':<14} {'state':<34} {'passes':>6} {'median us':>10} {'p99 us':>9} {'max us':>9} {'median/base':>11} {'target':>10}")
+    failed = False
+    for shape in shapes:
+        times, completed = run(shape, args.ranks, args.passes)
+        base = float(np.median(times["baseline (empty method call)"]))
+        for state in order:
+            t = np.array(times.get(state, []))
+            if not len(t):
+                continue
+            med, p99 = np.median(t), np.percentile(t, 99)
+            target = ""
+            if state in ("idle", "collecting"):
+                ok = med <= 20 and p99 <= 20
+                failed |= not ok
+                target = "<=20 " + ("met" if ok else "MISSED")
+            print(f"{shape:<14} {state:<34} {len(t):>6} {med:>10.1f} {p99:>9.1f} {t.max():>9.1f} {med / base:>10.0f}x {target:>10}")
+        print(f"{shape:<14} cycles completed: {completed}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Multi-process runs of the balancer over a real gloo group (no vLLM).
+
+Every run checks, on every pass: routing maps identical across ranks, every slot
+holding the weights its map names, and probe outputs equal to those before any
+rebalance. On top, each test asserts what its scenario is about."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllm_eplb.harness.runner import Faults, HarnessConfig, run_harness
+
+FAST = dict(window_size=20, step_interval=60, agreement_lag=2)
+
+
+def run(ranks=2, passes=200, faults=None, balancer=None, **kw):
+    cfg = HarnessConfig(
+        ranks=ranks,
+        passes=passes,
+        redundant=kw.pop("redundant", ranks),
+        balancer={**FAST, **(balancer or {})},
+        faults=faults or Faults(),
+        **kw,
+    )
+    return run_harness(cfg, timeout_s=300)
+
+
+def transitions(report):
+    return [(h.pass_no, h.trigger, h.source, h.dest, h.layer, h.reason) for h in report.history]
+
+
+def assert_consistent(reports, same_history=True):
+    passes = reports[0].checks
+    for r in reports:
+        assert r.checks == passes > 0
+        assert r.map_disagreements == [], f"rank {r.rank}: maps differed across ranks at passes {r.map_disagreements[:5]}"
+        assert r.slot_mismatches == [], f"rank {r.rank}: slots held wrong experts: {r.slot_mismatches[:5]}"
+        assert r.output_mismatches == [], f"rank {r.rank}: probe outputs changed at passes {r.output_mismatches[:5]}"
+        assert np.array_equal(r.placement, reports[0].placement)
+    if same_history:
+        for r in reports[1:]:
+            assert transitions(r) == transitions(reports[0]), f"rank {r.rank} transitioned at other passes than rank 0"
+
+
+def completed_cycles(report):
+    return report.stats["cycles_completed"]
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def drifting(request):
+    """Hot experts rotate every 60 passes, a low threshold: the machine cycles fully again and again."""
+    ranks = request.param
+    return run(ranks=ranks, passes=260, drift_every=60, zipf=1.5, balancer=dict(improvement_threshold=0.01))
+
+
+def test_full_cycles_consistent(drifting):
+    assert_consistent(drifting)
+    r = drifting[0]
+    assert completed_cycles(r) >= 2
+    states = [t[3] for t in transitions(r)]
+    # each completed cycle went through every state, in order
+    text = " ".join(states)
+    assert text.count("collecting planning syncing transferring") >= 2
+    assert r.stats["experts_moved"] + sum(x.stats["experts_moved"] for x in drifting[1:]) > 0
+
+
+def test_every_transition_logged_with_pass_and_layer(drifting):
+    for t in transitions(drifting[0]):
+        pass_no, trigger, src, dst, layer, _ = t
+        assert pass_no > 0
+        if dst == "transferring":
+            assert 0 <= layer < 4
+
+
+@pytest.fixture(scope="module")
+def steady():
+    return run(ranks=4, passes=200, zipf=1.5)
+
+
+def test_balancedness_improves_on_skewed_load(steady):
+    assert_consistent(steady)
+    r = steady[0]
+    hist = r.stats["observed_history"]
+    assert len(hist) >= 2
+    before, after = hist[0][1], hist[1][1]
+    assert after > before + 0.1, hist
+    assert r.stats["balancedness_predicted"] >= r.stats["balancedness_current"]
+
+
+def test_later_cycle_skipped_when_gain_is_small(steady):
+    # the load does not move: after the first rebalance nothing is worth 5%
+    r = steady[0]
+    assert completed_cycles(r) == 1
+    assert r.stats["cycles_skipped"]["insufficient_improvement"] >= 1
+
+
+def test_planner_error_aborts_everywhere_then_recovers():
+    reports = run(ranks=2, passes=200, faults=Faults(planner_error=(1, 1)))
+    assert_consistent(reports)
+    for r in reports:
+        assert r.stats["cycles_aborted"]["planner_error"] == 1
+        assert completed_cycles(r) == 1  # the next cycle went through
+        assert r.stats["disabled_reason"] == ""
+
+
+def test_planning_timeout_aborts_everywhere():
+    reports = run(ranks=2, passes=130, faults=Faults(slow_planner=(1, 2.0)), balancer=dict(planning_timeout_s=0.5))
+    assert_consistent(reports)
+    for r in reports:
+        assert r.stats["cycles_aborted"]["planning_timeout"] >= 1
+        assert completed_cycles(r) == 0
+
+
+def test_plan_mismatch_detected_nothing_moves():
+    reports = run(ranks=2, passes=100, faults=Faults(divergent_plan=1))
+    assert_consistent(reports)
+    for r in reports:
+        assert r.stats["cycles_aborted"]["plan_mismatch"] >= 1
+        assert r.stats["layers_committed"] == 0
+
+
+def test_transfer_error_keeps_one_placement_per_layer():
+    """Step 2 fails on rank 1 in cycle 1: layer 0 is committed everywhere, the rest stays old
+    everywhere; the next cycle completes."""
+    reports = run(ranks=4, passes=200, zipf=1.5, faults=Faults(transfer_error=(1, 1, 2)))
+    assert_consistent(reports)
+    for r in reports:
+        assert r.stats["cycles_aborted"]["transfer_error"] == 1
+        assert completed_cycles(r) >= 1
+    aborts = [t for t in transitions(reports[0]) if t[1] == "abort"]
+    assert len(aborts) == 1
+
+
+def test_bug_on_one_rank_disables_everywhere_consistently():
+    """A rank raising inside syncing stops posting rounds; its peers time out on the
+    agreement group and stop too. No rank moved anything."""
+    reports = run(
+        ranks=4, passes=100, faults=Faults(internal_error=(2, "syncing")), balancer=dict(agreement_timeout_s=3.0)
+    )
+    assert_consistent(reports, same_history=False)
+    for r in reports:
+        assert r.stats["disabled_reason"], f"rank {r.rank} still rebalancing"
+        assert r.stats["layers_committed"] == 0
+    assert reports[2].stats["cycles_aborted"]["internal_error"] == 1
+    for r in (reports[0], reports[1], reports[3]):
+        assert r.stats["cycles_aborted"]["agreement_timeout"] == 1
+
+
+def test_ranks_on_different_schedules_detected():
+    """Rank 1 reads rounds one pass later than rank 0 (a mismatched config): the pass
+    numbers carried in every vote round differ, every rank sees it and stops."""
+    reports = run(ranks=2, passes=120, faults=Faults(config_override=(1, dict(agreement_lag=3))))
+    assert_consistent(reports, same_history=False)
+    for r in reports:
+        assert r.stats["cycles_aborted"]["pass_mismatch"] == 1
+        assert r.stats["disabled_reason"].startswith("pass_mismatch")
+        assert r.stats["layers_committed"] == 0
+
+
+def test_eight_ranks_two_layers_per_pass():
+    reports = run(ranks=8, passes=140, check_every=5, balancer=dict(layers_per_pass=2), zipf=1.5)
+    assert_consistent(reports)
+    assert completed_cycles(reports[0]) == 1
+    steps = [t for t in transitions(reports[0]) if t[3] == "transferring"]
+    assert len(steps) == 2  # 4 layers, 2 per step
