@@ -57,6 +57,7 @@ class MoELayout:
     pass_load: torch.Tensor  # (layers, physical) int64: the router adds tokens per slot into it
     maps: RoutingMaps  # updated in place at commit
     weights_of: Callable[[int], list[torch.Tensor]]  # layer -> this rank's expert tensors (local slots, ...)
+    record_flag: torch.Tensor | None = None  # bool scalar the router checks before recording load
 
 
 @dataclass
@@ -83,10 +84,11 @@ class Balancer:
         self.stats = BalancerStats()
         self.pass_no = 0
         self.layer = -1  # next layer to move while transferring
+        self.transitions_total = 0
         self.disabled_reason = ""
         self.placement = layout.maps.phy2log.cpu().numpy().copy()
 
-        self.window = LoadWindow(layout.pass_load, config.window_size)
+        self.window = LoadWindow(layout.pass_load, config.window_size, layout.record_flag)
         self.planner = PlannerThread(policy or get_policy(config.policy), self.topo)
         self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag)
         self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
@@ -282,6 +284,7 @@ class Balancer:
         s.bytes_sent += r.bytes_sent
         s.last_layer_transfer_seconds = r.seconds / max(1, len(step.jobs))
         s.transfer_seconds.append(r.seconds)
+        s.transfer_layers.append(len(step.jobs))
         s.max_staging_bytes = max(s.max_staging_bytes, r.staging_bytes)
 
     def _abort(self, reason: str, exc: BaseException | None) -> None:
@@ -324,6 +327,7 @@ class Balancer:
             self.pass_no, event.event.name, event.transition.source, event.transition.dest, self.layer, reason
         )
         self.stats.history.append(rec)
+        self.transitions_total += 1
         log.info(
             "EPLB rank %d pass %d: %s -> %s%s%s",
             self.comm.rank,

@@ -22,15 +22,22 @@ import torch
 
 
 class LoadWindow:
-    def __init__(self, pass_load: torch.Tensor, size: int):
+    def __init__(self, pass_load: torch.Tensor, size: int, record_flag: torch.Tensor | None = None):
         self.pass_load = pass_load
         self.size = size
         self.filled = 0  # passes summed since the last reset
+        # The router records only while this flag is set: outside a window it skips
+        # the work entirely.
+        self.record_flag = record_flag
+        if record_flag is not None:
+            record_flag.fill_(False)
 
     def reset(self) -> None:
         """Start a new window; what the router recorded before now is dropped."""
         self.pass_load.zero_()
         self.filled = 0
+        if self.record_flag is not None:
+            self.record_flag.fill_(True)
 
     def record_pass(self) -> None:
         self.filled += 1
@@ -40,7 +47,10 @@ class LoadWindow:
         return self.filled >= self.size
 
     def snapshot_to_host(self) -> "HostSnapshot":
-        """Start copying the window's sum to host memory without blocking the CPU."""
+        """End the window: stop recording and start copying the sum to host memory
+        without blocking the CPU."""
+        if self.record_flag is not None:
+            self.record_flag.fill_(False)
         if self.pass_load.device.type == "cpu":
             return HostSnapshot(self.pass_load.to(torch.int64, copy=True), None)
         host = torch.empty(self.pass_load.shape, dtype=self.pass_load.dtype, pin_memory=True)

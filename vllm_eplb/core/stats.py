@@ -35,6 +35,7 @@ class BalancerStats:
     bytes_sent: int = 0
     last_layer_transfer_seconds: float = 0.0
     transfer_seconds: list[float] = field(default_factory=list)  # per committed step
+    transfer_layers: list[int] = field(default_factory=list)  # layers of each committed step
     max_staging_bytes: int = 0
     cycle_passes: list[int] = field(default_factory=list)  # window end -> placement fully live
     history: deque = field(default_factory=lambda: deque(maxlen=100_000))

