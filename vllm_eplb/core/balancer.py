@@ -161,6 +161,10 @@ class Balancer:
             observed = balancedness_of(observed_rank_loads(physical, self.topo))
             self.stats.balancedness_observed = observed
             self.stats.observed_history.append((self._window_end, observed))
+            log.info(
+                "EPLB rank %d pass %d: window of %d passes, %d expert-token loads, balancedness %.3f",
+                self.comm.rank, p, self.config.window_size, int(physical.sum()), observed,
+            )
             logical = physical_to_logical_load(physical, self.placement, self.topo.num_logical)
             self.planner.submit(logical, self.placement)
             self._plan_submitted = True
@@ -188,6 +192,11 @@ class Balancer:
         if not same:
             return self._abort("plan_mismatch", None)
         plan = self._plan
+        log.info(
+            "EPLB rank %d pass %d: plan (%s, %.1f ms) balancedness %.3f -> %.3f predicted, %d slots to move",
+            self.comm.rank, p, self.planner.policy.name, plan.plan_seconds * 1e3,
+            plan.current_balancedness, plan.predicted_balancedness, plan.moved_slots,
+        )
         self.stats.balancedness_current = plan.current_balancedness
         self.stats.balancedness_predicted = plan.predicted_balancedness
         self.stats.last_plan_moved_slots = plan.moved_slots

@@ -8,7 +8,8 @@ end-to-end tests.
 How the skew is made: every token embedding gets a shared offset vector v, so the
 residual stream of every token carries v; in each layer the router rows of the
 `hot` chosen experts get a component along v, so most tokens score those experts
-highest. Which experts are hot differs per layer.
+highest. Which experts are hot differs per layer; they come from the lower half of
+the expert ids, which vLLM's default layout places on the first ranks.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def build(
     hidden: int = 128,
     moe_intermediate: int = 64,
     hot: int = 3,
-    skew: float = 4.0,
+    skew: float = 8.0,
     vocab: int = 512,
     seed: int = 0,
 ) -> str:
@@ -105,7 +106,9 @@ def build(
         g = torch.Generator().manual_seed(seed + 1)
         for layer in model.model.layers:
             gate = layer.mlp.gate.weight  # (experts, hidden)
-            hot_ids = torch.randperm(experts, generator=g)[:hot]
+            # hot experts from the lower half of the ids: vLLM's default layout puts those on
+            # the first ranks, so serving starts unbalanced and the balancer has work to do
+            hot_ids = torch.randperm(max(hot, experts // 2), generator=g)[:hot]
             scale = gate.norm(dim=1).mean() * skew
             for rank, e in enumerate(hot_ids.tolist()):
                 gate[e] += v * scale / (rank + 1)
@@ -130,7 +133,7 @@ def main(argv=None) -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--hot", type=int, default=3, help="hot experts per layer")
-    ap.add_argument("--skew", type=float, default=4.0, help="router pull towards the hot experts")
+    ap.add_argument("--skew", type=float, default=8.0, help="router pull towards the hot experts")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     build(a.out_dir, a.layers, a.experts, a.top_k, a.hidden, hot=a.hot, skew=a.skew, seed=a.seed)

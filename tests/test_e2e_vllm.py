@@ -1,0 +1,199 @@
+"""End to end with the real vLLM engine on CPU: `vllm serve` of a locally built
+Qwen3-MoE with TP=2 + expert parallelism (two worker processes), the balancer on.
+
+Requests flow from 8 concurrent clients while the balancer cycles; /metrics is
+scraped all along; greedy outputs for fixed prompts are compared with a server
+that has EPLB off."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import threading
+import time
+
+import pytest
+
+from vllm_eplb.integration.tiny_model import WORDS, build
+from vllm_server import Server, metric, serve_cmd, vllm_bin, write_json
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["the model of the expert", "one two three four", "load on a rank is", "great old year off come"]
+STATES = ["idle", "collecting", "planning", "syncing", "transferring"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build(str(tmp_path_factory.mktemp("tiny-moe")))
+
+
+class Load:
+    """Concurrent clients sending random prompts until stopped."""
+
+    def __init__(self, server: Server, clients: int = 8):
+        self.server, self.stop_flag, self.errors = server, threading.Event(), []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self.stop_flag.is_set():
+            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+            try:
+                self.server.complete(prompt, max_tokens=rng.randint(8, 40))
+            except Exception as exc:  # recorded, asserted on
+                self.errors.append(exc)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(120)
+
+
+@pytest.fixture(scope="module")
+def eplb_off_outputs(model, tmp_path_factory):
+    log = str(tmp_path_factory.mktemp("logs") / "off.log")
+    s = Server(model, 8231, None, log_path=log).start()
+    try:
+        return [s.complete(p) for p in PROMPTS]
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def eplb_run(model, tmp_path_factory):
+    """Serve with the balancer; sample outputs before, during and after rebalancing;
+    scrape /metrics every 50 ms until two cycles completed after the first window."""
+    d = tmp_path_factory.mktemp("eplb")
+    cfg = write_json(
+        str(d / "eplb.json"),
+        {"window_size": 30, "step_interval": 90, "num_redundant_experts": 4, "agreement_lag": 3, "improvement_threshold": 0.02},
+    )
+    s = Server(model, 8232, cfg, log_path=str(d / "serve.log")).start()
+    result = {"outputs": [], "scrapes": [], "log": str(d / "serve.log")}
+    try:
+        result["outputs"].append(("before", [s.complete(p) for p in PROMPTS]))
+        with Load(s) as load:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                ms = s.metrics()
+                result["scrapes"].append(ms)
+                if metric(ms, "vllm:eplb_state", rank=0, state="transferring") == 1:
+                    result["outputs"].append(("during transfer", [s.complete(p) for p in PROMPTS]))
+                done = metric(ms, "vllm:eplb_cycles_total", rank=0, outcome="completed") or 0
+                if done >= 3 and len(result["outputs"]) >= 3:
+                    break
+                time.sleep(0.05)
+            result["load_errors"] = load.errors
+        result["outputs"].append(("after", [s.complete(p) for p in PROMPTS]))
+        result["final"] = s.metrics()
+    finally:
+        s.stop()
+    return result
+
+
+def test_cycles_complete_and_metrics_show_every_state_in_order(eplb_run):
+    final = eplb_run["final"]
+    assert not eplb_run["load_errors"], eplb_run["load_errors"][:3]
+    for rank in (0, 1):
+        assert metric(final, "vllm:eplb_cycles_total", rank=rank, outcome="completed") >= 2
+        assert metric(final, "vllm:eplb_committed_layers_total", rank=rank) >= 4
+        assert metric(final, "vllm:eplb_enabled", rank=rank) == 1
+        assert metric(final, "vllm:eplb_pass", rank=rank) > 0
+        assert sum(metric(final, "vllm:eplb_state", rank=rank, state=s) for s in STATES) == 1
+    # one scrape holds the pass each state was last entered: a full cycle's order
+    seen_order = []
+    for ms in eplb_run["scrapes"]:
+        entered = {s: metric(ms, "vllm:eplb_state_entered_pass", rank=0, state=s) for s in STATES}
+        if all(v is not None for v in entered.values()):
+            c, p, sy, t, i = (entered[s] for s in ["collecting", "planning", "syncing", "transferring", "idle"])
+            if c < p < sy < t < i:
+                seen_order.append(entered)
+    assert seen_order, "no scrape showed a completed cycle collecting < planning < syncing < transferring < idle"
+    # and the scraper itself caught the machine in every state
+    current = {s for ms in eplb_run["scrapes"] for s in STATES if metric(ms, "vllm:eplb_state", rank=0, state=s) == 1}
+    assert current == set(STATES), current
+
+
+def test_both_ranks_agree_on_what_moved(eplb_run):
+    final = eplb_run["final"]
+    for name in ("vllm:eplb_committed_layers_total", "vllm:eplb_cycles_total"):
+        assert metric(final, name, rank=0) == metric(final, name, rank=1)
+    moved = [metric(final, "vllm:eplb_moved_bytes_total", rank=r) or 0 for r in (0, 1)]
+    assert sum(moved) > 0
+
+
+def test_greedy_outputs_identical_to_eplb_off(eplb_run, eplb_off_outputs):
+    phases = [p for p, _ in eplb_run["outputs"]]
+    assert "during transfer" in phases, phases
+    for phase, outs in eplb_run["outputs"]:
+        assert outs == eplb_off_outputs, f"greedy tokens differ {phase} rebalancing"
+
+
+def test_balancedness_rises(eplb_run):
+    observed = []
+    for ms in eplb_run["scrapes"]:
+        v = metric(ms, "vllm:eplb_balancedness", rank=0, kind="observed")
+        if v is not None and (not observed or v != observed[-1]):
+            observed.append(v)
+    assert len(observed) >= 3, observed
+    first, later = observed[0], observed[1:]
+    assert sum(later) / len(later) > first + 0.05, observed
+
+
+def _serve_bad(model, tmp_path, config) -> subprocess.CompletedProcess:
+    cmd = serve_cmd(model, 8239, config)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ({"window_size": 10, "windowsize": 5}, "unknown key 'windowsize'"),
+        ({"layers_per_pass": 0}, "'layers_per_pass'"),
+        ({"policy": "fastest"}, "'policy' must be one of"),
+        ({"num_redundant_experts": 3}, "do not divide over 2 expert-parallel ranks"),
+        ("{not json", "not valid JSON"),
+        (None, "not found"),
+    ],
+)
+def test_bad_config_fails_fast_with_one_line(model, tmp_path, content, expected):
+    path = str(tmp_path / "eplb.json")
+    if isinstance(content, dict):
+        write_json(path, content)
+    elif isinstance(content, str):
+        with open(path, "w") as fh:
+            fh.write(content)
+    else:
+        path = str(tmp_path / "missing.json")
+    t0 = time.monotonic()
+    r = _serve_bad(model, tmp_path, path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert expected in last, last
+    assert ("missing.json" in last) or ("eplb.json" in last) or ("--eplb-config" in last), last
+    assert "Traceback" not in r.stderr
+    assert "Loading weights" not in r.stderr + r.stdout, "the model started loading"
+    assert time.monotonic() - t0 < 120
+
+
+def test_inline_json_still_accepted(model):
+    """--eplb-config keeps taking inline JSON; checked up to argument parsing (--help)."""
+    r = subprocess.run(
+        serve_cmd(model, 8240, '{"window_size": 10, "step_interval": 20, "layers_per_pass": 2}') + ["--help=eplb-config"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_vllm_command_works():
+    r = subprocess.run([vllm_bin(), "--version"], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("0.30.0")
