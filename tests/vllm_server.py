@@ -29,7 +29,7 @@ def vllm_bin() -> str:
     return exe if os.path.exists(exe) else shutil.which("vllm")
 
 
-def serve_cmd(model: str, port: int, eplb_config: str | None, extra: list[str] = ()) -> list[str]:
+def serve_cmd(model: str, port: int, eplb_config: str | None, extra: list[str] = (), tp: int = 2) -> list[str]:
     cmd = [
         vllm_bin(),
         "serve",
@@ -37,8 +37,8 @@ def serve_cmd(model: str, port: int, eplb_config: str | None, extra: list[str] =
         "--port",
         str(port),
         "--tensor-parallel-size",
-        "2",
-        "--enable-expert-parallel",
+        str(tp),
+        *(["--enable-expert-parallel"] if tp > 1 else []),
         "--dtype",
         "float32",
         "--max-model-len",
@@ -60,6 +60,7 @@ class Server:
     log_path: str = ""
     proc: subprocess.Popen | None = None
     extra: list[str] = field(default_factory=list)
+    tp: int = 2
 
     @property
     def url(self) -> str:
@@ -69,7 +70,7 @@ class Server:
         env = {**os.environ, **CPU_ENV}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            serve_cmd(self.model, self.port, self.eplb_config, self.extra),
+            serve_cmd(self.model, self.port, self.eplb_config, self.extra, self.tp),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -198,3 +198,7 @@ def reference_markdown() -> str:
             desc += f" ({bounds})"
         rows.append(f"| `{name}` | {ann} | `{json.dumps(f.default)}` | {origin}: {desc} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m vllm_eplb.integration.config > table for docs/configuration.md
+    print(reference_markdown())
