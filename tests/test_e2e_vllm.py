@@ -7,6 +7,7 @@ that has EPLB off."""
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import threading
@@ -15,9 +16,15 @@ import time
 import pytest
 
 from vllm_eplb.integration.tiny_model import WORDS, build
-from vllm_server import Server, metric, serve_cmd, vllm_bin, write_json
+from vllm_eplb.integration.server import Server, metric, serve_cmd, vllm_bin
 
 pytestmark = pytest.mark.vllm
+
+
+def write_json(path: str, data) -> str:
+    with open(path, "w") as fh:
+        json.dump(data, fh)
+    return path
 
 PROMPTS = ["the model of the expert", "one two three four", "load on a rank is", "great old year off come"]
 STATES = ["idle", "collecting", "planning", "syncing", "transferring"]
@@ -164,7 +171,7 @@ def test_balancedness_rises(eplb_run):
 
 
 def _serve_bad(model, tmp_path, config) -> subprocess.CompletedProcess:
-    cmd = serve_cmd(model, 8239, config)
+    cmd = serve_cmd(model, 8239, config, max_model_len=256)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 

@@ -16,15 +16,11 @@ import argparse
 import json
 import os
 import random
-import re
-import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
+from .server import Server, cpu_env, metric
 from .tiny_model import WORDS, build
 
 DEFAULT_CONFIG = {
@@ -35,32 +31,7 @@ DEFAULT_CONFIG = {
     "policy": "default",
 }
 
-CPU_ENV = {  # two workers on a small CPU box: one core each, threads sleep when waiting
-    "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0|1"),
-    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-}
-
-
-def _get(url: str, timeout: float = 5) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
-
-def _post(url: str, body: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _eplb_metrics(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("vllm:eplb_") and 'rank="0"' in line:
-            m = re.match(r"(\S+) (\S+)$", line)
-            if m:
-                out[m.group(1)] = float(m.group(2))
-    return out
+STATES = ("idle", "collecting", "planning", "syncing", "transferring")
 
 
 def main(argv=None) -> int:
@@ -86,31 +57,17 @@ def main(argv=None) -> int:
         cfg = os.path.join(args.workdir, "eplb.json")
         with open(cfg, "w") as fh:
             json.dump(DEFAULT_CONFIG, fh, indent=2)
-    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
-    vllm = vllm if os.path.exists(vllm) else shutil.which("vllm")
-    cmd = [vllm, "serve", model, "--port", str(args.port), "--tensor-parallel-size", "2", "--enable-expert-parallel",
-           "--eplb-config", cfg, "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
-    env_txt = " ".join(f"{k}='{v}'" for k, v in CPU_ENV.items())
-    print(f"\n$ {env_txt} {' '.join(cmd)}\n")
-    log_path = os.path.join(args.workdir, "serve.log")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **CPU_ENV}, start_new_session=True)
-    base = f"http://127.0.0.1:{args.port}"
+    server = Server(model, args.port, cfg, log_path=os.path.join(args.workdir, "serve.log"))
+    env_txt = " ".join(f"{k}='{v}'" for k, v in cpu_env().items())
+    print(f"\n$ {env_txt} {' '.join(server.cmd)}\n")
+    t0 = time.monotonic()
     try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                log.flush()
-                print(open(log_path).read()[-3000:])
-                print(f"vllm serve exited with {proc.returncode} (log: {log_path})")
-                return 1
-            try:
-                _get(base + "/health", 2)
-                break
-            except OSError:
-                time.sleep(1)
-        print(f"server up after {time.monotonic() - t0:.0f}s (log: {log_path}); sending requests from {args.clients} clients\n")
-
+        server.start()
+    except (RuntimeError, TimeoutError) as exc:
+        print(exc)
+        return 1
+    try:
+        print(f"server up after {time.monotonic() - t0:.0f}s (log: {server.log_path}); {args.clients} clients sending requests\n")
         stop = threading.Event()
 
         def client(seed: int) -> None:
@@ -118,49 +75,47 @@ def main(argv=None) -> int:
             while not stop.is_set():
                 prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
                 try:
-                    _post(base + "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": rng.randint(8, 48), "temperature": 0})
+                    server.complete(prompt, max_tokens=rng.randint(8, 48), ignore_eos=False)
                 except OSError:
                     time.sleep(0.5)
 
         threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
         for t in threads:
             t.start()
-        last_state, last_obs = None, None
+        last_state, last_obs, ms = None, None, {}
         end = time.monotonic() + args.seconds
-        m = {}
         while time.monotonic() < end:
-            m = _eplb_metrics(_get(base + "/metrics"))
-            state = next((k.split('state="')[1].split('"')[0] for k, v in m.items() if k.startswith("vllm:eplb_state{") and v == 1), None)
-            layer = m.get('vllm:eplb_transfer_layer{rank="0"}', -1)
-            pass_no = int(m.get('vllm:eplb_pass{rank="0"}', 0))
+            ms = server.metrics()
+            state = next((s for s in STATES if metric(ms, "vllm:eplb_state", rank=0, state=s) == 1), None)
+            layer = metric(ms, "vllm:eplb_transfer_layer", rank=0)
+            pass_no = int(metric(ms, "vllm:eplb_pass", rank=0) or 0)
             if state and (state, layer) != last_state:
                 extra = f" layer {int(layer)}" if state == "transferring" else ""
-                print(f"  ~pass {pass_no:>6}  state {state}{extra}")
+                print(f"  ~pass {pass_no:>6}  {state}{extra}")
                 last_state = (state, layer)
-            obs = m.get('vllm:eplb_balancedness{kind="observed",rank="0"}')
+            obs = metric(ms, "vllm:eplb_balancedness", rank=0, kind="observed")
             if obs is not None and obs != last_obs:
-                planned = m.get('vllm:eplb_balancedness{kind="planned",rank="0"}')
-                print(f"  ~pass {pass_no:>6}  balancedness over the last window: {obs:.3f}" + (f" (last plan predicted {planned:.3f})" if planned else ""))
+                planned = metric(ms, "vllm:eplb_balancedness", rank=0, kind="planned")
+                tail = f" (the plan made from it predicts {planned:.3f})" if planned is not None else ""
+                print(f"  ~pass {pass_no:>6}  balancedness (mean/max tokens per rank) over the last window: {obs:.3f}{tail}")
                 last_obs = obs
             time.sleep(0.05)
         stop.set()
-        done = {k: v for k, v in m.items() if k.startswith("vllm:eplb_cycles_total")}
-        print("\ncycles:", ", ".join(f"{k.split('{')[1][:-1]}: {int(v)}" for k, v in done.items()) or "none yet")
-        print(f"all balancer series: curl -s {base}/metrics | grep vllm:eplb_")
+        counts = {
+            f"{dict(ls)['outcome']}{'/' + dict(ls)['reason'] if dict(ls)['reason'] else ''}": int(v)
+            for (n, ls), v in ms.items()
+            if n == "vllm:eplb_cycles_total" and ("rank", "0") in ls
+        }
+        print(f"\ncycles on rank 0: {counts or 'none yet'}")
+        print(f"every balancer series: curl -s {server.url}/metrics | grep vllm:eplb_")
         if args.serve_forever:
             print("serving; Ctrl-C to stop")
-            proc.wait()
+            server.proc.wait()
         return 0
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
 
 
 if __name__ == "__main__":
