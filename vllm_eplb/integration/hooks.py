@@ -236,6 +236,24 @@ def hook_dummy_runs() -> None:
 # --------------------------------------------------------------------------- CPU kernels
 
 
+class _RouterConstants:
+    """Tensors that depend only on the batch size, cached across calls: the Knuth hash of
+    each token index (as the Triton kernel computes it) and a row of ones to add as load.
+    One tensor each, grown to the largest batch seen."""
+
+    hashed = torch.empty((0, 1), dtype=torch.int64)
+    ones = torch.empty(0, dtype=torch.int32)
+
+    @classmethod
+    def get(cls, tokens: int, width: int, device, dtype):
+        if cls.hashed.shape[0] < tokens or cls.hashed.device != torch.device(device):
+            size = max(tokens, 2 * cls.hashed.shape[0], 256)
+            cls.hashed = ((torch.arange(size, dtype=torch.int64, device=device) * 2654435769) & 0xFFFFFFFF)[:, None]
+        if cls.ones.numel() < tokens * width or cls.ones.dtype != dtype or cls.ones.device != torch.device(device):
+            cls.ones = torch.ones(max(tokens * width, 2 * cls.ones.numel(), 1024), dtype=dtype, device=device)
+        return cls.hashed[:tokens], cls.ones
+
+
 def torch_map_to_physical_and_record(
     topk_ids: torch.Tensor,
     expert_load_view: torch.Tensor,
@@ -246,16 +264,19 @@ def torch_map_to_physical_and_record(
 ) -> torch.Tensor:
     """What vLLM's Triton kernel `_eplb_map_and_record_i32_kernel` computes, in torch:
     logical -> physical expert ids, the replica picked by a hash of the token index, and
-    one count per (token, expert) into expert_load_view for unpadded tokens."""
+    one count per (token, expert) into expert_load_view for unpadded tokens.
+    Few ops on purpose: on CPU each costs a microsecond or more, per MoE layer, per pass."""
+    tokens, k = topk_ids.shape
+    hashed, ones = _RouterConstants.get(tokens, k, topk_ids.device, expert_load_view.dtype)
     ids = topk_ids.long()
-    tokens = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int64)[:, None]
-    replica = ((tokens * 2654435769) & 0xFFFFFFFF) % logical_replica_count[ids].clamp(min=1)
+    replica = hashed % torch.take(logical_replica_count, ids)
     physical = logical_to_physical_map[ids, replica]
     if record_enabled is None or bool(record_enabled):
-        n = ids.shape[0] if num_unpadded_tokens is None else int(num_unpadded_tokens)
-        flat = physical[:n].reshape(-1)
-        flat = flat[(flat >= 0) & (flat < expert_load_view.numel())]
-        expert_load_view.index_add_(0, flat, torch.ones_like(flat, dtype=expert_load_view.dtype))
+        rows = physical if num_unpadded_tokens is None else physical[: int(num_unpadded_tokens)]
+        flat = rows.reshape(-1)
+        # Every id the maps hold for replica < count is a valid slot: no bounds filter
+        # needed (the kernel's guards the -1 padding, which this never reaches).
+        expert_load_view.index_add_(0, flat, ones[: flat.numel()])
     return physical.to(topk_ids.dtype)
 
 

@@ -54,14 +54,19 @@ LAYERS = Counter(_PREFIX + "committed_layers", "Layer commits (weights and maps 
 AGREEMENT_WAIT = Counter(
     _PREFIX + "agreement_wait_seconds", "Time the forward loop waited for agreement rounds not complete when read.", ["rank"]
 )
+STEP_SECONDS = Counter(
+    _PREFIX + "step_seconds", "CPU time the forward loop spent in the balancer's per-pass step (tick and metrics).", ["rank"]
+)
 STAGING = Gauge(_PREFIX + "staging_bytes_max", "Largest staging memory one transfer step held.", ["rank"], **_GAUGE)
 
 PASS_EVERY = 16  # refresh the pass gauge every N passes; everything else on transitions
 
 
 class BalancerMetrics:
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, owner=None):
         self.rank = str(rank)
+        self.owner = owner  # has .step_ns: time spent in step()
+        self._step_ns = 0
         self._seen: dict = {}
         self._plans = 0
         self._steps = 0
@@ -78,6 +83,9 @@ class BalancerMetrics:
         r = self.rank
         if balancer.pass_no % PASS_EVERY == 0 or transitioned:
             PASS.labels(r).set(balancer.pass_no)
+            if self.owner is not None and self.owner.step_ns > self._step_ns:
+                STEP_SECONDS.labels(r).inc((self.owner.step_ns - self._step_ns) / 1e9)
+                self._step_ns = self.owner.step_ns
         if not transitioned:
             return
         s = balancer.stats

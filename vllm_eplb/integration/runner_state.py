@@ -11,6 +11,7 @@ interface and drives the vllm-eplb `Balancer` instead: `step` is one `tick()`.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,7 @@ class VllmEplbState:
         self.num_unpadded_tokens: list[torch.Tensor] = []
         self.should_record: torch.Tensor | None = None
         self._model_hash = None
+        self.step_ns = 0  # time spent in step() (tick + metrics), for the overhead figures
 
     # ---- called by the runner once the weights are loaded
     def add_model(self, model, model_config) -> None:
@@ -85,7 +87,7 @@ class VllmEplbState:
         if cfg.metrics:
             from .metrics import BalancerMetrics
 
-            self.metrics = BalancerMetrics(ep.rank_in_group)
+            self.metrics = BalancerMetrics(ep.rank_in_group, self)
             self.metrics.update(self.balancer)
         log.info(
             "vllm-eplb: EP rank %d/%d, %d MoE layers, %d logical experts in %d slots (%d per rank), policy %s, "
@@ -130,9 +132,11 @@ class VllmEplbState:
         if self.balancer is None or is_profile:
             return
         n = self.balancer.transitions_total
+        t0 = time.perf_counter_ns()
         self.balancer.tick()
         if self.metrics is not None:
             self.metrics.update(self.balancer, transitioned=self.balancer.transitions_total != n)
+        self.step_ns += time.perf_counter_ns() - t0
 
     # ---- parts of upstream's interface vllm-eplb has no use for
     def start_async_loop(self, *args, **kwargs) -> None:
