@@ -1,3 +1,3 @@
 import logging
 
-logging.getLogger("vllm_eplb").setLevel(logging.INFO)
+logging.getLogger("vllm.eplb").setLevel(logging.INFO)

@@ -45,7 +45,8 @@ from .state_machine import attach_machine
 from .stats import BalancerStats, TransitionRecord
 from .transfer import InFlightStep, TransferBackend, TransferEngine, plan_layer
 
-log = logging.getLogger("vllm_eplb")
+# A child of vLLM's logger: inside vLLM the lines go through its handlers and format.
+log = logging.getLogger("vllm.eplb")
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 
 from .config import EplbConfig, EplbConfigError, load_eplb_config, publish, published
 
-log = logging.getLogger("vllm_eplb")
+log = logging.getLogger("vllm.eplb")
 
 _MARK = "_vllm_eplb_hooked"
 
@@ -109,6 +109,28 @@ def check_shapes(cfg: EplbConfig, vllm_config) -> None:
         )
 
 
+def prepare_engine_args(engine_args) -> EplbConfig | None:
+    """Before vLLM builds its config: if vllm-eplb is to balance (--eplb-config given, or
+    plain --enable-eplb, or a path/dict from the Python API), publish its config for the
+    other processes, turn EPLB on and give vLLM its own keys."""
+    from vllm.config import EPLBConfig
+
+    cfg = published()
+    if cfg is None and isinstance(engine_args.eplb_config, (str, dict)):
+        cfg = load_eplb_config(engine_args.eplb_config)
+        publish(cfg)
+    if cfg is None and engine_args.enable_eplb:
+        ec = engine_args.eplb_config
+        cfg = EplbConfig(window_size=ec.window_size, step_interval=ec.step_interval, num_redundant_experts=ec.num_redundant_experts)
+        publish(cfg)
+    if cfg is not None:
+        if not engine_args.enable_expert_parallel:
+            raise EplbConfigError("--eplb-config needs --enable-expert-parallel")
+        engine_args.enable_eplb = True
+        engine_args.eplb_config = EPLBConfig(**cfg.upstream_kwargs())
+    return cfg
+
+
 def hook_engine_config() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -119,21 +141,7 @@ def hook_engine_config() -> None:
     @_mark
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
-        cfg = published()
-        if cfg is None and isinstance(self.eplb_config, (str, dict)):  # Python API: a path or a dict
-            cfg = load_eplb_config(self.eplb_config)
-            publish(cfg)
-        if cfg is None and self.enable_eplb:  # plain --enable-eplb: vllm-eplb with upstream's keys
-            ec = self.eplb_config
-            cfg = EplbConfig(window_size=ec.window_size, step_interval=ec.step_interval, num_redundant_experts=ec.num_redundant_experts)
-            publish(cfg)
-        if cfg is not None:
-            from vllm.config import EPLBConfig
-
-            if not self.enable_expert_parallel:
-                raise EplbConfigError("--eplb-config needs --enable-expert-parallel")
-            self.enable_eplb = True
-            self.eplb_config = EPLBConfig(**cfg.upstream_kwargs())
+        cfg = prepare_engine_args(self)
         vllm_config = original(self, *args, **kwargs)
         if cfg is not None:
             check_shapes(cfg, vllm_config)
@@ -180,11 +188,23 @@ def hook_runner_state() -> None:
         pass
 
 
-def hook_cpu_runner() -> None:
+def attach_eplb_state(runner) -> None:
+    """What GPUModelRunner.load_model does for EPLB and the CPU runner's load_model lacks."""
     from vllm.model_executor.models.interfaces import get_mixture_of_experts_model
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     from .runner_state import VllmEplbState
+
+    if not runner.parallel_config.enable_eplb:
+        return
+    runner._moe_model = get_mixture_of_experts_model(runner.model)
+    if runner._moe_model is None:
+        return
+    runner.eplb_state = VllmEplbState(runner.parallel_config, runner.device)
+    runner.eplb_state.add_model(runner._moe_model, runner.model_config)
+
+
+def hook_cpu_runner() -> None:
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     if not _once(CPUModelRunner, "load_model"):
         return
@@ -194,23 +214,33 @@ def hook_cpu_runner() -> None:
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        if not self.parallel_config.enable_eplb:
-            return
-        self._moe_model = get_mixture_of_experts_model(self.model)
-        if self._moe_model is None:
-            return
-        self.eplb_state = VllmEplbState(self.parallel_config, self.device)
-        self.eplb_state.add_model(self._moe_model, self.model_config)
+        attach_eplb_state(self)
 
     CPUModelRunner.load_model = load_model
 
 
-def hook_dummy_runs() -> None:
-    """Dummy passes (DP padding, warm-up) tick like any pass, so ranks stay in step, but
-    their made-up tokens must not count as load: recording is off while they run."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+class no_load_recording:
+    """Context: dummy passes (DP padding, warm-up) tick like any pass, so ranks stay in
+    step, but their made-up tokens must not count as load."""
 
-    from .runner_state import VllmEplbState
+    def __init__(self, runner):
+        from .runner_state import VllmEplbState
+
+        state = getattr(runner, "eplb_state", None)
+        self.flag = state.should_record if isinstance(state, VllmEplbState) else None
+
+    def __enter__(self):
+        if self.flag is not None:
+            self.was = self.flag.clone()
+            self.flag.fill_(False)
+
+    def __exit__(self, *exc):
+        if self.flag is not None:
+            self.flag.copy_(self.was)
+
+
+def hook_dummy_runs() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if not _once(GPUModelRunner, "_dummy_run"):
         return
@@ -219,16 +249,8 @@ def hook_dummy_runs() -> None:
     @_mark
     @functools.wraps(original)
     def _dummy_run(self, *args, **kwargs):
-        state = getattr(self, "eplb_state", None)
-        flag = state.should_record if isinstance(state, VllmEplbState) else None
-        if flag is None:
+        with no_load_recording(self):
             return original(self, *args, **kwargs)
-        was = flag.clone()
-        flag.fill_(False)
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            flag.copy_(was)
 
     GPUModelRunner._dummy_run = _dummy_run
 
@@ -290,10 +312,17 @@ def hook_cpu_router() -> None:
     base_router.eplb_map_to_physical_and_record = torch_map_to_physical_and_record
 
 
+def local_expert_ids(topk_weights, topk_ids, expert_map):
+    """Global physical expert ids -> this rank's slot ids; experts held elsewhere get slot 0
+    with routing weight 0, so they add nothing."""
+    local = expert_map[topk_ids.long()]
+    remote = local < 0
+    return topk_weights.masked_fill(remote, 0.0), local.masked_fill(remote, 0).to(topk_ids.dtype)
+
+
 def hook_cpu_fused_moe() -> None:
     """CPUUnquantizedExperts.apply hands global expert ids to a kernel that indexes the
-    rank's local weights with them (segfault under expert parallelism). Give it local
-    slot ids, and a zero routing weight for experts another rank holds."""
+    rank's local weights with them (segfault under expert parallelism)."""
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
     if not _once(CPUUnquantizedExperts, "apply"):
@@ -304,10 +333,7 @@ def hook_cpu_fused_moe() -> None:
     @functools.wraps(original)
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw):
         if expert_map is not None:
-            local = expert_map[topk_ids.long()]
-            remote = local < 0
-            topk_weights = topk_weights.masked_fill(remote, 0.0)
-            topk_ids = local.masked_fill(remote, 0).to(topk_ids.dtype)
+            topk_weights, topk_ids = local_expert_ids(topk_weights, topk_ids, expert_map)
         return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw)
 
     CPUUnquantizedExperts.apply = apply

@@ -9,20 +9,9 @@ variables of its prefix it does not know.)
 
 from __future__ import annotations
 
-import logging
 import os
 
 _registered = False
-
-
-def _route_logs() -> None:
-    """Send the balancer's log lines through vLLM's handlers, in vLLM's format."""
-    ours, theirs = logging.getLogger("vllm_eplb"), logging.getLogger("vllm")
-    if theirs.handlers and not ours.handlers:
-        for h in theirs.handlers:
-            ours.addHandler(h)
-        ours.setLevel(theirs.level or logging.INFO)
-        ours.propagate = False
 
 
 def register() -> None:
@@ -30,7 +19,6 @@ def register() -> None:
     if _registered or os.environ.get("EPLB_PLUGIN_DISABLE") == "1":
         return
     _registered = True
-    _route_logs()
     from .hooks import install_all
 
     install_all()

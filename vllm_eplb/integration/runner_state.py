@@ -21,7 +21,7 @@ from vllm_eplb.core.transfer import GlooBackend
 
 from .config import EplbConfig, published
 
-log = logging.getLogger("vllm_eplb")
+log = logging.getLogger("vllm.eplb")
 
 
 def _ep_subgroups(timeout_s: float, count: int):

@@ -85,6 +85,8 @@ class Server:
     log_path: str = "serve.log"
     tp: int = 2
     extra: list[str] = field(default_factory=list)
+    launcher: list[str] | None = None  # instead of the `vllm` executable
+    env: dict[str, str] = field(default_factory=dict)  # on top of os.environ and cpu_env()
     proc: subprocess.Popen | None = None
 
     @property
@@ -93,12 +95,17 @@ class Server:
 
     @property
     def cmd(self) -> list[str]:
-        return serve_cmd(self.model, self.port, self.eplb_config, self.extra, self.tp)
+        cmd = serve_cmd(self.model, self.port, self.eplb_config, self.extra, self.tp)
+        return (self.launcher + cmd[1:]) if self.launcher else cmd
 
     def start(self, timeout: float = 300) -> "Server":
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **cpu_env()}, start_new_session=True
+            self.cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **cpu_env(), **self.env},
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

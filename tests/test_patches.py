@@ -1,0 +1,71 @@
+"""patches/vllm: the integration as patch files against the vLLM 0.30.0 source.
+
+1. They apply cleanly to the sdist fetched from PyPI, and the patched files compile.
+2. A "fork": the installed vLLM with the patches applied (a tree of symlinks, the
+   patched files real copies) serves with the balancer while the plugin is disabled:
+   the patches alone carry the integration."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_eplb.integration.server import Server, metric
+from vllm_eplb.integration.tiny_model import build
+from vllm_eplb.tools import upstream
+
+pytestmark = pytest.mark.vllm
+
+
+def test_patches_apply_to_vllm_sdist():
+    src = upstream.fetch_sdist()
+    lines = upstream.check(src)
+    assert len(lines) == len(upstream.patch_files("vllm")) >= 7
+
+
+@pytest.fixture(scope="module")
+def forked_vllm(tmp_path_factory) -> Path:
+    import vllm
+
+    installed = Path(vllm.__file__).parent
+    root = tmp_path_factory.mktemp("fork")
+    subprocess.run(["cp", "-rs", str(installed), str(root / "vllm")], check=True)
+    for p in upstream.patch_files("vllm"):
+        for f in upstream.touched_files(p):
+            target = root / f
+            text = target.resolve().read_text()
+            target.unlink()
+            target.write_text(text)
+    upstream.apply(upstream.patch_files("vllm"), root)
+    return root
+
+
+def test_forked_vllm_serves_with_balancer(forked_vllm, tmp_path):
+    model = build(str(tmp_path / "model"))
+    cfg = tmp_path / "eplb.json"
+    cfg.write_text(json.dumps({"window_size": 20, "step_interval": 60, "num_redundant_experts": 4}))
+    env = {
+        "EPLB_PLUGIN_DISABLE": "1",  # nothing from the plugin: the patches alone
+        "PYTHONPATH": f"{forked_vllm}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    which = subprocess.run(
+        [sys.executable, "-c", "import vllm; print(vllm.__file__)"], env={**os.environ, **env}, capture_output=True, text=True
+    )
+    assert which.stdout.startswith(str(forked_vllm)), which
+    launcher = [sys.executable, "-c", "import sys; from vllm.entrypoints.cli.main import main; sys.exit(main())"]
+    with Server(model, 8251, str(cfg), log_path=str(tmp_path / "serve.log"), launcher=launcher, env=env) as server:
+        deadline = time.monotonic() + 180
+        done = 0
+        while time.monotonic() < deadline and done < 1:
+            for prompt in ("the model of the expert", "one two three", "load on a rank"):
+                server.complete(prompt, max_tokens=32)
+            done = metric(server.metrics(), "vllm:eplb_cycles_total", rank=0, outcome="completed") or 0
+        assert done >= 1, server.tail()
+        log = Path(server.log_path).read_text()
+        assert "vllm-eplb: EP rank 0/2" in log
