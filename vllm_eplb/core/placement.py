@@ -23,6 +23,7 @@ class Topology:
     num_logical: int
     num_physical: int
     ranks_per_node: int = 0  # 0: all ranks on one node
+    num_groups: int = 1  # expert groups of the model (group-limited routing), for hierarchical policies
 
     def __post_init__(self) -> None:
         if self.num_physical % self.num_ranks:

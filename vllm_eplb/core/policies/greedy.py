@@ -15,17 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import PlanInput, Policy, keep_in_place, register_policy
-
-
-def replicate(load: np.ndarray, num_physical: int) -> np.ndarray:
-    """(layers, logical) replica counts summing to num_physical per layer."""
-    layers, num_logical = load.shape
-    counts = np.ones((layers, num_logical), dtype=np.int64)
-    rows = np.arange(layers)
-    for _ in range(num_physical - num_logical):
-        hottest = np.argmax(load / counts, axis=1)
-        counts[rows, hottest] += 1
-    return counts
+from .primitives import replicate
 
 
 def pack(load: np.ndarray, counts: np.ndarray, num_ranks: int, slots_per_rank: int) -> np.ndarray:
