@@ -8,7 +8,9 @@ that has EPLB off."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
 import subprocess
 import threading
 import time
@@ -110,6 +112,7 @@ def eplb_run(model, tmp_path_factory):
             result["load_errors"] = load.errors
         result["outputs"].append(("after", [s.complete(p) for p in PROMPTS]))
         result["final"] = s.metrics()
+        result["vllm_metrics"] = s.metrics(prefix="vllm:")
     finally:
         s.stop()
     return result
@@ -136,6 +139,25 @@ def test_cycles_complete_and_metrics_show_every_state_in_order(eplb_run):
     # and the scraper itself caught the machine in every state
     current = {s for ms in eplb_run["scrapes"] for s in STATES if metric(ms, "vllm:eplb_state", rank=0, state=s) == 1}
     assert current == set(STATES), current
+
+
+def test_vllm_own_metrics_still_served(eplb_run):
+    assert metric(eplb_run["vllm_metrics"], "vllm:generation_tokens_total") > 0
+
+
+def test_metrics_without_the_vllm_launcher(model, tmp_path):
+    """Started as `python -m vllm.entrypoints.openai.api_server` (no vllm-eplb launcher,
+    prometheus multiprocess mode off), worker metrics still reach /metrics, beside vLLM's."""
+    cfg = write_json(str(tmp_path / "eplb.json"), {"window_size": 10, "step_interval": 30, "num_redundant_experts": 4})
+    launcher = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    with Server(model, 8234, cfg, log_path=str(tmp_path / "serve.log"), launcher=launcher) as s:
+        for p in PROMPTS * 3:
+            s.complete(p, max_tokens=32)
+        ms = s.metrics(prefix="vllm:")
+    assert metric(ms, "vllm:generation_tokens_total") > 0
+    assert metric(ms, "vllm:eplb_state", rank=1, state="idle") is not None
+    assert (metric(ms, "vllm:eplb_cycles_total", rank=0) or 0) >= 1
 
 
 def test_both_ranks_agree_on_what_moved(eplb_run):

@@ -58,7 +58,7 @@ def test_forked_vllm_serves_with_balancer(forked_vllm, tmp_path):
         [sys.executable, "-c", "import vllm; print(vllm.__file__)"], env={**os.environ, **env}, capture_output=True, text=True
     )
     assert which.stdout.startswith(str(forked_vllm)), which
-    launcher = [sys.executable, "-c", "import sys; from vllm.entrypoints.cli.main import main; sys.exit(main())"]
+    launcher = [sys.executable, "-c", "import sys; from vllm.entrypoints.cli.main import main; sys.exit(main())", "serve", model]
     with Server(model, 8251, str(cfg), log_path=str(tmp_path / "serve.log"), launcher=launcher, env=env) as server:
         deadline = time.monotonic() + 180
         done = 0

@@ -1,10 +1,17 @@
 """vllm:eplb_* metrics, written by each worker, served by vLLM's /metrics.
 
 Workers are separate processes. prometheus_client's multiprocess mode carries
-their values to the API server: each process writes its samples to files in
-PROMETHEUS_MULTIPROC_DIR, and vLLM's /metrics reads them all through a
-MultiProcessCollector. vllm-eplb's `vllm` launcher sets that directory before
-anything starts (see cli.py), so every process of the server shares it.
+their values to the API server: a worker writes its samples to files in a
+directory, and the API server reads them through a MultiProcessCollector.
+
+- Started by vllm-eplb's `vllm` launcher (or with PROMETHEUS_MULTIPROC_DIR set by
+  the operator), every process of the server runs in multiprocess mode and vLLM's
+  own /metrics reads the directory: nothing more to do.
+- Started another way (e.g. `python -m vllm.entrypoints.openai.api_server`), the API
+  server already imported prometheus_client in single-process mode when the plugin
+  loads. The plugin then makes a directory of its own (EPLB_METRICS_DIR, inherited
+  by the engine and workers) and adds a collector for it to the registry vLLM serves
+  (`bridge_worker_metrics`), and workers write their balancer metrics there.
 
 Every series carries the expert-parallel `rank`. Gauges use the "mostrecent"
 mode, so a rank's latest value is reported as is.
@@ -12,58 +19,84 @@ mode, so a rank's latest value is reported as is.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, values
 
 from vllm_eplb.core.state_machine import STATES
 
 _PREFIX = "vllm:eplb_"
-_GAUGE = dict(multiprocess_mode="mostrecent")
+_GAUGE = dict(multiprocess_mode="mostrecent", registry=None)
+_OTHER = dict(registry=None)
 
-STATE = Gauge(_PREFIX + "state", "1 for the balancer's current state, 0 for the others.", ["rank", "state"], **_GAUGE)
-STATE_ENTERED = Gauge(
-    _PREFIX + "state_entered_pass",
-    "Pass at which each state was last entered: one scrape shows the order of the last cycle.",
-    ["rank", "state"],
-    **_GAUGE,
-)
-LAYER = Gauge(_PREFIX + "transfer_layer", "Next MoE layer to move while transferring, -1 otherwise.", ["rank"], **_GAUGE)
-PASS = Gauge(_PREFIX + "pass", "Forward passes (ticks) seen by the balancer.", ["rank"], **_GAUGE)
-ENABLED = Gauge(_PREFIX + "enabled", "1 while rebalancing is on; 0 after the balancer stopped itself.", ["rank"], **_GAUGE)
-BALANCEDNESS = Gauge(
-    _PREFIX + "balancedness",
-    "mean/max tokens per rank: observed over the last window, predicted for the placement in force "
-    "(current) and for the last plan (planned).",
-    ["rank", "kind"],
-    **_GAUGE,
-)
-CYCLES = Counter(_PREFIX + "cycles", "Rebalancing cycles by outcome (completed, skipped, aborted) and reason.", ["rank", "outcome", "reason"])
-PLAN_SECONDS = Histogram(
-    _PREFIX + "plan_seconds", "Time the policy took to plan.", ["rank"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
-)
-LAYER_TRANSFER_SECONDS = Histogram(
-    _PREFIX + "layer_transfer_seconds",
-    "Per transfer step, divided by its layers: from posting the sends/receives to this rank's data complete.",
-    ["rank"],
-    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
-)
-BYTES = Counter(_PREFIX + "moved_bytes", "Expert weight bytes received by this rank.", ["rank"])
-EXPERTS = Counter(_PREFIX + "moved_experts", "Experts received by this rank.", ["rank"])
-LAYERS = Counter(_PREFIX + "committed_layers", "Layer commits (weights and maps of a layer switched).", ["rank"])
-AGREEMENT_WAIT = Counter(
-    _PREFIX + "agreement_wait_seconds", "Time the forward loop waited for agreement rounds not complete when read.", ["rank"]
-)
-STEP_SECONDS = Counter(
-    _PREFIX + "step_seconds", "CPU time the forward loop spent in the balancer's per-pass step (tick and metrics).", ["rank"]
-)
-STAGING = Gauge(_PREFIX + "staging_bytes_max", "Largest staging memory one transfer step held.", ["rank"], **_GAUGE)
+
+class _Families:
+    """The metric families, made once per worker process (after the value class is set)
+    and registered nowhere: in multiprocess mode the values travel through files."""
+
+    def __init__(self):
+        self.STATE = Gauge(_PREFIX + "state", "1 for the balancer's current state, 0 for the others.", ["rank", "state"], **_GAUGE)
+        self.STATE_ENTERED = Gauge(
+            _PREFIX + "state_entered_pass",
+            "Pass at which each state was last entered: one scrape shows the order of the last cycle.",
+            ["rank", "state"],
+            **_GAUGE,
+        )
+        self.LAYER = Gauge(_PREFIX + "transfer_layer", "Next MoE layer to move while transferring, -1 otherwise.", ["rank"], **_GAUGE)
+        self.PASS = Gauge(_PREFIX + "pass", "Forward passes (ticks) seen by the balancer.", ["rank"], **_GAUGE)
+        self.ENABLED = Gauge(_PREFIX + "enabled", "1 while rebalancing is on; 0 after the balancer stopped itself.", ["rank"], **_GAUGE)
+        self.BALANCEDNESS = Gauge(
+            _PREFIX + "balancedness",
+            "mean/max tokens per rank: observed over the last window, predicted for the placement in force "
+            "(current) and for the last plan (planned).",
+            ["rank", "kind"],
+            **_GAUGE,
+        )
+        self.CYCLES = Counter(
+            _PREFIX + "cycles", "Rebalancing cycles by outcome (completed, skipped, aborted) and reason.", ["rank", "outcome", "reason"], **_OTHER
+        )
+        self.PLAN_SECONDS = Histogram(
+            _PREFIX + "plan_seconds",
+            "Time the policy took to plan.",
+            ["rank"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+            **_OTHER,
+        )
+        self.LAYER_TRANSFER_SECONDS = Histogram(
+            _PREFIX + "layer_transfer_seconds",
+            "Per transfer step, divided by its layers: from posting the sends/receives to this rank's data complete.",
+            ["rank"],
+            buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+            **_OTHER,
+        )
+        self.BYTES = Counter(_PREFIX + "moved_bytes", "Expert weight bytes received by this rank.", ["rank"], **_OTHER)
+        self.EXPERTS = Counter(_PREFIX + "moved_experts", "Experts received by this rank.", ["rank"], **_OTHER)
+        self.LAYERS = Counter(_PREFIX + "committed_layers", "Layer commits (weights and maps of a layer switched).", ["rank"], **_OTHER)
+        self.AGREEMENT_WAIT = Counter(
+            _PREFIX + "agreement_wait_seconds", "Time the forward loop waited for agreement rounds not complete when read.", ["rank"], **_OTHER
+        )
+        self.STEP_SECONDS = Counter(
+            _PREFIX + "step_seconds", "CPU time the forward loop spent in the balancer's per-pass step (tick and metrics).", ["rank"], **_OTHER
+        )
+        self.STAGING = Gauge(_PREFIX + "staging_bytes_max", "Largest staging memory one transfer step held.", ["rank"], **_GAUGE)
+
+
+_families: _Families | None = None
+
 
 PASS_EVERY = 16  # refresh the pass gauge every N passes; everything else on transitions
 
 
 class BalancerMetrics:
     def __init__(self, rank: int, owner=None):
+        global _families
+        use_multiprocess_values()
+        if _families is None:
+            _families = _Families()
+        self.m = _families
         self.rank = str(rank)
         self.owner = owner  # has .step_ns: time spent in step()
         self._step_ns = 0
@@ -80,11 +113,11 @@ class BalancerMetrics:
 
     def update(self, balancer, transitioned: bool = True) -> None:
         """Cheap on ordinary passes; the full refresh runs on transitions."""
-        r = self.rank
+        r, m = self.rank, self.m
         if balancer.pass_no % PASS_EVERY == 0 or transitioned:
-            PASS.labels(r).set(balancer.pass_no)
+            m.PASS.labels(r).set(balancer.pass_no)
             if self.owner is not None and self.owner.step_ns > self._step_ns:
-                STEP_SECONDS.labels(r).inc((self.owner.step_ns - self._step_ns) / 1e9)
+                m.STEP_SECONDS.labels(r).inc((self.owner.step_ns - self._step_ns) / 1e9)
                 self._step_ns = self.owner.step_ns
         if not transitioned:
             return
@@ -92,46 +125,69 @@ class BalancerMetrics:
         new = balancer.transitions_total - self._transitions
         self._transitions = balancer.transitions_total
         for rec in list(s.history)[-new:] if new > 0 else ():
-            STATE_ENTERED.labels(r, rec.dest).set(rec.pass_no)
+            m.STATE_ENTERED.labels(r, rec.dest).set(rec.pass_no)
         for state in STATES:
-            STATE.labels(r, state).set(1 if balancer.state == state else 0)
-        LAYER.labels(r).set(balancer.layer if balancer.state == "transferring" else -1)
-        ENABLED.labels(r).set(0 if balancer.disabled_reason else 1)
+            m.STATE.labels(r, state).set(1 if balancer.state == state else 0)
+        m.LAYER.labels(r).set(balancer.layer if balancer.state == "transferring" else -1)
+        m.ENABLED.labels(r).set(0 if balancer.disabled_reason else 1)
         for kind, v in (
             ("observed", s.balancedness_observed),
             ("current", s.balancedness_current),
             ("planned", s.balancedness_predicted),
         ):
             if v == v:  # not NaN
-                BALANCEDNESS.labels(r, kind).set(v)
+                m.BALANCEDNESS.labels(r, kind).set(v)
         d = self._delta("completed", s.cycles_completed)
         if d:
-            CYCLES.labels(r, "completed", "").inc(d)
+            m.CYCLES.labels(r, "completed", "").inc(d)
         for outcome, counts in (("skipped", s.cycles_skipped), ("aborted", s.cycles_aborted)):
             for reason, n in counts.items():
                 d = self._delta((outcome, reason), n)
                 if d:
-                    CYCLES.labels(r, outcome, reason).inc(d)
+                    m.CYCLES.labels(r, outcome, reason).inc(d)
         for t in s.plan_seconds[self._plans :]:
-            PLAN_SECONDS.labels(r).observe(t)
+            m.PLAN_SECONDS.labels(r).observe(t)
         self._plans = len(s.plan_seconds)
         for t, layers in zip(s.transfer_seconds[self._steps :], s.transfer_layers[self._steps :]):
-            LAYER_TRANSFER_SECONDS.labels(r).observe(t / max(1, layers))
+            m.LAYER_TRANSFER_SECONDS.labels(r).observe(t / max(1, layers))
         self._steps = len(s.transfer_seconds)
         for counter, key, value in (
-            (BYTES, "bytes", s.bytes_moved),
-            (EXPERTS, "experts", s.experts_moved),
-            (LAYERS, "layers", s.layers_committed),
+            (m.BYTES, "bytes", s.bytes_moved),
+            (m.EXPERTS, "experts", s.experts_moved),
+            (m.LAYERS, "layers", s.layers_committed),
         ):
             d = self._delta(key, value)
             if d:
                 counter.labels(r).inc(d)
         w = balancer.agreement.stats.wait_seconds_total
         if w > self._wait:
-            AGREEMENT_WAIT.labels(r).inc(w - self._wait)
+            m.AGREEMENT_WAIT.labels(r).inc(w - self._wait)
             self._wait = w
-        STAGING.labels(r).set(s.max_staging_bytes)
+        m.STAGING.labels(r).set(s.max_staging_bytes)
 
 
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+BRIDGE_DIR = "EPLB_METRICS_DIR"
+
+
+def bridge_worker_metrics() -> None:
+    """In the first process of a server (the API server), when prometheus multiprocess
+    mode is off: create the directory workers will write to and serve it."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(BRIDGE_DIR):
+        return  # multiprocess mode is on already, or a parent process set the bridge up
+    from prometheus_client import REGISTRY, multiprocess
+
+    d = tempfile.mkdtemp(prefix="vllm-eplb-metrics-")
+    atexit.register(shutil.rmtree, d, True)
+    os.environ[BRIDGE_DIR] = d
+    multiprocess.MultiProcessCollector(REGISTRY, path=d)
+
+
+def use_multiprocess_values() -> None:
+    """In a worker: make this process's metric values live in the shared directory.
+    Workers export no other Prometheus metrics, so the whole process switches."""
+    if getattr(values.ValueClass, "_multiprocess", False):
+        return  # PROMETHEUS_MULTIPROC_DIR was set before prometheus_client loaded
+    d = os.environ.get(BRIDGE_DIR)
+    if d:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = d
+        values.ValueClass = values.MultiProcessValue()

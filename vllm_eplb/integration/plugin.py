@@ -20,5 +20,7 @@ def register() -> None:
         return
     _registered = True
     from .hooks import install_all
+    from .metrics import bridge_worker_metrics
 
+    bridge_worker_metrics()
     install_all()

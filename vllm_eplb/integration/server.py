@@ -56,7 +56,7 @@ def http_post(url: str, body: dict, timeout: float = 180) -> dict:
         return json.loads(r.read())
 
 
-def parse_metrics(text: str, prefix: str = "vllm:eplb_") -> dict[tuple, float]:
+def parse_metrics(text: str, prefix: str = "vllm:") -> dict[tuple, float]:
     """{(name, frozenset of (label, value)): value} for the series starting with prefix."""
     out = {}
     for line in text.splitlines():
@@ -85,7 +85,7 @@ class Server:
     log_path: str = "serve.log"
     tp: int = 2
     extra: list[str] = field(default_factory=list)
-    launcher: list[str] | None = None  # instead of the `vllm` executable
+    launcher: list[str] | None = None  # instead of `vllm serve MODEL` (e.g. the api_server module)
     env: dict[str, str] = field(default_factory=dict)  # on top of os.environ and cpu_env()
     proc: subprocess.Popen | None = None
 
@@ -96,7 +96,7 @@ class Server:
     @property
     def cmd(self) -> list[str]:
         cmd = serve_cmd(self.model, self.port, self.eplb_config, self.extra, self.tp)
-        return (self.launcher + cmd[1:]) if self.launcher else cmd
+        return (self.launcher + cmd[3:]) if self.launcher else cmd
 
     def start(self, timeout: float = 300) -> "Server":
         self._log = open(self.log_path, "w")
@@ -156,5 +156,5 @@ class Server:
         choice = http_post(self.url + "/v1/completions", body)["choices"][0]
         return choice.get("token_ids") or choice["text"]
 
-    def metrics(self) -> dict[tuple, float]:
-        return parse_metrics(http_get(self.url + "/metrics"))
+    def metrics(self, prefix: str = "vllm:eplb_") -> dict[tuple, float]:
+        return parse_metrics(http_get(self.url + "/metrics"), prefix)
