@@ -118,17 +118,20 @@ def rank_loads(phy2log: np.ndarray, logical_load: np.ndarray, topo: Topology) ->
     return slot_load.reshape(phy2log.shape[0], topo.num_ranks, topo.slots_per_rank).sum(axis=2)
 
 
-def balancedness_of(loads: np.ndarray) -> float:
-    """mean/max per-rank load, aggregated over layers as sum(mean)/sum(max).
+def load_stats(loads: np.ndarray) -> tuple[float, float]:
+    """(sum over layers of the mean per-rank load, sum over layers of the max).
 
-    Each layer waits for its most loaded rank, so sum(max) is the time spent and
-    sum(mean) the time a perfect balance would take: the ratio is the fraction of
-    expert compute that is useful. 1.0 is perfect; no load counts as 1.0."""
+    Each layer waits for its most loaded rank, so the second is the time spent and the
+    first the time a perfect balance would take."""
     loads = np.asarray(loads, dtype=np.float64)
-    total_max = loads.max(axis=-1).sum()
-    if total_max <= 0:
-        return 1.0
-    return float(loads.mean(axis=-1).sum() / total_max)
+    return float(loads.mean(axis=-1).sum()), float(loads.max(axis=-1).sum())
+
+
+def balancedness_of(loads: np.ndarray) -> float:
+    """mean/max per-rank load aggregated over layers: sum(mean)/sum(max), the fraction
+    of expert compute that is useful. 1.0 is perfect; no load counts as 1.0."""
+    mean, top = load_stats(loads)
+    return mean / top if top > 0 else 1.0
 
 
 def predicted_balancedness(phy2log: np.ndarray, logical_load: np.ndarray, topo: Topology) -> float:

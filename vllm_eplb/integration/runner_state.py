@@ -51,9 +51,6 @@ class VllmEplbState:
     def __init__(self, parallel_config, device: torch.device):
         self.parallel_config = parallel_config
         self.device = torch.device(device)
-        self.config: EplbConfig = published() or EplbConfig(
-            **{k: getattr(parallel_config.eplb_config, k) for k in ("window_size", "step_interval", "num_redundant_experts")}
-        )
         self.balancer: Balancer | None = None
         self.metrics = None
         self.is_async = False  # the runners start upstream's async thread when True
@@ -68,7 +65,7 @@ class VllmEplbState:
         if self.balancer is not None:
             log.warning("vllm-eplb balances the main model only; %s is served without rebalancing", type(model).__name__)
             return
-        cfg = self.config
+        cfg = self.config = self._resolve_config()
         bcfg = cfg.balancer_config()
         ep, (agreement_group, transfer_group) = _ep_subgroups(max(bcfg.agreement_timeout_s, bcfg.transfer_timeout_s), 2)
         layers = model.num_moe_layers
@@ -102,6 +99,20 @@ class VllmEplbState:
             bcfg.window_size,
             bcfg.step_interval,
             backend.name,
+        )
+
+    def _resolve_config(self) -> EplbConfig:
+        """The config the serving process published (--eplb-config), else vLLM's own keys."""
+        cfg = published()
+        if cfg is not None:
+            return cfg
+        ec = self.parallel_config.eplb_config
+        return EplbConfig(window_size=ec.window_size, step_interval=ec.step_interval, num_redundant_experts=ec.num_redundant_experts)
+
+    @classmethod
+    def from_mapping(cls, **kwargs):
+        raise NotImplementedError(
+            "vllm-eplb does not support elastic expert parallelism (rebuilding EPLB state from a mapping)"
         )
 
     def _share_layer_tensors(self, model) -> None:

@@ -5,11 +5,8 @@ end-to-end tests.
 
     python -m vllm_eplb.integration.tiny_model OUT_DIR [--experts 16 --layers 4 --hot 3]
 
-How the skew is made: every token embedding gets a shared offset vector v, so the
-residual stream of every token carries v; in each layer the router rows of the
-`hot` chosen experts get a component along v, so most tokens score those experts
-highest. Which experts are hot differs per layer; they come from the lower half of
-the expert ids, which vLLM's default layout places on the first ranks.
+How the skew is made: see `skew_routers` (the router rows of a few experts per layer
+are pulled towards the direction every token's hidden state shares).
 """
 
 from __future__ import annotations
@@ -53,6 +50,42 @@ def build_tokenizer(out_dir: str, vocab: int) -> None:
     fast.save_pretrained(out_dir)
 
 
+def skew_routers(model, experts: int, hot: int, skew: float, vocab_size: int, seed: int, shared: float = 1.0) -> None:
+    """Make `hot` experts per layer receive most tokens.
+
+    Layer by layer (each change moves the inputs of the layers after it), the MoE
+    block's inputs are recorded on random token sequences; their mean direction u is
+    shared by nearly every token, so adding a multiple of u to the router rows of the
+    hot experts makes most tokens pick them. The hot experts come from the lower half
+    of the ids, which vLLM's default layout places on the first ranks."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        # a direction every token embedding carries, so every token's residual stream does
+        emb = model.model.embed_tokens.weight
+        v = torch.randn(emb.shape[1], generator=g)
+        emb.add_(v / v.norm() * emb.norm(dim=1, keepdim=True).mean() * shared)
+    calib = torch.randint(4, vocab_size, (16, 24), generator=g)
+    for layer in model.model.layers:
+        seen = []
+        handle = layer.mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        with torch.no_grad():
+            model(calib)
+        handle.remove()
+        inputs = torch.cat(seen)
+        u = inputs.mean(dim=0)
+        u = u / u.norm()
+        # project the typical input on u so the pull is scaled to what tokens carry
+        reach = (inputs @ u).mean().abs().clamp(min=1e-3)
+        with torch.no_grad():
+            gate = layer.mlp.gate.weight  # (experts, hidden)
+            hot_ids = torch.randperm(max(hot, experts // 2), generator=g)[:hot]
+            logit_scale = (inputs @ gate.T).std()
+            for rank, e in enumerate(hot_ids.tolist()):
+                gate[e] += u * (skew * logit_scale / reach) / (rank + 1)
+
+
 def build(
     out_dir: str,
     layers: int = 4,
@@ -61,7 +94,7 @@ def build(
     hidden: int = 128,
     moe_intermediate: int = 64,
     hot: int = 3,
-    skew: float = 8.0,
+    skew: float = 3.0,
     vocab: int = 512,
     seed: int = 0,
 ) -> str:
@@ -98,20 +131,7 @@ def build(
         initializer_range=0.3,
     )
     model = Qwen3MoeForCausalLM(cfg).to(torch.float32)
-    with torch.no_grad():
-        v = torch.randn(hidden)
-        v = v / v.norm()
-        emb = model.model.embed_tokens.weight
-        emb.add_(v * emb.norm(dim=1, keepdim=True).mean())  # every token carries v
-        g = torch.Generator().manual_seed(seed + 1)
-        for layer in model.model.layers:
-            gate = layer.mlp.gate.weight  # (experts, hidden)
-            # hot experts from the lower half of the ids: vLLM's default layout puts those on
-            # the first ranks, so serving starts unbalanced and the balancer has work to do
-            hot_ids = torch.randperm(max(hot, experts // 2), generator=g)[:hot]
-            scale = gate.norm(dim=1).mean() * skew
-            for rank, e in enumerate(hot_ids.tolist()):
-                gate[e] += v * scale / (rank + 1)
+    skew_routers(model, experts, hot, skew, vocab_size, seed)
     model.config.architectures = ["Qwen3MoeForCausalLM"]
     model.save_pretrained(out_dir, safe_serialization=True)
     # transformers 5 writes num_local_experts; vLLM reads num_experts: keep both.
@@ -133,7 +153,7 @@ def main(argv=None) -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--hot", type=int, default=3, help="hot experts per layer")
-    ap.add_argument("--skew", type=float, default=8.0, help="router pull towards the hot experts")
+    ap.add_argument("--skew", type=float, default=3.0, help="router pull towards the hot experts")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     build(a.out_dir, a.layers, a.experts, a.top_k, a.hidden, hot=a.hot, skew=a.skew, seed=a.seed)

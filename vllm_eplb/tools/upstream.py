@@ -55,12 +55,26 @@ def touched_files(patch: Path) -> list[str]:
 
 
 def apply(patches: list[Path], tree: Path, check_only: bool = False) -> None:
-    """Apply in order with `git apply` (works outside a git repository); raise on failure."""
+    """Apply in order with `git apply`; raise on failure.
+
+    git apply run inside some repository's work tree patches paths relative to that
+    repository and silently skips the rest: GIT_CEILING_DIRECTORIES keeps it from
+    finding one above `tree`, and every touched file is checked to have changed."""
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(Path(tree).resolve().parent)}
     for p in patches:
+        before = {f: _read(tree / f) for f in touched_files(p)}
         cmd = ["git", "apply", "--check" if check_only else "--whitespace=nowarn", str(p)]
-        r = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+        r = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
         if r.returncode != 0:
             raise SystemExit(f"{p.relative_to(ROOT)} does not apply to {tree}: {r.stderr.strip()}")
+        if not check_only:
+            unchanged = [f for f, text in before.items() if _read(tree / f) == text]
+            if unchanged:
+                raise SystemExit(f"{p.relative_to(ROOT)} left {unchanged} unchanged in {tree}")
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
 
 
 def check(src: Path, kind: str = "vllm", subdir: str = "vllm") -> list[str]:

@@ -1,0 +1,211 @@
+"""Run upstream vLLM 0.30.0's EPLB tests twice: as shipped (against upstream) and with
+patches/tests/ applied (against vllm-eplb), and print both columns side by side.
+
+    python -m vllm_eplb.tools.upstream_tests [--markdown docs/upstream_tests.md] [-k EXPR]
+
+The tests come from the vLLM sdist fetched through pip (nothing of it is committed);
+each column is a fresh copy of its `tests/` tree. Exit status 1 if any test fails or
+errors in the vllm-eplb column, or if a test runs in neither column without a reason
+listed in FILES below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from .upstream import DEFAULT_CACHE, ROOT, apply, fetch_sdist, patch_files
+
+
+@dataclass(frozen=True)
+class TestFile:
+    path: str
+    subject: str  # what it tests
+    replaced: bool  # does vllm-eplb replace that subject?
+    run_here: bool  # can it run on a CPU-only machine?
+    note: str = ""
+
+
+FILES = [
+    TestFile("tests/distributed/test_eplb_algo.py", "placement policy, logical maps, load stats", True, True),
+    TestFile("tests/distributed/test_eplb_utils.py", "map commit (all layers, one layer)", True, True),
+    TestFile(
+        "tests/distributed/test_eplb_execute.py",
+        "expert weight rearrangement across 2 and 4 ranks, per-layer async transfer",
+        True,
+        True,
+        "ported to CPU ranks over gloo; the torch_nccl/pynccl cases skip on CPU (vllm-eplb takes the same gloo "
+        "path for every communicator name there); nixl needs NIXL",
+    ),
+    TestFile(
+        "tests/distributed/test_eplb_fused_moe_layer.py",
+        "rearranging a FusedMoE layer's weights and block scales",
+        True,
+        True,
+        "ported to CPU ranks over gloo",
+    ),
+    TestFile(
+        "tests/v1/worker/test_gpu_model_runner_v2_eplb.py",
+        "V2 model runner wiring of the EPLB state",
+        True,
+        True,
+        "vllm-eplb's state under the recording fake; upstream's async thread never starts",
+    ),
+    TestFile(
+        "tests/distributed/test_eplb_quant_scale_consistency.py",
+        "quantized MoE parameters stay expert-major",
+        False,
+        True,
+        "model-side layout, unchanged by vllm-eplb; two cases need Blackwell (SM100)",
+    ),
+    TestFile(
+        "tests/distributed/test_eplb_events.py",
+        "CpuGpuEvent, upstream's async handshake",
+        False,
+        False,
+        "needs CUDA events and streams (fails, does not skip, without CUDA); vllm-eplb does not use it",
+    ),
+    TestFile(
+        "tests/distributed/test_eplb_fused_moe_layer_dep_nvfp4.py",
+        "DP+EP rearrangement of NVFP4 MoE layers with forward checks",
+        True,
+        False,
+        "needs 2-4 Blackwell GPUs and FlashInfer NVFP4 kernels",
+    ),
+    TestFile(
+        "tests/distributed/test_eplb_spec_decode.py",
+        "GSM8K accuracy with EPLB and speculative decoding",
+        True,
+        False,
+        "needs 4 GPUs of 80 GB, lm_eval and models from the hub",
+    ),
+]
+
+WORK = DEFAULT_CACHE.parent / "upstream-tests"
+
+
+def prepare(src: Path, column: str) -> Path:
+    dest = WORK / column
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copytree(src / "tests", dest / "tests")
+    shutil.copy(src / "pyproject.toml", dest / "pyproject.toml")
+    if column == "vllm-eplb":
+        apply(patch_files("tests"), dest)
+    return dest
+
+
+def run_column(dest: Path, files: list[str], keyword: str | None) -> dict[str, tuple[str, str]]:
+    """pytest in dest; {test id: (outcome, message)}."""
+    junit = dest / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}", *files]
+    if keyword:
+        cmd += ["-k", keyword]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PROMETHEUS_MULTIPROC_DIR")}
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True)
+    (dest / "pytest.log").write_text(proc.stdout + proc.stderr)
+    print(f"  {dest.name}: pytest exit {proc.returncode} in {time.monotonic() - t0:.0f}s (log: {dest / 'pytest.log'})")
+    results = {}
+    if not junit.exists():
+        return results
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        tid = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
+        outcome, msg = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "FAILED", "error": "ERROR", "skipped": "skipped"}[child.tag]
+                msg = (child.get("message") or "").splitlines()[0][:110] if child.get("message") else ""
+        results[tid] = (outcome, msg)
+    return results
+
+
+def file_of(test_id: str) -> TestFile | None:
+    for f in FILES:
+        if test_id.startswith(f.path):
+            return f
+    return None
+
+
+def render(unpatched: dict, patched: dict) -> list[str]:
+    lines = ["| test | upstream, as shipped | against vllm-eplb (patched) |", "| --- | --- | --- |"]
+    for tid in sorted(set(unpatched) | set(patched)):
+        cells = []
+        for col in (unpatched, patched):
+            outcome, msg = col.get(tid, ("not run", ""))
+            cells.append(outcome + (f": {msg}" if msg and outcome != "passed" else ""))
+        lines.append(f"| `{tid}` | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def summary(results: dict) -> str:
+    counts: dict[str, int] = {}
+    for outcome, _ in results.values():
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--markdown", type=Path, help="also write the results table to this file")
+    ap.add_argument("-k", dest="keyword", help="pytest -k expression (both columns)")
+    args = ap.parse_args(argv)
+
+    src = fetch_sdist()
+    here = [f.path for f in FILES if f.run_here]
+    print(f"upstream vLLM EPLB tests from {src}")
+    unpatched = run_column(prepare(src, "upstream"), here, args.keyword)
+    patched = run_column(prepare(src, "vllm-eplb"), here, args.keyword)
+
+    table = render(unpatched, patched)
+    print("\n".join(table))
+    print(f"\nupstream as shipped: {summary(unpatched)}")
+    print(f"against vllm-eplb:   {summary(patched)}")
+    for f in FILES:
+        if not f.run_here:
+            print(f"not run here: {f.path}: {f.note}")
+
+    bad = [tid for tid, (o, _) in patched.items() if o in ("FAILED", "ERROR")]
+    if not patched:
+        bad.append("the vllm-eplb column produced no results")
+    if args.markdown:
+        write_markdown(args.markdown, unpatched, patched)
+    if bad:
+        print("\nFAILED against vllm-eplb:\n  " + "\n  ".join(bad))
+        return 1
+    return 0
+
+
+def write_markdown(path: Path, unpatched: dict, patched: dict) -> None:
+    out = [
+        "# Upstream vLLM EPLB tests against vllm-eplb",
+        "",
+        "Generated by `python -m vllm_eplb.tools.upstream_tests --markdown docs/upstream_tests.md` on a",
+        f"CPU-only machine ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}. The tests come from the vLLM 0.30.0 sdist;",
+        "the vllm-eplb column runs them with `patches/tests/*.patch` applied, which point them at",
+        "`vllm_eplb.compat.vllm_api` (vllm-eplb's policy, map commit and transfer engine behind",
+        "upstream's function names) and port the multi-rank ones to CPU processes joined by gloo.",
+        "",
+        "## Files",
+        "",
+        "| file | subject | replaced by vllm-eplb | runs here | note |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for f in FILES:
+        out.append(f"| `{f.path}` | {f.subject} | {'yes' if f.replaced else 'no'} | {'yes' if f.run_here else 'no'} | {f.note} |")
+    out += ["", "## Results", "", f"upstream as shipped: {summary(unpatched)}; against vllm-eplb: {summary(patched)}.", ""]
+    out += render(unpatched, patched)
+    out.append("")
+    path.write_text("\n".join(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
