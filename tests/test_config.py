@@ -53,7 +53,7 @@ def test_missing_file_and_bad_json(tmp_path):
 
 def test_upstream_names_map_onto_ours():
     c = EplbConfig(policy="default", communicator="torch_nccl")
-    assert c.resolved_policy() == "greedy"
+    assert c.resolved_policy() == "min-move"
     assert c.resolved_backend() == "nccl"
 
 

@@ -96,12 +96,23 @@ def test_later_cycle_skipped_when_gain_is_small(steady):
 
 
 def test_planner_error_aborts_everywhere_then_recovers():
-    reports = run(ranks=2, passes=200, faults=Faults(planner_error=(1, 1)))
+    # thread planner: the failing policy counts its calls, which a planner process would not keep
+    reports = run(ranks=2, passes=200, faults=Faults(planner_error=(1, 1)), balancer=dict(planner="thread"))
     assert_consistent(reports)
     for r in reports:
         assert r.stats["cycles_aborted"]["planner_error"] == 1
         assert completed_cycles(r) == 1  # the next cycle went through
         assert r.stats["disabled_reason"] == ""
+
+
+def test_planner_process_error_aborts_everywhere():
+    """The policy raises inside the planner process on rank 1 (every call): every cycle
+    aborts on both ranks at the same pass, nothing moves."""
+    reports = run(ranks=2, passes=130, faults=Faults(planner_error=(1, 1)))
+    assert_consistent(reports)
+    for r in reports:
+        assert r.stats["cycles_aborted"]["planner_error"] == 2
+        assert r.stats["layers_committed"] == 0
 
 
 def test_planning_timeout_aborts_everywhere():

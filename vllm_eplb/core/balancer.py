@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,7 +40,8 @@ from .placement import (
     observed_rank_loads,
     physical_to_logical_load,
 )
-from .planner import Plan, PlannerThread
+from .planner import Plan, Planner
+from .records import PlacementRecord, save
 from .policies import Policy, get_policy
 from .state_machine import attach_machine
 from .stats import BalancerStats, TransitionRecord
@@ -90,9 +92,11 @@ class Balancer:
         self.placement = layout.maps.phy2log.cpu().numpy().copy()
 
         self.window = LoadWindow(layout.pass_load, config.window_size, layout.record_flag)
-        self.planner = PlannerThread(policy or get_policy(config.policy), self.topo)
+        self.planner = Planner(policy or get_policy(config.policy, tolerance=config.min_move_tolerance), self.topo, config.planner)
         self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag)
         self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
+        self._window_load: np.ndarray | None = None
 
         # The first window ends at step_interval, as upstream's first rearrangement does.
         self.cycle_start = 0
@@ -132,6 +136,23 @@ class Balancer:
 
     def shutdown(self) -> None:
         self.planner.shutdown()
+        self._recorder.shutdown(wait=True)
+
+    def rebalance_now(self, new_placement: np.ndarray) -> int:
+        """Move every layer to `new_placement` right now, blocking (start-up, benchmarks'
+        stop-the-world baseline). Every rank must call it at the same point. Returns the
+        number of layers moved."""
+        moved = 0
+        for layer in range(self.layout.num_layers):
+            if (new_placement[layer] == self.placement[layer]).all():
+                continue
+            step = self.engine.start([plan_layer(layer, self.placement[layer], new_placement[layer], self.topo)])
+            self.engine.finish(step)
+            self.engine.commit(step)
+            self.layout.maps.write_layer(layer, new_placement[layer], self.topo)
+            self.placement[layer] = new_placement[layer]
+            moved += 1
+        return moved
 
     # ------------------------------------------------------------------ states
 
@@ -167,6 +188,7 @@ class Balancer:
                 self.comm.rank, p, self.config.window_size, int(physical.sum()), observed,
             )
             logical = physical_to_logical_load(physical, self.placement, self.topo.num_logical)
+            self._window_load = logical
             self.planner.submit(logical, self.placement)
             self._plan_submitted = True
             self._post_readiness(p)
@@ -316,6 +338,17 @@ class Balancer:
             reason,
         )
 
+    def _record_placement(self) -> None:
+        """Rank 0 writes the placement in force and its window's load, off the forward loop."""
+        path = self.config.record_placement_path
+        if not path or self.comm.rank != 0:
+            return
+        rec = PlacementRecord(
+            self.placement.copy(), self._window_load, self.topo.num_ranks, self.topo.num_logical,
+            self.planner.policy.name, self.pass_no,
+        )
+        self._recorder.submit(save, rec, path)
+
     def _reset_cycle(self) -> None:
         self._snapshot: HostSnapshot | None = None
         self._load_round: Round | None = None
@@ -348,5 +381,7 @@ class Balancer:
             f" ({reason})" if reason else "",
         )
         if rec.dest == "idle":
+            if rec.trigger in ("finish", "skip"):
+                self._record_placement()
             self._reset_cycle()
             self.next_cycle_at = max(self.cycle_start + self.config.step_interval, self.pass_no + 1)

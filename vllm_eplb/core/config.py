@@ -7,6 +7,8 @@ These are the knobs the state machine itself reads. The integration layer
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -29,7 +31,16 @@ class BalancerConfig(BaseModel):
         ge=0.0,
         description="Minimum relative balancedness gain (predicted/current - 1) for a plan to be applied.",
     )
-    policy: str = Field("greedy", description="Placement policy name (see vllm_eplb.core.policies).")
+    policy: str = Field("min-move", description="Placement policy name (see vllm_eplb.core.policies).")
+    min_move_tolerance: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="min-move: accepted balancedness shortfall against the deepseek policy's plan, relative.",
+    )
+    planner: Literal["process", "thread"] = Field(
+        "process", description="Where plans are computed: a child process (no GIL contention) or a thread."
+    )
     agreement_lag: int = Field(
         2,
         ge=1,
@@ -45,6 +56,10 @@ class BalancerConfig(BaseModel):
     )
     transfer_timeout_s: float = Field(
         120.0, gt=0, description="Longest a rank waits for one transfer step's data."
+    )
+
+    record_placement_path: str | None = Field(
+        None, description="Write the placement in force and the load it was planned from to this JSON file after every plan decision (rank 0)."
     )
 
     @model_validator(mode="after")

@@ -1,16 +1,25 @@
 """Background planner: runs a placement policy off the forward loop.
 
 The forward loop submits a job and then only polls `result()`; it never waits on
-the thread (invariant 3). When the job ends, its outcome is rank-local news: the
+the planner (invariant 3). When the job ends, its outcome is rank-local news: the
 state machine publishes it through an agreement round before acting on it
 (invariant 1).
+
+Two places to plan:
+- "process" (default): a child process started once (spawn), so planning never
+  holds the serving process's GIL; vLLM's scheduler and the forward loop are Python
+  and would otherwise lose time to a Python-heavy policy
+  (benchmarks/policies.py measures it).
+- "thread": a thread of the serving process; no extra process, but the policy's
+  Python code competes for the GIL.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,13 +62,26 @@ def make_plan(policy: Policy, logical_load: np.ndarray, current: np.ndarray, top
     )
 
 
-class PlannerThread:
-    """One worker thread; at most one plan in flight."""
+def _warm_up() -> None:
+    """Runs once in a new planner process: imports numpy and the policies there."""
+    from . import policies  # noqa: F401
 
-    def __init__(self, policy: Policy, topo: Topology):
+
+class Planner:
+    """One worker (thread or process); at most one plan in flight."""
+
+    def __init__(self, policy: Policy, topo: Topology, mode: str = "process"):
         self.policy = policy
         self.topo = topo
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-planner")
+        self.mode = mode
+        if mode == "process":
+            # spawn: a fork of a serving process would copy its threads' locks and CUDA state
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool.submit(_warm_up)  # start it now, not when the first window ends
+        elif mode == "thread":
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-planner")
+        else:
+            raise ValueError(f"planner mode {mode!r}: use 'process' or 'thread'")
         self._job: Future | None = None
         self.submitted_at = 0.0
 
@@ -86,4 +108,12 @@ class PlannerThread:
         self._job = None
 
     def shutdown(self) -> None:
+        """Stop at once: a plan still running is of no use any more."""
+        processes = list(getattr(self._pool, "_processes", {}).values()) if self.mode == "process" else []
         self._pool.shutdown(wait=False, cancel_futures=True)
+        # A process pool left to exit on its own can wait forever at interpreter exit for a
+        # worker that never saw the stop signal; end the worker ourselves.
+        for p in processes:
+            p.terminate()
+            p.join(5)
+

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--interval", type=int, default=80, help="passes between cycle starts")
     ap.add_argument("--zipf", type=float, default=1.5, help="skew of the topic (hence expert) popularity")
     ap.add_argument("--drift", type=int, default=100, help="hot experts move every N passes (0: never)")
-    ap.add_argument("--policy", default="greedy")
+    ap.add_argument("--policy", default="min-move")
     args = ap.parse_args(argv)
 
     cfg = HarnessConfig(

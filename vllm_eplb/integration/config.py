@@ -71,7 +71,7 @@ class EplbConfig(BaseModel):
     use_async: bool = Field(True, description="Accepted for compatibility; vllm-eplb is always asynchronous (layer-wise).")
     policy: str = Field(
         "default",
-        description="Placement policy: 'default' (vLLM's name; means 'greedy' here) or one of the registered policies.",
+        description="Placement policy: 'default' (vLLM's name; means 'min-move' here), 'min-move', 'deepseek' (vLLM's default algorithm) or 'greedy'.",
     )
     communicator: Literal["torch_nccl", "torch_gloo", "pynccl", "nixl"] | None = Field(
         None, description="vLLM's name for the weight-transfer backend; mapped onto transfer_backend."
@@ -79,6 +79,8 @@ class EplbConfig(BaseModel):
 
     # ---- vllm-eplb's own keys
     layers_per_pass: int = _core("layers_per_pass")
+    min_move_tolerance: float = _core("min_move_tolerance")
+    planner: Literal["process", "thread"] = Field("process", description=BalancerConfig.model_fields["planner"].description)
     improvement_threshold: float = _core("improvement_threshold")
     agreement_lag: int = _core("agreement_lag")
     agreement_timeout_s: float = _core("agreement_timeout_s")
@@ -88,12 +90,22 @@ class EplbConfig(BaseModel):
         "auto", description="How expert weights move: 'auto' picks gloo on CPU, CUDA IPC within a node on GPU."
     )
     metrics: bool = Field(True, description="Export vllm:eplb_* metrics on /metrics.")
+    record_placement_path: str | None = Field(
+        None, description=BalancerConfig.model_fields["record_placement_path"].description
+    )
+    initial_placement_path: str | None = Field(
+        None,
+        description="Start serving on the placement recorded in this file (a record_placement_path file); "
+        "its shape must match the model and the expert-parallel size.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "EplbConfig":
         names = ["default", *policy_names()]
         if self.policy not in names:
             raise ValueError(f"'policy' must be one of {', '.join(names)} (got {self.policy!r})")
+        if self.initial_placement_path is not None and not os.path.isfile(self.initial_placement_path):
+            raise ValueError(f"'initial_placement_path': file {self.initial_placement_path!r} not found")
         if self.communicator == "nixl":
             raise ValueError("'communicator': nixl is not supported by vllm-eplb; use transfer_backend")
         # the core's own cross-field checks (window inside interval, ...)
@@ -101,7 +113,7 @@ class EplbConfig(BaseModel):
         return self
 
     def resolved_policy(self) -> str:
-        return "greedy" if self.policy == "default" else self.policy
+        return "min-move" if self.policy == "default" else self.policy
 
     def resolved_backend(self) -> str:
         if self.transfer_backend != "auto":

@@ -107,6 +107,14 @@ def check_shapes(cfg: EplbConfig, vllm_config) -> None:
             f"--eplb-config: 'num_redundant_experts' ({cfg.num_redundant_experts}) + {n} experts = {physical} slots "
             f"do not divide over {ep} expert-parallel ranks; choose num_redundant_experts so the sum is a multiple of {ep}"
         )
+    if cfg.initial_placement_path:
+        from vllm_eplb.core import records
+
+        try:
+            rec = records.load(cfg.initial_placement_path)
+            records.check_matches(rec, cfg.initial_placement_path, None, n, physical, ep)
+        except records.RecordError as exc:
+            raise EplbConfigError(f"--eplb-config: 'initial_placement_path': {exc}") from None
 
 
 def prepare_engine_args(engine_args) -> EplbConfig | None:

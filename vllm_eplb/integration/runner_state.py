@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from vllm_eplb.core import Balancer, Comm, MoELayout, RoutingMaps, Topology, default_placement, new_gloo_group
+from vllm_eplb.core import records
 from vllm_eplb.core.transfer import GlooBackend
 
 from .config import EplbConfig, published
@@ -80,6 +81,11 @@ class VllmEplbState:
         layout = MoELayout(topo, layers, pass_load, maps, lambda layer: list(weights[layer]), record_flag=self.should_record)
         backend = GlooBackend(transfer_group)
         self.balancer = Balancer(bcfg, layout, Comm(ep.rank_in_group, ep.world_size, agreement_group, backend))
+        if cfg.initial_placement_path:
+            rec = records.load(cfg.initial_placement_path)
+            records.check_matches(rec, cfg.initial_placement_path, layers, topo.num_logical, topo.num_physical, topo.num_ranks)
+            moved = self.balancer.rebalance_now(rec.placement)
+            log.info("vllm-eplb: started on the placement of %s (%d layers moved)", cfg.initial_placement_path, moved)
         self._model_hash = model_config.compute_hash() if model_config is not None else None
         if cfg.metrics:
             from .metrics import BalancerMetrics

@@ -49,11 +49,16 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_policy(name: str) -> Policy:
+def get_policy(name: str, **options) -> Policy:
+    """A policy by name; options a policy does not take are ignored (e.g. tolerance)."""
     try:
-        return _REGISTRY[name]()
+        cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of {policy_names()}") from None
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in options.items() if k in accepted})
 
 
 def keep_in_place(new: np.ndarray, current: np.ndarray, slots_per_rank: int) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""Policies against vLLM's default (the oracle), min-move's promise, records, dry-run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vllm_eplb.core import records
+from vllm_eplb.core.placement import Topology, default_placement, predicted_balancedness, validate_placement
+from vllm_eplb.core.policies import PlanInput, get_policy, keep_in_place
+from vllm_eplb.core.policies.deepseek import deepseek_placement
+from vllm_eplb.tools import dry_run
+
+
+def random_case(rng):
+    nodes = int(rng.choice([1, 2, 4]))
+    groups = nodes * int(rng.choice([1, 2]))
+    ranks = nodes * int(rng.choice([1, 2, 4]))
+    experts = groups * int(rng.integers(1, 4)) * 2
+    physical = experts + ranks * int(rng.integers(0, 3))
+    physical += (-physical) % ranks
+    layers = int(rng.integers(1, 4))
+    load = rng.zipf(1.3, size=(layers, experts)).astype(np.float32)
+    return load, physical, groups, nodes, ranks
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("seed", range(40))
+def test_deepseek_matches_vllm_default_policy(seed):
+    """vLLM's DefaultEplbPolicy is the oracle: same placement, hence same balancedness."""
+    import torch
+    from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+
+    load, physical, groups, nodes, ranks = random_case(np.random.default_rng(seed))
+    ref = DefaultEplbPolicy.rebalance_experts(torch.from_numpy(load), physical, groups, nodes, ranks).numpy()
+    ours = deepseek_placement(load, physical, groups, nodes, ranks)
+    topo = Topology(ranks, load.shape[1], physical, ranks // nodes, groups)
+    assert predicted_balancedness(ours, load, topo) == pytest.approx(predicted_balancedness(ref, load, topo))
+    assert np.array_equal(ours, ref)
+
+
+def drifting_loads(rng, layers, experts, windows, drift=0.1):
+    pop = 1.0 / np.arange(1, experts + 1) ** 1.0
+    perms = [rng.permutation(experts) for _ in range(layers)]
+    out = []
+    for _ in range(windows):
+        out.append(np.stack([pop[p] for p in perms]) * rng.lognormal(0, 0.1, size=(layers, experts)) * 1e4)
+        for p in perms:
+            idx = rng.choice(experts, size=int(drift * experts) // 2 * 2, replace=False)
+            p[idx] = p[np.roll(idx, 1)]
+    return out
+
+
+@pytest.mark.parametrize("ranks,nodes,groups", [(8, 1, 1), (16, 2, 4)])
+def test_min_move_balances_like_deepseek_and_moves_less(ranks, nodes, groups):
+    rng = np.random.default_rng(ranks)
+    layers, experts = 6, 64
+    topo = Topology(ranks, experts, experts + ranks, ranks // nodes if nodes > 1 else 0, groups)
+    mm, ds = get_policy("min-move", tolerance=0.01), get_policy("deepseek")
+    cur_mm = cur_ds = default_placement(topo, layers)
+    moved_mm = moved_ds = 0
+    for i, load in enumerate(drifting_loads(rng, layers, experts, 5)):
+        new_mm = mm.place(PlanInput(load, cur_mm, topo))
+        new_ds = ds.place(PlanInput(load, cur_ds, topo))
+        validate_placement(new_mm, topo)
+        # within the tolerance of deepseek's balancedness on every window
+        assert predicted_balancedness(new_mm, load, topo) >= predicted_balancedness(new_ds, load, topo) * 0.99 - 1e-9
+        if i:
+            moved_mm += int((new_mm != cur_mm).sum())
+            moved_ds += int((new_ds != cur_ds).sum())
+        cur_mm, cur_ds = new_mm, new_ds
+    assert moved_mm <= 0.7 * moved_ds, (moved_mm, moved_ds)
+
+
+def test_min_move_leaves_a_balanced_placement_alone():
+    rng = np.random.default_rng(0)
+    topo = Topology(4, 16, 20)
+    load = rng.uniform(1, 2, size=(3, 16))
+    cur = get_policy("deepseek").place(PlanInput(load, default_placement(topo, 3), topo))
+    new = get_policy("min-move").place(PlanInput(load, cur, topo))
+    assert np.array_equal(new, cur)
+
+
+def test_record_round_trip_and_shape_checks(tmp_path):
+    topo = Topology(2, 4, 6)
+    placement = default_placement(topo, 3)
+    load = np.arange(12, dtype=float).reshape(3, 4)
+    path = str(tmp_path / "rec.json")
+    records.save(records.PlacementRecord(placement, load, 2, 4, "min-move", 42), path)
+    rec = records.load(path)
+    assert np.array_equal(rec.placement, placement) and np.allclose(rec.logical_load, load)
+    assert rec.pass_no == 42 and rec.policy == "min-move"
+    records.check_matches(rec, path, 3, 4, 6, 2)
+    with pytest.raises(records.RecordError, match="recorded for 2 expert-parallel ranks, this server has 4"):
+        records.check_matches(rec, path, 3, 4, 6, 4)
+    with pytest.raises(records.RecordError, match="recorded for 3 MoE layers"):
+        records.check_matches(rec, path, 5, 4, 6, 2)
+
+
+def test_record_rejects_bad_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(records.RecordError, match="not a placement record"):
+        records.load(str(bad))
+    data = json.loads(records.PlacementRecord(np.array([[0, 1, 2, 2]]), None, 2, 4).to_json())
+    bad.write_text(json.dumps(data))
+    with pytest.raises(records.RecordError, match="expert 3 has no physical slot"):
+        records.load(str(bad))
+    with pytest.raises(records.RecordError, match="not found"):
+        records.load(str(tmp_path / "missing.json"))
+
+
+def test_dry_run_prints_moves_and_balance(tmp_path, capsys):
+    topo = Topology(2, 8, 10)
+    rng = np.random.default_rng(1)
+    load = rng.zipf(1.5, size=(2, 8)).astype(float)
+    path = str(tmp_path / "rec.json")
+    records.save(records.PlacementRecord(default_placement(topo, 2), load, 2, 8), path)
+    assert dry_run.main([path, "--policy", "min-move", "--expert-bytes", "1e6"]) == 0
+    out = capsys.readouterr().out
+    assert "slots change" in out and "balancedness" in out and "GB" in out
