@@ -82,9 +82,14 @@ def keep_in_place(new: np.ndarray, current: np.ndarray, slots_per_rank: int) -> 
         l_idx, r_idx = np.nonzero(has)
         result[l_idx, r_idx, old_slot] = out[l_idx, r_idx, idx[l_idx, r_idx]]
         taken_new[l_idx, r_idx, idx[l_idx, r_idx]] = True
-    # the rest fill the remaining slots in order
-    for layer, rank in zip(*np.nonzero((result == -1).any(axis=-1))):
-        free = np.nonzero(result[layer, rank] == -1)[0]
-        rest = out[layer, rank][~taken_new[layer, rank]]
-        result[layer, rank, free] = rest
+    # the rest fill the remaining slots in order: k-th free slot <- k-th unplaced entry
+    flat_res = result.reshape(-1, slots_per_rank)
+    flat_out = out.reshape(-1, slots_per_rank)
+    free = flat_res == -1
+    rest = ~taken_new.reshape(-1, slots_per_rank)
+    free_pos = np.argsort(~free, axis=1, kind="stable")  # free slots first, ascending
+    rest_pos = np.argsort(~rest, axis=1, kind="stable")
+    k = np.arange(slots_per_rank)[None, :] < free.sum(axis=1, keepdims=True)
+    rows = np.broadcast_to(np.arange(flat_res.shape[0])[:, None], k.shape)
+    flat_res[rows[k], free_pos[k]] = flat_out[rows[k], rest_pos[k]]
     return result.reshape(layers, num_physical)

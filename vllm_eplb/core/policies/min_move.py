@@ -27,45 +27,45 @@ from .deepseek import deepseek_placement
 _EPS = 1e-12
 
 
-def _rank_loads(slot_weight: np.ndarray, num_ranks: int) -> np.ndarray:
-    return slot_weight.reshape(num_ranks, -1).sum(axis=1)
-
-
 def _fix_replica_counts(load: np.ndarray, current: np.ndarray, target_counts: np.ndarray, num_ranks: int) -> np.ndarray:
     """One layer: change only as many slots as the replica counts require."""
     slots = current.shape[0]
     per_rank = slots // num_ranks
-    rank_of = np.arange(slots) // per_rank
-    placement = current.copy()
     counts = np.bincount(current, minlength=load.shape[0])
-    weight = load / np.maximum(target_counts, 1)  # per-replica load once counts are right
     surplus = counts - target_counts
+    placement = current.copy()
     if not surplus.any():
         return placement
+    weight = load / np.maximum(target_counts, 1)  # per-replica load once counts are right
     slot_w = weight[placement]
-    # free surplus replicas, busiest ranks first
-    free = np.zeros(slots, dtype=bool)
-    for e in np.nonzero(surplus > 0)[0]:
-        own = np.nonzero(placement == e)[0]
-        loads = _rank_loads(np.where(free, 0.0, slot_w), num_ranks)
-        order = own[np.argsort(-loads[rank_of[own]], kind="stable")]
-        free[order[: surplus[e]]] = True
-    slot_w = np.where(free, 0.0, slot_w)
-    loads = _rank_loads(slot_w, num_ranks)
-    # place the missing replicas, heaviest first, on the least loaded rank with a free slot
+    loads = slot_w.reshape(num_ranks, per_rank).sum(axis=1)
+    # free surplus replicas, those on the busiest ranks first
+    cand = np.nonzero(surplus[placement] > 0)[0]
+    cand = cand[np.argsort(-loads[cand // per_rank], kind="stable")]
+    experts = placement[cand]
+    by_expert = np.argsort(experts, kind="stable")
+    sorted_e = experts[by_expert]
+    nth = np.empty_like(by_expert)
+    nth[by_expert] = np.arange(len(cand)) - np.searchsorted(sorted_e, sorted_e, side="left")
+    freed = cand[nth < surplus[experts]]
+    loads -= np.bincount(freed // per_rank, weights=slot_w[freed], minlength=num_ranks)
+    free_count = np.bincount(freed // per_rank, minlength=num_ranks)
+    free_slots = {r: sorted(freed[freed // per_rank == r].tolist()) for r in np.unique(freed // per_rank).tolist()}
+    holds = np.zeros((num_ranks, load.shape[0]), dtype=bool)
+    kept = np.ones(slots, dtype=bool)
+    kept[freed] = False
+    holds[np.nonzero(kept)[0] // per_rank, placement[kept]] = True
+    # missing replicas, heaviest first, onto the least loaded rank with a free slot
     needed = np.repeat(np.nonzero(surplus < 0)[0], -surplus[surplus < 0])
-    needed = needed[np.argsort(-weight[needed], kind="stable")]
-    for e in needed:
-        holds = np.zeros(num_ranks, dtype=bool)
-        holds[rank_of[(placement == e) & ~free]] = True
-        has_free = np.bincount(rank_of[free], minlength=num_ranks) > 0
-        ok = has_free & ~holds
+    for e in needed[np.argsort(-weight[needed], kind="stable")].tolist():
+        ok = (free_count > 0) & ~holds[:, e]
         if not ok.any():
-            ok = has_free
+            ok = free_count > 0
         r = int(np.argmin(np.where(ok, loads, np.inf)))
-        s = int(np.nonzero(free & (rank_of == r))[0][0])
+        s = free_slots[r].pop(0)
         placement[s] = e
-        free[s] = False
+        free_count[r] -= 1
+        holds[r, e] = True
         loads[r] += weight[e]
     return placement
 
@@ -115,12 +115,10 @@ def _swap_down(
         # no rank may end up holding two replicas of one expert
         ea = np.take_along_axis(placement[idx], a, axis=1)  # (A, S)
         eb = np.take_along_axis(placement[idx], b, axis=1)  # (A, k*S)
-        top_has_b = (eb[:, :, None] == ea[:, None, :]).any(axis=2)[:, None, :]
-        partner_slots = (partner[:, :, None] * per_rank + local[None, None, :])  # (A, kS, S)
-        partner_experts = np.take_along_axis(placement[idx][:, None, :], partner_slots.reshape(len(idx), 1, -1), axis=2).reshape(
-            len(idx), -1, per_rank
-        )
-        partner_has_a = (partner_experts[:, None, :, :] == ea[:, :, None, None]).any(axis=3)  # (A, S, kS)
+        rank_holds = np.zeros((len(idx), num_ranks, load.shape[1]), dtype=bool)
+        rank_holds[n[:, None], (np.arange(slots) // per_rank)[None, :], placement[idx]] = True
+        top_has_b = rank_holds[n[:, None], top[:, None], eb][:, None, :]  # (A, 1, kS)
+        partner_has_a = rank_holds[n[:, None, None], partner[:, None, :], ea[:, :, None]]  # (A, S, kS)
         new_max = np.where(top_has_b | partner_has_a, np.inf, new_max).reshape(len(idx), -1)
         best = new_max.argmin(axis=1)
         gain = new_max[n, best] < peak[idx] - _EPS
