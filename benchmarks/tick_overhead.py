@@ -54,13 +54,15 @@ def _rank(rank, world, port, shape, passes, outdir):
     physical = logical + redundant
     physical += (-physical) % world
     topo = Topology(world, logical, physical)
-    cfg = BalancerConfig(window_size=50, step_interval=200, agreement_lag=2, improvement_threshold=0.0)
+    cfg = BalancerConfig(window_size=50, step_interval=300, agreement_lag=2, improvement_threshold=0.0)
     maps = RoutingMaps.allocate(default_placement(topo, layers), topo)
     pass_load = torch.zeros((layers, physical), dtype=torch.int64)
     weights = [[torch.zeros((topo.slots_per_rank, elems))] for _ in range(layers)]
     g = [new_gloo_group(list(range(world)), 60) for _ in range(2)]
     layout = MoELayout(topo, layers, pass_load, maps, lambda layer: weights[layer])
     bal = Balancer(cfg, layout, Comm(rank, world, g[0], GlooBackend(g[1])))
+    bal.planner.ready.result()  # the planner process starts with the server: not part of the loop
+    dist.barrier()
 
     rng = np.random.default_rng(rank)
     zipf = 1.0 / np.arange(1, physical + 1) ** 1.2
@@ -100,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--passes", type=int, default=1000)
+    ap.add_argument("--passes", type=int, default=1500)
     args = ap.parse_args()
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
     states = ["idle", "collecting", "planning", "syncing", "transferring"]

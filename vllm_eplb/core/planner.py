@@ -77,9 +77,10 @@ class Planner:
         if mode == "process":
             # spawn: a fork of a serving process would copy its threads' locks and CUDA state
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-            self._pool.submit(_warm_up)  # start it now, not when the first window ends
+            self.ready = self._pool.submit(_warm_up)  # start it now, not when the first window ends
         elif mode == "thread":
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-planner")
+            self.ready = self._pool.submit(_warm_up)
         else:
             raise ValueError(f"planner mode {mode!r}: use 'process' or 'thread'")
         self._job: Future | None = None
