@@ -103,7 +103,8 @@ def eplb_run(model, tmp_path_factory):
             while time.monotonic() < deadline:
                 ms = s.metrics()
                 result["scrapes"].append(ms)
-                if metric(ms, "vllm:eplb_state", rank=0, state="transferring") == 1:
+                transferring = metric(ms, "vllm:eplb_state", rank=0, state="transferring") == 1
+                if transferring and len(result["outputs"]) < 3:  # once: completions take seconds
                     result["outputs"].append(("during transfer", [s.complete(p) for p in PROMPTS]))
                 done = metric(ms, "vllm:eplb_cycles_total", rank=0, outcome="completed") or 0
                 if done >= 3 and len(result["outputs"]) >= 3:
@@ -136,7 +137,9 @@ def test_cycles_complete_and_metrics_show_every_state_in_order(eplb_run):
             p = metric(ms, "vllm:eplb_state_entered_pass", rank=0, state=st)
             if p is not None:
                 entries.add((p, st))
-    sequence = " ".join(st for _, st in sorted(entries))
+    ordered = [st for _, st in sorted(entries)]
+    # transferring is re-entered for each layer: one word per run of it
+    sequence = " ".join(st for i, st in enumerate(ordered) if i == 0 or st != ordered[i - 1])
     assert sequence.count("collecting planning syncing transferring idle") >= 2, sequence
     # and the scraper caught the machine in each of the states that last more than a few passes
     current = {s for ms in eplb_run["scrapes"] for s in STATES if metric(ms, "vllm:eplb_state", rank=0, state=s) == 1}

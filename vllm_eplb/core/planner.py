@@ -6,10 +6,10 @@ state machine publishes it through an agreement round before acting on it
 (invariant 1).
 
 Two places to plan:
-- "process" (default): a child process started once (spawn), so planning never
-  holds the serving process's GIL; vLLM's scheduler and the forward loop are Python
-  and would otherwise lose time to a Python-heavy policy
-  (benchmarks/policies.py measures it).
+- "process" (default): a child process started once (planner_process.py), so
+  planning never holds the serving process's GIL; vLLM's scheduler and the forward
+  loop are Python and would otherwise lose time to a Python-heavy policy, and a
+  starved planner thread would take far longer (benchmarks/policies.py measures both).
 - "thread": a thread of the serving process; no extra process, but the policy's
   Python code competes for the GIL.
 """
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
-import multiprocessing
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from .placement import Topology, moved_slots, placement_digest, predicted_balancedness, validate_placement
+from .planner_process import ChildProcessExecutor
 from .policies import PlanInput, Policy
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ class Planner:
         self.topo = topo
         self.mode = mode
         if mode == "process":
-            # spawn: a fork of a serving process would copy its threads' locks and CUDA state
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ChildProcessExecutor()
             self.ready = self._pool.submit(_warm_up)  # start it now, not when the first window ends
         elif mode == "thread":
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-planner")
@@ -110,11 +109,5 @@ class Planner:
 
     def shutdown(self) -> None:
         """Stop at once: a plan still running is of no use any more."""
-        processes = list(getattr(self._pool, "_processes", {}).values()) if self.mode == "process" else []
         self._pool.shutdown(wait=False, cancel_futures=True)
-        # A process pool left to exit on its own can wait forever at interpreter exit for a
-        # worker that never saw the stop signal; end the worker ourselves.
-        for p in processes:
-            p.terminate()
-            p.join(5)
 

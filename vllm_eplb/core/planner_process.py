@@ -1,0 +1,92 @@
+"""A one-worker executor whose worker is a child Python process started with subprocess.
+
+Why not multiprocessing / ProcessPoolExecutor: vLLM runs its workers as daemonic
+multiprocessing processes, and a daemonic process may not start multiprocessing
+children ("daemonic processes are not allowed to have children"). A plain subprocess
+is allowed. Calls and results travel pickled over a socket pair wrapped in
+multiprocessing.connection.Connection; the child exits when the socket closes, so it
+never outlives the serving process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+
+
+class ChildProcessExecutor:
+    def __init__(self):
+        parent_sock, child_sock = socket.socketpair()
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", f"from vllm_eplb.core.planner_process import child; child({child_sock.fileno()})"],
+            pass_fds=(child_sock.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        child_sock.close()
+        self._conn = Connection(parent_sock.detach())
+        self._lock = threading.Lock()
+        self._pending: list[Future] = []  # one worker: results come back in submission order
+        self._reader = threading.Thread(target=self._read, name="eplb-planner-reader", daemon=True)
+        self._reader.start()
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            self._pending.append(fut)
+            self._conn.send((fn, args))
+        return fut
+
+    def _read(self) -> None:
+        while True:
+            try:
+                ok, value = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                fut = self._pending.pop(0)
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+        with self._lock:
+            for fut in self._pending:
+                if not fut.done():
+                    fut.set_exception(RuntimeError("the planner process exited"))
+            self._pending.clear()
+
+    def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+        self._proc.terminate()
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+
+def child(fd: int) -> None:
+    """The child's loop: run each call, send back its result or exception."""
+    conn = Connection(fd)
+    while True:
+        try:
+            fn, args = conn.recv()
+        except (EOFError, OSError):
+            return  # the serving process closed the socket or died
+        try:
+            result = (True, fn(*args))
+        except BaseException as exc:  # sent back and raised by the caller's Future
+            result = (False, exc)
+        try:
+            conn.send(result)
+        except (EOFError, OSError):
+            return
+
