@@ -175,3 +175,27 @@ def test_eight_ranks_two_layers_per_pass():
     assert completed_cycles(reports[0]) == 1
     steps = [t for t in transitions(reports[0]) if t[3] == "transferring"]
     assert len(steps) == 2  # 4 layers, 2 per step
+
+
+def test_p2p_backend_batched_isend_irecv():
+    """The NCCL backend's message logic (packed rows, batched isend/irecv, receives
+    matched in plan order) over gloo: the same checks as the gloo backend."""
+    reports = run(ranks=4, passes=200, zipf=1.5, backend="p2p")
+    assert_consistent(reports)
+    assert completed_cycles(reports[0]) == 1
+    assert sum(r.stats["experts_moved"] for r in reports) > 0
+
+
+def test_slow_transfer_is_polled_not_waited_for():
+    """Rank 1's data arrives 5 polls late at every step: every rank votes again until
+    it is there, the cycle completes at the same pass everywhere, later than normal."""
+    normal = run(ranks=2, passes=200, zipf=1.5)
+    slow = run(ranks=2, passes=200, zipf=1.5, faults=Faults(slow_transfer=(1, 5)))
+    assert_consistent(slow)
+    for r in slow:
+        assert completed_cycles(r) == 1
+        assert r.stats["cycles_aborted"]["transfer_error"] == 0
+    lag = FAST["agreement_lag"]
+    layers = 4
+    # every layer's step waited 5 more rounds of (lag) passes
+    assert slow[0].stats["cycle_passes"][0] >= normal[0].stats["cycle_passes"][0] + layers * 5 * lag

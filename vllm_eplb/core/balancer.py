@@ -45,7 +45,7 @@ from .records import PlacementRecord, save
 from .policies import Policy, get_policy
 from .state_machine import attach_machine
 from .stats import BalancerStats, TransitionRecord
-from .transfer import InFlightStep, TransferBackend, TransferEngine, plan_layer
+from .transfer import InFlightStep, TransferBackend, TransferEngine, TransferError, plan_layer
 
 # A child of vLLM's logger: inside vLLM the lines go through its handlers and format.
 log = logging.getLogger("vllm.eplb")
@@ -69,6 +69,10 @@ class Comm:
     world_size: int
     agreement_group: Any  # gloo group (None when world_size == 1)
     backend: TransferBackend
+
+
+def _padded(n: int, align: int = 512) -> int:
+    return -(-n // align) * align
 
 
 class PassMismatch(RuntimeError):
@@ -95,6 +99,11 @@ class Balancer:
         self.planner = Planner(policy or get_policy(config.policy, tolerance=config.min_move_tolerance), self.topo, config.planner)
         self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag)
         self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
+        # A step moves at most every local slot of layers_per_pass layers: the staging bound.
+        per_layer = max(
+            sum(_padded(w.numel() * w.element_size()) for w in layout.weights_of(layer)) for layer in range(layout.num_layers)
+        )
+        comm.backend.prepare(layout.weights_of(0), config.layers_per_pass * per_layer + (1 << 20))  # + message padding
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._window_load: np.ndarray | None = None
 
@@ -148,6 +157,9 @@ class Balancer:
                 continue
             step = self.engine.start([plan_layer(layer, self.placement[layer], new_placement[layer], self.topo)])
             self.engine.finish(step)
+            if self.comm.world_size > 1:
+                # every rank's data is in before any rank overwrites a slot a peer may read
+                dist.barrier(group=self.comm.agreement_group)
             self.engine.commit(step)
             self.layout.maps.write_layer(layer, new_placement[layer], self.topo)
             self.placement[layer] = new_placement[layer]
@@ -238,18 +250,30 @@ class Balancer:
         if self._round is None:
             if p < self._step_started_at + 1:
                 return
-            ok = 1
+            # Vote whether this rank's data is complete. The poll never blocks: a step
+            # slower than one pass is voted not-ready and polled again next round, so
+            # the forward loop never waits on a copy.
+            ready, ok = 1, 1
             try:
-                self.engine.finish(step)
+                if step.handle.done():
+                    self.engine.finish(step)
+                elif time.perf_counter() - step.started > self.config.transfer_timeout_s:
+                    raise TransferError(f"step not complete after {self.config.transfer_timeout_s:.0f} s")
+                else:
+                    ready = 0
             except Exception as exc:  # TransferError, or anything local: vote it
                 ok = 0
                 self._transfer_error = exc
-            self._round = self._vote([ok], p)
+            self._round = self._vote([ready, ok], p)
             return
         if p < self._round.due_at:
             return
-        if self._read_vote(1)[0] != 1:
+        ready, ok = self._read_vote(2)
+        if ok != 1:
             return self._abort("transfer_error", self._transfer_error)
+        if ready != 1:
+            self._round = None  # someone is still receiving: poll again
+            return
         self._commit(step)
         if self._layers_to_move:
             self.layer = self._layers_to_move[0]

@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, Topology, new_gloo_group
 from vllm_eplb.core.policies import PlanInput, Policy, get_policy
 from vllm_eplb.core.transfer import GlooBackend, TransferBackend, TransferError, TransferHandle
+from vllm_eplb.core.transfer.gpu import P2PBackend
 
 from .toy_moe import DriftingWorkload, ToyMoE
 
@@ -39,6 +40,7 @@ class Faults:
     divergent_plan: int | None = None  # rank whose policy returns a different (valid) plan
     internal_error: tuple[int, str] | None = None  # (rank, state): a bug raises in that state's tick once
     config_override: tuple[int, dict] | None = None  # (rank, BalancerConfig fields) differing on that rank
+    slow_transfer: tuple[int, int] | None = None  # (rank, polls): each step reports not done for that many polls
 
 
 @dataclass
@@ -57,6 +59,7 @@ class HarnessConfig:
     ranks_per_node: int = 0
     seed: int = 0
     check_every: int = 1
+    backend: str = "gloo"  # "gloo" (GlooBackend) or "p2p" (the NCCL backend's batched isend/irecv, on gloo)
     balancer: dict = field(default_factory=dict)  # BalancerConfig fields
     faults: Faults = field(default_factory=Faults)
     verbose: bool = False
@@ -126,6 +129,34 @@ class _FailingHandle(TransferHandle):
         return self.inner.staging_bytes
 
 
+class _SlowHandle(TransferHandle):
+    """Reports not done for the first `polls` polls, as a copy slower than a pass would."""
+
+    def __init__(self, inner: TransferHandle, polls: int):
+        self.inner, self.polls = inner, polls
+
+    def done(self):
+        if self.polls > 0:
+            self.polls -= 1
+            return False
+        return self.inner.done()
+
+    def wait(self):
+        return self.inner.wait()
+
+    @property
+    def staging_bytes(self):
+        return self.inner.staging_bytes
+
+
+class _SlowBackend(TransferBackend):
+    def __init__(self, inner: TransferBackend, polls: int):
+        self.inner, self.polls, self.name = inner, polls, inner.name
+
+    def start(self, jobs, rank):
+        return _SlowHandle(self.inner.start(jobs, rank), self.polls)
+
+
 class _FailingBackend(TransferBackend):
     def __init__(self, inner: TransferBackend, should_fail):
         self.inner, self.should_fail, self.name = inner, should_fail, inner.name
@@ -178,7 +209,7 @@ def _rank_main(rank: int, cfg: HarnessConfig, port: int, outdir: str) -> None:
             policy = _SlowPolicy(policy, f.slow_planner[1])
         if f.divergent_plan == rank:
             policy = _DivergentPolicy(policy)
-        backend: TransferBackend = GlooBackend(transfer_group)
+        backend: TransferBackend = GlooBackend(transfer_group) if cfg.backend == "gloo" else P2PBackend(transfer_group)
         balancer_ref: list[Balancer] = []
         if f.transfer_error and f.transfer_error[0] == rank:
             steps_in_cycle = {}
@@ -190,6 +221,8 @@ def _rank_main(rank: int, cfg: HarnessConfig, port: int, outdir: str) -> None:
                 return c == f.transfer_error[1] and steps_in_cycle[c] == f.transfer_error[2]
 
             backend = _FailingBackend(backend, should_fail)
+        if f.slow_transfer and f.slow_transfer[0] == rank:
+            backend = _SlowBackend(backend, f.slow_transfer[1])
 
         layout = MoELayout(topo, cfg.layers, model.pass_load, model.maps, model.weights_of)
         balancer = Balancer(bcfg, layout, Comm(rank, cfg.ranks, agreement_group, backend), policy)
@@ -197,6 +230,10 @@ def _rank_main(rank: int, cfg: HarnessConfig, port: int, outdir: str) -> None:
         if f.internal_error and f.internal_error[0] == rank:
             _inject_internal_error(balancer, f.internal_error[1])
 
+        # The planner process starts with the server, long before a window ends; here
+        # the run is short, so wait for it rather than let start-up time shift the cycles.
+        balancer.planner.ready.result()
+        dist.barrier()
         probe = workload.probe()
         reference = model.forward(probe, record=False)
         map_bad, slot_bad, out_bad, checks = [], [], [], 0

@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from vllm_eplb.core import Balancer, Comm, MoELayout, RoutingMaps, Topology, default_placement, new_gloo_group
 from vllm_eplb.core import records
-from vllm_eplb.core.transfer import GlooBackend
+from vllm_eplb.core.transfer.select import make_backend
 
 from .config import EplbConfig, published
 
 log = logging.getLogger("vllm.eplb")
 
 
-def _ep_subgroups(timeout_s: float, count: int):
-    """`count` new gloo groups over this rank's expert-parallel group.
+def _ep_subgroups(timeout_s: float, count: int, backend: str = "gloo"):
+    """`count` new groups (gloo by default) over this rank's expert-parallel group.
 
     torch.distributed.new_group is collective over the whole world, so every
     process creates the groups of every EP group, in the same order."""
@@ -40,7 +41,11 @@ def _ep_subgroups(timeout_s: float, count: int):
     mine = []
     for _ in range(count):
         for ranks in all_groups:
-            g = new_gloo_group(list(ranks), timeout_s)
+            g = (
+                new_gloo_group(list(ranks), timeout_s)
+                if backend == "gloo"
+                else dist.new_group(list(ranks), backend=backend, timeout=timedelta(seconds=timeout_s))
+            )
             if tuple(ep.ranks) == ranks:
                 mine.append(g)
     return ep, mine
@@ -79,7 +84,11 @@ class VllmEplbState:
 
         weights = model.expert_weights  # [layer][tensor], each (local slots, -1), aliasing the parameters
         layout = MoELayout(topo, layers, pass_load, maps, lambda layer: list(weights[layer]), record_flag=self.should_record)
-        backend = GlooBackend(transfer_group)
+        backend = make_backend(
+            cfg.resolved_backend(), self.device, topo, ep.rank_in_group, layout.weights_of, layers,
+            gloo_group=transfer_group, cpu_group=agreement_group,
+            nccl_group=lambda: _ep_subgroups(bcfg.transfer_timeout_s, 1, backend="nccl")[1][0],
+        )
         self.balancer = Balancer(bcfg, layout, Comm(ep.rank_in_group, ep.world_size, agreement_group, backend))
         if cfg.initial_placement_path:
             rec = records.load(cfg.initial_placement_path)

@@ -41,6 +41,10 @@ class TransferHandle(ABC):
     def staging_bytes(self) -> int:
         """Bytes of staging memory this step holds on this rank."""
 
+    def device_seconds(self) -> float | None:
+        """Time the copies took on the device (GPU backends, once done), else None."""
+        return None
+
 
 class TransferBackend(ABC):
     name: str = ""
@@ -48,6 +52,10 @@ class TransferBackend(ABC):
     @abstractmethod
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         """Post this rank's sends and receives for the step; return at once."""
+
+    def prepare(self, weights: list[torch.Tensor], max_step_bytes: int) -> None:
+        """Called once at start-up with one layer's expert tensors and the most bytes one
+        step can move on this rank, so a backend can set up staging before serving starts."""
 
     def close(self) -> None:  # pragma: no cover - optional
         pass

@@ -26,7 +26,8 @@ class StepResult:
     bytes_received: int
     bytes_sent: int
     staging_bytes: int
-    seconds: float  # from start to data complete on this rank, as seen by wait()
+    seconds: float  # from start to data complete on this rank, as seen by the CPU
+    device_seconds: float | None = None  # copy time on the GPU (GPU backends)
 
 
 @dataclass
@@ -78,7 +79,8 @@ class TransferEngine:
             len(t.experts) * expert_nbytes(j.weights) for j in step.jobs for t in j.plan.part(self.rank).sends
         )
         step.result = StepResult(
-            [j.plan.layer for j in step.jobs], n_recv, b_recv, b_sent, step.handle.staging_bytes, seconds
+            [j.plan.layer for j in step.jobs], n_recv, b_recv, b_sent, step.handle.staging_bytes, seconds,
+            step.handle.device_seconds(),
         )
         return step.result
 

@@ -1,37 +1,69 @@
 """Transfer backend over a gloo group: CPU tensors directly, GPU tensors through
-pinned host staging. The fallback that works everywhere, and the only one on CPU."""
+pinned host staging. The fallback that works everywhere, and the only one on CPU.
+
+Nothing here blocks the forward loop:
+- A gloo send or receive reports completion only through wait() (is_completed()
+  stays False until someone waited), so a waiter thread of the backend waits for
+  them (gloo releases the GIL while it does) and done() asks that thread.
+- GPU weights: the rows to send are packed on a side stream; the waiter thread
+  copies them into pinned host memory, posts the sends, and copies received rows to
+  the GPU on the side stream before it reports done. The pinned buffers are two
+  arenas (send, receive) kept across steps and grown, on the waiter thread, to the
+  largest step: pinning memory costs about as much as copying it.
+"""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
 
 from .backend import LayerJob, TransferBackend, TransferError, TransferHandle
 
+_ALIGN = 512  # bytes; keeps every view in an arena aligned for any dtype
+
+
+class _PinnedArena:
+    """One pinned host buffer, carved into views for one step at a time."""
+
+    def __init__(self):
+        self.buf = torch.empty(0, dtype=torch.uint8)
+        self.off = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Make room for a step of `nbytes` (before any view of it is taken). Grows only
+        past what prepare() pinned, which bounds every step."""
+        self.off = 0
+        if self.buf.numel() < nbytes:
+            self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def take(self, shape, dtype) -> torch.Tensor:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        view = self.buf[self.off : self.off + n].view(dtype).view(shape)
+        self.off += -(-n // _ALIGN) * _ALIGN
+        return view
+
+
+def _padded(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
 
 class _GlooHandle(TransferHandle):
-    def __init__(self, works, recv_bufs, device, staging_bytes):
-        self._works = works
-        self._recv_bufs = recv_bufs  # (layer, expert, weight index) -> (buffer, row)
-        self._device = device
+    def __init__(self, future, received, staging_bytes):
+        self._future = future
+        self._received = received
         self._staging_bytes = staging_bytes
 
     def done(self) -> bool:
-        return all(w.is_completed() for w in self._works)
+        return self._future.done()
 
     def wait(self):
         try:
-            for w in self._works:
-                w.wait()
+            self._future.result()
         except Exception as exc:
             raise TransferError(f"gloo transfer failed: {exc}") from exc
-        out: dict[tuple[int, int], list[torch.Tensor]] = {}
-        for (layer, expert, i), (buf, row) in sorted(self._recv_bufs.items()):
-            t = buf[row]
-            if self._device.type != "cpu":
-                t = t.to(self._device, non_blocking=True)
-            out.setdefault((layer, expert), []).append(t)
-        return out
+        return self._received
 
     @property
     def staging_bytes(self) -> int:
@@ -43,35 +75,106 @@ class GlooBackend(TransferBackend):
 
     def __init__(self, group):
         self.group = group
+        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-gloo-wait")
+        self._send_arena = _PinnedArena()
+        self._recv_arena = _PinnedArena()
+        self._stream = None
+
+    def prepare(self, weights: list[torch.Tensor], max_step_bytes: int) -> None:
+        """Pin both arenas now, at start-up: pinning (cudaHostAlloc) stalls every CUDA
+        call of the process, so it must not happen while serving."""
+        if weights and weights[0].is_cuda:
+            self._recv_arena.reserve(max_step_bytes)
+            self._send_arena.reserve(max_step_bytes)
+
+    def close(self) -> None:
+        self._waiter.shutdown(wait=False)
 
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
-        works = []
-        recv_bufs = {}
-        staging = 0
-        device = torch.device("cpu")
-        pin = False
+        device = next((j.weights[0].device for j in jobs if j.weights), torch.device("cpu"))
+        if device.type == "cuda":
+            return self._start_gpu(jobs, rank, device)
+        works, received, staging = [], {}, 0
         for j, job in enumerate(jobs):
             part = job.plan.part(rank)
-            if job.weights:
-                device = job.weights[0].device
-                pin = device.type == "cuda"
             n_w = len(job.weights)
             # Receives first: a gloo send completes only once the peer posted its receive.
             for t in part.recvs:
-                for i, w in enumerate(job.weights):
-                    buf = torch.empty((len(t.experts), *w.shape[1:]), dtype=w.dtype, pin_memory=pin)
+                bufs = [torch.empty((len(t.experts), *w.shape[1:]), dtype=w.dtype) for w in job.weights]
+                for i, buf in enumerate(bufs):
                     staging += buf.numel() * buf.element_size()
                     works.append(dist.irecv(buf, group=self.group, group_src=t.src, tag=j * n_w + i))
-                    for row, e in enumerate(t.experts):
-                        recv_bufs[(job.plan.layer, e, i)] = (buf, row)
+                for row, e in enumerate(t.experts):
+                    received[(job.plan.layer, e)] = [b[row] for b in bufs]
             for t in part.sends:
-                idx = torch.tensor(t.src_slots, device=device)
+                idx = torch.tensor(t.src_slots)
                 for i, w in enumerate(job.weights):
                     # index_select copies: the live slot is not what travels, so the sender
                     # stays free to keep serving from it.
                     buf = w.index_select(0, idx)
-                    if pin:
-                        buf = buf.to("cpu", non_blocking=False).pin_memory()
                     staging += buf.numel() * buf.element_size()
-                    works.append(dist.isend(buf.contiguous(), group=self.group, group_dst=t.dst, tag=j * n_w + i))
-        return _GlooHandle(works, recv_bufs, device, staging)
+                    works.append(dist.isend(buf, group=self.group, group_dst=t.dst, tag=j * n_w + i))
+        return _GlooHandle(self._waiter.submit(_wait_all, works), received, staging)
+
+    def _start_gpu(self, jobs: list[LayerJob], rank: int, device) -> TransferHandle:
+        """On the loop's thread only GPU work is queued (rows packed on a side stream,
+        receive buffers allocated); pinning host memory, the host copies and gloo run on
+        the waiter thread, which holds no GIL while it waits."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        stream, main = self._stream, torch.cuda.current_stream(device)
+        recvs, sends, received, staging = [], [], {}, 0
+        stream.wait_stream(main)  # the slots hold what the map says as of this pass
+        with torch.cuda.stream(stream):
+            for j, job in enumerate(jobs):
+                part = job.plan.part(rank)
+                n_w = len(job.weights)
+                for t in part.recvs:
+                    for i, w in enumerate(job.weights):
+                        dev = torch.empty((len(t.experts), *w.shape[1:]), dtype=w.dtype, device=device)
+                        recvs.append((dev, t.src, j * n_w + i))
+                        for row, e in enumerate(t.experts):
+                            received.setdefault((job.plan.layer, e), []).append(dev[row])
+                for t in part.sends:
+                    idx = torch.tensor(t.src_slots, device=device)
+                    for i, w in enumerate(job.weights):
+                        # a packed copy travels, not the live slots, which keep serving
+                        sends.append((w.index_select(0, idx), t.dst, j * n_w + i))
+            packed = torch.cuda.Event()
+            packed.record(stream)
+        for bufs in received.values():
+            for b in bufs:
+                b.record_stream(main)  # the main stream reads them at commit
+        nbytes = lambda items: sum(_padded(d.numel() * d.element_size()) for d, _, _ in items)  # noqa: E731
+        staging = 2 * nbytes(recvs) + 2 * nbytes(sends)  # device and pinned host copies
+        group, recv_arena, send_arena = self.group, self._recv_arena, self._send_arena
+
+        def run():
+            recv_arena.reserve(nbytes(recvs))
+            send_arena.reserve(nbytes(sends))
+            host_in = [recv_arena.take(d.shape, d.dtype) for d, _, _ in recvs]
+            works = [dist.irecv(h, group=group, group_src=src, tag=tag) for h, (_, src, tag) in zip(host_in, recvs)]
+            with torch.cuda.stream(stream):
+                host_out = [send_arena.take(d.shape, d.dtype) for d, _, _ in sends]
+                stream.wait_event(packed)
+                for h, (d, _, _) in zip(host_out, sends):
+                    h.copy_(d, non_blocking=True)
+                out_ready = torch.cuda.Event()
+                out_ready.record(stream)
+            out_ready.synchronize()
+            works += [dist.isend(h, group=group, group_dst=dst, tag=tag) for h, (_, dst, tag) in zip(host_out, sends)]
+            _wait_all(works)
+            with torch.cuda.stream(stream):
+                for h, (d, _, _) in zip(host_in, recvs):
+                    d.copy_(h, non_blocking=True)
+                landed = torch.cuda.Event()
+                landed.record(stream)
+            landed.synchronize()
+            sends.clear()  # packed rows can go
+
+        return _GlooHandle(self._waiter.submit(run), received, staging)
+
+
+def _wait_all(works) -> None:
+    for w in works:
+        w.wait()

@@ -11,12 +11,17 @@ the weight slots, on the main stream) only at the agreed pass.
   engines execute over NVLink. Senders do nothing. A peer's slot is never
   overwritten while it is read: the sender commits only after the commit round,
   which every reader enters only once its copies completed.
-- NcclBackend: isend/irecv on a dedicated NCCL group, posted from a side stream;
-  send buffers are packed rows (one message per peer and weight tensor).
-- HybridBackend: per pair of ranks, IPC within a node and NCCL between nodes.
+- P2PBackend ("nccl"): isend/irecv batched on a dedicated group; send buffers are
+  packed rows (one message per peer and weight tensor). On GPU with an NCCL group,
+  posted from a side stream. It runs on any group with point-to-point support, so
+  the message logic is tested on CPU with gloo as well.
+- HybridBackend: per pair of ranks, IPC within a node and P2P between nodes.
 """
 
 from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -25,40 +30,66 @@ from .backend import LayerJob, TransferBackend, TransferError, TransferHandle
 
 
 class _StreamHandle(TransferHandle):
-    """Done when an event recorded after the copies on the side stream fired (and, for
-    NCCL, when the works completed)."""
+    """Done when the works completed and an event recorded after the copies on the
+    side stream fired."""
 
-    def __init__(self, event, works, received, staging_bytes):
+    def __init__(self, start_event, event, works, received, staging_bytes, waiter=None):
+        self._start = start_event
         self._event = event
         self._works = works
         self._received = received
         self._staging_bytes = staging_bytes
+        # gloo works (CPU) report completion only through wait(): a waiter thread waits
+        self._waited = waiter.submit(_wait_all, works) if waiter is not None else None
 
     def done(self) -> bool:
+        if self._waited is not None:
+            return self._waited.done()
         return all(w.is_completed() for w in self._works) and (self._event is None or self._event.query())
 
     def wait(self):
         try:
+            if self._waited is not None:
+                self._waited.result()
+                return self._received
             for w in self._works:
                 # ProcessGroupNCCL's wait() only orders streams; poll for the CPU to know
                 while not w.is_completed():
                     pass
+                w.wait()  # the current (main) stream, which commits, waits for the receive
             if self._event is not None:
                 self._event.synchronize()
         except Exception as exc:
-            raise TransferError(f"GPU transfer failed: {exc}") from exc
+            raise TransferError(f"transfer failed: {exc}") from exc
         return self._received
+
+    def device_seconds(self) -> float | None:
+        if self._start is None or self._event is None or not self._event.query():
+            return None
+        return self._start.elapsed_time(self._event) / 1e3
 
     @property
     def staging_bytes(self) -> int:
         return self._staging_bytes
 
 
+def _wait_all(works) -> None:
+    for w in works:
+        w.wait()
+
+
+def _events(stream):
+    if stream is None:
+        return None, None
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
 class CudaIpcBackend(TransferBackend):
     name = "cuda_ipc"
 
-    def __init__(self, cpu_group, weights_of, num_layers: int, rank: int, world: int):
-        """Maps the peers' expert tensors. Collective over cpu_group (gloo)."""
+    def __init__(self, cpu_group, weights_of, num_layers: int, rank: int, world: int, peers: list[int] | None = None):
+        """Maps the expert tensors of `peers` (default: every rank). Collective over
+        cpu_group (gloo): every rank of the group calls it."""
         from torch.multiprocessing.reductions import reduce_tensor
 
         self.rank = rank
@@ -66,20 +97,26 @@ class CudaIpcBackend(TransferBackend):
         mine = [[reduce_tensor(w) for w in weights_of(layer)] for layer in range(num_layers)]
         everyone: list = [None] * world
         dist.all_gather_object(everyone, mine, group=cpu_group)
+        wanted = set(range(world) if peers is None else peers)
         # peers[r][layer][i]: rank r's i-th expert tensor of the layer, mapped here
-        self.peers = []
+        self.peers: list = []
         for r, handles in enumerate(everyone):
             if r == rank:
                 self.peers.append([list(weights_of(layer)) for layer in range(num_layers)])
-            else:
+            elif r in wanted:
                 self.peers.append([[fn(*args) for fn, args in layer] for layer in handles])
+            else:
+                self.peers.append(None)
 
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         received: dict[tuple[int, int], list[torch.Tensor]] = {}
         staging = 0
         main = torch.cuda.current_stream()
-        self.stream.wait_stream(main)  # staging allocated on main must exist first
+        start, end = _events(self.stream)
+        # Staging is allocated on the side stream: the caching allocator keeps it there.
+        self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
+            start.record(self.stream)
             for job in jobs:
                 part = job.plan.part(rank)
                 for t in part.recvs:
@@ -92,28 +129,42 @@ class CudaIpcBackend(TransferBackend):
                             staging += buf.numel() * buf.element_size()
                             bufs.append(buf)
                         received[(job.plan.layer, e)] = bufs
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        for bufs in received.values():  # the main stream uses them at commit
+            end.record(self.stream)
+        for bufs in received.values():  # the main stream reads them at commit
             for b in bufs:
                 b.record_stream(main)
-        return _StreamHandle(event, [], received, staging)
+        return _StreamHandle(start, end, [], received, staging)
 
 
-class NcclBackend(TransferBackend):
+class P2PBackend(TransferBackend):
     name = "nccl"
 
-    def __init__(self, nccl_group):
-        self.group = nccl_group
-        self.stream = torch.cuda.Stream()
+    def __init__(self, group, device: torch.device | str = "cpu"):
+        """group: a dedicated NCCL group on GPU (gloo works too). Collective: every rank
+        of the group constructs it, since the first NCCL call on a group must be."""
+        self.group = group
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        self._waiter = ThreadPoolExecutor(max_workers=1) if self.stream is None else None
+        warm = torch.zeros(1, device=self.device)
+        dist.all_reduce(warm, group=group)  # creates the communicator now, on every rank
+        if self.stream is not None:
+            torch.cuda.synchronize()
 
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         ops, received, staging, keep = [], {}, 0, []
-        main = torch.cuda.current_stream()
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
+        start, end = _events(self.stream)
+        ctx = contextlib.nullcontext()
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            ctx = torch.cuda.stream(self.stream)
+        with ctx:
+            if start is not None:
+                start.record(self.stream)
             for job in jobs:
                 part = job.plan.part(rank)
+                # Receives are posted before sends, in plan order on both sides, so the
+                # messages of a pair of ranks match in order even with equal tags.
                 for t in part.recvs:
                     bufs = [torch.empty((len(t.experts), *w.shape[1:]), dtype=w.dtype, device=w.device) for w in job.weights]
                     staging += sum(b.numel() * b.element_size() for b in bufs)
@@ -124,40 +175,45 @@ class NcclBackend(TransferBackend):
                 for t in part.sends:
                     idx = torch.tensor(t.src_slots, device=job.weights[0].device)
                     for w in job.weights:
+                        # a packed copy travels, not the live slots, which keep serving
                         buf = w.index_select(0, idx)
                         staging += buf.numel() * buf.element_size()
                         keep.append(buf)
                         ops.append(dist.P2POp(dist.isend, buf, group=self.group, group_peer=t.dst))
             works = dist.batch_isend_irecv(ops) if ops else []
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        handle = _StreamHandle(event, works, received, staging)
+            if end is not None:
+                end.record(self.stream)
+        handle = _StreamHandle(start, end, works, received, staging, self._waiter)
         handle._keep = keep  # send buffers live until the handle is dropped
         return handle
 
 
+NcclBackend = P2PBackend
+
+
 class HybridBackend(TransferBackend):
-    """IPC for peers on this node, NCCL for the others; one handle over both."""
+    """IPC for peers on this node, P2P for the others; one handle over both."""
 
     name = "ipc+nccl"
 
-    def __init__(self, ipc: CudaIpcBackend, nccl: NcclBackend, node_of):
-        self.ipc, self.nccl, self.node_of = ipc, nccl, node_of
+    def __init__(self, ipc: CudaIpcBackend, p2p: P2PBackend, node_of):
+        self.ipc, self.p2p, self.node_of = ipc, p2p, node_of
 
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         from .plan import LayerPlan, RankPart
 
+        def same(t):
+            return self.node_of(t.src) == self.node_of(t.dst)
+
         local, remote = [], []
         for job in jobs:
             parts_local, parts_remote = [], []
-            for r, part in enumerate(job.plan.parts):
-                same = lambda t: self.node_of(t.src) == self.node_of(t.dst)  # noqa: E731
+            for part in job.plan.parts:
                 parts_local.append(RankPart([t for t in part.sends if same(t)], [t for t in part.recvs if same(t)]))
                 parts_remote.append(RankPart([t for t in part.sends if not same(t)], [t for t in part.recvs if not same(t)]))
             local.append(LayerJob(LayerPlan(job.plan.layer, job.plan.transfers, parts_local), job.weights))
             remote.append(LayerJob(LayerPlan(job.plan.layer, job.plan.transfers, parts_remote), job.weights))
-        a, b = self.ipc.start(local, rank), self.nccl.start(remote, rank)
-        return _Both(a, b)
+        return _Both(self.ipc.start(local, rank), self.p2p.start(remote, rank))
 
 
 class _Both(TransferHandle):
@@ -169,6 +225,10 @@ class _Both(TransferHandle):
 
     def wait(self):
         return {**self.a.wait(), **self.b.wait()}
+
+    def device_seconds(self) -> float | None:
+        xs = [x for x in (self.a.device_seconds(), self.b.device_seconds()) if x is not None]
+        return max(xs) if xs else None
 
     @property
     def staging_bytes(self) -> int:
