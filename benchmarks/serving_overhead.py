@@ -106,7 +106,6 @@ def main() -> None:
 
 def router_cost_us(tokens: int, layers: int = 4, experts: int = 16, slots: int = 20) -> dict[str, float]:
     """Per-pass CPU cost of the router's logical->physical map (+ load record), micro-benchmarked."""
-    import numpy as np
     import torch
 
     from vllm_eplb.core.placement import RoutingMaps, Topology, default_placement

@@ -46,6 +46,7 @@ from .policies import Policy, get_policy
 from .state_machine import attach_machine
 from .stats import BalancerStats, TransitionRecord
 from .transfer import InFlightStep, TransferBackend, TransferEngine, TransferError, plan_layer
+from .transfer.backend import padded
 
 # A child of vLLM's logger: inside vLLM the lines go through its handlers and format.
 log = logging.getLogger("vllm.eplb")
@@ -69,10 +70,6 @@ class Comm:
     world_size: int
     agreement_group: Any  # gloo group (None when world_size == 1)
     backend: TransferBackend
-
-
-def _padded(n: int, align: int = 512) -> int:
-    return -(-n // align) * align
 
 
 class PassMismatch(RuntimeError):
@@ -101,7 +98,7 @@ class Balancer:
         self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
         # A step moves at most every local slot of layers_per_pass layers: the staging bound.
         per_layer = max(
-            sum(_padded(w.numel() * w.element_size()) for w in layout.weights_of(layer)) for layer in range(layout.num_layers)
+            sum(padded(w.numel() * w.element_size()) for w in layout.weights_of(layer)) for layer in range(layout.num_layers)
         )
         comm.backend.prepare(layout.weights_of(0), config.layers_per_pass * per_layer + (1 << 20))  # + message padding
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")

@@ -61,6 +61,21 @@ class TransferBackend(ABC):
         pass
 
 
+STAGING_ALIGN = 512  # bytes; staging views aligned for any dtype
+
+
+def padded(nbytes: int) -> int:
+    """nbytes rounded up to STAGING_ALIGN: what a staging view of that size takes."""
+    return -(-nbytes // STAGING_ALIGN) * STAGING_ALIGN
+
+
+def wait_all(works) -> None:
+    """Wait for torch.distributed works (on a waiter thread: gloo works report completion
+    only through wait())."""
+    for w in works:
+        w.wait()
+
+
 def expert_nbytes(weights: list[torch.Tensor]) -> int:
     """Bytes of one expert across a layer's weight tensors."""
     return sum(w[0].numel() * w.element_size() for w in weights)

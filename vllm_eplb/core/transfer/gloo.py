@@ -19,10 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from .backend import LayerJob, TransferBackend, TransferError, TransferHandle
-
-_ALIGN = 512  # bytes; keeps every view in an arena aligned for any dtype
-
+from .backend import LayerJob, TransferBackend, TransferError, TransferHandle, padded, wait_all
 
 class _PinnedArena:
     """One pinned host buffer, carved into views for one step at a time."""
@@ -41,12 +38,8 @@ class _PinnedArena:
     def take(self, shape, dtype) -> torch.Tensor:
         n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         view = self.buf[self.off : self.off + n].view(dtype).view(shape)
-        self.off += -(-n // _ALIGN) * _ALIGN
+        self.off += padded(n)
         return view
-
-
-def _padded(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
 
 
 class _GlooHandle(TransferHandle):
@@ -114,7 +107,7 @@ class GlooBackend(TransferBackend):
                     buf = w.index_select(0, idx)
                     staging += buf.numel() * buf.element_size()
                     works.append(dist.isend(buf, group=self.group, group_dst=t.dst, tag=j * n_w + i))
-        return _GlooHandle(self._waiter.submit(_wait_all, works), received, staging)
+        return _GlooHandle(self._waiter.submit(wait_all, works), received, staging)
 
     def _start_gpu(self, jobs: list[LayerJob], rank: int, device) -> TransferHandle:
         """On the loop's thread only GPU work is queued (rows packed on a side stream,
@@ -145,7 +138,7 @@ class GlooBackend(TransferBackend):
         for bufs in received.values():
             for b in bufs:
                 b.record_stream(main)  # the main stream reads them at commit
-        nbytes = lambda items: sum(_padded(d.numel() * d.element_size()) for d, _, _ in items)  # noqa: E731
+        nbytes = lambda items: sum(padded(d.numel() * d.element_size()) for d, _, _ in items)  # noqa: E731
         staging = 2 * nbytes(recvs) + 2 * nbytes(sends)  # device and pinned host copies
         group, recv_arena, send_arena = self.group, self._recv_arena, self._send_arena
 
@@ -163,7 +156,7 @@ class GlooBackend(TransferBackend):
                 out_ready.record(stream)
             out_ready.synchronize()
             works += [dist.isend(h, group=group, group_dst=dst, tag=tag) for h, (_, dst, tag) in zip(host_out, sends)]
-            _wait_all(works)
+            wait_all(works)
             with torch.cuda.stream(stream):
                 for h, (d, _, _) in zip(host_in, recvs):
                     d.copy_(h, non_blocking=True)
@@ -173,8 +166,3 @@ class GlooBackend(TransferBackend):
             sends.clear()  # packed rows can go
 
         return _GlooHandle(self._waiter.submit(run), received, staging)
-
-
-def _wait_all(works) -> None:
-    for w in works:
-        w.wait()

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from .backend import LayerJob, TransferBackend, TransferError, TransferHandle
+from .backend import LayerJob, TransferBackend, TransferError, TransferHandle, wait_all
 
 
 class _StreamHandle(TransferHandle):
@@ -40,7 +40,7 @@ class _StreamHandle(TransferHandle):
         self._received = received
         self._staging_bytes = staging_bytes
         # gloo works (CPU) report completion only through wait(): a waiter thread waits
-        self._waited = waiter.submit(_wait_all, works) if waiter is not None else None
+        self._waited = waiter.submit(wait_all, works) if waiter is not None else None
 
     def done(self) -> bool:
         if self._waited is not None:
@@ -71,11 +71,6 @@ class _StreamHandle(TransferHandle):
     @property
     def staging_bytes(self) -> int:
         return self._staging_bytes
-
-
-def _wait_all(works) -> None:
-    for w in works:
-        w.wait()
 
 
 def _events(stream):
