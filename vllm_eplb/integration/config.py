@@ -87,7 +87,7 @@ class EplbConfig(BaseModel):
     planning_timeout_s: float = _core("planning_timeout_s")
     transfer_timeout_s: float = _core("transfer_timeout_s")
     transfer_backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = Field(
-        "auto", description="How expert weights move: 'auto' picks gloo on CPU, CUDA IPC within a node on GPU."
+        "auto", description="How expert weights move: 'auto' picks gloo on CPU, CUDA IPC on GPU within a node, IPC + NCCL across nodes; 'gloo' on GPU stages through pinned host memory."
     )
     metrics: bool = Field(True, description="Export vllm:eplb_* metrics on /metrics.")
     record_placement_path: str | None = Field(
