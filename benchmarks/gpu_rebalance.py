@@ -57,7 +57,8 @@ from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, RoutingMap
 from vllm_eplb.core.placement import physical_to_logical_load  # noqa: E402
 from vllm_eplb.core.planner import make_plan  # noqa: E402
 from vllm_eplb.core.policies import get_policy  # noqa: E402
-from vllm_eplb.core.transfer import GlooBackend, TransferBackend  # noqa: E402
+from vllm_eplb.core.transfer import TransferBackend  # noqa: E402
+from vllm_eplb.core.transfer.select import make_backend  # noqa: E402
 from vllm_eplb.core.transfer.backend import expert_nbytes  # noqa: E402
 from vllm_eplb.harness.runner import free_port  # noqa: E402
 
@@ -328,17 +329,14 @@ def rank_main(rank: int, world: int, args, port: int, outdir: str) -> None:
             result["peer_copy_gbps"] = peer_copy_limit(cpu_group, rank, world, device, args.peer_copy_mb << 20, shared_gpu)
             result["device_name"] = torch.cuda.get_device_name()
 
-        ipc = None
-        if cuda:
-            from vllm_eplb.core.transfer.gpu import CudaIpcBackend
+        # the same selector the vLLM integration uses
+        def backend(name):
+            return make_backend(name, torch.device(device), topo, rank, model.weights_of, args.layers,
+                                gloo_group=new_gloo_group(ranks, 300), cpu_group=cpu_group, nccl_group=lambda: nccl_group)
 
-            ipc = CudaIpcBackend(cpu_group, model.weights_of, args.layers, rank, world)
-        p2p = None
-        if nccl_group is not None:
-            from vllm_eplb.core.transfer.gpu import P2PBackend
-
-            p2p = P2PBackend(nccl_group, device)
-        gloo_backend = GlooBackend(new_gloo_group(ranks, 300))
+        ipc = backend("cuda_ipc") if cuda and topo.num_nodes == 1 else None
+        p2p = backend("nccl") if nccl_group is not None else None
+        gloo_backend = backend("gloo")
 
         strategies = []
         for name in args.strategies:
