@@ -14,6 +14,7 @@ import sys
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -98,18 +99,23 @@ def eplb_run(model, tmp_path_factory):
     result = {"outputs": [], "scrapes": [], "log": str(d / "serve.log")}
     try:
         result["outputs"].append(("before", [s.complete(p) for p in PROMPTS]))
-        with Load(s) as load:
+        with Load(s) as load, ThreadPoolExecutor(1) as pool:
+            # Completions take seconds, longer than a cycle: they run beside the scraper,
+            # which must keep scraping to see every state entry before the next overwrites it.
+            during = None
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline:
                 ms = s.metrics()
                 result["scrapes"].append(ms)
                 transferring = metric(ms, "vllm:eplb_state", rank=0, state="transferring") == 1
-                if transferring and len(result["outputs"]) < 3:  # once: completions take seconds
-                    result["outputs"].append(("during transfer", [s.complete(p) for p in PROMPTS]))
+                if transferring and during is None:  # started while layers are being moved
+                    during = pool.submit(lambda: [s.complete(p) for p in PROMPTS])
                 done = metric(ms, "vllm:eplb_cycles_total", rank=0, outcome="completed") or 0
-                if done >= 3 and len(result["outputs"]) >= 3:
+                if done >= 3 and during is not None and during.done():
                     break
                 time.sleep(0.02)
+            if during is not None:
+                result["outputs"].append(("during transfer", during.result()))
             result["load_errors"] = load.errors
         result["outputs"].append(("after", [s.complete(p) for p in PROMPTS]))
         result["final"] = s.metrics()
