@@ -133,8 +133,6 @@ class GlooBackend(TransferBackend):
                     for i, w in enumerate(job.weights):
                         # a packed copy travels, not the live slots, which keep serving
                         sends.append((w.index_select(0, idx), t.dst, j * n_w + i))
-            packed = torch.cuda.Event()
-            packed.record(stream)
         for bufs in received.values():
             for b in bufs:
                 b.record_stream(main)  # the main stream reads them at commit
@@ -149,7 +147,6 @@ class GlooBackend(TransferBackend):
             works = [dist.irecv(h, group=group, group_src=src, tag=tag) for h, (_, src, tag) in zip(host_in, recvs)]
             with torch.cuda.stream(stream):
                 host_out = [send_arena.take(d.shape, d.dtype) for d, _, _ in sends]
-                stream.wait_event(packed)
                 for h, (d, _, _) in zip(host_out, sends):
                     h.copy_(d, non_blocking=True)
                 out_ready = torch.cuda.Event()
