@@ -131,8 +131,8 @@ class SynthMoE:
         equal sums (same shape, same kernel), distinct experts differ."""
         out = torch.empty((self.layers, self.topo.slots_per_rank, 2), dtype=torch.float64, device=self.device)
         for layer in range(self.layers):
-            out[layer, :, 0] = self.w13[layer].double().sum(dim=(1, 2)) if self.device == "cpu" else self.w13[layer].sum(dim=(1, 2), dtype=torch.float64)
-            out[layer, :, 1] = self.w2[layer].double().sum(dim=(1, 2)) if self.device == "cpu" else self.w2[layer].sum(dim=(1, 2), dtype=torch.float64)
+            out[layer, :, 0] = self.w13[layer].sum(dim=(1, 2), dtype=torch.float64)
+            out[layer, :, 1] = self.w2[layer].sum(dim=(1, 2), dtype=torch.float64)
         return out.cpu()
 
     def forward(self, x: torch.Tensor, routing: torch.Tensor, combine=None, depth: int = 0) -> torch.Tensor:
@@ -405,18 +405,19 @@ def rank_main(rank: int, world: int, args, port: int, outdir: str) -> None:
                     check(mismatch)
             if done_at is None:
                 done_at = balancer.stats.cycle_passes[0] if balancer.stats.cycle_passes else None
+            steps = step_figures(rec, rank)
             result["strategies"][name] = {
                 "backend": rec.name,
                 "times": times,
                 "states": states,
                 "passes_to_live": done_at,
-                "steps": step_figures(rec, rank),
+                "steps": steps,
                 "mismatch": mismatch,
                 "cycles_completed": balancer.stats.cycles_completed if not stw else 1,
                 "aborted": dict(balancer.stats.cycles_aborted),
                 "observed": [b for _, b in balancer.stats.observed_history],
                 "moved_slots": balancer.stats.last_plan_moved_slots,
-                "max_staging": max([st["staging"] for st in step_figures(rec, rank)], default=0),
+                "max_staging": max([st["staging"] for st in steps], default=0),
             }
             balancer.shutdown()
             dist.barrier(group=cpu_group)
