@@ -39,6 +39,7 @@ from .placement import (
     balancedness_of,
     observed_rank_loads,
     physical_to_logical_load,
+    predicted_balancedness,
 )
 from .planner import Plan, Planner
 from .records import PlacementRecord, save
@@ -91,6 +92,7 @@ class Balancer:
         self.transitions_total = 0
         self.disabled_reason = ""
         self.placement = layout.maps.phy2log.cpu().numpy().copy()
+        self.initial_placement = self.placement.copy()  # the baseline of the "initial" balancedness
 
         self.window = LoadWindow(layout.pass_load, config.window_size, layout.record_flag)
         self.planner = Planner(policy or get_policy(config.policy, tolerance=config.min_move_tolerance), self.topo, config.planner)
@@ -198,6 +200,7 @@ class Balancer:
             )
             logical = physical_to_logical_load(physical, self.placement, self.topo.num_logical)
             self._window_load = logical
+            self.stats.balancedness_initial = predicted_balancedness(self.initial_placement, logical, self.topo)
             self.planner.submit(logical, self.placement)
             self._plan_submitted = True
             self._post_readiness(p)

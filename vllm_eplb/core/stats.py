@@ -28,6 +28,9 @@ class BalancerStats:
     observed_history: list[tuple[int, float]] = field(default_factory=list)  # (window end pass, observed)
     balancedness_current: float = float("nan")  # predicted for the placement in force (same load)
     balancedness_predicted: float = float("nan")  # predicted for the last plan
+    # predicted for the placement the server started with, on the last window's load:
+    # what the same traffic would give without rebalancing
+    balancedness_initial: float = float("nan")
     last_plan_moved_slots: int = 0
     layers_committed: int = 0
     experts_moved: int = 0  # experts this rank received

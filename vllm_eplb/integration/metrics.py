@@ -50,8 +50,8 @@ class _Families:
         self.ENABLED = Gauge(_PREFIX + "enabled", "1 while rebalancing is on; 0 after the balancer stopped itself.", ["rank"], **_GAUGE)
         self.BALANCEDNESS = Gauge(
             _PREFIX + "balancedness",
-            "mean/max tokens per rank: observed over the last window, predicted for the placement in force "
-            "(current) and for the last plan (planned).",
+            "mean/max tokens per rank: observed over the last window; predicted on that window's load for the "
+            "placement in force (current), for the last plan (planned) and for the start-up placement (initial).",
             ["rank", "kind"],
             **_GAUGE,
         )
@@ -134,6 +134,7 @@ class BalancerMetrics:
             ("observed", s.balancedness_observed),
             ("current", s.balancedness_current),
             ("planned", s.balancedness_predicted),
+            ("initial", s.balancedness_initial),
         ):
             if v == v:  # not NaN
                 m.BALANCEDNESS.labels(r, kind).set(v)
