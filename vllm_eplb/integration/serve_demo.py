@@ -95,8 +95,9 @@ def main(argv=None) -> int:
                 last_state = (state, layer)
             obs = metric(ms, "vllm:eplb_balancedness", rank=0, kind="observed")
             if obs is not None and obs != last_obs:
-                planned = metric(ms, "vllm:eplb_balancedness", rank=0, kind="planned")
-                tail = f" (the plan made from it predicts {planned:.3f})" if planned is not None else ""
+                # published with the measurement: the start-up layout predicted on the same load
+                initial = metric(ms, "vllm:eplb_balancedness", rank=0, kind="initial")
+                tail = f" (the start-up layout, on the same load: {initial:.3f} predicted)" if initial is not None else ""
                 print(f"  ~pass {pass_no:>6}  balancedness (mean/max tokens per rank) over the last window: {obs:.3f}{tail}")
                 last_obs = obs
             time.sleep(0.05)
