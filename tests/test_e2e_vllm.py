@@ -46,7 +46,6 @@ class Load:
     def __init__(self, server: Server, clients: int = 8):
         self.server, self.stop_flag, self.errors = server, threading.Event(), []
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-        self.started = False
 
     def _run(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -58,7 +57,6 @@ class Load:
                 self.errors.append(exc)
 
     def start(self) -> None:
-        self.started = True
         for t in self.threads:
             t.start()
 
