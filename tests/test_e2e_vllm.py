@@ -101,16 +101,14 @@ class Record:
         # every scrape holds the pass at which each state was last entered; a value stays
         # until the state is entered again a cycle later, so the scrapes together hold
         # every entry unless two scrapes are more than a cycle apart
-        for st in STATES:
-            p = metric(ms, "vllm:eplb_state_entered_pass", rank=self.rank, state=st)
-            if p is not None:
-                self.entries.add((p, st))
+        entered = {st: metric(ms, "vllm:eplb_state_entered_pass", rank=self.rank, state=st) for st in STATES}
+        self.entries |= {(p, st) for st, p in entered.items() if p is not None}
         # Per window, keyed by the pass its cycle entered syncing: the balancedness
         # measured over it ("observed") and predicted on its load for the start-up layout
         # ("initial"), both published on entering syncing, and for the layout in force
         # ("current"), published on leaving syncing: while syncing it is still the
         # previous window's and is not read. The latest scrape of a window wins.
-        syncing = metric(ms, "vllm:eplb_state_entered_pass", rank=self.rank, state="syncing")
+        syncing = entered["syncing"]
         if syncing is not None:
             for kind in ("observed", "initial", "current"):
                 v = metric(ms, "vllm:eplb_balancedness", rank=self.rank, kind=kind)

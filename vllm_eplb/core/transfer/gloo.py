@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from .backend import LayerJob, TransferBackend, TransferError, TransferHandle, padded, wait_all
 
+
 class _PinnedArena:
     """One pinned host buffer, carved into views for one step at a time."""
 
