@@ -20,6 +20,7 @@ mode, so a rank's latest value is reported as is.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,14 @@ from prometheus_client import Counter, Gauge, Histogram, values
 from vllm_eplb.core.state_machine import STATES
 
 _PREFIX = "vllm:eplb_"
+
+# Default of the proposed config key `stall_warning_windows`: once more than this many
+# windows were measured while no cycle completed or was skipped (a skip is a decision:
+# nothing worth moving), the balancer is stalled. Read from the balancer's config when it
+# has the key, so adding it to BalancerConfig is all the wiring needed.
+STALL_WARNING_WINDOWS = 3
+
+log = logging.getLogger("vllm.eplb")
 _GAUGE = dict(multiprocess_mode="mostrecent", registry=None)
 _OTHER = dict(registry=None)
 
@@ -82,6 +91,38 @@ class _Families:
             _PREFIX + "step_seconds", "CPU time the forward loop spent in the balancer's per-pass step (tick and metrics).", ["rank"], **_OTHER
         )
         self.STAGING = Gauge(_PREFIX + "staging_bytes_max", "Largest staging memory one transfer step held.", ["rank"], **_GAUGE)
+        # Why, not only whether: vllm:eplb_enabled 0 alone does not say what stopped it.
+        self.DISABLED = Gauge(
+            _PREFIX + "disabled_info",
+            "1 once the balancer stopped itself, labelled with the reason and the error (truncated).",
+            ["rank", "reason", "detail"],
+            **_GAUGE,
+        )
+        self.LAST_ABORT = Gauge(
+            _PREFIX + "last_abort_info", "1 for the reason of the latest aborted cycle, 0 for earlier reasons.", ["rank", "reason"], **_GAUGE
+        )
+        self.LAST_ABORT_PASS = Gauge(_PREFIX + "last_abort_pass", "Pass at which the latest cycle was aborted, -1 if none.", ["rank"], **_GAUGE)
+        self.WINDOWS_WITHOUT_CYCLE = Gauge(
+            _PREFIX + "windows_without_cycle",
+            "Windows measured since a cycle last completed or was skipped (nothing worth moving).",
+            ["rank"],
+            **_GAUGE,
+        )
+        self.STALLED = Gauge(
+            _PREFIX + "stalled", "1 while windows_without_cycle exceeds stall_warning_windows: rebalancing makes no progress.", ["rank"], **_GAUGE
+        )
+
+
+def exported_series() -> dict[str, str]:
+    """{sample name as it appears on /metrics: metric type} for every series the workers
+    export: what the dashboard's queries and the status tool may name."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    out = {}
+    for family in vars(_Families()).values():
+        kind = family._type
+        for suffix in suffixes[kind]:
+            out[family._name + suffix] = kind
+    return out
 
 
 _families: _Families | None = None
@@ -105,6 +146,10 @@ class BalancerMetrics:
         self._steps = 0
         self._wait = 0.0
         self._transitions = 0
+        self._disabled_seen = False
+        self._progress = 0  # cycles completed + skipped, at the last update
+        self._windows_at_progress = 0  # windows measured when that count last rose
+        self._stall_warned = False
 
     def _delta(self, key, value) -> float:
         prev = self._seen.get(key, 0)
@@ -119,6 +164,8 @@ class BalancerMetrics:
             if self.owner is not None and self.owner.step_ns > self._step_ns:
                 m.STEP_SECONDS.labels(r).inc((self.owner.step_ns - self._step_ns) / 1e9)
                 self._step_ns = self.owner.step_ns
+        if balancer.disabled_reason and not self._disabled_seen:
+            transitioned = True  # disabled while idle: no transition, still report it now
         if not transitioned:
             return
         s = balancer.stats
@@ -141,11 +188,25 @@ class BalancerMetrics:
         d = self._delta("completed", s.cycles_completed)
         if d:
             m.CYCLES.labels(r, "completed", "").inc(d)
+        aborted_now = []
         for outcome, counts in (("skipped", s.cycles_skipped), ("aborted", s.cycles_aborted)):
             for reason, n in counts.items():
                 d = self._delta((outcome, reason), n)
                 if d:
                     m.CYCLES.labels(r, outcome, reason).inc(d)
+                    if outcome == "aborted":
+                        aborted_now.append(reason)
+        if aborted_now:
+            for reason in s.cycles_aborted:
+                m.LAST_ABORT.labels(r, reason).set(1 if reason == aborted_now[-1] else 0)
+            m.LAST_ABORT_PASS.labels(r).set(balancer.pass_no)
+        elif not s.cycles_aborted:
+            m.LAST_ABORT_PASS.labels(r).set(-1)
+        if balancer.disabled_reason and not self._disabled_seen:
+            self._disabled_seen = True
+            reason, _, detail = balancer.disabled_reason.partition(": ")
+            m.DISABLED.labels(r, reason, detail[:200]).set(1)
+        self._watch_stall(balancer)
         for t in s.plan_seconds[self._plans :]:
             m.PLAN_SECONDS.labels(r).observe(t)
         self._plans = len(s.plan_seconds)
@@ -165,6 +226,29 @@ class BalancerMetrics:
             m.AGREEMENT_WAIT.labels(r).inc(w - self._wait)
             self._wait = w
         m.STAGING.labels(r).set(s.max_staging_bytes)
+
+    def _watch_stall(self, balancer) -> None:
+        """vLLM's own async EPLB can stop rebalancing with no sign; here a run of windows
+        with no cycle completed or skipped raises a gauge and logs one WARNING."""
+        s, r = balancer.stats, self.rank
+        windows = len(s.observed_history)
+        progress = s.cycles_completed + sum(s.cycles_skipped.values())
+        if progress != self._progress:
+            self._progress, self._windows_at_progress = progress, windows
+            self._stall_warned = False
+        since = windows - self._windows_at_progress
+        limit = getattr(balancer.config, "stall_warning_windows", STALL_WARNING_WINDOWS)
+        stalled = since > limit and not balancer.disabled_reason  # disabling logs its own line
+        self.m.WINDOWS_WITHOUT_CYCLE.labels(r).set(since)
+        self.m.STALLED.labels(r).set(1 if stalled else 0)
+        if stalled and not self._stall_warned:
+            self._stall_warned = True
+            aborted = ", ".join(f"{k} x{v}" for k, v in sorted(s.cycles_aborted.items())) or "none"
+            log.warning(
+                "EPLB rank %s pass %d: no rebalancing cycle completed over the last %d windows "
+                "(stall_warning_windows=%d); aborted cycles so far: %s",
+                r, balancer.pass_no, since, limit, aborted,
+            )
 
 
 BRIDGE_DIR = "EPLB_METRICS_DIR"
