@@ -55,6 +55,7 @@ class _Families:
             **_GAUGE,
         )
         self.LAYER = Gauge(_PREFIX + "transfer_layer", "Next MoE layer to move while transferring, -1 otherwise.", ["rank"], **_GAUGE)
+        self.MOE_LAYERS = Gauge(_PREFIX + "moe_layers", "MoE layers the balancer places: transfer_layer counts up to it.", ["rank"], **_GAUGE)
         self.PASS = Gauge(_PREFIX + "pass", "Forward passes (ticks) seen by the balancer.", ["rank"], **_GAUGE)
         self.ENABLED = Gauge(_PREFIX + "enabled", "1 while rebalancing is on; 0 after the balancer stopped itself.", ["rank"], **_GAUGE)
         self.BALANCEDNESS = Gauge(
@@ -176,6 +177,7 @@ class BalancerMetrics:
         for state in STATES:
             m.STATE.labels(r, state).set(1 if balancer.state == state else 0)
         m.LAYER.labels(r).set(balancer.layer if balancer.state == "transferring" else -1)
+        m.MOE_LAYERS.labels(r).set(balancer.layout.num_layers)
         m.ENABLED.labels(r).set(0 if balancer.disabled_reason else 1)
         for kind, v in (
             ("observed", s.balancedness_observed),
