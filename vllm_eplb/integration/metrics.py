@@ -114,15 +114,15 @@ class _Families:
         )
 
 
-def exported_series() -> dict[str, str]:
-    """{sample name as it appears on /metrics: metric type} for every series the workers
-    export: what the dashboard's queries and the status tool may name."""
+def exported_series() -> dict[str, tuple[str, ...]]:
+    """{sample name as it appears on /metrics: its label names} for every series the workers
+    export: what the dashboard's queries and the status tool may name. Built from the
+    families above, so a new series is known to the dashboard test without a hand list."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     out = {}
     for family in vars(_Families()).values():
-        kind = family._type
-        for suffix in suffixes[kind]:
-            out[family._name + suffix] = kind
+        for suffix in suffixes[family._type]:
+            out[family._name + suffix] = tuple(family._labelnames) + (("le",) if suffix == "_bucket" else ())
     return out
 
 

@@ -152,7 +152,10 @@ def render_rank(r: Rank) -> list[str]:
 
 
 def render(text: str, source: str = "") -> str:
-    ranks = parse(text)
+    try:
+        ranks = parse(text)
+    except ValueError as exc:  # prometheus_client's parser: a line that is not exposition format
+        raise StatusError(f"{source or 'the metrics'}: not Prometheus text ({exc})") from None
     if not ranks:
         raise StatusError(f"{source or 'the metrics'}: no {PREFIX}* series (is vllm-eplb installed and 'metrics' on in eplb.json?)")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
