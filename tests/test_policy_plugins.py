@@ -73,8 +73,8 @@ def test_installed_plugin_is_listed_and_plans_valid_placements(example_installed
     )
     assert r.returncode == 0, r.stderr[-2000:]
     names, plugins, balance = json.loads(r.stdout.strip().splitlines()[-1])
-    assert names == ["deepseek", "greedy", "min-move", "round-robin"]
-    assert plugins == ["round-robin"]
+    assert {"deepseek", "greedy", "min-move", "round-robin"} <= set(names) and names == sorted(names)
+    assert "round-robin" in plugins and "min-move" not in plugins
     for before, after in balance:  # skewed load: the plug-in's plan balances better than vLLM's layout
         assert after > before, balance
 

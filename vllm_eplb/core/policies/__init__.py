@@ -84,7 +84,7 @@ def get_policy(name: str, **options) -> Policy:
     if name in _broken and name not in base._REGISTRY:
         raise ValueError(f"policy {name!r}: {_broken[name]}")
     if name not in base._REGISTRY:
-        raise ValueError(f"unknown policy {name!r}; installed policies: {', '.join(policy_names())}")
+        raise ValueError(f"unknown policy {name!r}; choose one of the installed policies: {', '.join(policy_names())}")
     return base.get_policy(name, **options)
 
 
