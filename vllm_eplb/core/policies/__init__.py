@@ -78,6 +78,12 @@ def plugin_names() -> list[str]:
     return sorted(set(base._REGISTRY) - BUILTIN)
 
 
+def broken_reason(name: str) -> str:
+    """Why an installed plug-in of that name cannot be used, or "" (for config errors)."""
+    load_plugins()
+    return "" if name in base._REGISTRY else _broken.get(name, "")
+
+
 def get_policy(name: str, **options) -> Policy:
     """A policy by name; options a policy does not take are ignored (e.g. tolerance)."""
     load_plugins()
@@ -90,6 +96,7 @@ def get_policy(name: str, **options) -> Policy:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "broken_reason",
     "PlanInput",
     "Policy",
     "get_policy",
