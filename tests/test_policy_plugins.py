@@ -110,6 +110,13 @@ def test_broken_plugin_is_reported_by_name_and_others_still_work(tmp_path):
     assert "policy 'broken': plug-in 'broken_policy:Policy' failed to import: ModuleNotFoundError" in last, last
 
 
+def test_config_names_a_broken_plugin_and_why(tmp_path):
+    path = plugin_dir(tmp_path, "broken", "broken_policy", "raise ImportError('needs scipy')\n", "broken_policy:Policy")
+    r = run_py("from vllm_eplb.integration.config import load_eplb_config\nload_eplb_config({'policy': 'broken'})", env={"PYTHONPATH": path})
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.endswith("eplb config: 'policy': plug-in 'broken_policy:Policy' failed to import: ImportError: needs scipy"), last
+
+
 def test_a_plugin_may_not_take_a_builtin_name(tmp_path):
     src = "from vllm_eplb.core.policies import Policy\nclass P(Policy):\n    def place(self, inp):\n        raise RuntimeError\n"
     path = plugin_dir(tmp_path, "deepseek", "impostor", src, "impostor:P")
