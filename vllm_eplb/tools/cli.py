@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     if argv[0] not in COMMANDS:
         print(f"vllm-eplb: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    sys.argv[0] = f"vllm-eplb {argv[0]}"  # what the tools' argparse usage lines show
     # imported on demand: `status` must not pay for torch, which dry-run needs
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
 
