@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,9 +47,12 @@ def plugin_dir(tmp: Path, name: str, module: str, source: str, target: str) -> s
 
 
 @pytest.fixture(scope="session")
-def example_installed():
+def example_installed(tmp_path_factory):
+    # built from a copy: pip builds in the source folder (build/, *.egg-info)
+    src = tmp_path_factory.mktemp("example") / "round_robin_policy"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     r = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(EXAMPLE)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(src)],
         capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
