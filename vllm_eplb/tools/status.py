@@ -16,6 +16,7 @@ exports no balancer metrics.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import urllib.error
@@ -167,6 +168,14 @@ def render(text: str, source: str = "") -> str:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `status ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(
         prog="vllm-eplb status", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
