@@ -41,6 +41,7 @@ def main(mode: str, passes: int = 130) -> None:
     b = Balancer(cfg, MoELayout(topo, 4, model.pass_load, model.maps, model.weights_of), comm, policy)
     b.planner.ready.result()
     m = metrics.BalancerMetrics(0)
+    m.update(b)  # as the integration does when the balancer starts
 
     def broken(p):
         raise RuntimeError("injected bug")

@@ -184,7 +184,10 @@ def status_once(url: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def round_robin_run(model, example_installed, tmp_path_factory):
     """`vllm serve` with "policy": "round-robin" under load, the status tool refreshing
-    beside it (as an operator would run it), until two cycles completed."""
+    beside it (as an operator would run it), until two cycles completed and the tool has
+    shown a layer being moved (a transfer lasts a few passes: on a loaded machine a
+    refresh can miss the first ones; the run ends on what was seen, the deadline only
+    bounds a broken run)."""
     from vllm_eplb.integration.server import Server, metric
 
     d = tmp_path_factory.mktemp("plugin")
@@ -193,10 +196,15 @@ def round_robin_run(model, example_installed, tmp_path_factory):
     log = str(d / "serve.log")
     out: dict = {"log": log}
     with Server(model, 8313, str(cfg), log_path=log) as s, Load(s) as load:
-        with open(d / "status.txt", "w") as fh:
+        screen = d / "status.txt"
+        with open(screen, "w") as fh:
             watcher = subprocess.Popen([sys.executable, "-m", "vllm_eplb.tools.status", s.url, "--interval", "0.2"], stdout=fh, stderr=subprocess.STDOUT)
             t0 = time.monotonic()
-            final = wait_for(s, lambda ms: (metric(ms, "vllm:eplb_cycles_total", rank=0, outcome="completed") or 0) >= 2)
+            final = wait_for(
+                s,
+                lambda ms: (metric(ms, "vllm:eplb_cycles_total", rank=0, outcome="completed") or 0) >= 2
+                and "moving layer" in screen.read_text(),
+            )
             out["pace"] = f"{metric(final, 'vllm:eplb_pass', rank=0)} passes in {time.monotonic() - t0:.0f} s"
             watcher.send_signal(signal.SIGINT)
             out["watcher_rc"] = watcher.wait(60)

@@ -94,7 +94,7 @@ def test_stall_is_logged_once_and_exported():
     assert len(warnings) == 1, r.stderr[-3000:]
     assert re.fullmatch(
         r"WARNING vllm\.eplb EPLB rank 0 pass \d+: no rebalancing cycle completed over the last 4 windows "
-        r"\(stall_warning_windows=3\); aborted cycles so far: planner_error x4",
+        r"\(8\d passes; stall_warning_windows=3\); aborted cycles so far: planner_error x\d",
         warnings[0],
     ), warnings[0]
     ms = parse_metrics(r.stdout, "vllm:eplb_")

@@ -105,7 +105,7 @@ class _Families:
         self.LAST_ABORT_PASS = Gauge(_PREFIX + "last_abort_pass", "Pass at which the latest cycle was aborted, -1 if none.", ["rank"], **_GAUGE)
         self.WINDOWS_WITHOUT_CYCLE = Gauge(
             _PREFIX + "windows_without_cycle",
-            "Windows measured since a cycle last completed or was skipped (nothing worth moving).",
+            "Windows (step_interval passes) since a cycle last completed or was skipped (nothing worth moving).",
             ["rank"],
             **_GAUGE,
         )
@@ -149,7 +149,7 @@ class BalancerMetrics:
         self._transitions = 0
         self._disabled_seen = False
         self._progress = 0  # cycles completed + skipped, at the last update
-        self._windows_at_progress = 0  # windows measured when that count last rose
+        self._progress_pass: int | None = None  # pass at which that count last rose (or the first update)
         self._stall_warned = False
 
     def _delta(self, key, value) -> float:
@@ -165,6 +165,7 @@ class BalancerMetrics:
             if self.owner is not None and self.owner.step_ns > self._step_ns:
                 m.STEP_SECONDS.labels(r).inc((self.owner.step_ns - self._step_ns) / 1e9)
                 self._step_ns = self.owner.step_ns
+            self._watch_stall(balancer)
         if balancer.disabled_reason and not self._disabled_seen:
             transitioned = True  # disabled while idle: no transition, still report it now
         if not transitioned:
@@ -208,7 +209,6 @@ class BalancerMetrics:
             self._disabled_seen = True
             reason, _, detail = balancer.disabled_reason.partition(": ")
             m.DISABLED.labels(r, reason, detail[:200]).set(1)
-        self._watch_stall(balancer)
         for t in s.plan_seconds[self._plans :]:
             m.PLAN_SECONDS.labels(r).observe(t)
         self._plans = len(s.plan_seconds)
@@ -230,15 +230,17 @@ class BalancerMetrics:
         m.STAGING.labels(r).set(s.max_staging_bytes)
 
     def _watch_stall(self, balancer) -> None:
-        """vLLM's own async EPLB can stop rebalancing with no sign; here a run of windows
-        with no cycle completed or skipped raises a gauge and logs one WARNING."""
+        """vLLM's own async EPLB can stop rebalancing with no sign. Here the pass clock
+        says how many windows (step_interval passes each) went by since a cycle last
+        completed or was skipped; more than the limit raises a gauge and logs one WARNING.
+        Counted in passes, not in cycles ended, so a balancer stuck inside a cycle shows
+        too; passes only advance while the server runs forward passes."""
         s, r = balancer.stats, self.rank
-        windows = len(s.observed_history)
         progress = s.cycles_completed + sum(s.cycles_skipped.values())
-        if progress != self._progress:
-            self._progress, self._windows_at_progress = progress, windows
+        if progress != self._progress or self._progress_pass is None:
+            self._progress, self._progress_pass = progress, balancer.pass_no
             self._stall_warned = False
-        since = windows - self._windows_at_progress
+        since = (balancer.pass_no - self._progress_pass) // max(1, balancer.config.step_interval)
         limit = getattr(balancer.config, "stall_warning_windows", STALL_WARNING_WINDOWS)
         stalled = since > limit and not balancer.disabled_reason  # disabling logs its own line
         self.m.WINDOWS_WITHOUT_CYCLE.labels(r).set(since)
@@ -248,8 +250,8 @@ class BalancerMetrics:
             aborted = ", ".join(f"{k} x{v}" for k, v in sorted(s.cycles_aborted.items())) or "none"
             log.warning(
                 "EPLB rank %s pass %d: no rebalancing cycle completed over the last %d windows "
-                "(stall_warning_windows=%d); aborted cycles so far: %s",
-                r, balancer.pass_no, since, limit, aborted,
+                "(%d passes; stall_warning_windows=%d); aborted cycles so far: %s",
+                r, balancer.pass_no, since, balancer.pass_no - self._progress_pass, limit, aborted,
             )
 
 
