@@ -47,8 +47,10 @@ def main(mode: str, passes: int = 130) -> None:
         raise RuntimeError("injected bug")
 
     for p in range(1, passes + 1):
-        if mode == "disable" and p == 45:  # planning's tick raises from here on
-            b._handlers["planning"] = broken
+        if mode == "disable" and p == 45:
+            # from the next planning phase on, every phase tick raises: a bug that the
+            # retry of the pass meets again, so the balancer stops itself
+            b._tick_phase = broken
         model.forward(work.batch(p))
         n = b.transitions_total
         b.tick()

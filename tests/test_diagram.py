@@ -90,5 +90,5 @@ def test_arrows_carry_what_decides_each_trigger():
         pytest.skip("this state_machine.py exports no DECIDED_BY column")
     text = diagram.from_module()
     for trigger, why in decided.items():
-        assert f": {trigger} ({why.replace(';', ',')})" in text, trigger
+        assert f": {trigger} — {why.replace(';', ',')}\n" in text, trigger
     assert ";" not in text.split("\n", 1)[1]  # a ';' would end the Mermaid statement early

@@ -27,7 +27,7 @@ import tempfile
 
 from prometheus_client import Counter, Gauge, Histogram, values
 
-from vllm_eplb.core.state_machine import STATES
+from vllm_eplb.core.state_machine import TOP_STATES
 
 _PREFIX = "vllm:eplb_"
 
@@ -173,9 +173,9 @@ class BalancerMetrics:
         s = balancer.stats
         new = balancer.transitions_total - self._transitions
         self._transitions = balancer.transitions_total
-        for rec in list(s.history)[-new:] if new > 0 else ():
+        for rec in _newest(s.history, new):
             m.STATE_ENTERED.labels(r, rec.dest).set(rec.pass_no)
-        for state in STATES:
+        for state in TOP_STATES:  # STATES holds nested ones (dicts): the label is the top-level state
             m.STATE.labels(r, state).set(1 if balancer.state == state else 0)
         m.LAYER.labels(r).set(balancer.layer if balancer.state == "transferring" else -1)
         m.MOE_LAYERS.labels(r).set(balancer.layout.num_layers)
@@ -209,12 +209,14 @@ class BalancerMetrics:
             self._disabled_seen = True
             reason, _, detail = balancer.disabled_reason.partition(": ")
             m.DISABLED.labels(r, reason, detail[:200]).set(1)
-        for t in s.plan_seconds[self._plans :]:
+        # the histories are bounded: the totals say how many entries are new
+        for t in _newest(s.plan_seconds, s.plans_total - self._plans):
             m.PLAN_SECONDS.labels(r).observe(t)
-        self._plans = len(s.plan_seconds)
-        for t, layers in zip(s.transfer_seconds[self._steps :], s.transfer_layers[self._steps :]):
+        self._plans = s.plans_total
+        new_steps = s.steps_total - self._steps
+        for t, layers in zip(_newest(s.transfer_seconds, new_steps), _newest(s.transfer_layers, new_steps)):
             m.LAYER_TRANSFER_SECONDS.labels(r).observe(t / max(1, layers))
-        self._steps = len(s.transfer_seconds)
+        self._steps = s.steps_total
         for counter, key, value in (
             (m.BYTES, "bytes", s.bytes_moved),
             (m.EXPERTS, "experts", s.experts_moved),
@@ -253,6 +255,13 @@ class BalancerMetrics:
                 "(%d passes; stall_warning_windows=%d); aborted cycles so far: %s",
                 r, balancer.pass_no, since, balancer.pass_no - self._progress_pass, limit, aborted,
             )
+
+
+def _newest(history, n: int) -> list:
+    """The last n entries of a bounded history (fewer if it dropped some), oldest first,
+    without copying the whole history (a deque is indexed cheaply from its ends)."""
+    n = min(n, len(history))
+    return [history[-i] for i in range(n, 0, -1)]
 
 
 BRIDGE_DIR = "EPLB_METRICS_DIR"

@@ -83,7 +83,7 @@ def _label(trigger: str, decided_by: dict) -> str:
     why = decided_by.get(trigger, "")
     # ';' ends a statement in Mermaid, '#' starts an entity code: keep the text plain
     why = why.replace(";", ",").replace("#", "no.")
-    return f"{trigger} ({why})" if why else trigger
+    return f"{trigger} — {why}" if why else trigger
 
 
 def mermaid(states, transitions, initial: str | None = None, decided_by: dict | None = None) -> str:
@@ -108,11 +108,15 @@ def mermaid(states, transitions, initial: str | None = None, decided_by: dict | 
                 lines.append(f'{indent}state "{n.label}" as {_id(n.path)}')
 
     emit(nodes, "    ")
+    explained = set()
     for s, d, trigger in _edges(transitions, top):
         for end in (s, d):
             if end not in known:
                 raise ValueError(f"transition {trigger!r} names state {end!r}, which the table does not declare")
-        lines.append(f"    {_id(s)} --> {_id(d)}: {_label(trigger, decided_by or {})}")
+        # a trigger with several sources (abort) says what decides it on its first arrow only
+        label = trigger if trigger in explained else _label(trigger, decided_by or {})
+        explained.add(trigger)
+        lines.append(f"    {_id(s)} --> {_id(d)}: {label}")
     return "\n".join(lines) + "\n"
 
 
