@@ -272,7 +272,7 @@ def test_failing_cycles_are_loud_in_log_metrics_and_status(model, tmp_path):
 
     path = plugin_dir(tmp_path, "always-fails", "always_fails", FAILING, "always_fails:AlwaysFails")
     cfg = tmp_path / "eplb.json"
-    cfg.write_text(json.dumps({"policy": "always-fails", "window_size": 20, "step_interval": 40, "num_redundant_experts": 4, "agreement_lag": 4}))
+    cfg.write_text(json.dumps({"policy": "always-fails", "window_size": 10, "step_interval": 20, "num_redundant_experts": 4, "agreement_lag": 2}))
     log = tmp_path / "serve.log"
     stalled = lambda ms: metric(ms, "vllm:eplb_stalled", rank=0) == 1 and metric(ms, "vllm:eplb_stalled", rank=1) == 1
     with Server(model, 8314, str(cfg), log_path=str(log), env={"PYTHONPATH": path}) as s, Load(s):
