@@ -160,7 +160,7 @@ def render(text: str, source: str = "") -> str:
     if not ranks:
         raise StatusError(f"{source or 'the metrics'}: no {PREFIX}* series (is vllm-eplb installed and 'metrics' on in eplb.json?)")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    out = [f"vllm-eplb status  {source}  {stamp}".rstrip()]
+    out = ["  ".join(x for x in ("vllm-eplb status", source, stamp) if x)]
     for r in ranks.values():
         out.append("")
         out += render_rank(r)
