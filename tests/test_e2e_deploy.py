@@ -320,7 +320,9 @@ def _phase_kill(s: Server, r: dict) -> None:
         os.kill(victim.pid, signal.SIGKILL)
         res["killed"] = (victim.pid, victim.ppid())
         res["killed_at"] = time.monotonic() - t0
-        deadline = time.monotonic() + 300
+        # bounds a broken run: with the fault contained, the abort is read within two
+        # rounds and the next cycle starts step_interval passes later (seconds here)
+        deadline = time.monotonic() + 150
         completed_at_abort = None
         while time.monotonic() < deadline:
             time.sleep(0.5)
@@ -366,8 +368,32 @@ def dp_run(model, tmp_path_factory):
             r["timing"][name] = time.monotonic() - t
     finally:
         s.stop()
-    print("dp_run timing (s):", {k: round(v) for k, v in r["timing"].items()})
+    print(f"\ndp_run: {summary(r)}")
     return r
+
+
+def summary(r: dict) -> str:
+    """What each phase did, for the log and the assertion messages."""
+    out = [f"timing (s) { {k: round(v) for k, v in r['timing'].items()} }"]
+    if "idle" in r:
+        samples = r["idle"]["samples"]
+        one_idle = sum(sorted(x["tokens"]) == [0, MAX_TOKENS] for x in samples)
+        out.append(f"idle: {len(samples)} requests, {one_idle} with one DP rank idle, final {_counts(r['idle']['final'], 0)}")
+    if "load" in r:
+        ld, c = r["load"], r["load"]["clients"]
+        out.append(
+            f"load: {c.requests} requests ({len(c.errors)} failed, peak {c.peak} in flight, {len(c.outputs)} greedy samples) "
+            f"in {ld['seconds']:.0f} s, {ld['cycles']} cycles completed"
+        )
+    if "kill" in r:
+        k, c = r["kill"], r["kill"]["clients"]
+        out.append(
+            f"kill: planners {k.get('planners_before')} -> {k.get('planners_after')}, killed {k.get('killed')} at "
+            f"{k.get('killed_at', 0):.1f} s in {k.get('state_at_kill')}; {k['events']}; {c.requests} requests "
+            f"({len(c.errors)} failed) in {k['seconds']:.0f} s"
+        )
+    out += [f"{name} failed: {err.splitlines()[0]}" for name, err in r["failed"].items()]
+    return "\n  ".join(out)
 
 
 def _phase(dp_run, name: str) -> dict:
