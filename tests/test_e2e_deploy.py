@@ -267,6 +267,7 @@ def _phase_load(s: Server, r: dict) -> None:
     c0 = [_total(start, "vllm:eplb_cycles_total", k, outcome="completed") for k in (0, 1)]
     clients = Clients(s, CONCURRENT).start()
     t0 = time.monotonic()
+    r["load"] = {"clients": clients, "seconds": 0.0, "cycles": None}
     try:
         deadline = t0 + 480
         while time.monotonic() < deadline:
@@ -278,13 +279,12 @@ def _phase_load(s: Server, r: dict) -> None:
     finally:
         clients.stop()
     end = _quiet(s)
-    r["load"] = {
-        "clients": clients,
-        "seconds": time.monotonic() - t0,
-        "cycles": [_total(end, "vllm:eplb_cycles_total", k, outcome="completed") - c0[k] for k in (0, 1)],
-        "final": end,
-        "after": [s.complete(p, max_tokens=MAX_TOKENS) for p in PROMPTS],
-    }
+    r["load"].update(
+        seconds=time.monotonic() - t0,
+        cycles=[_total(end, "vllm:eplb_cycles_total", k, outcome="completed") - c0[k] for k in (0, 1)],
+        final=end,
+        after=[s.complete(p, max_tokens=MAX_TOKENS) for p in PROMPTS],
+    )
 
 
 def _planner_processes(s: Server) -> list:
@@ -303,8 +303,8 @@ def _planner_processes(s: Server) -> list:
 def _phase_kill(s: Server, r: dict) -> None:
     """Under light load, SIGKILL one worker's planner process while the cycle collects;
     then wait for an aborted cycle on both ranks and a cycle completed after it."""
-    res = r["kill"] = {"events": []}
     clients = Clients(s, 4, greedy=True).start()
+    res = r["kill"] = {"events": [], "clients": clients}
     t0 = time.monotonic()
     try:
         planners = _planner_processes(s)
@@ -341,7 +341,6 @@ def _phase_kill(s: Server, r: dict) -> None:
         res["final"] = ms
     finally:
         clients.stop()
-    res["clients"] = clients
     res["seconds"] = time.monotonic() - t0
     res["planners_after"] = [(p.pid, p.ppid()) for p in _planner_processes(s)]
     res["after"] = [s.complete(p, max_tokens=MAX_TOKENS) for p in PROMPTS]
@@ -375,7 +374,7 @@ def dp_run(model, tmp_path_factory):
 def summary(r: dict) -> str:
     """What each phase did, for the log and the assertion messages."""
     out = [f"timing (s) { {k: round(v) for k, v in r['timing'].items()} }"]
-    if "idle" in r:
+    if "idle" in r and r["idle"].get("final"):
         samples = r["idle"]["samples"]
         one_idle = sum(sorted(x["tokens"]) == [0, MAX_TOKENS] for x in samples)
         out.append(f"idle: {len(samples)} requests, {one_idle} with one DP rank idle, final {_counts(r['idle']['final'], 0)}")
@@ -390,7 +389,7 @@ def summary(r: dict) -> str:
         out.append(
             f"kill: planners {k.get('planners_before')} -> {k.get('planners_after')}, killed {k.get('killed')} at "
             f"{k.get('killed_at', 0):.1f} s in {k.get('state_at_kill')}; {k['events']}; {c.requests} requests "
-            f"({len(c.errors)} failed) in {k['seconds']:.0f} s"
+            f"({len(c.errors)} failed) in {k.get('seconds', 0):.0f} s"
         )
     out += [f"{name} failed: {err.splitlines()[0]}" for name, err in r["failed"].items()]
     return "\n  ".join(out)
