@@ -2,20 +2,33 @@
 
 A *round* is a non-blocking all-reduce over a gloo CPU group, posted by every
 rank at the same forward-pass number and read a fixed number of passes later
-(`lag`). By then it has long completed; if not, the reader waits and the wait is
-counted. Because every rank posts at the same pass and reads the same reduced
-value at the same pass, any decision taken from a round's result is taken at the
-same pass on every rank, from values every rank has seen.
+(`lag`). By then it has long completed (the forward passes in between run the
+MoE collectives, which every rank must have reached, so every rank has posted);
+if not, the reader waits at most `timeout_s` and the wait is counted. Every rank
+reads the same reduced value at the same pass, so a decision taken from it is
+taken at the same pass everywhere, from values every rank has seen.
 
-Votes are packed into one int64 vector reduced with MIN:
-  all(x)  -> min(x)
-  any(x)  -> 1 - min(1 - x)
-  x is equal on every rank -> min(x) == -min(-x)
+Votes travel as one int64 vector reduced with MIN, laid out by a `VoteLayout`
+that names each field and how it combines across ranks:
 
-If a round cannot complete within the group's timeout, gloo fails it on every
-rank that posted it (the pairs are torn down), so no rank can read success while
-another gave up. The group is then unusable: the balancer ends the cycle and
-stops rebalancing on that rank (see balancer.py).
+  all    every rank said yes          encoded x,      read min(x) == 1
+  any    some rank said yes           encoded 1 - x,  read min(1 - x) == 0
+  equal  every rank holds one value   encoded x, -x,  read min(x) == -min(-x)
+  max    the largest value of a rank  encoded -x,     read -min(-x)
+
+Every layout starts with three fields the protocol reads in every round:
+`pass_no` (equal: the pass the round was scheduled for, so a rank on another
+schedule is caught), `fault` (max: code * FAULT_RANKS + rank of the worst local
+failure since the last round, 0 for none; every rank reads the same code, so
+every rank ends the cycle at the same round with the same reason) and `skew`
+(any: some rank's driver ticked more or less often than its forward passes ran).
+
+Limits of what a timeout can promise: if a round completes on some ranks while
+another rank gave up waiting for it, the two cannot learn each other's view
+(the two generals' problem). The rank that timed out stops rebalancing and
+posts no further rounds; its peers then time out at their next read. Under
+expert parallelism a round can only be late when gloo or a peer process is
+broken, since the forward passes keep every rank within one pass of the others.
 """
 
 from __future__ import annotations
@@ -23,9 +36,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+
+FAULT_RANKS = 1 << 16  # fault = code * FAULT_RANKS + rank
 
 
 class AgreementError(RuntimeError):
@@ -38,7 +54,6 @@ class WaitStats:
     late_rounds: int = 0  # result not there when read: the forward loop waited
     wait_seconds_total: float = 0.0
     wait_seconds_max: float = 0.0
-    samples: list[float] = field(default_factory=list)
 
     def record(self, seconds: float, late: bool) -> None:
         self.rounds += 1
@@ -46,74 +61,109 @@ class WaitStats:
             self.late_rounds += 1
         self.wait_seconds_total += seconds
         self.wait_seconds_max = max(self.wait_seconds_max, seconds)
-        if len(self.samples) < 100_000:
-            self.samples.append(seconds)
+
+
+_WIDTH = {"all": 1, "any": 1, "equal": 2, "max": 1}
+VOTE_WIDTH = 12  # every vote round has this many int64s, whatever its layout
+
+
+class VoteLayout:
+    """Named fields of one kind of vote round (see the module docstring)."""
+
+    COMMON = (("pass_no", "equal"), ("fault", "max"), ("skew", "any"))
+
+    def __init__(self, name: str, *fields: tuple[str, str]):
+        self.name = name
+        self.fields = self.COMMON + fields
+        # One width for every layout, common fields first: a rank that is (by a bug) one
+        # phase behind its peers still posts a round they can match and read the fault of.
+        self.width = VOTE_WIDTH
+        assert sum(_WIDTH[kind] for _, kind in self.fields) <= VOTE_WIDTH, name
+
+    def encode(self, values: dict) -> list[int]:
+        out: list[int] = []
+        for name, kind in self.fields:
+            x = int(values[name])
+            if kind == "all":
+                out.append(1 if x else 0)
+            elif kind == "any":
+                out.append(0 if x else 1)
+            elif kind == "equal":
+                out += [x, -x]
+            else:  # max
+                out.append(-x)
+        return out + [0] * (self.width - len(out))
+
+    def decode(self, tensor: torch.Tensor) -> SimpleNamespace:
+        """all/any -> bool; equal -> (value, same everywhere); max -> int."""
+        v = [int(x) for x in tensor.tolist()]
+        out, i = {}, 0
+        for name, kind in self.fields:
+            if kind == "all":
+                out[name] = v[i] == 1
+            elif kind == "any":
+                out[name] = v[i] == 0
+            elif kind == "equal":
+                out[name] = (v[i], v[i] == -v[i + 1])
+            else:
+                out[name] = -v[i]
+            i += _WIDTH[kind]
+        return SimpleNamespace(**out)
 
 
 class Round:
-    def __init__(self, tensor: torch.Tensor, work, posted_at: int, due_at: int, stats: WaitStats):
+    def __init__(self, tensor: torch.Tensor, work, posted_at: int, due_at: int, agreement: "Agreement", layout=None):
         self.tensor = tensor
         self._work = work
         self.posted_at = posted_at
         self.due_at = due_at
-        self._stats = stats
+        self.layout = layout
+        self._agreement = agreement
         self._value: torch.Tensor | None = None
 
     def result(self) -> torch.Tensor:
-        """The reduced tensor. Waits (measured) if the collective is still in flight;
-        raises AgreementError if it failed or timed out."""
+        """The reduced tensor. Waits (measured) at most the agreement timeout if the
+        collective is still in flight; raises AgreementError if it failed or timed out."""
         if self._value is not None:
             return self._value
+        stats = self._agreement.stats
         late = self._work is not None and not self._work.is_completed()
         t0 = time.perf_counter()
         try:
             if self._work is not None:
-                self._work.wait()
+                ok = self._work.wait(timeout=timedelta(seconds=self._agreement.timeout_s))
+                if ok is False:
+                    raise TimeoutError(f"no result within {self._agreement.timeout_s:g} s")
         except Exception as exc:  # gloo raises RuntimeError subclasses on timeout / peer loss
-            self._stats.record(time.perf_counter() - t0, True)
+            stats.record(time.perf_counter() - t0, True)
             raise AgreementError(f"agreement round posted at pass {self.posted_at} failed: {exc}") from exc
-        self._stats.record(time.perf_counter() - t0, late)
+        stats.record(time.perf_counter() - t0, late)
         self._value = self.tensor
         return self._value
+
+    def votes(self) -> SimpleNamespace:
+        return self.layout.decode(self.result())
 
 
 class Agreement:
     """Posts rounds on a gloo group. `group=None` with world size 1 runs locally."""
 
-    def __init__(self, group, world_size: int, lag: int):
+    def __init__(self, group, world_size: int, lag: int, timeout_s: float = 60.0):
         self.group = group
         self.world_size = world_size
         self.lag = lag
+        self.timeout_s = timeout_s
         self.stats = WaitStats()
 
-    def post(self, values, pass_no: int, op=dist.ReduceOp.MIN) -> Round:
+    def post(self, values, pass_no: int, op=dist.ReduceOp.MIN, layout: VoteLayout | None = None) -> Round:
         tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
         work = None
         if self.world_size > 1:
             work = dist.all_reduce(tensor, op=op, group=self.group, async_op=True)
-        return Round(tensor, work, pass_no, pass_no + self.lag, self.stats)
+        return Round(tensor, work, pass_no, pass_no + self.lag, self, layout)
 
-
-# Helpers to build and read MIN-reduced vote vectors.
-def vote_all(flag: bool) -> int:
-    return 1 if flag else 0
-
-
-def vote_any(flag: bool) -> int:
-    return 0 if flag else 1  # min over ranks is 0 iff some rank said yes
-
-
-def read_any(value: int) -> bool:
-    return int(value) == 0
-
-
-def vote_equal(x: int) -> list[int]:
-    return [x, -x]
-
-
-def read_equal(pair) -> bool:
-    lo, neg_hi = int(pair[0]), int(pair[1])
-    return lo == -neg_hi
+    def vote(self, layout: VoteLayout, values: dict, pass_no: int) -> Round:
+        return self.post(layout.encode({**values, "pass_no": pass_no}), pass_no, layout=layout)
 
 
 def new_gloo_group(ranks: list[int], timeout_s: float):

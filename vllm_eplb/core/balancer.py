@@ -1,50 +1,69 @@
-"""The balancer: what each state does on a tick.
+"""The balancer: what each state and phase does on a pass.
 
 `tick()` is called once after every forward pass. It does a few microseconds of
 work in idle and collecting, and in the other states only polls: the planner
-runs on its thread, agreement rounds and transfers are non-blocking collectives
-read a fixed number of passes after they were posted. The forward loop waits
-only when such a result is read and is not there yet; every such wait is timed.
+runs in its own process, agreement rounds and transfers are non-blocking
+collectives read a fixed number of passes after they were posted. The forward
+loop waits only when such a result is read and is not there yet; every such wait
+is timed and bounded by `agreement_timeout_s`.
 
-Pass timeline of one cycle (L = agreement lag, all numbers relative):
-  c            idle -> collecting            (pass counter)
-  c+W          collecting -> planning        window summed, copy to host started
-  c+W+1        post load all-reduce (SUM)
-  c+W+1+L      read it, submit plan; post readiness round
-  every L      read readiness round; when every rank has a plan: -> syncing, post digest round
-  s+L          read digest round: -> transferring (first step started) | skip | abort
-  t            step started: sends/receives of `layers_per_pass` layers posted
-  t+1          this rank's data waited for; commit round posted (ok / failed)
-  t+1+L        read commit round: commit weights + maps, start the next step | abort
+The pass clock. Transitions are scheduled by pass number, so the number must be
+the same on every rank at the same forward pass. With a `clock` (the count of
+forward passes started, kept by whatever runs them) the balancer processes every
+pass up to the clock: a tick with no new pass is ignored, and a pass whose tick
+was missed is processed by `catch_up()`, which the driver calls before each
+forward pass. So a commit decided at pass p is in force before pass p + 1 on every
+rank, whatever the driver's ticks did; anomalies are counted and reported in the
+next vote (`skew`), so every rank logs them at the same round.
+
+Faults. A failure on one rank (planner, transfer, allocation, a bug) never makes it
+stop posting rounds: it becomes the `fault` field of its next vote, and every rank
+ends the cycle when it reads that round, at the same pass, with the same reason
+(the worst code, and the rank it came from). Only a round that cannot be read at
+all (timeout, broken group) or rounds posted on different schedules end
+rebalancing on a rank without a vote.
+
+Pass timeline of one cycle (L = agreement lag, W = window, all relative):
+  c            idle -> collecting                    window opened
+  c+W          -> planning_reducing                  window closed, copy to host started
+  c+W+1        load all-reduce posted (SUM, with every rank's fault code)
+  c+W+1+L      read: -> planning_waiting, plan submitted; readiness vote posted
+  every L      read readiness: every rank has a plan -> syncing, digest vote posted
+  s+L          read digest: -> transferring_moving (first step started) | skip | abort
+  t+1          -> transferring_voting: data polled, commit prepared, commit vote posted
+  t+1+L        read: commit weights + maps everywhere, next step | data_pending | abort
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .agreement import Agreement, AgreementError, Round, read_any, read_equal, vote_all, vote_any, vote_equal
+from .agreement import FAULT_RANKS, Agreement, AgreementError, Round, VoteLayout
 from .config import BalancerConfig
 from .load_window import HostSnapshot, LoadWindow
 from .placement import (
     RoutingMaps,
+    StagedLayer,
     Topology,
     balancedness_of,
     observed_rank_loads,
     physical_to_logical_load,
     predicted_balancedness,
 )
-from .planner import Plan, Planner
-from .records import PlacementRecord, save
+from .planner import Plan, Planner, PlannerDead
+from .planner_process import PlannerExited
 from .policies import Policy, get_policy
-from .state_machine import attach_machine
+from .records import PlacementRecord, save
+from .state_machine import attach_machine, top_state
 from .stats import BalancerStats, TransitionRecord
 from .transfer import InFlightStep, TransferBackend, TransferEngine, TransferError, plan_layer
 from .transfer.backend import padded
@@ -53,16 +72,46 @@ from .transfer.backend import padded
 log = logging.getLogger("vllm.eplb")
 
 
+class Fault(enum.IntEnum):
+    """Local failures, in the order a vote reduces them (the largest wins). The last
+    ones end rebalancing on every rank; the others end the cycle only."""
+
+    NONE = 0
+    METRICS_ERROR = 1
+    INTERNAL_ERROR = 2
+    PLANNER_ERROR = 3
+    PLANNER_DIED = 4
+    PLANNING_TIMEOUT = 5
+    TRANSFER_ERROR = 6
+    OUT_OF_MEMORY = 7
+    PLANNER_DEAD = 20  # died more often than planner_max_restarts
+    TRANSFER_GROUP_BROKEN = 21  # a step's messages were left pending on the transfer group
+
+    @property
+    def reason(self) -> str:
+        return self.name.lower()
+
+    @property
+    def disables(self) -> bool:
+        return self >= Fault.PLANNER_DEAD
+
+
+READINESS = VoteLayout("readiness", ("ready", "all"), ("expired", "any"))
+DIGEST = VoteLayout("digest", ("digest_a", "equal"), ("digest_b", "equal"), ("worth", "all"))
+COMMIT = VoteLayout("commit", ("ready", "all"))
+
+
 @dataclass
 class MoELayout:
     """What the balancer needs from the model."""
 
     topo: Topology
     num_layers: int
-    pass_load: torch.Tensor  # (layers, physical) int64: the router adds tokens per slot into it
+    pass_load: torch.Tensor  # (layers, physical) int32/int64: the router adds tokens per slot into it
     maps: RoutingMaps  # updated in place at commit
     weights_of: Callable[[int], list[torch.Tensor]]  # layer -> this rank's expert tensors (local slots, ...)
     record_flag: torch.Tensor | None = None  # bool scalar the router checks before recording load
+    max_pass_tokens: int = 0  # most tokens one pass can route (0: unknown), for the overflow check
 
 
 @dataclass
@@ -74,29 +123,63 @@ class Comm:
 
 
 class PassMismatch(RuntimeError):
-    """Ranks posted the same round at different pass numbers: a rank missed a tick."""
+    """Ranks posted the same round at different pass numbers: they run different schedules."""
+
+
+@dataclass
+class Cycle:
+    """Everything one cycle knows; created when it starts, dropped when it ends."""
+
+    number: int
+    started_at: int
+    window_end: int = -1
+    snapshot: HostSnapshot | None = None
+    round: Round | None = None  # the round in flight
+    post_at: int = 0  # the phase's next round is posted at or after this pass
+    fault: int = 0  # worst local fault since the last vote: code * FAULT_RANKS + rank
+    fault_detail: str = ""
+    plan: Plan | None = None
+    window_load: np.ndarray | None = None
+    layers_to_move: list[int] = field(default_factory=list)
+    step: InFlightStep | None = None
+    step_started_at: int = -1
+    step_prepared: bool = False  # data in, local snapshots taken, maps staged
+    staged: list[StagedLayer] = field(default_factory=list)
 
 
 class Balancer:
-    # set by transitions.Machine
-    state: str
+    # set by transitions: the full nested state, e.g. "planning_waiting"
+    phase: str
 
-    def __init__(self, config: BalancerConfig, layout: MoELayout, comm: Comm, policy: Policy | None = None):
+    def __init__(
+        self,
+        config: BalancerConfig,
+        layout: MoELayout,
+        comm: Comm,
+        policy: Policy | None = None,
+        clock: Callable[[], int] | None = None,
+    ):
         self.config = config
         self.layout = layout
         self.comm = comm
         self.topo = layout.topo
         self.stats = BalancerStats()
-        self.pass_no = 0
+        self.pass_no = 0  # last pass processed
+        self._clock = clock
         self.layer = -1  # next layer to move while transferring
         self.transitions_total = 0
         self.disabled_reason = ""
         self.placement = layout.maps.phy2log.cpu().numpy().copy()
         self.initial_placement = self.placement.copy()  # the baseline of the "initial" balancedness
 
-        self.window = LoadWindow(layout.pass_load, config.window_size, layout.record_flag)
-        self.planner = Planner(policy or get_policy(config.policy, tolerance=config.min_move_tolerance), self.topo, config.planner)
-        self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag)
+        self.window = LoadWindow(layout.pass_load, config.window_size, layout.record_flag, layout.max_pass_tokens)
+        self.planner = Planner(
+            policy or get_policy(config.policy, tolerance=config.min_move_tolerance),
+            self.topo,
+            config.planner,
+            max_restarts=config.planner_max_restarts,
+        )
+        self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag, config.agreement_timeout_s)
         self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
         # A step moves at most every local slot of layers_per_pass layers: the staging bound.
         per_layer = max(
@@ -104,47 +187,70 @@ class Balancer:
         )
         comm.backend.prepare(layout.weights_of(0), config.layers_per_pass * per_layer + (1 << 20))  # + message padding
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
-        self._window_load: np.ndarray | None = None
+        self._skewed = False  # a tick anomaly not yet reported in a vote
+        self._aborted_step: InFlightStep | None = None  # its messages may still be pending
+        self._transfer_group_broken = False
 
         # The first window ends at step_interval, as upstream's first rearrangement does.
-        self.cycle_start = 0
-        self.next_cycle_at = max(0, config.step_interval - config.window_size)
-        self._reset_cycle()
-        self._handlers = {
-            "idle": self._tick_idle,
-            "collecting": self._tick_collecting,
-            "planning": self._tick_planning,
-            "syncing": self._tick_syncing,
-            "transferring": self._tick_transferring,
+        self.next_cycle_at = max(1, config.step_interval - config.window_size)
+        self.cycle: Cycle | None = None
+        self._cycles = 0
+        self._on_round = {
+            "planning_reducing": self._read_load,
+            "planning_waiting": self._read_readiness,
+            "syncing": self._read_digest,
+            "transferring_voting": self._read_commit,
+        }
+        self._post = {
+            "planning_reducing": self._post_load,
+            "planning_waiting": self._post_readiness,
+            "syncing": self._post_digest,
+            "transferring_moving": self._post_commit,
         }
         self.machine = attach_machine(self, self._on_transition)
 
     # ------------------------------------------------------------------ public
 
-    def tick(self) -> None:
-        """Advance by one forward pass. Never raises: failures end the cycle."""
-        self.pass_no += 1
-        try:
-            self._handlers[self.state](self.pass_no)
-        except (AgreementError, PassMismatch) as exc:
-            # A failed round fails on every rank that posted it (gloo tears the pairs
-            # down), and a pass mismatch is read identically everywhere: every rank
-            # gets here at the same round. The group or the pass count can no longer
-            # be trusted, so rebalancing stops on every rank, placement as it is.
-            reason = "pass_mismatch" if isinstance(exc, PassMismatch) else "agreement_timeout"
-            self._disable(reason, exc)
-        except Exception as exc:
-            # A bug on this rank. Its peers will wait for rounds it no longer posts,
-            # time out and stop too; stop here now rather than run on out of step.
-            self._disable("internal_error", exc)
+    @property
+    def state(self) -> str:
+        """The top-level state: idle, collecting, planning, syncing or transferring."""
+        return top_state(self.phase)
 
     @property
     def enabled(self) -> bool:
         return not self.disabled_reason
 
+    def tick(self) -> None:
+        """After a forward pass: process it. Never raises: failures end the cycle."""
+        if self._clock is None:
+            self._run(self.pass_no + 1)
+            return
+        now = self._clock()
+        if now <= self.pass_no:
+            self.stats.extra_ticks += 1  # no forward pass since the last tick
+            self._skewed = True
+            return
+        self._catch_up_to(now)
+
+    def catch_up(self) -> None:
+        """Before a forward pass: process every pass that ran without its tick, so what
+        was decided for them is in force before this pass runs. Cheap when up to date."""
+        if self._clock is not None and self._clock() > self.pass_no:
+            self.stats.missed_ticks += 1  # the last pass's tick never came
+            self._skewed = True
+            self._catch_up_to(self._clock())
+
+    def report_fault(self, reason: str, exc: BaseException) -> None:
+        """A failure outside tick() (metrics, hooks): it ends the cycle through the next vote."""
+        self._fault(Fault.METRICS_ERROR if reason == "metrics_error" else Fault.INTERNAL_ERROR, exc)
+
     def shutdown(self) -> None:
         self.planner.shutdown()
         self._recorder.shutdown(wait=True)
+        try:
+            self.comm.backend.close()
+        except Exception:  # shutting down: nothing left to protect
+            log.debug("EPLB backend close failed", exc_info=True)
 
     def rebalance_now(self, new_placement: np.ndarray) -> int:
         """Move every layer to `new_placement` right now, blocking (start-up, benchmarks'
@@ -165,173 +271,288 @@ class Balancer:
             moved += 1
         return moved
 
+    # ------------------------------------------------------------------ the clock
+
+    def _catch_up_to(self, now: int) -> None:
+        missed = now - self.pass_no - 1
+        if missed > 0:
+            self.stats.missed_ticks += missed
+            self._skewed = True
+        while self.pass_no < now:
+            self._run(self.pass_no + 1)
+
+    def _run(self, p: int) -> None:
+        """One pass. Every handler decides (schedule arithmetic, transitions from votes)
+        before it does fallible local work, which it catches into this rank's fault; an
+        exception that escapes anyway is a bug: recorded as a fault, and the pass's due
+        read or post is retried once, so this rank keeps its peers' schedule."""
+        self.pass_no = p
+        try:
+            if self.phase == "idle":
+                self._tick_idle(p)
+            elif self.phase == "collecting":
+                self._tick_collecting(p)
+            else:
+                self._tick_phase(p)
+        except (AgreementError, PassMismatch) as exc:
+            self._lost_agreement(exc)
+        except Exception as exc:
+            self._fault(Fault.INTERNAL_ERROR, exc)
+            if self.phase in self._post or self.phase in self._on_round:
+                try:
+                    self._tick_phase(p)
+                except (AgreementError, PassMismatch) as again:
+                    self._lost_agreement(again)
+                except Exception as again:
+                    self._disable("internal_error", again)
+
+    def _lost_agreement(self, exc: Exception) -> None:
+        if isinstance(exc, PassMismatch):
+            # Read identically by every rank: they run different schedules (configs).
+            self._disable("pass_mismatch", exc)
+        else:
+            # The round cannot be read: its result is unknown here, and may be known
+            # elsewhere. The group is not used again; peers time out at their next read.
+            self._disable("agreement_timeout", exc)
+
     # ------------------------------------------------------------------ states
 
     def _tick_idle(self, p: int) -> None:
         if p >= self.next_cycle_at and self.enabled:
             self.stats.cycles_started += 1
-            self.cycle_start = p
+            self._cycles += 1
+            self.cycle = Cycle(self._cycles, p)
             self.start_collecting()
-            self.window.reset()  # load recorded while idle is not part of the window
+            try:
+                self.window.reset()  # load recorded while idle is not part of the window
+            except Exception as exc:
+                self._fault(Fault.INTERNAL_ERROR, exc)
+            try:
+                restarts = self.planner.restarts
+                self.planner.ensure_alive()  # a planner that died since: warm again by the window's end
+                self.stats.planner_restarts += self.planner.restarts - restarts
+            except PlannerDead as exc:
+                self._fault(Fault.PLANNER_DEAD, exc)
 
     def _tick_collecting(self, p: int) -> None:
+        c = self.cycle
         self.window.record_pass()
-        if self.window.full:
-            self._window_end = p
-            self._snapshot = self.window.snapshot_to_host()
-            self.start_planning()
-
-    def _tick_planning(self, p: int) -> None:
-        if self._load_round is None:
-            # One pass after the window's end the device->host copy is long done.
-            load = self._snapshot.wait()
-            self._load_round = self.agreement.post(load, p, op=dist.ReduceOp.SUM)
+        if not self.window.full:
             return
-        if not self._plan_submitted:
-            if p < self._load_round.due_at:
+        c.window_end = p
+        c.post_at = p + 1  # one pass later the device->host copy is long done
+        self.window_full()
+        c.snapshot = self.window.snapshot_to_host()
+
+    def _tick_phase(self, p: int) -> None:
+        """planning, syncing, transferring: read the round due now (which may move the
+        machine on), then post the phase's round if it is due. Local work done while
+        reading or posting that fails becomes this rank's fault, voted in that round."""
+        c = self.cycle
+        if c.round is not None:
+            if p < c.round.due_at:
                 return
-            physical = self._load_round.result().numpy().astype(np.float64)
+            r, c.round = c.round, None
+            handler = self._on_round[self.phase]
+            if r.layout is not None:
+                v = r.votes()
+                if not v.pass_no[1]:
+                    raise PassMismatch(
+                        f"round posted at pass {r.posted_at} on this rank was posted at another pass elsewhere"
+                    )
+                if v.skew:
+                    self._report_skew(p)
+                if v.fault:
+                    return self._end_on_fault(v.fault)
+                handler(p, v)
+            else:
+                handler(p, r)
+            if self.phase == "idle":
+                return
+        post = self._post.get(self.phase)
+        if c.round is None and p >= c.post_at and post is not None:
+            post(p)
+
+    # ---- planning
+
+    def _post_load(self, p: int) -> None:
+        c = self.cycle
+        load = None
+        if c.snapshot is not None:
+            try:
+                load = c.snapshot.wait()
+            except Exception as exc:
+                self._fault(Fault.INTERNAL_ERROR, exc)
+        if load is None:
+            load = torch.zeros(self.layout.pass_load.shape, dtype=torch.int64)
+        # Every rank's fault code rides along at its own index: the SUM hands every rank all of them.
+        faults = torch.zeros(self.comm.world_size, dtype=torch.int64)
+        faults[self.comm.rank] = self._take_fault()
+        c.round = self.agreement.post(torch.cat([load.reshape(-1), faults]), p, op=dist.ReduceOp.SUM)
+
+    def _read_load(self, p: int, r: Round) -> None:
+        c = self.cycle
+        value = r.result()
+        n = self.comm.world_size
+        worst = int(value[-n:].max())
+        if worst:
+            return self._end_on_fault(worst)
+        # Decided from the round alone, so every rank moves on here; the local work
+        # below can fail only into this rank's next vote.
+        self.load_reduced()
+        c.post_at = p  # first readiness vote now
+        try:
+            physical = value[:-n].reshape(self.layout.pass_load.shape).numpy().astype(np.float64)
             observed = balancedness_of(observed_rank_loads(physical, self.topo))
             self.stats.balancedness_observed = observed
-            self.stats.observed_history.append((self._window_end, observed))
+            self.stats.observed_history.append((c.window_end, observed))
             log.info(
                 "EPLB rank %d pass %d: window of %d passes, %d expert-token loads, balancedness %.3f",
                 self.comm.rank, p, self.config.window_size, int(physical.sum()), observed,
             )
             logical = physical_to_logical_load(physical, self.placement, self.topo.num_logical)
-            self._window_load = logical
+            c.window_load = logical
             self.stats.balancedness_initial = predicted_balancedness(self.initial_placement, logical, self.topo)
-            self.planner.submit(logical, self.placement)
-            self._plan_submitted = True
-            self._post_readiness(p)
-            return
-        if p < self._round.due_at:
-            return
-        ready, ok, expired = self._read_vote(3)
-        if not ok:
-            return self._abort("planner_error", self._plan_error)
-        if read_any(expired):
-            return self._abort("planning_timeout", None)
-        if ready:
-            self.plan_agreed()
-            self._post_digest(p)
-        else:
-            self._post_readiness(p)
+            restarts = self.planner.restarts
+            try:
+                self.planner.submit(logical, self.placement)
+            finally:
+                self.stats.planner_restarts += self.planner.restarts - restarts
+        except PlannerDead as exc:
+            self._fault(Fault.PLANNER_DEAD, exc)
+        except Exception as exc:
+            self._fault(self._fault_of(exc, Fault.PLANNER_ERROR), exc)
 
-    def _tick_syncing(self, p: int) -> None:
-        if p < self._round.due_at:
+    def _post_readiness(self, p: int) -> None:
+        c = self.cycle
+        ready = False
+        expired = False
+        try:
+            ready = self.planner.done()
+            if ready and c.plan is None:
+                c.plan = self.planner.result()
+                self.stats.last_plan_seconds = c.plan.plan_seconds
+                self.stats.plan_seconds.append(c.plan.plan_seconds)
+                self.stats.plans_total += 1
+            expired = not ready and self.planner.seconds_running() > self.config.planning_timeout_s
+        except PlannerExited as exc:
+            self._fault(Fault.PLANNER_DIED, exc)
+        except Exception as exc:  # the policy's exception, re-raised by result()
+            self._fault(Fault.PLANNER_ERROR, exc)
+        self._vote(READINESS, p, ready=ready, expired=expired)
+
+    def _read_readiness(self, p: int, v) -> None:
+        if v.expired:
+            return self._abort("planning_timeout")
+        if not v.ready:
+            self.plan_pending()
+            self.cycle.post_at = p
             return
-        v = self._read_vote(5)
-        same = read_equal(v[0:2]) and read_equal(v[2:4])
-        worth = v[4] == 1
-        if not same:
-            return self._abort("plan_mismatch", None)
-        plan = self._plan
+        self.plan_agreed()
+        self.cycle.post_at = p
+
+    # ---- syncing
+
+    def _post_digest(self, p: int) -> None:
+        plan = self.cycle.plan
+        d0, d1 = plan.digest if plan is not None else (0, 0)
+        worth = plan is not None and plan.improvement >= self.config.improvement_threshold and plan.moved_slots > 0
+        self._vote(DIGEST, p, digest_a=d0, digest_b=d1, worth=worth)
+
+    def _read_digest(self, p: int, v) -> None:
+        c = self.cycle
+        if not (v.digest_a[1] and v.digest_b[1]):
+            return self._abort("plan_mismatch")
+        plan = c.plan  # every rank voted ready with this digest: the plan is here
+        self.stats.balancedness_current = plan.current_balancedness
+        self.stats.balancedness_predicted = plan.predicted_balancedness
+        self.stats.last_plan_moved_slots = plan.moved_slots
         log.info(
             "EPLB rank %d pass %d: plan (%s, %.1f ms) balancedness %.3f -> %.3f predicted, %d slots to move",
             self.comm.rank, p, self.planner.policy.name, plan.plan_seconds * 1e3,
             plan.current_balancedness, plan.predicted_balancedness, plan.moved_slots,
         )
-        self.stats.balancedness_current = plan.current_balancedness
-        self.stats.balancedness_predicted = plan.predicted_balancedness
-        self.stats.last_plan_moved_slots = plan.moved_slots
-        if not worth:
+        if not v.worth:
             self.stats.cycles_skipped["insufficient_improvement"] += 1
             return self.skip(reason="insufficient_improvement")
-        self._layers_to_move = [
+        c.layers_to_move = [
             layer for layer in range(self.layout.num_layers) if (plan.placement[layer] != self.placement[layer]).any()
         ]
-        self.layer = self._layers_to_move[0]
+        self.layer = c.layers_to_move[0]
         self.start_transfer()
         self._start_step(p)
 
-    def _tick_transferring(self, p: int) -> None:
-        step = self._step
-        if self._round is None:
-            if p < self._step_started_at + 1:
-                return
-            # Vote whether this rank's data is complete. The poll never blocks: a step
-            # slower than one pass is voted not-ready and polled again next round, so
-            # the forward loop never waits on a copy.
-            ready, ok = 1, 1
-            try:
+    # ---- transferring
+
+    def _start_step(self, p: int) -> None:
+        c = self.cycle
+        n = self.config.layers_per_pass
+        layers, c.layers_to_move = c.layers_to_move[:n], c.layers_to_move[n:]
+        c.step, c.step_prepared, c.staged = None, False, []
+        c.step_started_at = p
+        c.post_at = p + 1  # the data is polled one pass later
+        try:
+            plans = [plan_layer(layer, self.placement[layer], c.plan.placement[layer], self.topo) for layer in layers]
+            c.step = self.engine.start(plans)
+        except Exception as exc:
+            self._fault(self._fault_of(exc, Fault.TRANSFER_ERROR), exc)
+
+    def _post_commit(self, p: int) -> None:
+        """Vote whether this rank's data is in and its commit prepared. Never waits on a
+        copy: a step slower than one pass votes not-ready and is polled again."""
+        c = self.cycle
+        step = c.step
+        ready = False
+        try:
+            if step is not None and not c.step_prepared:
                 if step.handle.done():
-                    self.engine.finish(step)
+                    self.engine.finish(step)  # returns at once; snapshots local sources
+                    c.staged = [
+                        self.layout.maps.stage_layer(j.plan.layer, c.plan.placement[j.plan.layer], self.topo)
+                        for j in step.jobs
+                    ]
+                    c.step_prepared = True
                 elif time.perf_counter() - step.started > self.config.transfer_timeout_s:
-                    raise TransferError(f"step not complete after {self.config.transfer_timeout_s:.0f} s")
-                else:
-                    ready = 0
-            except Exception as exc:  # TransferError, or anything local: vote it
-                ok = 0
-                self._transfer_error = exc
-            self._round = self._vote([ready, ok], p)
+                    raise TransferError(f"step not complete after {self.config.transfer_timeout_s:g} s")
+            ready = c.step_prepared
+        except Exception as exc:
+            self._fault(self._fault_of(exc, Fault.TRANSFER_ERROR), exc)
+        self._vote(COMMIT, p, ready=ready)
+        self.data_polled()
+
+    def _read_commit(self, p: int, v) -> None:
+        c = self.cycle
+        if not v.ready:
+            self.data_pending()  # someone is still receiving: poll again now
+            c.post_at = p
             return
-        if p < self._round.due_at:
-            return
-        ready, ok = self._read_vote(2)
-        if ok != 1:
-            return self._abort("transfer_error", self._transfer_error)
-        if ready != 1:
-            self._round = None  # someone is still receiving: poll again
-            return
-        self._commit(step)
-        if self._layers_to_move:
-            self.layer = self._layers_to_move[0]
+        try:
+            self._commit(c)
+        except Exception as exc:
+            return self._disable("commit_failed", exc)
+        if c.layers_to_move:
+            self.layer = c.layers_to_move[0]
             self.next_layer()
             self._start_step(p)
         else:
             self.stats.cycles_completed += 1
-            self.stats.cycle_passes.append(p - self._window_end)
+            self.stats.cycle_passes.append(p - c.window_end)
             self.finish()
 
-    # ------------------------------------------------------------------ helpers
-
-    def _vote(self, values: list[int], p: int) -> Round:
-        """Post a MIN vote round carrying the pass number, so a rank out of step is caught."""
-        return self.agreement.post([*values, *vote_equal(p)], p)
-
-    def _read_vote(self, n: int) -> list[int]:
-        """The first n values of the current vote round, once the pass numbers agree."""
-        v = self._round.result()
-        if not read_equal(v[n : n + 2]):
-            raise PassMismatch(
-                f"round posted at pass {self._round.posted_at} on this rank was posted at another pass elsewhere"
-            )
-        return [int(x) for x in v[:n]]
-
-    def _post_readiness(self, p: int) -> None:
-        ready, ok = self.planner.done(), True
-        if ready and self._plan is None:
-            try:
-                self._plan = self.planner.result()
-                self.stats.last_plan_seconds = self._plan.plan_seconds
-                self.stats.plan_seconds.append(self._plan.plan_seconds)
-            except Exception as exc:
-                ok, self._plan_error = False, exc
-        expired = not ready and self.planner.seconds_running() > self.config.planning_timeout_s
-        self._round = self._vote([vote_all(ready), vote_all(ok), vote_any(expired)], p)
-
-    def _post_digest(self, p: int) -> None:
-        plan = self._plan
-        worth = plan.improvement >= self.config.improvement_threshold and plan.moved_slots > 0
-        d0, d1 = plan.digest
-        self._round = self._vote([*vote_equal(d0), *vote_equal(d1), vote_all(worth)], p)
-
-    def _start_step(self, p: int) -> None:
-        n = self.config.layers_per_pass
-        layers, self._layers_to_move = self._layers_to_move[:n], self._layers_to_move[n:]
-        plans = [plan_layer(layer, self.placement[layer], self._plan.placement[layer], self.topo) for layer in layers]
-        self._step = self.engine.start(plans)
-        self._step_started_at = p
-        self._round = None
-
-    def _commit(self, step: InFlightStep) -> None:
-        self.engine.commit(step)
-        for job in step.jobs:
-            layer = job.plan.layer
-            row = self._plan.placement[layer]
-            self.layout.maps.write_layer(layer, row, self.topo)
-            self.placement[layer] = row
+    def _commit(self, c: Cycle) -> None:
+        """Every rank voted its commit prepared: copies only, weights then maps, on this
+        pass, so the next forward pass routes with the new layer everywhere."""
+        step = c.step
+        try:
+            self.engine.commit(step)
+            for staged in c.staged:
+                self.layout.maps.apply(staged)
+                self.placement[staged.layer] = c.plan.placement[staged.layer]
+        except Exception as exc:
+            # Copies into existing memory do not fail short of a broken device; if they
+            # do, this rank's layer is in an unknown state: say so as loudly as we can.
+            log.critical("EPLB rank %d pass %d: commit failed part-way: %s", self.comm.rank, self.pass_no, exc)
+            raise
         r = step.result
         s = self.stats
         s.layers_committed += len(step.jobs)
@@ -341,71 +562,128 @@ class Balancer:
         s.last_layer_transfer_seconds = r.seconds / max(1, len(step.jobs))
         s.transfer_seconds.append(r.seconds)
         s.transfer_layers.append(len(step.jobs))
+        s.steps_total += 1
         s.max_staging_bytes = max(s.max_staging_bytes, r.staging_bytes)
+        c.step = None
 
-    def _abort(self, reason: str, exc: BaseException | None) -> None:
-        self.stats.cycles_aborted[reason] += 1
-        detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
-        log.error("EPLB rank %d pass %d: cycle aborted (%s)%s", self.comm.rank, self.pass_no, reason, detail)
-        if self.state != "idle":
-            self.abort(reason=reason)
-        else:
-            self._reset_cycle()
+    # ------------------------------------------------------------------ votes and faults
 
-    def _disable(self, reason: str, exc: BaseException) -> None:
-        self.disabled_reason = f"{reason}: {exc}"
-        self._abort(reason, exc)
-        log.error(
-            "EPLB rank %d pass %d: rebalancing disabled (%s); serving continues on the placement in force",
-            self.comm.rank,
-            self.pass_no,
-            reason,
+    def _vote(self, layout: VoteLayout, p: int, **values) -> None:
+        values.update(fault=self._take_fault(), skew=self._skewed)
+        self._skewed = False
+        self.cycle.round = self.agreement.vote(layout, values, p)
+
+    def _take_fault(self) -> int:
+        """This rank's fault for the vote being posted (and forget it: it is on its way)."""
+        c = self.cycle
+        if self._aborted_step is not None and not self._aborted_step.handle.done():
+            # A whole cycle later the aborted step's messages are still pending: they
+            # were addressed to a rank that never posted its side. The transfer group
+            # would match them against a later step's; stop rebalancing everywhere.
+            self._transfer_group_broken = True
+        if self._transfer_group_broken:
+            self._fault(Fault.TRANSFER_GROUP_BROKEN, None)
+        fault, c.fault = c.fault, 0
+        return fault
+
+    def _fault(self, code: Fault, exc: BaseException | None) -> None:
+        """Record a local failure: it travels in this rank's next vote."""
+        self.stats.local_faults[code.reason] += 1
+        detail = f"{type(exc).__name__}: {exc}" if exc is not None else ""
+        c = self.cycle
+        if c is None or self.phase == "idle":
+            log.warning("EPLB rank %d pass %d: %s while idle%s", self.comm.rank, self.pass_no, code.reason, f": {detail}" if detail else "")
+            return
+        mine = int(code) * FAULT_RANKS + self.comm.rank
+        if mine > c.fault:
+            c.fault, c.fault_detail = mine, detail
+        if code != Fault.TRANSFER_GROUP_BROKEN or exc is not None:
+            log.warning(
+                "EPLB rank %d pass %d: %s%s; voting to end the cycle",
+                self.comm.rank, self.pass_no, code.reason, f": {detail}" if detail else "",
+            )
+
+    @staticmethod
+    def _fault_of(exc: BaseException, default: Fault) -> Fault:
+        return Fault.OUT_OF_MEMORY if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) else default
+
+    def _end_on_fault(self, fault: int) -> None:
+        code, rank = Fault(fault // FAULT_RANKS), fault % FAULT_RANKS
+        detail = self.cycle.fault_detail if rank == self.comm.rank else ""
+        if code.disables:
+            return self._disable(code.reason, None, rank=rank, detail=detail)
+        self._abort(code.reason, rank=rank, detail=detail)
+
+    def _report_skew(self, p: int) -> None:
+        self.stats.skew_rounds += 1
+        log.warning(
+            "EPLB rank %d pass %d: a rank's driver ticked out of step with its forward passes "
+            "(absorbed by the pass clock: extra ticks %d, missed %d here)",
+            self.comm.rank, p, self.stats.extra_ticks, self.stats.missed_ticks,
         )
 
-    def _record_placement(self) -> None:
+    def _abort(self, reason: str, rank: int | None = None, detail: str = "") -> None:
+        self.stats.cycles_aborted[reason] += 1
+        where = f"rank {rank}, " if rank is not None else ""
+        self.stats.last_abort = f"{reason} ({where}pass {self.pass_no})" + (f": {detail}" if detail else "")
+        log.warning("EPLB rank %d pass %d: cycle aborted: %s", self.comm.rank, self.pass_no, self.stats.last_abort)
+        if reason == "planning_timeout":
+            self.planner.cancel()
+        if self.phase != "idle":
+            self.abort(reason=reason)
+
+    def _disable(self, reason: str, exc: BaseException | None, rank: int | None = None, detail: str = "") -> None:
+        if exc is not None:
+            detail = f"{type(exc).__name__}: {exc}"
+        self.disabled_reason = reason + (f": {detail}" if detail else "")
+        if self.phase != "idle":
+            self._abort(reason, rank, detail)
+        log.warning(
+            "EPLB rank %d pass %d: rebalancing disabled (%s); serving continues on the placement in force",
+            self.comm.rank, self.pass_no, self.disabled_reason,
+        )
+
+    # ------------------------------------------------------------------ end of cycle
+
+    def _on_enter_idle(self, event) -> None:
+        """The table's callback for every way back to idle: record, keep what may still be
+        in flight, reset, schedule the next cycle."""
+        c = self.cycle
+        if c is None:
+            return
+        if event.event.name in ("finish", "skip"):
+            self._record_placement(c)
+        if c.step is not None:
+            self._aborted_step = c.step
+        self.planner.discard()
+        self.cycle = None
+        self.layer = -1
+        self.next_cycle_at = max(c.started_at + self.config.step_interval, self.pass_no + 1)
+
+    def _record_placement(self, c: Cycle) -> None:
         """Rank 0 writes the placement in force and its window's load, off the forward loop."""
         path = self.config.record_placement_path
         if not path or self.comm.rank != 0:
             return
         rec = PlacementRecord(
-            self.placement.copy(), self._window_load, self.topo.num_ranks, self.topo.num_logical,
+            self.placement.copy(), c.window_load, self.topo.num_ranks, self.topo.num_logical,
             self.planner.policy.name, self.pass_no,
         )
         self._recorder.submit(save, rec, path)
 
-    def _reset_cycle(self) -> None:
-        self._snapshot: HostSnapshot | None = None
-        self._load_round: Round | None = None
-        self._round: Round | None = None
-        self._plan_submitted = False
-        self._plan: Plan | None = None
-        self._plan_error: BaseException | None = None
-        self._transfer_error: BaseException | None = None
-        self._layers_to_move: list[int] = []
-        self._step: InFlightStep | None = None
-        self._step_started_at = -1
-        self._window_end = -1
-        self.planner.discard()
-        self.layer = -1
-
     def _on_transition(self, event) -> None:
+        source, dest = top_state(event.transition.source), top_state(event.transition.dest)
+        trigger = event.event.name
         reason = event.kwargs.get("reason", "")
-        rec = TransitionRecord(
-            self.pass_no, event.event.name, event.transition.source, event.transition.dest, self.layer, reason
-        )
+        log.debug("EPLB rank %d pass %d: %s -> %s (%s)", self.comm.rank, self.pass_no, event.transition.source, event.transition.dest, trigger)
+        if source == dest and trigger != "next_layer":
+            return  # a phase change inside a state: not an operator-visible transition
+        rec = TransitionRecord(self.pass_no, trigger, source, dest, self.layer, reason)
         self.stats.history.append(rec)
         self.transitions_total += 1
         log.info(
             "EPLB rank %d pass %d: %s -> %s%s%s",
-            self.comm.rank,
-            self.pass_no,
-            rec.source,
-            rec.dest,
-            f" (layer {self.layer})" if rec.dest == "transferring" else "",
+            self.comm.rank, self.pass_no, source, dest,
+            f" (layer {self.layer})" if dest == "transferring" else "",
             f" ({reason})" if reason else "",
         )
-        if rec.dest == "idle":
-            if rec.trigger in ("finish", "skip"):
-                self._record_placement()
-            self._reset_cycle()
-            self.next_cycle_at = max(self.cycle_start + self.config.step_interval, self.pass_no + 1)

@@ -54,6 +54,11 @@ class BalancerConfig(BaseModel):
     planning_timeout_s: float = Field(
         60.0, gt=0, description="A plan not ready on every rank after this long aborts the cycle."
     )
+    planner_max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times a planner process that died is started again; past that, rebalancing stops on every rank.",
+    )
     transfer_timeout_s: float = Field(
         120.0, gt=0, description="Longest a rank waits for one transfer step's data."
     )

@@ -192,12 +192,32 @@ class RoutingMaps:
         for layer in range(placement.shape[0]):
             self.write_layer(layer, placement[layer], topo)
 
-    def write_layer(self, layer: int, row: np.ndarray, topo: Topology) -> None:
+    def stage_layer(self, layer: int, row: np.ndarray, topo: Topology) -> "StagedLayer":
+        """Compute a layer's new maps into host tensors. Allocates (and may fail); writes
+        nothing: a commit stages every layer first, then applies them when it cannot fail."""
         row = np.asarray(row, dtype=np.int64)[None]
         l2p = logical_to_physical(row, topo.num_logical, self.log2phy.shape[-1])[0]
         counts = replica_counts(row, topo.num_logical)[0]
-        # copy_ into the existing memory; on GPU it is ordered on the current stream, so
-        # the next forward pass sees the new map and the CPU does not wait for it.
-        self.phy2log[layer].copy_(torch.from_numpy(row[0]))
-        self.log2phy[layer].copy_(torch.from_numpy(l2p))
-        self.replica_count[layer].copy_(torch.from_numpy(counts))
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (row[0], l2p, counts)]
+        if self.phy2log.is_cuda:
+            tensors = [t.pin_memory() for t in tensors]
+        return StagedLayer(layer, *tensors)
+
+    def apply(self, staged: "StagedLayer") -> None:
+        """Copy staged maps into the existing memory: no allocation. On GPU the copies are
+        ordered on the current stream, so the next forward pass sees the new maps."""
+        nb = self.phy2log.is_cuda
+        self.phy2log[staged.layer].copy_(staged.phy2log, non_blocking=nb)
+        self.log2phy[staged.layer].copy_(staged.log2phy, non_blocking=nb)
+        self.replica_count[staged.layer].copy_(staged.replica_count, non_blocking=nb)
+
+    def write_layer(self, layer: int, row: np.ndarray, topo: Topology) -> None:
+        self.apply(self.stage_layer(layer, row, topo))
+
+
+@dataclass
+class StagedLayer:
+    layer: int
+    phy2log: torch.Tensor
+    log2phy: torch.Tensor
+    replica_count: torch.Tensor

@@ -67,27 +67,63 @@ def _warm_up() -> None:
     from . import policies  # noqa: F401
 
 
-class Planner:
-    """One worker (thread or process); at most one plan in flight."""
+class PlannerDead(RuntimeError):
+    """The planner process died more often than `max_restarts` allows."""
 
-    def __init__(self, policy: Policy, topo: Topology, mode: str = "process"):
+
+class Planner:
+    """One worker (thread or process); at most one plan in flight.
+
+    A planner process that died (killed, crashed) is started again at the next
+    submit, up to `max_restarts` times; past that `submit` raises PlannerDead. A plan
+    that timed out is cancelled: the process computing it is stopped and a fresh one
+    started, so a stuck policy cannot hold every later cycle behind it."""
+
+    def __init__(self, policy: Policy, topo: Topology, mode: str = "process", max_restarts: int = 3):
         self.policy = policy
         self.topo = topo
         self.mode = mode
-        if mode == "process":
-            self._pool = ChildProcessExecutor()
-            self.ready = self._pool.submit(_warm_up)  # start it now, not when the first window ends
-        elif mode == "thread":
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-planner")
-            self.ready = self._pool.submit(_warm_up)
-        else:
+        self.max_restarts = max_restarts
+        self.restarts = 0  # after an unexpected death
+        self.cancels = 0  # after a timeout
+        if mode not in ("process", "thread"):
             raise ValueError(f"planner mode {mode!r}: use 'process' or 'thread'")
+        self._start()
         self._job: Future | None = None
         self.submitted_at = 0.0
 
+    def _start(self) -> None:
+        if self.mode == "process":
+            self._pool = ChildProcessExecutor()
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-planner")
+        self.ready = self._pool.submit(_warm_up)  # start it now, not when the first window ends
+        self._ready_at = float("inf")
+        self.ready.add_done_callback(lambda _: setattr(self, "_ready_at", time.monotonic()))
+
+    def ensure_alive(self) -> None:
+        """Start a planner process again if it died (counted as a restart), so it is warm
+        when the next plan is due. Raises PlannerDead past max_restarts."""
+        if self.alive():
+            return
+        if self.restarts >= self.max_restarts:
+            raise PlannerDead(f"the planner process died {self.restarts + 1} times")
+        self.restarts += 1
+        log.warning("EPLB planner process %s exited; starting another (%d of %d)", self.pid, self.restarts, self.max_restarts)
+        self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._pool.pid if self.mode == "process" else None
+
+    def alive(self) -> bool:
+        return self.mode != "process" or self._pool.alive
+
     def submit(self, logical_load: np.ndarray, current: np.ndarray) -> None:
+        """Queue a plan; never blocks the caller."""
         if self._job is not None and not self._job.done():
             raise RuntimeError("a plan is already in flight")
+        self.ensure_alive()
         self.submitted_at = time.monotonic()
         self._job = self._pool.submit(make_plan, self.policy, logical_load, current.copy(), self.topo)
 
@@ -100,14 +136,24 @@ class Planner:
         return self._job.result()
 
     def seconds_running(self) -> float:
-        return time.monotonic() - self.submitted_at
+        """Time the current plan has had a running planner (a process still starting up,
+        after a restart, does not count against planning_timeout_s)."""
+        return max(0.0, time.monotonic() - max(self.submitted_at, self._ready_at))
 
     def discard(self) -> None:
         """Forget the current job (a stale plan is never applied). A still-running job
         finishes in the background and its result is dropped."""
         self._job = None
 
+    def cancel(self) -> None:
+        """Drop a job that ran past its time: stop the process computing it and start a
+        fresh one (a thread cannot be stopped; its result is dropped)."""
+        if self._job is not None and not self._job.done() and self.mode == "process":
+            self.cancels += 1
+            self._pool.shutdown(wait=False)
+            self._start()
+        self._job = None
+
     def shutdown(self) -> None:
         """Stop at once: a plan still running is of no use any more."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-

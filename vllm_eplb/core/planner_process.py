@@ -11,12 +11,17 @@ never outlives the serving process.
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import subprocess
 import sys
 import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
+
+
+class PlannerExited(RuntimeError):
+    """The planner process ended (killed, crashed or shut down) before answering."""
 
 
 class ChildProcessExecutor:
@@ -33,15 +38,43 @@ class ChildProcessExecutor:
         self._conn = Connection(parent_sock.detach())
         self._lock = threading.Lock()
         self._pending: list[Future] = []  # one worker: results come back in submission order
+        self._closed = False
+        # Sends go through a thread: a job is ~250 KB (DeepSeek-V3 shape) and the child may
+        # be busy, so a send on the caller's (forward) thread could block on a full socket.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send, name="eplb-planner-sender", daemon=True)
         self._reader = threading.Thread(target=self._read, name="eplb-planner-reader", daemon=True)
+        self._sender.start()
         self._reader.start()
 
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and self._proc.poll() is None
+
     def submit(self, fn, *args) -> Future:
+        """Queue a call; never blocks."""
         fut: Future = Future()
         with self._lock:
+            if self._closed:
+                fut.set_exception(PlannerExited("the planner process exited"))
+                return fut
             self._pending.append(fut)
-            self._conn.send((fn, args))
+        self._outbox.put((fn, args))
         return fut
+
+    def _send(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            try:
+                self._conn.send(item)
+            except (OSError, ValueError):
+                return  # the reader sees the socket close and fails what is pending
 
     def _read(self) -> None:
         while True:
@@ -56,21 +89,27 @@ class ChildProcessExecutor:
             else:
                 fut.set_exception(value)
         with self._lock:
+            self._closed = True
             for fut in self._pending:
                 if not fut.done():
-                    fut.set_exception(RuntimeError("the planner process exited"))
+                    fut.set_exception(PlannerExited(f"the planner process exited (pid {self._proc.pid})"))
             self._pending.clear()
 
     def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
+        """Stop the child now; never waits on the caller's thread longer than a kill."""
+        with self._lock:
+            self._closed = True
+        self._outbox.put(None)
         try:
             self._conn.close()
         except OSError:
             pass
-        self._proc.terminate()
-        try:
+        self._proc.kill()
+        if wait:
             self._proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
+        else:
+            # reap it off the caller's thread, so no zombie is left behind
+            threading.Thread(target=self._proc.wait, name="eplb-planner-reap", daemon=True).start()
 
 
 def child(fd: int) -> None:

@@ -1,46 +1,90 @@
-"""The balancer's state machine: every state and transition, in one table.
+"""The balancer's state machine: every state, phase and transition, in one table.
 
     idle -> collecting -> planning -> syncing -> transferring(layer k) -> idle
 
-The machine is advanced by `Balancer.tick()`, once per forward pass (dummy
-passes included). Every trigger below fires at the same pass number on every
-rank of the expert-parallel group, because each one is decided either from the
-pass counter alone or from the result of an agreement round that every rank
-reads at the same pass (DESIGN invariant 1). None is fired from a rank-local
-event such as the planner thread finishing.
+The five top-level states are what operators see (/metrics, logs). Planning and
+transferring have phases (nested states of `transitions`, named parent_child):
+
+  planning_reducing     the window's load all-reduce is in flight
+  planning_waiting      the plan is being computed; readiness rounds until every rank has it
+  transferring_moving   a step's expert weights are in flight (polled, never waited for)
+  transferring_voting   the step's commit vote is in flight
+
+The machine is advanced once per forward pass by `Balancer.tick()`. Every trigger
+fires at the same pass number on every rank of the expert-parallel group, because
+each one is decided either from the pass clock alone or from the result of an
+agreement round that every rank reads at the same pass (DESIGN invariant 1).
+None is fired from a rank-local event such as the planner finishing or a copy
+landing: such news travels in the rank's next vote. DECIDED_BY says, for each
+trigger, what decides it; it is the column the diagram in docs/architecture.md
+shows beside each arrow.
 """
 
 from __future__ import annotations
 
-from transitions import Machine
+from transitions.extensions import HierarchicalMachine
 
-STATES = ["idle", "collecting", "planning", "syncing", "transferring"]
+TOP_STATES = ["idle", "collecting", "planning", "syncing", "transferring"]
+
+STATES = [
+    {"name": "idle", "on_enter": "_on_enter_idle"},  # end-of-cycle work: record, reset, schedule next
+    "collecting",
+    {"name": "planning", "children": ["reducing", "waiting"]},
+    "syncing",
+    {"name": "transferring", "children": ["moving", "voting"]},
+]
 
 ACTIVE = ["collecting", "planning", "syncing", "transferring"]
 
-# trigger,           source,                  dest,           decided by
+# trigger,           source,                 dest
 TRANSITIONS = [
-    ["start_collecting", "idle", "collecting"],  # pass counter reaches the cycle's start
-    ["start_planning", "collecting", "planning"],  # pass counter: the window is full
-    ["plan_agreed", "planning", "syncing"],  # readiness round: every rank has a plan
-    ["start_transfer", "syncing", "transferring"],  # digest round: same plan everywhere, worth moving
-    ["next_layer", "transferring", "transferring"],  # commit round: layers committed, more to move
-    ["finish", "transferring", "idle"],  # commit round: last layer committed
-    ["skip", ["planning", "syncing"], "idle"],  # digest round: gain below the threshold
-    ["abort", ACTIVE, "idle"],  # a round reported a failure on some rank, or a round failed
+    ["start_collecting", "idle", "collecting"],
+    ["window_full", "collecting", "planning_reducing"],
+    ["load_reduced", "planning_reducing", "planning_waiting"],
+    ["plan_pending", "planning_waiting", "planning_waiting"],
+    ["plan_agreed", "planning_waiting", "syncing"],
+    ["skip", "syncing", "idle"],
+    ["start_transfer", "syncing", "transferring_moving"],
+    ["data_polled", "transferring_moving", "transferring_voting"],
+    ["data_pending", "transferring_voting", "transferring_moving"],
+    ["next_layer", "transferring_voting", "transferring_moving"],
+    ["finish", "transferring_voting", "idle"],
+    ["abort", ACTIVE, "idle"],
 ]
 
+DECIDED_BY = {
+    "start_collecting": "pass clock: the cycle's start",
+    "window_full": "pass clock: window_size passes collected; load all-reduce posted",
+    "load_reduced": "load round read: plan submitted, readiness round posted",
+    "plan_pending": "readiness round: a rank is still planning; posted again",
+    "plan_agreed": "readiness round: every rank has its plan; digest round posted",
+    "skip": "digest round: gain below improvement_threshold",
+    "start_transfer": "digest round: same plan everywhere, worth moving; first step started",
+    "data_polled": "pass clock: one pass after the step started; commit vote posted (ready or not)",
+    "data_pending": "commit round: a rank is still receiving; polled again",
+    "next_layer": "commit round: every rank ready; layers committed, next step started",
+    "finish": "commit round: every rank ready; last layers committed",
+    "abort": "any round carrying a fault (planner, transfer, timeout, bug) from any rank",
+}
 
-def attach_machine(model, on_change) -> Machine:
-    """Make `model` the machine's model: it gains `state` and one method per trigger.
+SEPARATOR = "_"
 
-    `on_change(event)` runs after every transition (the reflexive next_layer too)."""
-    return Machine(
+
+def top_state(phase: str) -> str:
+    """'planning_waiting' -> 'planning'."""
+    return phase.split(SEPARATOR, 1)[0]
+
+
+def attach_machine(model, on_change) -> HierarchicalMachine:
+    """Make `model` the machine's model: it gains `phase` (the full nested state) and one
+    method per trigger. `on_change(event)` runs after every transition (reflexive ones too)."""
+    return HierarchicalMachine(
         model=model,
         states=STATES,
         transitions=TRANSITIONS,
         initial="idle",
         auto_transitions=False,
         send_event=True,
+        model_attribute="phase",
         after_state_change=on_change,
     )

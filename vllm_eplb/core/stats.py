@@ -1,16 +1,23 @@
-"""Figures the balancer exposes (for /metrics, logs and tests)."""
+"""Figures the balancer exposes (for /metrics, logs and tests). Every history is bounded:
+a server runs for months."""
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+KEEP = 1000  # entries kept of each per-event history
+
+
+def _history(n: int = KEEP):
+    return field(default_factory=lambda: deque(maxlen=n))
+
 
 @dataclass(frozen=True)
 class TransitionRecord:
     pass_no: int
     trigger: str
-    source: str
+    source: str  # top-level states
     dest: str
     layer: int  # next layer to move while transferring, else -1
     reason: str = ""
@@ -22,10 +29,13 @@ class BalancerStats:
     cycles_completed: int = 0
     cycles_skipped: Counter = field(default_factory=Counter)  # reason -> count
     cycles_aborted: Counter = field(default_factory=Counter)  # reason -> count
+    last_abort: str = ""  # "reason (rank r, pass p): detail" of the last abort
+    local_faults: Counter = field(default_factory=Counter)  # reason -> faults raised on this rank
     last_plan_seconds: float = 0.0
-    plan_seconds: list[float] = field(default_factory=list)
+    plans_total: int = 0
+    plan_seconds: deque = _history()
     balancedness_observed: float = float("nan")  # measured over the last window
-    observed_history: list[tuple[int, float]] = field(default_factory=list)  # (window end pass, observed)
+    observed_history: deque = _history()  # (window end pass, observed)
     balancedness_current: float = float("nan")  # predicted for the placement in force (same load)
     balancedness_predicted: float = float("nan")  # predicted for the last plan
     # predicted for the placement the server started with, on the last window's load:
@@ -37,8 +47,15 @@ class BalancerStats:
     bytes_moved: int = 0  # bytes this rank received
     bytes_sent: int = 0
     last_layer_transfer_seconds: float = 0.0
-    transfer_seconds: list[float] = field(default_factory=list)  # per committed step
-    transfer_layers: list[int] = field(default_factory=list)  # layers of each committed step
+    steps_total: int = 0
+    transfer_seconds: deque = _history()  # per committed step
+    transfer_layers: deque = _history()  # layers of each committed step
     max_staging_bytes: int = 0
-    cycle_passes: list[int] = field(default_factory=list)  # window end -> placement fully live
-    history: deque = field(default_factory=lambda: deque(maxlen=100_000))
+    cycle_passes: deque = _history()  # window end -> placement fully live
+    # the driver's ticks against the pass clock: extra ticks are ignored, missed ones
+    # caught up before the next forward pass (both harmless, both reported)
+    extra_ticks: int = 0
+    missed_ticks: int = 0
+    skew_rounds: int = 0  # rounds in which some rank reported tick skew
+    planner_restarts: int = 0
+    history: deque = _history(100_000)

@@ -86,6 +86,7 @@ class EplbConfig(BaseModel):
     agreement_timeout_s: float = _core("agreement_timeout_s")
     planning_timeout_s: float = _core("planning_timeout_s")
     transfer_timeout_s: float = _core("transfer_timeout_s")
+    planner_max_restarts: int = _core("planner_max_restarts")
     transfer_backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = Field(
         "auto", description="How expert weights move: 'auto' picks gloo on CPU, CUDA IPC on GPU within a node, IPC + NCCL across nodes; 'gloo' on GPU stages through pinned host memory."
     )

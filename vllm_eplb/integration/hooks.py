@@ -16,6 +16,7 @@ plugin (API server, engine core, workers), so each hook is installed everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -228,23 +229,21 @@ def hook_cpu_runner() -> None:
 
 
 class no_load_recording:
-    """Context: dummy passes (DP padding, warm-up) tick like any pass, so ranks stay in
-    step, but their made-up tokens must not count as load."""
+    """Context around a runner's dummy pass (DP padding, warm-up): it counts on the pass
+    clock like any pass, so ranks stay in step, but its made-up tokens are no load
+    (VllmEplbState.dummy_pass)."""
 
     def __init__(self, runner):
         from .runner_state import VllmEplbState
 
         state = getattr(runner, "eplb_state", None)
-        self.flag = state.should_record if isinstance(state, VllmEplbState) else None
+        self._ctx = state.dummy_pass() if isinstance(state, VllmEplbState) else contextlib.nullcontext()
 
     def __enter__(self):
-        if self.flag is not None:
-            self.was = self.flag.clone()
-            self.flag.fill_(False)
+        return self._ctx.__enter__()
 
     def __exit__(self, *exc):
-        if self.flag is not None:
-            self.flag.copy_(self.was)
+        return self._ctx.__exit__(*exc)
 
 
 def hook_dummy_runs() -> None:

@@ -146,12 +146,14 @@ class BalancerMetrics:
                 d = self._delta((outcome, reason), n)
                 if d:
                     m.CYCLES.labels(r, outcome, reason).inc(d)
-        for t in s.plan_seconds[self._plans :]:
+        # the histories are bounded: the totals say how many entries are new
+        for t in _newest(s.plan_seconds, s.plans_total - self._plans):
             m.PLAN_SECONDS.labels(r).observe(t)
-        self._plans = len(s.plan_seconds)
-        for t, layers in zip(s.transfer_seconds[self._steps :], s.transfer_layers[self._steps :]):
+        self._plans = s.plans_total
+        new_steps = s.steps_total - self._steps
+        for t, layers in zip(_newest(s.transfer_seconds, new_steps), _newest(s.transfer_layers, new_steps)):
             m.LAYER_TRANSFER_SECONDS.labels(r).observe(t / max(1, layers))
-        self._steps = len(s.transfer_seconds)
+        self._steps = s.steps_total
         for counter, key, value in (
             (m.BYTES, "bytes", s.bytes_moved),
             (m.EXPERTS, "experts", s.experts_moved),
@@ -165,6 +167,11 @@ class BalancerMetrics:
             m.AGREEMENT_WAIT.labels(r).inc(w - self._wait)
             self._wait = w
         m.STAGING.labels(r).set(s.max_staging_bytes)
+
+
+def _newest(history, n: int) -> list:
+    """The last n entries of a bounded history (fewer if it dropped some)."""
+    return list(history)[-n:] if n > 0 else []
 
 
 BRIDGE_DIR = "EPLB_METRICS_DIR"

@@ -6,10 +6,21 @@ device)`, then `add_model(model, model_config)` after the weights are loaded,
 `prepare_forward(...)` before each forward pass and `step(is_dummy, is_profile,
 log_stats)` after each pass, dummy passes included. This class keeps that
 interface and drives the vllm-eplb `Balancer` instead: `step` is one `tick()`.
+
+The pass clock is the number of forward passes this runner started, counted where
+they start: `prepare_forward` (every real pass of the V1 runner, generate, pooling
+and every pipeline stage alike) and `dummy_pass` (the runner's dummy passes: DP
+padding on idle ranks, warm-up). The MoE collectives pair the k-th forward pass of
+every rank of the EP group, so this count is the same on every rank at the same
+pass. Before each pass the balancer catches up on passes whose `step` never came
+(pooling models and non-last pipeline stages never call it), so what was decided
+for pass p is in force before pass p + 1 on every rank.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import time
 from datetime import timedelta
@@ -26,8 +37,8 @@ from .config import EplbConfig, published
 log = logging.getLogger("vllm.eplb")
 
 
-def _ep_subgroups(timeout_s: float, count: int, backend: str = "gloo"):
-    """`count` new groups (gloo by default) over this rank's expert-parallel group.
+def _ep_subgroups(timeouts_s: list[float], backend: str = "gloo"):
+    """One new group (gloo by default) over this rank's expert-parallel group per timeout.
 
     torch.distributed.new_group is collective over the whole world, so every
     process creates the groups of every EP group, in the same order."""
@@ -39,7 +50,7 @@ def _ep_subgroups(timeout_s: float, count: int, backend: str = "gloo"):
     dist.all_gather_object(everyone, list(ep.ranks), group=world.cpu_group)
     all_groups = sorted({tuple(r) for r in everyone})
     mine = []
-    for _ in range(count):
+    for timeout_s in timeouts_s:
         for ranks in all_groups:
             g = (
                 new_gloo_group(list(ranks), timeout_s)
@@ -65,6 +76,9 @@ class VllmEplbState:
         self.should_record: torch.Tensor | None = None
         self._model_hash = None
         self.step_ns = 0  # time spent in step() (tick + metrics), for the overhead figures
+        self.forwards = 0  # the pass clock: forward passes started
+        self._counts_forwards = False  # set by the first prepare_forward/dummy_pass
+        self._metrics_failures = 0
 
     # ---- called by the runner once the weights are loaded
     def add_model(self, model, model_config) -> None:
@@ -73,7 +87,8 @@ class VllmEplbState:
             return
         cfg = self.config = self._resolve_config()
         bcfg = cfg.balancer_config()
-        ep, (agreement_group, transfer_group) = _ep_subgroups(max(bcfg.agreement_timeout_s, bcfg.transfer_timeout_s), 2)
+        # Each group times out on its own bound: a round wait is agreement_timeout_s at most.
+        ep, (agreement_group, transfer_group) = _ep_subgroups([bcfg.agreement_timeout_s, bcfg.transfer_timeout_s])
         layers = model.num_moe_layers
         topo = Topology(ep.world_size, model.num_logical_experts, model.num_physical_experts, _ranks_per_node(ep))
         placement = default_placement(topo, layers)
@@ -83,13 +98,19 @@ class VllmEplbState:
         self._share_layer_tensors(model)
 
         weights = model.expert_weights  # [layer][tensor], each (local slots, -1), aliasing the parameters
-        layout = MoELayout(topo, layers, pass_load, maps, lambda layer: list(weights[layer]), record_flag=self.should_record)
+        layout = MoELayout(
+            topo, layers, pass_load, maps, lambda layer: list(weights[layer]),
+            record_flag=self.should_record, max_pass_tokens=_max_pass_tokens(model_config),
+        )
         backend = make_backend(
             cfg.resolved_backend(), self.device, topo, ep.rank_in_group, layout.weights_of, layers,
             gloo_group=transfer_group, cpu_group=agreement_group,
-            nccl_group=lambda: _ep_subgroups(bcfg.transfer_timeout_s, 1, backend="nccl")[1][0],
+            nccl_group=lambda: _ep_subgroups([bcfg.transfer_timeout_s], backend="nccl")[1][0],
         )
-        self.balancer = Balancer(bcfg, layout, Comm(ep.rank_in_group, ep.world_size, agreement_group, backend))
+        self.balancer = Balancer(
+            bcfg, layout, Comm(ep.rank_in_group, ep.world_size, agreement_group, backend), clock=lambda: self.forwards
+        )
+        atexit.register(self.shutdown)  # the planner process and the backend's threads
         if cfg.initial_placement_path:
             rec = records.load(cfg.initial_placement_path)
             records.check_matches(rec, cfg.initial_placement_path, layers, topo.num_logical, topo.num_physical, topo.num_ranks)
@@ -143,7 +164,34 @@ class VllmEplbState:
                 ls.num_unpadded_tokens_tensors = self.num_unpadded_tokens
 
     # ---- called around every forward pass
+    def _forward_starts(self) -> None:
+        """A forward pass is about to run: catch up on passes whose step never came,
+        then advance the clock."""
+        self._counts_forwards = True
+        if self.balancer is not None:
+            t0 = time.perf_counter_ns()
+            self.balancer.catch_up()
+            self.step_ns += time.perf_counter_ns() - t0
+        self.forwards += 1
+
+    @contextlib.contextmanager
+    def dummy_pass(self):
+        """Around a dummy forward pass (DP padding, warm-up): it counts on the pass clock,
+        like any pass every rank runs in step, but its made-up tokens are no load. The
+        suppression is its own bit of the record gate, so a tick inside the dummy pass
+        that opens or closes the window is not undone when the pass ends."""
+        gate = self.balancer.window.gate if self.balancer is not None else None
+        if gate is not None:
+            gate.suppress()
+        try:
+            self._forward_starts()
+            yield
+        finally:
+            if gate is not None:
+                gate.release()
+
     def prepare_forward(self, model_config, num_unpadded_tokens: int, ubatch_slices=None) -> None:
+        self._forward_starts()
         if not self.num_unpadded_tokens:
             return
         if ubatch_slices is None:
@@ -157,11 +205,21 @@ class VllmEplbState:
         # The profiling pass at start-up is not a serving pass; every rank skips it alike.
         if self.balancer is None or is_profile:
             return
+        if not self._counts_forwards:
+            # This runner reports no forward passes (a path without prepare_forward or a
+            # wrapped dummy run): the clock follows its steps, as upstream's EPLB does.
+            self.forwards += 1
         n = self.balancer.transitions_total
         t0 = time.perf_counter_ns()
         self.balancer.tick()
         if self.metrics is not None:
-            self.metrics.update(self.balancer, transitioned=self.balancer.transitions_total != n)
+            try:
+                self.metrics.update(self.balancer, transitioned=self.balancer.transitions_total != n)
+            except Exception as exc:  # an exporter bug must not stop serving; the cycle ends by vote
+                self._metrics_failures += 1
+                if self._metrics_failures == 1:
+                    log.exception("vllm-eplb: metrics update failed")
+                self.balancer.report_fault("metrics_error", exc)
         self.step_ns += time.perf_counter_ns() - t0
 
     # ---- parts of upstream's interface vllm-eplb has no use for
@@ -175,8 +233,23 @@ class VllmEplbState:
         return None
 
     def shutdown(self) -> None:
-        if self.balancer is not None:
-            self.balancer.shutdown()
+        balancer, self.balancer = self.balancer, None
+        if balancer is not None:
+            balancer.shutdown()
+
+
+def _max_pass_tokens(model_config) -> int:
+    """Most expert-token loads one pass can record (tokens x top-k), for the window's
+    overflow check; 0 if vLLM's config does not say."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        tokens = get_current_vllm_config().scheduler_config.max_num_batched_tokens
+        hf = model_config.hf_text_config if model_config is not None else None
+        top_k = next((getattr(hf, k) for k in ("num_experts_per_tok", "moe_topk", "top_k") if getattr(hf, k, None)), 0)
+        return int(tokens) * int(top_k)
+    except Exception:
+        return 0
 
 
 def _ranks_per_node(ep) -> int:

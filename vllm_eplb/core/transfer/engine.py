@@ -37,6 +37,7 @@ class InFlightStep:
     started: float
     received: dict | None = None
     result: StepResult | None = None
+    local: list[dict] | None = None  # per job: expert -> snapshot of its old local slot
 
 
 @dataclass
@@ -62,7 +63,8 @@ class TransferEngine:
         return InFlightStep(jobs, handle, time.perf_counter())
 
     def finish(self, step: InFlightStep) -> StepResult:
-        """Wait for this rank's data. Raises TransferError."""
+        """Wait for this rank's data and prepare its commit. Raises TransferError (or an
+        allocation error from prepare)."""
         received = step.handle.wait()
         for job in step.jobs:
             for t in job.plan.part(self.rank).recvs:
@@ -82,18 +84,24 @@ class TransferEngine:
             [j.plan.layer for j in step.jobs], n_recv, b_recv, b_sent, step.handle.staging_bytes, seconds,
             step.handle.device_seconds(),
         )
+        self.prepare(step)
         return step.result
 
-    def commit(self, step: InFlightStep) -> None:
-        """Write staged and locally copied experts into their slots."""
-        assert step.received is not None, "commit before finish"
+    def prepare(self, step: InFlightStep) -> None:
+        """Everything the commit allocates, done before the commit vote: snapshots of
+        local sources (a slot copied from may itself be overwritten). After this, commit
+        only copies into existing memory, so it cannot fail part-way."""
+        assert step.received is not None, "prepare before finish"
+        step.local = []
         for job in step.jobs:
             part = job.plan.part(self.rank)
-            if not part.writes:
-                continue
-            # Snapshot local sources first: a slot copied from may itself be overwritten.
-            local = {e: [w[s].clone() for w in job.weights] for e, s in part.local_sources.items()}
-            for slot, e in part.writes.items():
+            step.local.append({e: [w[s].clone() for w in job.weights] for e, s in part.local_sources.items()})
+
+    def commit(self, step: InFlightStep) -> None:
+        """Write staged and locally copied experts into their slots (copies only)."""
+        assert step.local is not None, "commit before prepare"
+        for job, local in zip(step.jobs, step.local):
+            for slot, e in job.plan.part(self.rank).writes.items():
                 src = local.get(e) or step.received[(job.plan.layer, e)]
                 for w, t in zip(job.weights, src):
                     w[slot].copy_(t)
@@ -106,3 +114,4 @@ class TransferEngine:
             tot.bytes_sent += r.bytes_sent
             tot.max_staging_bytes = max(tot.max_staging_bytes, r.staging_bytes)
             tot.step_seconds.append(r.seconds)
+            del tot.step_seconds[:-1000]

@@ -1,0 +1,310 @@
+"""Fault doubles: what can go wrong on one rank, injected into a real balancer.
+
+Each fault names the rank it hits and when (a pass, or a cycle), and is installed by
+wrapping the real component on that rank only (policy, backend, planner, window,
+engine, maps, agreement), so everything around it runs unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from vllm_eplb.core import Balancer
+from vllm_eplb.core.policies import PlanInput, Policy
+from vllm_eplb.core.transfer import TransferBackend, TransferError, TransferHandle
+
+# Where an exception can be raised, and the state or phase it hits.
+RAISE_POINTS = {
+    "window_reset": ("window", "reset"),  # idle -> collecting
+    "snapshot": ("window", "snapshot_to_host"),  # collecting -> planning
+    "load_copy": ("snapshot", "wait"),  # planning_reducing: the window's copy to host
+    "plan_submit": ("planner", "submit"),  # planning_reducing
+    "plan_result": ("planner", "result"),  # planning_waiting
+    "step_start": ("engine", "start"),  # syncing -> transferring, and every later step
+    "step_finish": ("engine", "finish"),  # transferring_moving
+    "commit_prepare": ("engine", "prepare"),  # transferring: the commit's allocations
+    "stage_maps": ("maps", "stage_layer"),  # transferring: the maps' allocations
+}
+
+
+@dataclass
+class Faults:
+    planner_error: tuple[int, int] | None = None  # (rank, call): the policy raises on that call on that rank
+    transfer_error: tuple[int, int, int] | None = None  # (rank, cycle, step): that step fails on that rank
+    slow_planner: tuple[int, float] | None = None  # (rank, seconds): the policy sleeps first
+    slow_once: bool = False  # slow_planner sleeps in the first plan only (of this run)
+    divergent_plan: int | None = None  # rank whose policy returns a different (valid) plan
+    config_override: tuple[int, dict] | None = None  # (rank, BalancerConfig fields) differing on that rank
+    slow_transfer: tuple[int, int] | None = None  # (rank, polls): each step reports not done for that many polls
+    # Faults timed by a phase: they fire once, after the first forward pass this rank
+    # runs in that phase (e.g. "planning_waiting") during cycle 1.
+    tick_offset: tuple[int, str, int] | None = None  # (rank, phase, k): k extra ticks then, or -k ticks missed from then
+    kill_planner: tuple[int, str] | None = None  # (rank, phase): SIGKILL the planner process then
+    metrics_error: tuple[int, str] | None = None  # (rank, phase): the metrics exporter raises then
+    raise_at: tuple[int, str, int, str, int] | None = None  # (rank, RAISE_POINTS key, cycle, "error" | "oom", nth call)
+    late_round: tuple[int, int, float] | None = None  # (rank, n, seconds): this rank posts its n-th round late
+
+
+class PhaseTrigger:
+    """Fires once for (rank, phase) faults: the first pass this rank runs in `phase` in cycle 1."""
+
+    def __init__(self, spec, rank: int):
+        self.phase = spec[1] if spec is not None and spec[0] == rank else None
+        self.fired_at = None
+
+    def fires(self, balancer: Balancer) -> bool:
+        if self.phase is None or self.fired_at is not None:
+            return False
+        if balancer.phase == self.phase and balancer.stats.cycles_started <= 1:
+            self.fired_at = balancer.pass_no
+            return True
+        return False
+
+
+class TickSchedule:
+    """How many times the driver ticks after each pass (1 unless a tick offset hits this rank)."""
+
+    def __init__(self, faults: Faults, rank: int):
+        self.trigger = PhaseTrigger(faults.tick_offset, rank)
+        self.k = faults.tick_offset[2] if self.trigger.phase else 0
+        self.missing = 0
+
+    def ticks(self, balancer: Balancer) -> int:
+        if self.trigger.fires(balancer):
+            if self.k >= 0:
+                return 1 + self.k
+            self.missing = -self.k
+        if self.missing:
+            self.missing -= 1
+            return 0
+        return 1
+
+
+# ---------------------------------------------------------------- policies
+
+
+class FailingPolicy(Policy):
+    def __init__(self, inner: Policy, fail_on_call: int):
+        self.inner, self.fail_on_call, self.calls = inner, fail_on_call, 0
+        self.name = inner.name
+
+    def place(self, inp: PlanInput):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError(f"injected planner failure (call {self.calls})")
+        return self.inner.place(inp)
+
+
+class SlowPolicy(Policy):
+    """Sleeps before planning; with `marker`, only while that file does not exist yet (the
+    policy travels pickled to a planner process, so a counter would not survive)."""
+
+    def __init__(self, inner: Policy, seconds: float, marker: str | None = None):
+        self.inner, self.seconds, self.marker, self.name = inner, seconds, marker, inner.name
+
+    def place(self, inp: PlanInput):
+        if self.marker is None or not os.path.exists(self.marker):
+            if self.marker is not None:
+                open(self.marker, "w").close()
+            time.sleep(self.seconds)
+        return self.inner.place(inp)
+
+
+class DivergentPolicy(Policy):
+    """Swaps the experts of the first two ranks' first slots: valid, balanced the same, different."""
+
+    def __init__(self, inner: Policy):
+        self.inner, self.name = inner, inner.name
+
+    def place(self, inp: PlanInput):
+        out = self.inner.place(inp).copy()
+        s = inp.topo.slots_per_rank
+        out[:, [0, s]] = out[:, [s, 0]]
+        return out
+
+
+def wrap_policy(policy: Policy, faults: Faults, rank: int) -> Policy:
+    if faults.planner_error and faults.planner_error[0] == rank:
+        policy = FailingPolicy(policy, faults.planner_error[1])
+    if faults.slow_planner and faults.slow_planner[0] == rank:
+        marker = None
+        if faults.slow_once:
+            import tempfile
+
+            marker = os.path.join(tempfile.mkdtemp(prefix="eplb-slow-"), "planned")
+        policy = SlowPolicy(policy, faults.slow_planner[1], marker)
+    if faults.divergent_plan == rank:
+        policy = DivergentPolicy(policy)
+    return policy
+
+
+# ---------------------------------------------------------------- transfer backends
+
+
+class FailingHandle(TransferHandle):
+    def __init__(self, inner: TransferHandle):
+        self.inner = inner
+
+    def done(self):
+        return self.inner.done()
+
+    def wait(self):
+        self.inner.wait()  # complete the real sends/receives so peers are not left hanging
+        raise TransferError("injected transfer failure")
+
+    @property
+    def staging_bytes(self):
+        return self.inner.staging_bytes
+
+
+class SlowHandle(TransferHandle):
+    """Reports not done for the first `polls` polls, as a copy slower than a pass would."""
+
+    def __init__(self, inner: TransferHandle, polls: int):
+        self.inner, self.polls = inner, polls
+
+    def done(self):
+        if self.polls > 0:
+            self.polls -= 1
+            return False
+        return self.inner.done()
+
+    def wait(self):
+        return self.inner.wait()
+
+    @property
+    def staging_bytes(self):
+        return self.inner.staging_bytes
+
+
+class WrappedBackend(TransferBackend):
+    def __init__(self, inner: TransferBackend, wrap_handle):
+        self.inner, self.wrap_handle, self.name = inner, wrap_handle, inner.name
+
+    def prepare(self, weights, max_step_bytes):
+        self.inner.prepare(weights, max_step_bytes)
+
+    def start(self, jobs, rank):
+        return self.wrap_handle(self.inner.start(jobs, rank))
+
+    def close(self):
+        self.inner.close()
+
+
+def wrap_backend(backend: TransferBackend, faults: Faults, rank: int, balancer_ref: list) -> TransferBackend:
+    if faults.transfer_error and faults.transfer_error[0] == rank:
+        _, cycle, step = faults.transfer_error
+        seen: dict[int, int] = {}
+
+        def failing(handle):
+            c = balancer_ref[0].stats.cycles_started
+            seen[c] = seen.get(c, 0) + 1
+            return FailingHandle(handle) if (c, seen[c]) == (cycle, step) else handle
+
+        backend = WrappedBackend(backend, failing)
+    if faults.slow_transfer and faults.slow_transfer[0] == rank:
+        polls = faults.slow_transfer[1]
+        backend = WrappedBackend(backend, lambda h: SlowHandle(h, polls))
+    return backend
+
+
+# ---------------------------------------------------------------- the balancer's parts
+
+
+def install(balancer: Balancer, faults: Faults, rank: int) -> None:
+    """Wrap this rank's balancer components for the faults that hit it."""
+    if faults.raise_at and faults.raise_at[0] == rank:
+        _, point, cycle, kind, nth = faults.raise_at
+        owner_name, method = RAISE_POINTS[point]
+        fired, calls = [], [0]
+
+        def wrap(original):
+            def raising(*args, **kwargs):
+                if not fired and balancer.stats.cycles_started == cycle:
+                    calls[0] += 1
+                if not fired and calls[0] == nth:
+                    fired.append(balancer.pass_no)
+                    if kind == "oom":
+                        raise torch.OutOfMemoryError(f"injected out of memory in {point}")
+                    raise RuntimeError(f"injected error in {point}")
+                return original(*args, **kwargs)
+
+            return raising
+
+        if owner_name == "snapshot":  # a new object every window: wrap the one handed out
+            take = balancer.window.snapshot_to_host
+
+            def snapshot_to_host():
+                snap = take()
+                snap.wait = wrap(snap.wait)
+                return snap
+
+            balancer.window.snapshot_to_host = snapshot_to_host
+        else:
+            owner = balancer.layout.maps if owner_name == "maps" else getattr(balancer, owner_name)
+            setattr(owner, method, wrap(getattr(owner, method)))
+    if faults.late_round and faults.late_round[0] == rank:
+        _, n, seconds = faults.late_round
+        _delay_round(balancer, n, seconds)
+
+
+class _LateWork:
+    """A collective posted from a timer thread `seconds` after it was due."""
+
+    def __init__(self, post, seconds: float):
+        self._work = None
+        self._posted = threading.Event()
+
+        def later():
+            time.sleep(seconds)
+            self._work = post()
+            self._posted.set()
+
+        threading.Thread(target=later, daemon=True).start()
+
+    def is_completed(self) -> bool:
+        return self._posted.is_set() and self._work.is_completed()
+
+    def wait(self, timeout=None):
+        t0 = time.monotonic()
+        limit = timeout.total_seconds() if timeout is not None else None
+        if not self._posted.wait(limit):
+            raise TimeoutError("round not posted in time")
+        if limit is None:
+            return self._work.wait()
+        return self._work.wait(timeout=timedelta(seconds=max(0.001, limit - (time.monotonic() - t0))))
+
+
+def _delay_round(balancer: Balancer, n: int, seconds: float) -> None:
+    """This rank posts its n-th agreement round `seconds` late, from a thread, as a
+    stuck gloo thread or a descheduled process would."""
+    import torch.distributed as dist
+
+    from vllm_eplb.core.agreement import Round
+
+    agreement = balancer.agreement
+    original = agreement.post
+    count = [0]
+
+    def post_late(values, pass_no, op=dist.ReduceOp.MIN, layout=None):
+        count[0] += 1
+        if count[0] != n:
+            return original(values, pass_no, op, layout)
+        tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
+        work = _LateWork(lambda: dist.all_reduce(tensor, op=op, group=agreement.group, async_op=True), seconds)
+        return Round(tensor, work, pass_no, pass_no + agreement.lag, agreement, layout)
+
+    agreement.post = post_late
+
+
+def kill_planner(balancer: Balancer) -> int:
+    pid = balancer.planner.pid
+    os.kill(pid, signal.SIGKILL)
+    return pid
