@@ -13,7 +13,8 @@ runs three phases in order, each bounded in time, and the tests below read what 
   idle     one request at a time: one DP rank idle; both ranks' pass counters, states and
            cycle counts read from /metrics between requests, until a cycle completes
   load     200 clients in flight at once, looping, until 3 more cycles complete
-  kill     the planner process of one worker SIGKILLed while a cycle collects, under load
+  kill     under load, one worker's planner process SIGKILLed mid-cycle twice: while the
+           cycle collects (between plans), then with the window's plan in flight
 
 Plus the gloo all_gatherv / reduce_scatterv that make this shape run (cpu_dp.py), checked
 against plain torch on 2 real gloo ranks."""
@@ -300,49 +301,91 @@ def _planner_processes(s: Server) -> list:
     return found
 
 
+def _wait_metrics(s: Server, until, timeout: float, poll: float = 0.05) -> dict:
+    """Scrape until `until(metrics)` holds; the last scrape either way."""
+    deadline = time.monotonic() + timeout
+    ms = s.metrics()
+    while not until(ms) and time.monotonic() < deadline:
+        time.sleep(poll)
+        ms = s.metrics()
+    return ms
+
+
+def _in_state(state: str, rank: int = 0):
+    return lambda ms: metric(ms, "vllm:eplb_state", rank=rank, state=state) == 1
+
+
+def _outcomes(ms: dict, outcome: str) -> list[float]:
+    return [_total(ms, "vllm:eplb_cycles_total", k, outcome=outcome) for k in (0, 1)]
+
+
+def _kill_case(s: Server, t0: float, stop_first: bool) -> dict:
+    """SIGKILL one worker's planner process mid-cycle, then wait (bounded) for a cycle
+    completed on both ranks after the kill, noting the aborts counted meanwhile.
+
+    stop_first=False: killed while the cycle collects (no plan in flight).
+    stop_first=True: SIGSTOPped while the cycle collects, so the window's plan is
+    submitted to a process that cannot answer; SIGKILLed once the cycle has been
+    planning for 3 agreement lags (the plan is in flight; planning_timeout_s is far)."""
+    lag = EPLB["agreement_lag"]
+    case = {"events": []}
+    victim = _planner_processes(s)[0]
+    ms = _wait_metrics(s, _in_state("collecting"), 120)
+    case["state_at_kill"] = [_counts(ms, k)["state"] for k in (0, 1)]
+    if stop_first:
+        os.kill(victim.pid, signal.SIGSTOP)
+
+        def planning_long(ms):
+            entered = metric(ms, "vllm:eplb_state_entered_pass", rank=0, state="planning") or 0
+            now = metric(ms, "vllm:eplb_pass", rank=0) or 0
+            return _in_state("planning")(ms) and now >= entered + 3 * lag
+
+        ms = _wait_metrics(s, planning_long, 120)
+        case["state_at_kill"] = [_counts(ms, k)["state"] for k in (0, 1)]
+    aborted0, completed0 = _outcomes(ms, "aborted"), _outcomes(ms, "completed")
+    os.kill(victim.pid, signal.SIGKILL)
+    case["killed"] = victim.pid
+    case["events"].append(f"planner {victim.pid} killed at {time.monotonic() - t0:.1f} s in {case['state_at_kill']}")
+    # bounds a broken run: with the fault contained, an abort is read within two rounds
+    # and the next cycle starts step_interval passes later (seconds here)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        ms = s.metrics()
+        aborted = [a - b for a, b in zip(_outcomes(ms, "aborted"), aborted0)]
+        completed = [a - b for a, b in zip(_outcomes(ms, "completed"), completed0)]
+        if min(aborted) >= 1 and "aborted" not in case:
+            case["events"].append(f"abort on both ranks at {time.monotonic() - t0:.1f} s")
+            case["aborted"] = aborted
+            completed0 = _outcomes(ms, "completed")  # a cycle completed after the abort
+            continue
+        if min(completed) >= 1:
+            case["events"].append(f"a later cycle completed on both ranks at {time.monotonic() - t0:.1f} s")
+            break
+    case.update(
+        aborted_total=[a - b for a, b in zip(_outcomes(ms, "aborted"), aborted0)],
+        completed_after=[a - b for a, b in zip(_outcomes(ms, "completed"), completed0)],
+        reasons=sorted(
+            {dict(ls).get("reason") for (n, ls), v in ms.items() if n == "vllm:eplb_cycles_total" and dict(ls).get("outcome") == "aborted"}
+        ),
+        enabled=[metric(ms, "vllm:eplb_enabled", rank=k) for k in (0, 1)],
+        planners_after=[p.pid for p in _planner_processes(s)],
+    )
+    return case
+
+
 def _phase_kill(s: Server, r: dict) -> None:
-    """Under light load, SIGKILL one worker's planner process while the cycle collects;
-    then wait for an aborted cycle on both ranks and a cycle completed after it."""
+    """Under light load, one worker's planner process killed mid-cycle, twice: between
+    plans (collecting), then with the window's plan in flight (planning)."""
     clients = Clients(s, 4, greedy=True).start()
-    res = r["kill"] = {"events": [], "clients": clients}
+    res = r["kill"] = {"clients": clients, "planners_before": [p.pid for p in _planner_processes(s)]}
     t0 = time.monotonic()
     try:
-        planners = _planner_processes(s)
-        res["planners_before"] = [(p.pid, p.ppid()) for p in planners]
-        deadline = t0 + 120
-        ms = s.metrics()
-        while time.monotonic() < deadline and metric(ms, "vllm:eplb_state", rank=0, state="collecting") != 1:
-            time.sleep(0.05)
-            ms = s.metrics()
-        res["state_at_kill"] = [_counts(ms, k)["state"] for k in (0, 1)]
-        aborted0 = [_total(ms, "vllm:eplb_cycles_total", k, outcome="aborted") for k in (0, 1)]
-        victim = planners[0]
-        os.kill(victim.pid, signal.SIGKILL)
-        res["killed"] = (victim.pid, victim.ppid())
-        res["killed_at"] = time.monotonic() - t0
-        # bounds a broken run: with the fault contained, the abort is read within two
-        # rounds and the next cycle starts step_interval passes later (seconds here)
-        deadline = time.monotonic() + 150
-        completed_at_abort = None
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            ms = s.metrics()
-            aborted = [_total(ms, "vllm:eplb_cycles_total", k, outcome="aborted") - aborted0[k] for k in (0, 1)]
-            completed = [_total(ms, "vllm:eplb_cycles_total", k, outcome="completed") for k in (0, 1)]
-            if completed_at_abort is None and min(aborted) >= 1:
-                completed_at_abort = completed
-                res["events"].append(f"abort seen on both ranks at {time.monotonic() - t0:.1f} s")
-            if completed_at_abort is not None and all(c > a for c, a in zip(completed, completed_at_abort)):
-                res["events"].append(f"a later cycle completed on both ranks at {time.monotonic() - t0:.1f} s")
-                break
-        res["aborted"] = aborted
-        res["completed_at_abort"] = completed_at_abort
-        res["completed"] = completed
-        res["final"] = ms
+        res["collecting"] = _kill_case(s, t0, stop_first=False)
+        res["plan_in_flight"] = _kill_case(s, t0, stop_first=True)
     finally:
         clients.stop()
-    res["seconds"] = time.monotonic() - t0
-    res["planners_after"] = [(p.pid, p.ppid()) for p in _planner_processes(s)]
+        res["seconds"] = time.monotonic() - t0
     res["after"] = [s.complete(p, max_tokens=MAX_TOKENS) for p in PROMPTS]
 
 
@@ -386,11 +429,14 @@ def summary(r: dict) -> str:
         )
     if "kill" in r:
         k, c = r["kill"], r["kill"]["clients"]
-        out.append(
-            f"kill: planners {k.get('planners_before')} -> {k.get('planners_after')}, killed {k.get('killed')} at "
-            f"{k.get('killed_at', 0):.1f} s in {k.get('state_at_kill')}; {k['events']}; {c.requests} requests "
-            f"({len(c.errors)} failed) in {k.get('seconds', 0):.0f} s"
-        )
+        for case in ("collecting", "plan_in_flight"):
+            if case in k:
+                x = k[case]
+                out.append(
+                    f"kill ({case}): {x['events']}; aborted {x.get('aborted_total')} ({x.get('reasons')}), "
+                    f"completed after {x.get('completed_after')}, planners {k['planners_before']} -> {x.get('planners_after')}"
+                )
+        out.append(f"kill: {c.requests} requests ({len(c.errors)} failed) in {k.get('seconds', 0):.0f} s")
     out += [f"{name} failed: {err.splitlines()[0]}" for name, err in r["failed"].items()]
     return "\n  ".join(out)
 
@@ -451,19 +497,27 @@ def test_dp_200_concurrent_requests_across_3_rebalances(dp_run, dp_off_outputs):
 
 
 def test_dp_planner_process_killed_mid_cycle(dp_run, dp_off_outputs):
-    """Serving goes on, both ranks count the abort, a later cycle completes."""
+    """Serving goes on through both kills. Killed between plans: a new planner process
+    serves the next plan, cycles keep completing. Killed with a plan in flight: both ranks
+    count the abort (outcome="aborted" on /metrics), and a later cycle completes."""
     kill = _phase(dp_run, "kill")
     c = kill["clients"]
     assert len(kill["planners_before"]) == 2, kill["planners_before"]
-    assert "collecting" in kill["state_at_kill"][0], kill["state_at_kill"]
     assert not c.errors, (len(c.errors), c.errors[:3])
     assert sum(c.done) >= 1
     assert kill["after"] == dp_off_outputs
     for i, out in c.outputs:
         assert out == dp_off_outputs[i], f"prompt {i} differs after the planner died"
-    report = f"{kill['events']}, aborted {kill['aborted']}, completed {kill['completed']} (at abort {kill['completed_at_abort']})"
-    assert min(kill["aborted"]) >= 1, report
-    assert kill["completed_at_abort"] is not None and all(
-        c > a for c, a in zip(kill["completed"], kill["completed_at_abort"])
-    ), report
-    assert metric(kill["final"], "vllm:eplb_enabled", rank=0) == metric(kill["final"], "vllm:eplb_enabled", rank=1) == 1
+
+    between = kill["collecting"]
+    assert "collecting" in between["state_at_kill"][0], between
+    assert min(between["completed_after"]) >= 1, between
+    assert between["killed"] not in between["planners_after"] and len(between["planners_after"]) == 2, between
+
+    in_flight = kill["plan_in_flight"]
+    assert "planning" in in_flight["state_at_kill"][0], in_flight
+    assert min(in_flight.get("aborted") or [0]) >= 1, in_flight
+    assert in_flight["aborted_total"][0] == in_flight["aborted_total"][1], in_flight
+    assert min(in_flight["completed_after"]) >= 1, in_flight
+    assert in_flight["enabled"] == [1, 1], in_flight
+    assert in_flight["killed"] not in in_flight["planners_after"] and len(in_flight["planners_after"]) == 2, in_flight
