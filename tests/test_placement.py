@@ -114,3 +114,13 @@ def test_routing_maps_on_int32_tensors():
     )
     maps.write_all(default_placement(topo, 1), topo)
     assert maps.replica_count.tolist() == [[2, 2, 1, 1]]
+
+
+def test_architecture_doc_shows_the_transition_table():
+    from pathlib import Path
+
+    from vllm_eplb.core.state_machine import table_markdown
+
+    doc = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    shown = doc.split("<!-- BEGIN TABLE -->\n")[1].split("<!-- END TABLE -->")[0].strip()
+    assert shown == table_markdown(), "docs/architecture.md's transition table differs from core/state_machine.py"

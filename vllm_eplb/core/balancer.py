@@ -516,6 +516,10 @@ class Balancer:
                     raise TransferError(f"step not complete after {self.config.transfer_timeout_s:g} s")
             ready = c.step_prepared
         except Exception as exc:
+            if isinstance(exc, TransferError) and exc.__cause__ is not None:
+                # the group itself failed (gloo tears its pairs down on a timeout or a
+                # lost peer): later steps on it would fail too, or pair stale messages
+                self._transfer_group_broken = True
             self._fault(self._fault_of(exc, Fault.TRANSFER_ERROR), exc)
         self._vote(COMMIT, p, ready=ready)
         self.data_polled()

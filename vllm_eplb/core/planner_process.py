@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -114,6 +115,9 @@ class ChildProcessExecutor:
 
 def child(fd: int) -> None:
     """The child's loop: run each call, send back its result or exception."""
+    # Ctrl-C reaches the whole process group; the child ends when its parent closes the
+    # socket, not on a signal meant for the server (which would print a traceback here).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
     while True:
         try:

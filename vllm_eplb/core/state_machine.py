@@ -88,3 +88,12 @@ def attach_machine(model, on_change) -> HierarchicalMachine:
         model_attribute="phase",
         after_state_change=on_change,
     )
+
+
+def table_markdown() -> str:
+    """The transition table as markdown rows, for docs/architecture.md (checked by a test)."""
+    rows = []
+    for trigger, source, dest in TRANSITIONS:
+        src = ", ".join(source) if isinstance(source, list) else source
+        rows.append(f"| `{trigger}` | {src} | {dest} | {DECIDED_BY[trigger]} |")
+    return "\n".join(rows)

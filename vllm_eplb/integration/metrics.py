@@ -124,7 +124,7 @@ class BalancerMetrics:
         s = balancer.stats
         new = balancer.transitions_total - self._transitions
         self._transitions = balancer.transitions_total
-        for rec in list(s.history)[-new:] if new > 0 else ():
+        for rec in _newest(s.history, new):
             m.STATE_ENTERED.labels(r, rec.dest).set(rec.pass_no)
         for state in STATES:
             m.STATE.labels(r, state).set(1 if balancer.state == state else 0)
@@ -170,8 +170,10 @@ class BalancerMetrics:
 
 
 def _newest(history, n: int) -> list:
-    """The last n entries of a bounded history (fewer if it dropped some)."""
-    return list(history)[-n:] if n > 0 else []
+    """The last n entries of a bounded history (fewer if it dropped some), oldest first,
+    without copying the whole history (a deque is indexed cheaply from its ends)."""
+    n = min(n, len(history))
+    return [history[-i] for i in range(n, 0, -1)]
 
 
 BRIDGE_DIR = "EPLB_METRICS_DIR"
