@@ -312,7 +312,15 @@ def _wait_metrics(s: Server, until, timeout: float, poll: float = 0.05) -> dict:
 
 
 def _in_state(state: str, rank: int = 0):
-    return lambda ms: metric(ms, "vllm:eplb_state", rank=rank, state=state) == 1
+    """The state entered last, from vllm:eplb_state_entered_pass: the same answer as
+    vllm:eplb_state, read from the series the order of a cycle is read from."""
+
+    def check(ms) -> bool:
+        entered = {st: metric(ms, "vllm:eplb_state_entered_pass", rank=rank, state=st) for st in STATES}
+        known = {st: p for st, p in entered.items() if p is not None}
+        return bool(known) and max(known, key=known.get) == state
+
+    return check
 
 
 def _outcomes(ms: dict, outcome: str) -> list[float]:
@@ -331,17 +339,18 @@ def _kill_case(s: Server, t0: float, stop_first: bool) -> dict:
     case = {"events": []}
     victim = _planner_processes(s)[0]
     ms = _wait_metrics(s, _in_state("collecting"), 120)
-    case["state_at_kill"] = [_counts(ms, k)["state"] for k in (0, 1)]
+    case["state_at_kill"] = [[st for st in STATES if _in_state(st, k)(ms)] for k in (0, 1)]
     if stop_first:
         os.kill(victim.pid, signal.SIGSTOP)
 
         def planning_long(ms):
             entered = metric(ms, "vllm:eplb_state_entered_pass", rank=0, state="planning") or 0
+            # the plan is submitted one agreement lag after planning starts
             now = metric(ms, "vllm:eplb_pass", rank=0) or 0
             return _in_state("planning")(ms) and now >= entered + 3 * lag
 
-        ms = _wait_metrics(s, planning_long, 120)
-        case["state_at_kill"] = [_counts(ms, k)["state"] for k in (0, 1)]
+        ms = _wait_metrics(s, planning_long, 50)  # planning_timeout_s (60) cancels the plan later
+        case["state_at_kill"] = [[st for st in STATES if _in_state(st, k)(ms)] for k in (0, 1)]
     aborted0, completed0 = _outcomes(ms, "aborted"), _outcomes(ms, "completed")
     os.kill(victim.pid, signal.SIGKILL)
     case["killed"] = victim.pid
