@@ -29,9 +29,11 @@ Pass timeline of one cycle (L = agreement lag, W = window, all relative):
   c+W+1        load all-reduce posted (SUM, with every rank's fault code)
   c+W+1+L      read: -> planning_waiting, plan submitted; readiness vote posted
   every L      read readiness: every rank has a plan -> syncing, digest vote posted
-  s+L          read digest: -> transferring_moving (first step started) | skip | abort
-  t+1          -> transferring_voting: data polled, commit prepared, commit vote posted
-  t+1+L        read: commit weights + maps everywhere, next step | data_pending | abort
+  s+L          read digest: -> transferring (first step started) | skip | abort
+  every pass   transferring: start a step while fewer than L + 1 are in flight; poll every
+               step in flight (data in -> commit prepared); post one commit vote naming
+               the steps this rank has ready; read the vote posted L passes ago: commit
+               every step all ranks voted ready (next_layer / finish) | abort
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ class Fault(enum.IntEnum):
 
 READINESS = VoteLayout("readiness", ("ready", "all"), ("expired", "any"))
 DIGEST = VoteLayout("digest", ("digest_a", "equal"), ("digest_b", "equal"), ("worth", "all"))
-COMMIT = VoteLayout("commit", ("ready", "all"))
+MAX_IN_FLIGHT = 6  # steps a commit vote can name (its layout's width)
+COMMIT = VoteLayout("commit", ("first_seq", "equal"), *((f"ready{i}", "all") for i in range(MAX_IN_FLIGHT)))
 
 
 @dataclass
@@ -141,9 +144,20 @@ class Cycle:
     plan: Plan | None = None
     window_load: np.ndarray | None = None
     layers_to_move: list[int] = field(default_factory=list)
-    step: InFlightStep | None = None
-    step_started_at: int = -1
-    step_prepared: bool = False  # data in, local snapshots taken, maps staged
+    inflight: list["Step"] = field(default_factory=list)  # started, not yet committed, in start order
+    next_seq: int = 0
+    votes: list[Round] = field(default_factory=list)  # commit votes in flight, in posting order
+
+
+@dataclass
+class Step:
+    """One transfer step of a cycle: layers_per_pass layers moved together."""
+
+    seq: int
+    layers: list[int]
+    started_at: int
+    inflight: InFlightStep | None = None  # None if starting it failed on this rank
+    prepared: bool = False  # data in, local snapshots taken, maps staged: ready to commit
     staged: list[StagedLayer] = field(default_factory=list)
 
 
@@ -188,7 +202,7 @@ class Balancer:
         comm.backend.prepare(layout.weights_of(0), config.layers_per_pass * per_layer + (1 << 20))  # + message padding
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
-        self._aborted_step: InFlightStep | None = None  # its messages may still be pending
+        self._aborted_steps: list[InFlightStep] = []  # their messages may still be pending
         self._transfer_group_broken = False
 
         # The first window ends at step_interval, as upstream's first rearrangement does.
@@ -199,13 +213,11 @@ class Balancer:
             "planning_reducing": self._read_load,
             "planning_waiting": self._read_readiness,
             "syncing": self._read_digest,
-            "transferring_voting": self._read_commit,
         }
         self._post = {
             "planning_reducing": self._post_load,
             "planning_waiting": self._post_readiness,
             "syncing": self._post_digest,
-            "transferring_moving": self._post_commit,
         }
         self.machine = attach_machine(self, self._on_transition)
 
@@ -292,15 +304,17 @@ class Balancer:
                 self._tick_idle(p)
             elif self.phase == "collecting":
                 self._tick_collecting(p)
+            elif self.phase == "transferring":
+                self._tick_transferring(p)
             else:
                 self._tick_phase(p)
         except (AgreementError, PassMismatch) as exc:
             self._lost_agreement(exc)
         except Exception as exc:
             self._fault(Fault.INTERNAL_ERROR, exc)
-            if self.phase in self._post or self.phase in self._on_round:
+            if self.phase in self._post or self.phase in self._on_round or self.phase == "transferring":
                 try:
-                    self._tick_phase(p)
+                    self._tick_transferring(p) if self.phase == "transferring" else self._tick_phase(p)
                 except (AgreementError, PassMismatch) as again:
                     self._lost_agreement(again)
                 except Exception as again:
@@ -400,7 +414,7 @@ class Balancer:
         # Decided from the round alone, so every rank moves on here; the local work
         # below can fail only into this rank's next vote.
         self.load_reduced()
-        c.post_at = p  # first readiness vote now
+        c.post_at = p + 1  # first readiness vote next pass: a fast plan is ready by then
         try:
             physical = value[:-n].reshape(self.layout.pass_load.shape).numpy().astype(np.float64)
             observed = balancedness_of(observed_rank_loads(physical, self.topo))
@@ -484,72 +498,96 @@ class Balancer:
 
     # ---- transferring
 
+    @property
+    def max_in_flight(self) -> int:
+        """Steps in flight at once: enough to start one every pass (a step is committed
+        1 + agreement_lag passes after it started, at the earliest)."""
+        return min(self.config.agreement_lag + 1, MAX_IN_FLIGHT)
+
+    def _tick_transferring(self, p: int) -> None:
+        """Read the commit vote due now (commits every step all ranks voted ready), start
+        the next step if there is room, poll every step in flight and post this pass's
+        vote. Decisions come from votes and the pass clock only; local failures go into
+        this rank's vote."""
+        c = self.cycle
+        if c.votes and p >= c.votes[0].due_at:
+            r = c.votes.pop(0)
+            v = r.votes()
+            if not v.pass_no[1] or not v.first_seq[1]:
+                raise PassMismatch(f"commit vote posted at pass {r.posted_at} differs across ranks in pass or steps")
+            if v.skew:
+                self._report_skew(p)
+            if v.fault:
+                return self._end_on_fault(v.fault)
+            first = v.first_seq[0]
+            ready = {first + i for i in range(MAX_IN_FLIGHT) if getattr(v, f"ready{i}")}
+            done = [s for s in c.inflight if s.seq in ready]
+            if done:
+                for step in done:
+                    try:
+                        self._commit(c, step)
+                    except Exception as exc:
+                        return self._disable("commit_failed", exc)
+                c.inflight = [s for s in c.inflight if s.seq not in ready]
+                if not c.inflight and not c.layers_to_move:
+                    self.stats.cycles_completed += 1
+                    self.stats.cycle_passes.append(p - c.window_end)
+                    return self.finish()
+                self.layer = (c.inflight[0].layers[0] if c.inflight else c.layers_to_move[0])
+                self.next_layer()
+        if c.layers_to_move and len(c.inflight) < self.max_in_flight:
+            self._start_step(p)
+        if c.inflight:
+            self._post_commit(p)
+
     def _start_step(self, p: int) -> None:
         c = self.cycle
         n = self.config.layers_per_pass
         layers, c.layers_to_move = c.layers_to_move[:n], c.layers_to_move[n:]
-        c.step, c.step_prepared, c.staged = None, False, []
-        c.step_started_at = p
-        c.post_at = p + 1  # the data is polled one pass later
+        step = Step(c.next_seq, layers, p)
+        c.next_seq += 1
+        c.inflight.append(step)
         try:
             plans = [plan_layer(layer, self.placement[layer], c.plan.placement[layer], self.topo) for layer in layers]
-            c.step = self.engine.start(plans)
+            step.inflight = self.engine.start(plans)
         except Exception as exc:
             self._fault(self._fault_of(exc, Fault.TRANSFER_ERROR), exc)
 
     def _post_commit(self, p: int) -> None:
-        """Vote whether this rank's data is in and its commit prepared. Never waits on a
-        copy: a step slower than one pass votes not-ready and is polled again."""
+        """Vote which steps in flight this rank has ready. Never waits on a copy: a step
+        whose data is not in yet is voted not ready, and polled again next pass."""
         c = self.cycle
-        step = c.step
-        ready = False
-        try:
-            if step is not None and not c.step_prepared:
-                if step.handle.done():
-                    self.engine.finish(step)  # returns at once; snapshots local sources
-                    c.staged = [
-                        self.layout.maps.stage_layer(j.plan.layer, c.plan.placement[j.plan.layer], self.topo)
-                        for j in step.jobs
+        for step in c.inflight:
+            if step.prepared or step.inflight is None:
+                continue
+            try:
+                handle = step.inflight.handle
+                if handle.done():
+                    self.engine.finish(step.inflight)  # returns at once; snapshots local sources
+                    step.staged = [
+                        self.layout.maps.stage_layer(layer, c.plan.placement[layer], self.topo) for layer in step.layers
                     ]
-                    c.step_prepared = True
-                elif time.perf_counter() - step.started > self.config.transfer_timeout_s:
+                    step.prepared = True
+                elif time.perf_counter() - step.inflight.started > self.config.transfer_timeout_s:
                     raise TransferError(f"step not complete after {self.config.transfer_timeout_s:g} s")
-            ready = c.step_prepared
-        except Exception as exc:
-            if isinstance(exc, TransferError) and exc.__cause__ is not None:
-                # the group itself failed (gloo tears its pairs down on a timeout or a
-                # lost peer): later steps on it would fail too, or pair stale messages
-                self._transfer_group_broken = True
-            self._fault(self._fault_of(exc, Fault.TRANSFER_ERROR), exc)
-        self._vote(COMMIT, p, ready=ready)
-        self.data_polled()
+            except Exception as exc:
+                if isinstance(exc, TransferError) and exc.__cause__ is not None:
+                    # the group itself failed (gloo tears its pairs down on a timeout or a
+                    # lost peer): later steps on it would fail too, or pair stale messages
+                    self._transfer_group_broken = True
+                self._fault(self._fault_of(exc, Fault.TRANSFER_ERROR), exc)
+        first = c.inflight[0].seq
+        ready = {f"ready{s.seq - first}": s.prepared for s in c.inflight}
+        ready.update({f"ready{i}": False for i in range(MAX_IN_FLIGHT) if f"ready{i}" not in ready})
+        c.votes.append(self._post_vote(COMMIT, p, first_seq=first, **ready))
 
-    def _read_commit(self, p: int, v) -> None:
-        c = self.cycle
-        if not v.ready:
-            self.data_pending()  # someone is still receiving: poll again now
-            c.post_at = p
-            return
+    def _commit(self, c: Cycle, step: Step) -> None:
+        """Every rank voted this step prepared: copies only, weights then maps, on this
+        pass, so the next forward pass routes with the new layers everywhere."""
+        inflight = step.inflight
         try:
-            self._commit(c)
-        except Exception as exc:
-            return self._disable("commit_failed", exc)
-        if c.layers_to_move:
-            self.layer = c.layers_to_move[0]
-            self.next_layer()
-            self._start_step(p)
-        else:
-            self.stats.cycles_completed += 1
-            self.stats.cycle_passes.append(p - c.window_end)
-            self.finish()
-
-    def _commit(self, c: Cycle) -> None:
-        """Every rank voted its commit prepared: copies only, weights then maps, on this
-        pass, so the next forward pass routes with the new layer everywhere."""
-        step = c.step
-        try:
-            self.engine.commit(step)
-            for staged in c.staged:
+            self.engine.commit(inflight)
+            for staged in step.staged:
                 self.layout.maps.apply(staged)
                 self.placement[staged.layer] = c.plan.placement[staged.layer]
         except Exception as exc:
@@ -557,34 +595,37 @@ class Balancer:
             # do, this rank's layer is in an unknown state: say so as loudly as we can.
             log.critical("EPLB rank %d pass %d: commit failed part-way: %s", self.comm.rank, self.pass_no, exc)
             raise
-        r = step.result
+        r = inflight.result
         s = self.stats
-        s.layers_committed += len(step.jobs)
+        s.layers_committed += len(inflight.jobs)
         s.experts_moved += r.experts_received
         s.bytes_moved += r.bytes_received
         s.bytes_sent += r.bytes_sent
-        s.last_layer_transfer_seconds = r.seconds / max(1, len(step.jobs))
+        s.last_layer_transfer_seconds = r.seconds / max(1, len(inflight.jobs))
         s.transfer_seconds.append(r.seconds)
-        s.transfer_layers.append(len(step.jobs))
+        s.transfer_layers.append(len(inflight.jobs))
         s.steps_total += 1
         s.max_staging_bytes = max(s.max_staging_bytes, r.staging_bytes)
-        c.step = None
 
     # ------------------------------------------------------------------ votes and faults
 
     def _vote(self, layout: VoteLayout, p: int, **values) -> None:
+        self.cycle.round = self._post_vote(layout, p, **values)
+
+    def _post_vote(self, layout: VoteLayout, p: int, **values) -> Round:
         values.update(fault=self._take_fault(), skew=self._skewed)
         self._skewed = False
-        self.cycle.round = self.agreement.vote(layout, values, p)
+        return self.agreement.vote(layout, values, p)
 
     def _take_fault(self) -> int:
         """This rank's fault for the vote being posted (and forget it: it is on its way)."""
         c = self.cycle
-        if self._aborted_step is not None and not self._aborted_step.handle.done():
-            # A whole cycle later the aborted step's messages are still pending: they
+        if any(not step.handle.done() for step in self._aborted_steps):
+            # A whole cycle later an aborted step's messages are still pending: they
             # were addressed to a rank that never posted its side. The transfer group
             # would match them against a later step's; stop rebalancing everywhere.
             self._transfer_group_broken = True
+        self._aborted_steps = [step for step in self._aborted_steps if not step.handle.done()]
         if self._transfer_group_broken:
             self._fault(Fault.TRANSFER_GROUP_BROKEN, None)
         fault, c.fault = c.fault, 0
@@ -657,8 +698,7 @@ class Balancer:
             return
         if event.event.name in ("finish", "skip"):
             self._record_placement(c)
-        if c.step is not None:
-            self._aborted_step = c.step
+        self._aborted_steps += [s.inflight for s in c.inflight if s.inflight is not None]
         self.planner.discard()
         self.cycle = None
         self.layer = -1

@@ -2,13 +2,17 @@
 
     idle -> collecting -> planning -> syncing -> transferring(layer k) -> idle
 
-The five top-level states are what operators see (/metrics, logs). Planning and
-transferring have phases (nested states of `transitions`, named parent_child):
+The five top-level states are what operators see (/metrics, logs). Planning has
+phases (nested states of `transitions`, named parent_child):
 
   planning_reducing     the window's load all-reduce is in flight
   planning_waiting      the plan is being computed; readiness rounds until every rank has it
-  transferring_moving   a step's expert weights are in flight (polled, never waited for)
-  transferring_voting   the step's commit vote is in flight
+
+Transferring is a pipeline: a new step (layers_per_pass layers) starts every pass while
+fewer than agreement_lag + 1 are in flight, and every pass posts one commit vote saying
+which steps in flight this rank has received and prepared; a step is committed on the
+pass the first round in which every rank voted it ready is read. So a layer goes live
+1 + agreement_lag passes after it started, and one layer can go live every pass.
 
 The machine is advanced once per forward pass by `Balancer.tick()`. Every trigger
 fires at the same pass number on every rank of the expert-parallel group, because
@@ -31,7 +35,7 @@ STATES = [
     "collecting",
     {"name": "planning", "children": ["reducing", "waiting"]},
     "syncing",
-    {"name": "transferring", "children": ["moving", "voting"]},
+    "transferring",
 ]
 
 ACTIVE = ["collecting", "planning", "syncing", "transferring"]
@@ -44,11 +48,9 @@ TRANSITIONS = [
     ["plan_pending", "planning_waiting", "planning_waiting"],
     ["plan_agreed", "planning_waiting", "syncing"],
     ["skip", "syncing", "idle"],
-    ["start_transfer", "syncing", "transferring_moving"],
-    ["data_polled", "transferring_moving", "transferring_voting"],
-    ["data_pending", "transferring_voting", "transferring_moving"],
-    ["next_layer", "transferring_voting", "transferring_moving"],
-    ["finish", "transferring_voting", "idle"],
+    ["start_transfer", "syncing", "transferring"],
+    ["next_layer", "transferring", "transferring"],
+    ["finish", "transferring", "idle"],
     ["abort", ACTIVE, "idle"],
 ]
 
@@ -60,10 +62,8 @@ DECIDED_BY = {
     "plan_agreed": "readiness round: every rank has its plan; digest round posted",
     "skip": "digest round: gain below improvement_threshold",
     "start_transfer": "digest round: same plan everywhere, worth moving; first step started",
-    "data_polled": "pass clock: one pass after the step started; commit vote posted (ready or not)",
-    "data_pending": "commit round: a rank is still receiving; polled again",
-    "next_layer": "commit round: every rank ready; layers committed, next step started",
-    "finish": "commit round: every rank ready; last layers committed",
+    "next_layer": "commit round: every rank voted a step ready; its layers committed, more to move",
+    "finish": "commit round: every rank voted the last steps ready; their layers committed",
     "abort": "any round carrying a fault (planner, transfer, timeout, bug) from any rank",
 }
 

@@ -27,8 +27,8 @@ RAISE_POINTS = {
     "load_copy": ("snapshot", "wait"),  # planning_reducing: the window's copy to host
     "plan_submit": ("planner", "submit"),  # planning_reducing
     "plan_result": ("planner", "result"),  # planning_waiting
-    "step_start": ("engine", "start"),  # syncing -> transferring, and every later step
-    "step_finish": ("engine", "finish"),  # transferring_moving
+    "step_start": ("engine", "start"),  # syncing -> transferring (first step), transferring (later ones)
+    "step_finish": ("engine", "finish"),  # transferring: a step's data polled in
     "commit_prepare": ("engine", "prepare"),  # transferring: the commit's allocations
     "stage_maps": ("maps", "stage_layer"),  # transferring: the maps' allocations
 }

@@ -45,7 +45,7 @@ SCENARIOS = [
     *(
         Scenario(f"tick {k:+d} in {phase}", phase, Faults(tick_offset=(FAULTY, phase, k)), "completes")
         for k in (1, -1, 3)
-        for phase in ("idle", "collecting", "planning_waiting", "transferring_moving", "transferring_voting")
+        for phase in ("idle", "collecting", "planning_reducing", "planning_waiting", "syncing", "transferring")
     ),
     # an exception on one rank, in each state and phase
     Scenario("error opening the window", "idle", _raise("window_reset"), "aborts", "internal_error"),
@@ -58,13 +58,13 @@ SCENARIOS = [
         balancer=(("planner", "thread"),),  # a thread keeps the policy's call count across plans
     ),
     Scenario("error starting the first step", "syncing", _raise("step_start"), "disables", "transfer_group_broken"),
-    Scenario("error finishing a step", "transferring_moving", _raise("step_finish"), "aborts", "transfer_error"),
-    Scenario("error starting the next step", "transferring_voting", _raise("step_start", nth=2), "disables", "transfer_group_broken"),
-    Scenario("transfer fails", "transferring_moving", Faults(transfer_error=(FAULTY, 1, 2)), "aborts", "transfer_error"),
+    Scenario("error finishing a step", "transferring", _raise("step_finish"), "aborts", "transfer_error"),
+    Scenario("error starting the next step", "transferring", _raise("step_start", nth=2), "disables", "transfer_group_broken"),
+    Scenario("transfer fails", "transferring", Faults(transfer_error=(FAULTY, 1, 2)), "aborts", "transfer_error"),
     # out of memory
     Scenario("OOM in transfer start", "syncing", _raise("step_start", "oom"), "disables", "transfer_group_broken"),
-    Scenario("OOM in commit (weights)", "transferring_moving", _raise("commit_prepare", "oom"), "aborts", "out_of_memory"),
-    Scenario("OOM in commit (maps)", "transferring_moving", _raise("stage_maps", "oom"), "aborts", "out_of_memory"),
+    Scenario("OOM in commit (weights)", "transferring", _raise("commit_prepare", "oom"), "aborts", "out_of_memory"),
+    Scenario("OOM in commit (maps)", "transferring", _raise("stage_maps", "oom"), "aborts", "out_of_memory"),
     # the planner process
     Scenario(
         "planner killed mid-plan", "planning_waiting",

@@ -44,6 +44,7 @@ class HarnessConfig:
     ranks_per_node: int = 0
     seed: int = 0
     check_every: int = 1
+    pass_sleep_s: float = 0.0  # added to every forward pass, as a real model's pass time
     backend: str = "gloo"  # "gloo" (GlooBackend) or "p2p" (the NCCL backend's batched isend/irecv, on gloo)
     balancer: dict = field(default_factory=dict)  # BalancerConfig fields
     faults: Faults = field(default_factory=Faults)
@@ -129,6 +130,8 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         clock.count += 1
         spent = time.perf_counter() - t0
         model.forward(workload.batch(p))
+        if cfg.pass_sleep_s:
+            time.sleep(cfg.pass_sleep_s)
         t0 = time.perf_counter()
         for _ in range(ticks.ticks(balancer)):
             balancer.tick()

@@ -78,6 +78,7 @@ class VllmEplbState:
         self.step_ns = 0  # time spent in step() (tick + metrics), for the overhead figures
         self.forwards = 0  # the pass clock: forward passes started
         self._counts_forwards = False  # set by the first prepare_forward/dummy_pass
+        self._dummy_counted = False  # inside a dummy pass, already on the clock
         self._metrics_failures = 0
 
     # ---- called by the runner once the weights are loaded
@@ -185,13 +186,20 @@ class VllmEplbState:
             gate.suppress()
         try:
             self._forward_starts()
+            # The V2 runner's dummy run goes through execute_model, which calls
+            # prepare_forward: the same pass, already counted here.
+            self._dummy_counted = True
             yield
         finally:
+            self._dummy_counted = False
             if gate is not None:
                 gate.release()
 
     def prepare_forward(self, model_config, num_unpadded_tokens: int, ubatch_slices=None) -> None:
-        self._forward_starts()
+        if self._dummy_counted:
+            self._dummy_counted = False
+        else:
+            self._forward_starts()
         if not self.num_unpadded_tokens:
             return
         if ubatch_slices is None:
