@@ -429,7 +429,11 @@ def summary(r: dict) -> str:
     if "idle" in r and r["idle"].get("final"):
         samples = r["idle"]["samples"]
         one_idle = sum(sorted(x["tokens"]) == [0, MAX_TOKENS] for x in samples)
-        out.append(f"idle: {len(samples)} requests, {one_idle} with one DP rank idle, final {_counts(r['idle']['final'], 0)}")
+        out.append(
+            f"idle: {len(samples)} requests, {one_idle} with one DP rank idle, tokens per engine "
+            f"{[x['tokens'] for x in samples]}, passes per rank {[x['passes'] for x in samples]}, "
+            f"final {_counts(r['idle']['final'], 0)}"
+        )
     if "load" in r:
         ld, c = r["load"], r["load"]["clients"]
         out.append(
