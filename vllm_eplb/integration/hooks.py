@@ -358,5 +358,6 @@ def install_all() -> None:
     if current_platform.is_cpu():
         hook_cpu_runner()
         hook_cpu_fused_moe()
+        from .cpu_dp import install_cpu_dp_collectives; install_cpu_dp_collectives()  # noqa: E702 (DP + EP on CPU)
 
 
