@@ -395,7 +395,7 @@ class Rank:
             improvement_threshold=0.05,
             policy=args.policy,
             agreement_lag=args.agreement_lag,
-            planner="process",
+            planner=args.planner,
         )
         layout = MoELayout(self.topo, args.layers, model.pass_load, model.maps, model.weights_of, model.record_flag)
         balancer = Balancer(cfg, layout, Comm(self.rank, self.world, self.cpu_group, rec), get_policy(args.policy))
@@ -456,7 +456,7 @@ class Rank:
                                                             or balancer.stats.cycles_skipped or balancer.stats.cycles_aborted):
                 live = p
                 stop_at = p + args.tail + args.after_passes
-            if prof is not None and (live is not None and p >= live + 3 or p >= limit):
+            if prof and (live is not None and p >= live + 3 or p >= limit):
                 prof.stop()
                 self._profile_summary(prof, profile_dir, name)
                 prof = False  # done
@@ -778,6 +778,7 @@ def main() -> None:
     ap.add_argument("--layers-per-pass", type=int, default=1)
     ap.add_argument("--plan-order", choices=["plan", "sorted"], default="plan",
                     help="sorted: hand backends each rank's transfers in (src, dst) order (A/B of the plan's rotated order)")
+    ap.add_argument("--planner", choices=["process", "thread"], default="process")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--checked-run", type=int, default=1, help="1: one untimed run per strategy checked after every commit")
     ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; no new run starts after this")
