@@ -339,9 +339,10 @@ class Rank:
         gloo = backend("gloo")
         self.strategies = []
         for name in args.strategies:
-            if name == "cuda_ipc" and ipc is None:
+            base = name.split(":")[0]
+            if base == "cuda_ipc" and ipc is None:
                 self.info["skipped"][name] = "needs CUDA"
-            elif name == "nccl" and p2p is None:
+            elif base == "nccl" and p2p is None:
                 self.info["skipped"][name] = "NCCL refuses two ranks on one GPU" if self.cuda else "needs CUDA"
             else:
                 self.strategies.append(name)
@@ -384,14 +385,15 @@ class Rank:
         model.reset()
         if cuda:
             torch.cuda.synchronize()
-        rec = RecordingBackend(self.backends[name], args.plan_order)
-        stw = name == "stop-the-world"
+        base, _, per_step = name.partition(":")
+        rec = RecordingBackend(self.backends[base], args.plan_order)
+        stw = base == "stop-the-world"
         warm, window = args.warmup, args.window
         window_end_at = warm + window
         cfg = BalancerConfig(
             window_size=window,
             step_interval=window_end_at if not stw else 10**9,
-            layers_per_pass=args.layers_per_pass,
+            layers_per_pass=int(per_step or args.layers_per_pass),
             improvement_threshold=0.05,
             policy=args.policy,
             agreement_lag=args.agreement_lag,
@@ -509,6 +511,8 @@ class Rank:
         lines += ["## eplb.tick per pass (CPU ms; top self-time ops inside)", *per_pass]
         with open(os.path.join(outdir, f"profile_{name}.txt"), "w") as fh:
             fh.write("\n".join(lines) + "\n")
+        if not self.args.profile_trace:
+            return
         tmp = os.path.join(outdir, f".trace_{name}.json")
         prof.export_chrome_trace(tmp)
         with open(tmp, "rb") as src, gzip.open(os.path.join(outdir, f"trace_{name}.json.gz"), "wb") as dst:
@@ -585,7 +589,15 @@ def run_figures(runs: list[dict], args, peer: dict | None) -> dict:
     steady, stall, after = times[steady_m], times[stall_m], times[after_m]
     s50, s99 = _pct(steady, 50), _pct(steady, 99)
     commit_m = np.array([any(r["committed"][i] for r in runs) for i in range(n)]) & stall_m
-    commit_cost = [t * 1e3 - s50 for t in times[commit_m]]
+    if commit_m.sum() and (~commit_m & stall_m).sum():
+        # against the passes between commits: the placement improves layer by layer, so
+        # steady p50 would flatter the committing passes
+        first, last = np.flatnonzero(commit_m)[[0, -1]]
+        between = times[max(first - 3, 0) : last + 1][~commit_m[max(first - 3, 0) : last + 1]]
+        base = float(np.median(between)) * 1e3 if len(between) else s50
+    else:
+        base = s50
+    commit_cost = [t * 1e3 - base for t in times[commit_m]]
     # GB/s per step: bytes a rank received / device time of the step's copies
     gbps, big_gbps, layer_mb = [], [], 0.0
     for r in runs:
@@ -710,7 +722,7 @@ def print_table(rows, results, args) -> None:
             f"{r['staging_mb'][2]:.0f}", f"{ok} ({c['checks']})",
         ]) + " |")
     print(f"stall = every pass from the window's end to live + {args.tail}; steady = passes {args.skip + 1} to the window's "
-          "end, check passes excluded; commit pass +ms = median of (a committing pass - steady p50); GB/s/layer = bytes a "
+          "end, check passes excluded; commit pass +ms = median of (a committing pass - median of the non-committing passes among the commits); GB/s/layer = bytes a "
           f"rank received in a step / device time of its copies, steps of >= {args.big_layer_mb} MB (gloo: not timed on "
           "the device); of limit = that / every-rank-at-once peer-copy limit; payoff = passes until the stall's extra time "
           "is repaid by the balanced placement's faster passes")
@@ -785,9 +797,11 @@ def main() -> None:
     ap.add_argument("--probe-tokens", type=int, default=4)
     ap.add_argument("--peer-copy-mb", type=int, default=1024)
     ap.add_argument("--big-layer-mb", type=float, default=256)
-    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--strategies", default=",".join(STRATEGIES),
+                    help="comma-separated; NAME:N moves N layers per step (default --layers-per-pass)")
     ap.add_argument("--profile", default="", help="strategies to run once more under torch.profiler (rank 0)")
     ap.add_argument("--profile-dir", default="profile")
+    ap.add_argument("--profile-trace", action="store_true", help="also write the chrome trace (large)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="small shapes (hidden 64, inter 32, 64 tokens, 4 layers)")
     ap.add_argument("--fault", action="store_true", help=argparse.SUPPRESS)  # corrupt a slot in the checked run
@@ -799,7 +813,7 @@ def main() -> None:
         args.peer_copy_mb = 16
     args.strategies = [s for s in args.strategies.split(",") if s]
     args.profile = [s for s in args.profile.split(",") if s]
-    bad = [s for s in args.strategies + args.profile if s not in STRATEGIES]
+    bad = [s for s in args.strategies + args.profile if s.split(":")[0] not in STRATEGIES]
     if bad:
         ap.error(f"unknown strategies {bad}; choose from {STRATEGIES}")
     if args.device == "cuda" and not torch.cuda.is_available():

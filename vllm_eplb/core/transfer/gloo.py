@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from .backend import LayerJob, TransferBackend, TransferError, TransferHandle, padded, wait_all
+from .backend import LayerJob, TransferBackend, TransferError, TransferHandle, pack_rows, padded, wait_all
 
 
 class _PinnedArena:
@@ -130,10 +130,10 @@ class GlooBackend(TransferBackend):
                         for row, e in enumerate(t.experts):
                             received.setdefault((job.plan.layer, e), []).append(dev[row])
                 for t in part.sends:
-                    idx = torch.tensor(t.src_slots, device=device)
                     for i, w in enumerate(job.weights):
                         # a packed copy travels, not the live slots, which keep serving
-                        sends.append((w.index_select(0, idx), t.dst, j * n_w + i))
+                        # (row copies: an index tensor's host->device copy would sync)
+                        sends.append((pack_rows(w, t.src_slots), t.dst, j * n_w + i))
         for bufs in received.values():
             for b in bufs:
                 b.record_stream(main)  # the main stream reads them at commit
