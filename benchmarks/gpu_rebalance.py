@@ -382,6 +382,7 @@ class Rank:
         """One rebalance with strategy `name`. mode: "timed" (checks only in the warm-up
         and after the stall window) or "checked" (after every commit too)."""
         args, model, cuda = self.args, self.model, self.cuda
+        t_run = time.perf_counter()
         model.reset()
         if cuda:
             torch.cuda.synchronize()
@@ -403,6 +404,7 @@ class Rank:
         balancer = Balancer(cfg, layout, Comm(self.rank, self.world, self.cpu_group, rec), get_policy(args.policy))
         balancer.planner.ready.result()  # the planner process starts with the server, not in the loop
         dist.barrier(group=self.cpu_group)
+        setup_s = time.perf_counter() - t_run
         mismatch = {"slots": 0, "maps": 0, "outputs": 0, "checks": 0}
         times, ticks, states, committed_in = [], [], [], []
         checked_after: list[int] = []
@@ -481,6 +483,7 @@ class Rank:
         }
         balancer.shutdown()
         dist.barrier(group=self.cpu_group)
+        out["setup_s"], out["wall_s"] = setup_s, time.perf_counter() - t_run
         return out
 
     def _profile_summary(self, prof, outdir: str, name: str) -> None:
@@ -641,7 +644,8 @@ def summarize(results: list[dict], args) -> tuple[list[dict], dict]:
     for i in range(n_runs):
         runs = [res["runs"][i] for res in results]
         f = run_figures(runs, args, peer)
-        f.update(name=runs[0]["name"], mode=runs[0]["mode"], backend=runs[0]["backend"], index=i)
+        f.update(name=runs[0]["name"], mode=runs[0]["mode"], backend=runs[0]["backend"], index=i,
+                 setup_s=max(r.get("setup_s", 0) for r in runs), wall_s=max(r.get("wall_s", 0) for r in runs))
         per_run.append(f)
     rows = []
     seen = []
