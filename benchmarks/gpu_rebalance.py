@@ -531,15 +531,20 @@ class _null:
         return False
 
 
+def _save(result: dict, outdir: str) -> None:
+    path = os.path.join(outdir, f"rank{result['rank']}.pkl")
+    with open(path + ".tmp", "wb") as fh:
+        pickle.dump(result, fh)
+    os.replace(path + ".tmp", path)  # a reader never sees half a file
+
+
 def rank_main(rank: int, world: int, args, port: int, outdir: str) -> None:
     result = {"rank": rank, "runs": []}
     try:
         r = Rank(rank, world, args, port)
         result.update(r.info)
         t_start = time.perf_counter()
-        plan = []
-        if args.checked_run:
-            plan += [(name, "checked") for name in r.strategies]
+        plan = [(name, "checked") for name in r.strategies if name in args.checked]
         for rep in range(args.reps):
             k = rep % max(1, len(r.strategies))
             plan += [(name, "timed") for name in r.strategies[k:] + r.strategies[:k]]
@@ -551,13 +556,13 @@ def rank_main(rank: int, world: int, args, port: int, outdir: str) -> None:
                 result["budget_stopped"] = True
                 break
             result["runs"].append(r.run(name, mode))
+            _save(result, outdir)  # what is done survives a deadline
         for name in args.profile:
             if name in r.strategies:
                 result.setdefault("profiled", []).append(r.run(name, "profiled", profile_dir=args.profile_dir))
     except Exception:
         result["error"] = traceback.format_exc()
-    with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as fh:
-        pickle.dump(result, fh)
+    _save(result, outdir)
     if dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -707,7 +712,9 @@ def print_table(rows, results, args) -> None:
     for name, why in r0.get("skipped", {}).items():
         print(f"# {name}: not run ({why})")
     print(f"# stop-the-world moves through {r0['stop_the_world_backend']}; runs per strategy: {rows[0]['runs'] if rows else 0} "
-          f"timed (interleaved) + {1 if args.checked_run else 0} checked; median [min-max] over timed runs")
+          f"timed (interleaved) + 1 checked for {','.join(args.checked) or 'none'}; median [min-max] over timed runs")
+    if r0.get("deadline_hit"):
+        print(f"# DEADLINE ({args.deadline:.0f} s) hit: ranks stopped, the runs every rank finished are reported")
     if r0.get("budget_stopped"):
         print("# time budget spent: fewer runs than asked")
     hdr = ("strategy", "backend", "runs", "steady p99 ms", "stall p99/steady p99", "stall max/steady p99", "passes to live",
@@ -796,8 +803,11 @@ def main() -> None:
                     help="sorted: hand backends each rank's transfers in (src, dst) order (A/B of the plan's rotated order)")
     ap.add_argument("--planner", choices=["process", "thread"], default="process")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--checked-run", type=int, default=1, help="1: one untimed run per strategy checked after every commit")
-    ap.add_argument("--time-budget", type=float, default=1e9, help="seconds; no new run starts after this")
+    ap.add_argument("--checked", default="all", help="strategies with one untimed run checked after every commit "
+                    "(comma-separated, 'all' or 'none')")
+    ap.add_argument("--time-budget", type=float, default=0, help="seconds after set-up; no new run starts after this "
+                    "(default: deadline - 60)")
+    ap.add_argument("--deadline", type=float, default=1e9, help="seconds; the ranks are stopped then and the runs done reported")
     ap.add_argument("--probe-tokens", type=int, default=4)
     ap.add_argument("--peer-copy-mb", type=int, default=1024)
     ap.add_argument("--big-layer-mb", type=float, default=256)
@@ -817,6 +827,10 @@ def main() -> None:
         args.peer_copy_mb = 16
     args.strategies = [s for s in args.strategies.split(",") if s]
     args.profile = [s for s in args.profile.split(",") if s]
+    args.checked = (args.strategies if args.checked == "all" else [] if args.checked == "none"
+                    else [s for s in args.checked.split(",") if s])
+    if not args.time_budget:
+        args.time_budget = max(1.0, args.deadline - 60)
     bad = [s for s in args.strategies + args.profile if s.split(":")[0] not in STRATEGIES]
     if bad:
         ap.error(f"unknown strategies {bad}; choose from {STRATEGIES}")
@@ -834,8 +848,18 @@ def main() -> None:
         procs = [ctx.Process(target=rank_main, args=(r, world, args, port, outdir)) for r in range(world)]
         for p in procs:
             p.start()
+        deadline_hit = False
         for p in procs:
-            p.join()
+            p.join(max(1.0, t0 + args.deadline - time.time()))
+            if p.is_alive():
+                deadline_hit = True
+        if deadline_hit:  # report the runs every rank finished
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
         results = []
         for r in range(world):
             path = os.path.join(outdir, f"rank{r}.pkl")
@@ -843,6 +867,11 @@ def main() -> None:
                 sys.exit(f"rank {r} died without a result (exit code {procs[r].exitcode})")
             with open(path, "rb") as fh:
                 results.append(pickle.load(fh))
+        n_done = min(len(res["runs"]) for res in results)
+        for res in results:
+            res["runs"] = res["runs"][:n_done]
+            if deadline_hit:
+                res["deadline_hit"] = True
     errors = [f"rank {r['rank']}:\n{r['error']}" for r in results if "error" in r]
     if errors:
         sys.exit("\n".join(errors))

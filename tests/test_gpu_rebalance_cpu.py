@@ -60,7 +60,7 @@ def test_windows_on_a_synthetic_run():
 def test_cpu_run_checks_and_table(tmp_path):
     out = tmp_path / "out.json"
     cmd = [sys.executable, SCRIPT, "--device", "cpu", "--tiny", "--reps", "2", "--strategies", "stop-the-world,gloo",
-           "--warmup", "8", "--window", "8", "--skip", "3", "--tail", "2", "--after-passes", "6", "--planner", "thread", "--fault",
+           "--warmup", "8", "--window", "8", "--skip", "3", "--tail", "2", "--after-passes", "6", "--planner", "thread", "--fault", "--deadline", "100",
            "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=ROOT)
     text = proc.stdout + proc.stderr

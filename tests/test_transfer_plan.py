@@ -146,3 +146,13 @@ def test_routing_maps_stage_then_apply():
     with pytest.raises(ValueError):
         maps.stage_layer(2, np.array([0, 1, 2, 3, 0, 1]), topo)
     assert torch.equal(maps.phy2log[0], before[0][0])
+
+
+def test_chunked_copy(monkeypatch):
+    from vllm_eplb.core.transfer import gloo
+
+    monkeypatch.setattr(gloo, "COPY_CHUNK_BYTES", 40)
+    src = torch.arange(60, dtype=torch.float32).view(3, 20)
+    dst = torch.zeros_like(src)
+    gloo._chunked_copy(dst, src)
+    assert torch.equal(dst, src)
