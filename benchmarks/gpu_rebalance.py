@@ -657,6 +657,7 @@ def summarize(results: list[dict], args) -> tuple[list[dict], dict]:
     for f in per_run:
         if f["name"] not in seen:
             seen.append(f["name"])
+    seen.sort(key=lambda n: args.strategies.index(n) if n in args.strategies else len(args.strategies))
     for name in seen:
         mine = [f for f in per_run if f["name"] == name]
         timed = [f for f in mine if f["mode"] == "timed" and f["ok"]]
