@@ -46,6 +46,7 @@ and the table's first line says "SHARED".
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import hashlib
 import json
@@ -223,7 +224,9 @@ class RecordingBackend(TransferBackend):
     order, as plans were before peers were rotated (an A/B of the transfer order)."""
 
     def __init__(self, inner: TransferBackend, order: str = "plan"):
-        self.inner, self.name, self.steps, self.order = inner, inner.name, [], order
+        self.inner, self.name, self.order = inner, inner.name, order
+        self.rows: list[dict] = []
+        self._open: list = []  # (row, handle) of steps whose device time is not read yet
 
     def prepare(self, weights, max_step_bytes):
         self.inner.prepare(weights, max_step_bytes)
@@ -234,17 +237,24 @@ class RecordingBackend(TransferBackend):
                 for part in j.plan.parts:
                     part.recvs.sort(key=lambda t: (t.src, t.dst))
                     part.sends.sort(key=lambda t: (t.src, t.dst))
+        self._close()  # a step starts after the previous one committed: its copies are done
         handle = self.inner.start(jobs, rank)
-        self.steps.append((jobs, handle))
+        recv = sum(len(t.experts) * expert_nbytes(j.weights) for j in jobs for t in j.plan.part(rank).recvs)
+        row = {"layers": [j.plan.layer for j in jobs], "bytes_received": recv, "device_s": None,
+               "staging": handle.staging_bytes}
+        self.rows.append(row)
+        self._open.append((row, handle))
         return handle
 
+    def _close(self) -> None:
+        # keep figures, not handles: a handle holds its step's staging (hundreds of MB)
+        for row, handle in self._open:
+            row["device_s"] = handle.device_seconds()
+        self._open.clear()
+
     def figures(self, rank: int) -> list[dict]:
-        rows = []
-        for jobs, handle in self.steps:
-            recv = sum(len(t.experts) * expert_nbytes(j.weights) for j in jobs for t in j.plan.part(rank).recvs)
-            rows.append({"layers": [j.plan.layer for j in jobs], "bytes_received": recv,
-                         "device_s": handle.device_seconds(), "staging": handle.staging_bytes})
-        return rows
+        self._close()
+        return self.rows
 
 
 def peer_copy_limit(cpu_group, rank: int, world: int, device, nbytes: int) -> dict:
@@ -482,6 +492,11 @@ class Rank:
             "agreement_wait_max_ms": balancer.agreement.stats.wait_seconds_max * 1e3,
         }
         balancer.shutdown()
+        del balancer, rec, layout
+        gc.collect()  # the state machine holds reference cycles
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # each run starts with the same free memory
         dist.barrier(group=self.cpu_group)
         out["setup_s"], out["wall_s"] = setup_s, time.perf_counter() - t_run
         return out
