@@ -156,3 +156,13 @@ def test_chunked_copy(monkeypatch):
     dst = torch.zeros_like(src)
     gloo._chunked_copy(dst, src)
     assert torch.equal(dst, src)
+
+
+def test_auto_picks_per_pair():
+    from vllm_eplb.core.transfer.select import pair_backend
+
+    topo = Topology(4, 8, 8, ranks_per_node=2)
+    assert pair_backend(topo, 0, 1) == "cuda_ipc"  # same node: IPC measured fastest
+    assert pair_backend(topo, 1, 2) == "nccl"  # across nodes: no IPC
+    assert pair_backend(topo, 0, 1, "cpu") == "gloo"
+    assert pair_backend(Topology(8, 8, 8), 0, 7) == "cuda_ipc"  # one node, shared GPUs too
