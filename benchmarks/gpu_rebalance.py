@@ -768,6 +768,7 @@ def plot(per_run, path: str, args, title: str) -> None:
     for f in per_run:
         if f["name"] not in names:
             names.append(f["name"])
+    names.sort(key=lambda n: args.strategies.index(n) if n in args.strategies else len(args.strategies))
     fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.4 * len(names)), sharex=True)
     axes = np.atleast_1d(axes)
     for ax, name in zip(axes, names):
