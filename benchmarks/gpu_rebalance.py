@@ -17,7 +17,7 @@ rebalance while the loop keeps running:
   nccl             vllm-eplb, NCCL isend/irecv on a side stream (one GPU per rank only)
 
 Every strategy runs `--reps` times, interleaved (rep r runs them in an order rotated by
-r), in one command, plus one checked run each (`--checked-run`). Per run:
+r), in one command, plus one untimed checked run per strategy in `--checked`. Per run:
 
   steady   passes before the window's end (after `--skip` warm-up passes), the placement
            in force before the rebalance; passes next to a correctness check excluded
