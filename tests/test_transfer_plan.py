@@ -94,3 +94,75 @@ def test_engine_commit_with_local_swap():
     eng.finish(step)
     eng.commit(step)
     assert w[:, 0].tolist() == [1.0, 0.0]
+
+
+def test_transfers_rotated_by_rank_distance():
+    """Rank r receives from r+1, r+2, ... in that order and sends to r-1, r-2, ...: in
+    each position of the order, every rank has at most one peer each way."""
+    from vllm_eplb.core.transfer.plan import rounds
+
+    rng = np.random.default_rng(3)
+    topo = Topology(4, 16, 16)
+    for _ in range(10):
+        old, new = rng.permutation(16), rng.permutation(16)
+        plan = plan_layer(0, old, new, topo)
+        for r in range(4):
+            part = plan.part(r)
+            assert [(t.src - r) % 4 for t in part.recvs] == sorted((t.src - r) % 4 for t in part.recvs)
+            assert [(r - t.dst) % 4 for t in part.sends] == sorted((r - t.dst) % 4 for t in part.sends)
+        rs = rounds(plan, 4)
+        assert sum(len(x) for x in rs) == len(plan.transfers)
+        for x in rs:
+            assert len({t.src for t in x}) == len(x) and len({t.dst for t in x}) == len(x)
+
+
+def test_pack_rows_and_copy_rows():
+    from vllm_eplb.core.transfer.backend import pack_rows
+
+    w = torch.arange(24.0).view(6, 4)
+    slots = [4, 0, 1, 2, 5]
+    assert torch.equal(pack_rows(w, slots), w[slots])
+    assert pack_rows(w, []).shape == (0, 4)
+
+
+def test_routing_maps_stage_then_apply():
+    """stage_layer computes (and may fail) without touching the maps; apply copies in place."""
+    from vllm_eplb.core.placement import RoutingMaps, default_placement
+
+    topo = Topology(2, 4, 6)
+    maps = RoutingMaps.allocate(default_placement(topo, 2), topo)
+    before = [t.clone() for t in (maps.phy2log, maps.log2phy, maps.replica_count)]
+    ptrs = [t.data_ptr() for t in (maps.phy2log, maps.log2phy, maps.replica_count)]
+    staged = maps.stage_layer(1, np.array([3, 3, 0, 1, 2, 0]), topo)
+    assert all(torch.equal(a, b) for a, b in zip(before, (maps.phy2log, maps.log2phy, maps.replica_count)))
+    maps.apply(staged)
+    assert [t.data_ptr() for t in (maps.phy2log, maps.log2phy, maps.replica_count)] == ptrs
+    assert maps.phy2log[1].tolist() == [3, 3, 0, 1, 2, 0]
+    assert maps.replica_count[1].tolist() == [2, 1, 1, 2]
+    assert maps.log2phy[1, 3].tolist()[:2] == [0, 1]
+    assert torch.equal(maps.phy2log[0], before[0][0])
+    with pytest.raises(ValueError):
+        maps.stage_layer(0, np.array([0, 0, 0, 0, 1, 2]), topo)  # 4 replicas, the map holds 3
+    with pytest.raises(ValueError):
+        maps.stage_layer(2, np.array([0, 1, 2, 3, 0, 1]), topo)
+    assert torch.equal(maps.phy2log[0], before[0][0])
+
+
+def test_chunked_copy(monkeypatch):
+    from vllm_eplb.core.transfer import gloo
+
+    monkeypatch.setattr(gloo, "COPY_CHUNK_BYTES", 40)
+    src = torch.arange(60, dtype=torch.float32).view(3, 20)
+    dst = torch.zeros_like(src)
+    gloo._chunked_copy(dst, src)
+    assert torch.equal(dst, src)
+
+
+def test_auto_picks_per_pair():
+    from vllm_eplb.core.transfer.select import pair_backend
+
+    topo = Topology(4, 8, 8, ranks_per_node=2)
+    assert pair_backend(topo, 0, 1) == "cuda_ipc"  # same node: IPC measured fastest
+    assert pair_backend(topo, 1, 2) == "nccl"  # across nodes: no IPC
+    assert pair_backend(topo, 0, 1, "cpu") == "gloo"
+    assert pair_backend(Topology(8, 8, 8), 0, 7) == "cuda_ipc"  # one node, shared GPUs too

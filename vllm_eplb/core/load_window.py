@@ -75,6 +75,11 @@ class LoadWindow:
         # The router records only while this flag is set: outside a window it skips
         # the work entirely.
         self.gate = RecordGate(record_flag)
+        # The window's sum lands here: pinned once, at start-up (pinning host memory
+        # stalls the process's CUDA calls, and a window ends while serving).
+        self._host = None
+        if pass_load.is_cuda:
+            self._host = torch.empty(pass_load.shape, dtype=pass_load.dtype, pin_memory=True)
 
     def reset(self) -> None:
         """Start a new window; what the router recorded before now is dropped."""
@@ -95,7 +100,7 @@ class LoadWindow:
         self.gate.set_window(False)
         if self.pass_load.device.type == "cpu":
             return HostSnapshot(self.pass_load.to(torch.int64, copy=True), None)
-        host = torch.empty(self.pass_load.shape, dtype=self.pass_load.dtype, pin_memory=True)
+        host = self._host
         host.copy_(self.pass_load, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -115,4 +120,6 @@ class HostSnapshot:
     def wait(self) -> torch.Tensor:
         if self._event is not None:
             self._event.synchronize()
+            # a copy: the pinned buffer is reused by the next window
+            return self.tensor.to(torch.int64, copy=True)
         return self.tensor.to(torch.int64)

@@ -192,32 +192,50 @@ class RoutingMaps:
         for layer in range(placement.shape[0]):
             self.write_layer(layer, placement[layer], topo)
 
-    def stage_layer(self, layer: int, row: np.ndarray, topo: Topology) -> "StagedLayer":
-        """Compute a layer's new maps into host tensors. Allocates (and may fail); writes
-        nothing: a commit stages every layer first, then applies them when it cannot fail."""
-        row = np.asarray(row, dtype=np.int64)[None]
-        l2p = logical_to_physical(row, topo.num_logical, self.log2phy.shape[-1])[0]
-        counts = replica_counts(row, topo.num_logical)[0]
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (row[0], l2p, counts)]
-        if self.phy2log.is_cuda:
-            tensors = [t.pin_memory() for t in tensors]
-        return StagedLayer(layer, *tensors)
-
-    def apply(self, staged: "StagedLayer") -> None:
-        """Copy staged maps into the existing memory: no allocation. On GPU the copies are
-        ordered on the current stream, so the next forward pass sees the new maps."""
-        nb = self.phy2log.is_cuda
-        self.phy2log[staged.layer].copy_(staged.phy2log, non_blocking=nb)
-        self.log2phy[staged.layer].copy_(staged.log2phy, non_blocking=nb)
-        self.replica_count[staged.layer].copy_(staged.replica_count, non_blocking=nb)
-
     def write_layer(self, layer: int, row: np.ndarray, topo: Topology) -> None:
+        """Stage and apply at once (start-up, tests, stop-the-world)."""
         self.apply(self.stage_layer(layer, row, topo))
 
+    def stage_layer(self, layer: int, row: np.ndarray, topo: Topology) -> "StagedLayer":
+        """Compute layer `layer`'s three maps for placement `row` into host memory (pinned
+        when the maps live on a GPU). Everything that can fail happens here (a placement
+        the map cannot hold raises ValueError, pinning can fail), so `apply` cannot.
+        Pinned blocks come from PyTorch's caching host allocator: after the first layers
+        no new host memory is pinned."""
+        if not 0 <= layer < self.phy2log.shape[0]:
+            raise ValueError(f"layer {layer} out of range (0..{self.phy2log.shape[0] - 1})")
+        row = np.asarray(row, dtype=np.int64)
+        if row.shape != (self.phy2log.shape[1],):
+            raise ValueError(f"placement row of shape {row.shape}, the map holds {self.phy2log.shape[1]} slots")
+        l2p = logical_to_physical(row[None], topo.num_logical, self.log2phy.shape[-1])[0]
+        counts = replica_counts(row[None], topo.num_logical)[0]
+        pinned = self.phy2log.is_cuda
+        # one host block for the three: one allocation, three views
+        sizes = (row.size, l2p.size, counts.size)
+        host = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=pinned)
+        flat = host.numpy()
+        flat[: sizes[0]] = row
+        flat[sizes[0] : sizes[0] + sizes[1]] = l2p.reshape(-1)
+        flat[sizes[0] + sizes[1] :] = counts
+        a, b, c = torch.split(host, sizes)
+        return StagedLayer(layer, row.copy(), a, b.view(l2p.shape), c)
 
-@dataclass
+    def apply(self, staged: "StagedLayer") -> None:
+        """Copy a staged layer into the maps, in place. On GPU: three asynchronous copies
+        from pinned memory on the current stream (the next forward pass on that stream
+        sees the new maps; the CPU does not wait). Cannot fail for a staged layer."""
+        layer, nb = staged.layer, self.phy2log.is_cuda
+        self.phy2log[layer].copy_(staged.phy2log, non_blocking=nb)
+        self.log2phy[layer].copy_(staged.log2phy, non_blocking=nb)
+        self.replica_count[layer].copy_(staged.replica_count, non_blocking=nb)
+
+
+@dataclass(frozen=True)
 class StagedLayer:
+    """One layer's routing maps, computed and in host memory, ready for `RoutingMaps.apply`."""
+
     layer: int
+    row: np.ndarray  # the placement row (physical slots) the maps were computed from
     phy2log: torch.Tensor
     log2phy: torch.Tensor
     replica_count: torch.Tensor

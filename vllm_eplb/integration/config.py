@@ -20,7 +20,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vllm_eplb.core.config import BalancerConfig
-from vllm_eplb.core.policies import policy_names
+from vllm_eplb.core.policies import broken_reason, policy_names
 
 ENV_VAR = "EPLB_PLUGIN_CONFIG"
 
@@ -104,7 +104,9 @@ class EplbConfig(BaseModel):
     def _check(self) -> "EplbConfig":
         names = ["default", *policy_names()]
         if self.policy not in names:
-            raise ValueError(f"'policy' must be one of {', '.join(names)} (got {self.policy!r})")
+            # an installed plug-in that failed to load says why, rather than "unknown"
+            why = broken_reason(self.policy)
+            raise ValueError(f"'policy': {why}" if why else f"'policy' must be one of {', '.join(names)} (got {self.policy!r})")
         if self.initial_placement_path is not None and not os.path.isfile(self.initial_placement_path):
             raise ValueError(f"'initial_placement_path': file {self.initial_placement_path!r} not found")
         if self.communicator == "nixl":

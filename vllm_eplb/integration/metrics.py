@@ -20,15 +20,24 @@ mode, so a rank's latest value is reported as is.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
 
 from prometheus_client import Counter, Gauge, Histogram, values
 
-from vllm_eplb.core.state_machine import STATES
+from vllm_eplb.core.state_machine import TOP_STATES
 
 _PREFIX = "vllm:eplb_"
+
+# Default of the proposed config key `stall_warning_windows`: once more than this many
+# windows were measured while no cycle completed or was skipped (a skip is a decision:
+# nothing worth moving), the balancer is stalled. Read from the balancer's config when it
+# has the key, so adding it to BalancerConfig is all the wiring needed.
+STALL_WARNING_WINDOWS = 3
+
+log = logging.getLogger("vllm.eplb")
 _GAUGE = dict(multiprocess_mode="mostrecent", registry=None)
 _OTHER = dict(registry=None)
 
@@ -46,6 +55,7 @@ class _Families:
             **_GAUGE,
         )
         self.LAYER = Gauge(_PREFIX + "transfer_layer", "Next MoE layer to move while transferring, -1 otherwise.", ["rank"], **_GAUGE)
+        self.MOE_LAYERS = Gauge(_PREFIX + "moe_layers", "MoE layers the balancer places: transfer_layer counts up to it.", ["rank"], **_GAUGE)
         self.PASS = Gauge(_PREFIX + "pass", "Forward passes (ticks) seen by the balancer.", ["rank"], **_GAUGE)
         self.ENABLED = Gauge(_PREFIX + "enabled", "1 while rebalancing is on; 0 after the balancer stopped itself.", ["rank"], **_GAUGE)
         self.BALANCEDNESS = Gauge(
@@ -82,6 +92,38 @@ class _Families:
             _PREFIX + "step_seconds", "CPU time the forward loop spent in the balancer's per-pass step (tick and metrics).", ["rank"], **_OTHER
         )
         self.STAGING = Gauge(_PREFIX + "staging_bytes_max", "Largest staging memory one transfer step held.", ["rank"], **_GAUGE)
+        # Why, not only whether: vllm:eplb_enabled 0 alone does not say what stopped it.
+        self.DISABLED = Gauge(
+            _PREFIX + "disabled_info",
+            "1 once the balancer stopped itself, labelled with the reason and the error (truncated).",
+            ["rank", "reason", "detail"],
+            **_GAUGE,
+        )
+        self.LAST_ABORT = Gauge(
+            _PREFIX + "last_abort_info", "1 for the reason of the latest aborted cycle, 0 for earlier reasons.", ["rank", "reason"], **_GAUGE
+        )
+        self.LAST_ABORT_PASS = Gauge(_PREFIX + "last_abort_pass", "Pass at which the latest cycle was aborted, -1 if none.", ["rank"], **_GAUGE)
+        self.WINDOWS_WITHOUT_CYCLE = Gauge(
+            _PREFIX + "windows_without_cycle",
+            "Windows (step_interval passes) since a cycle last completed or was skipped (nothing worth moving).",
+            ["rank"],
+            **_GAUGE,
+        )
+        self.STALLED = Gauge(
+            _PREFIX + "stalled", "1 while windows_without_cycle exceeds stall_warning_windows: rebalancing makes no progress.", ["rank"], **_GAUGE
+        )
+
+
+def exported_series() -> dict[str, tuple[str, ...]]:
+    """{sample name as it appears on /metrics: its label names} for every series the workers
+    export: what the dashboard's queries and the status tool may name. Built from the
+    families above, so a new series is known to the dashboard test without a hand list."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    out = {}
+    for family in vars(_Families()).values():
+        for suffix in suffixes[family._type]:
+            out[family._name + suffix] = tuple(family._labelnames) + (("le",) if suffix == "_bucket" else ())
+    return out
 
 
 _families: _Families | None = None
@@ -105,6 +147,10 @@ class BalancerMetrics:
         self._steps = 0
         self._wait = 0.0
         self._transitions = 0
+        self._disabled_seen = False
+        self._progress = 0  # cycles completed + skipped, at the last update
+        self._progress_pass: int | None = None  # pass at which that count last rose (or the first update)
+        self._stall_warned = False
 
     def _delta(self, key, value) -> float:
         prev = self._seen.get(key, 0)
@@ -119,6 +165,9 @@ class BalancerMetrics:
             if self.owner is not None and self.owner.step_ns > self._step_ns:
                 m.STEP_SECONDS.labels(r).inc((self.owner.step_ns - self._step_ns) / 1e9)
                 self._step_ns = self.owner.step_ns
+            self._watch_stall(balancer)
+        if balancer.disabled_reason and not self._disabled_seen:
+            transitioned = True  # disabled while idle: no transition, still report it now
         if not transitioned:
             return
         s = balancer.stats
@@ -126,9 +175,10 @@ class BalancerMetrics:
         self._transitions = balancer.transitions_total
         for rec in _newest(s.history, new):
             m.STATE_ENTERED.labels(r, rec.dest).set(rec.pass_no)
-        for state in STATES:
+        for state in TOP_STATES:  # STATES holds nested ones (dicts): the label is the top-level state
             m.STATE.labels(r, state).set(1 if balancer.state == state else 0)
         m.LAYER.labels(r).set(balancer.layer if balancer.state == "transferring" else -1)
+        m.MOE_LAYERS.labels(r).set(balancer.layout.num_layers)
         m.ENABLED.labels(r).set(0 if balancer.disabled_reason else 1)
         for kind, v in (
             ("observed", s.balancedness_observed),
@@ -141,11 +191,24 @@ class BalancerMetrics:
         d = self._delta("completed", s.cycles_completed)
         if d:
             m.CYCLES.labels(r, "completed", "").inc(d)
+        aborted_now = []
         for outcome, counts in (("skipped", s.cycles_skipped), ("aborted", s.cycles_aborted)):
             for reason, n in counts.items():
                 d = self._delta((outcome, reason), n)
                 if d:
                     m.CYCLES.labels(r, outcome, reason).inc(d)
+                    if outcome == "aborted":
+                        aborted_now.append(reason)
+        if aborted_now:
+            for reason in s.cycles_aborted:
+                m.LAST_ABORT.labels(r, reason).set(1 if reason == aborted_now[-1] else 0)
+            m.LAST_ABORT_PASS.labels(r).set(balancer.pass_no)
+        elif not s.cycles_aborted:
+            m.LAST_ABORT_PASS.labels(r).set(-1)
+        if balancer.disabled_reason and not self._disabled_seen:
+            self._disabled_seen = True
+            reason, _, detail = balancer.disabled_reason.partition(": ")
+            m.DISABLED.labels(r, reason, detail[:200]).set(1)
         # the histories are bounded: the totals say how many entries are new
         for t in _newest(s.plan_seconds, s.plans_total - self._plans):
             m.PLAN_SECONDS.labels(r).observe(t)
@@ -167,6 +230,31 @@ class BalancerMetrics:
             m.AGREEMENT_WAIT.labels(r).inc(w - self._wait)
             self._wait = w
         m.STAGING.labels(r).set(s.max_staging_bytes)
+
+    def _watch_stall(self, balancer) -> None:
+        """vLLM's own async EPLB can stop rebalancing with no sign. Here the pass clock
+        says how many windows (step_interval passes each) went by since a cycle last
+        completed or was skipped; more than the limit raises a gauge and logs one WARNING.
+        Counted in passes, not in cycles ended, so a balancer stuck inside a cycle shows
+        too; passes only advance while the server runs forward passes."""
+        s, r = balancer.stats, self.rank
+        progress = s.cycles_completed + sum(s.cycles_skipped.values())
+        if progress != self._progress or self._progress_pass is None:
+            self._progress, self._progress_pass = progress, balancer.pass_no
+            self._stall_warned = False
+        since = (balancer.pass_no - self._progress_pass) // max(1, balancer.config.step_interval)
+        limit = getattr(balancer.config, "stall_warning_windows", STALL_WARNING_WINDOWS)
+        stalled = since > limit and not balancer.disabled_reason  # disabling logs its own line
+        self.m.WINDOWS_WITHOUT_CYCLE.labels(r).set(since)
+        self.m.STALLED.labels(r).set(1 if stalled else 0)
+        if stalled and not self._stall_warned:
+            self._stall_warned = True
+            aborted = ", ".join(f"{k} x{v}" for k, v in sorted(s.cycles_aborted.items())) or "none"
+            log.warning(
+                "EPLB rank %s pass %d: no rebalancing cycle completed over the last %d windows "
+                "(%d passes; stall_warning_windows=%d); aborted cycles so far: %s",
+                r, balancer.pass_no, since, balancer.pass_no - self._progress_pass, limit, aborted,
+            )
 
 
 def _newest(history, n: int) -> list:

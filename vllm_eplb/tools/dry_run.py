@@ -1,15 +1,18 @@
 """Dry-run a placement policy on a recorded load: what would move, and the balance before/after.
 
-    python -m vllm_eplb.tools.dry_run RECORD.json [--policy min-move] [--nodes 1] [--groups 1]
+    python -m vllm_eplb.tools.dry_run RECORD.json [--policy min-move] [--nodes 1] [--groups 1] [--png out.png]
 
 RECORD.json is what the balancer writes with `record_placement_path` in eplb.json: the
 placement in force and the per-expert load of the window it was planned from. The
-policy plans from that placement on that load; nothing is sent anywhere.
+policy plans from that placement on that load; nothing is sent anywhere. Any installed
+policy works, plug-ins included. `--png` draws per-rank load before and after the plan
+(needs matplotlib: pip install 'vllm-eplb[plot]').
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -28,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, default=1, help="nodes the ranks span (hierarchical policies)")
     ap.add_argument("--groups", type=int, default=1, help="expert groups of the model (hierarchical policies)")
     ap.add_argument("--expert-bytes", type=float, default=0, help="bytes of one expert, to report bytes moved")
+    ap.add_argument("--png", metavar="PATH", help="write per-rank load before and after the plan as a PNG")
     args = ap.parse_args(argv)
     try:
         rec = records.load(args.record)
@@ -59,6 +63,20 @@ def main(argv=None) -> int:
     moved_bytes = f", {total_sent * args.expert_bytes / 1e9:.2f} GB" if args.expert_bytes else ""
     print(f"total: {total_slots} slots change, {total_sent} experts cross ranks{moved_bytes}; "
           f"balancedness {agg0:.4f} -> {agg1:.4f} ({(agg1 / agg0 - 1) * 100:+.1f}%)")
+    if args.png:
+        from .plot import PlotUnavailable, balance_png
+
+        title = (f"{os.path.basename(args.record)}: policy {args.policy}, balancedness {agg0:.3f} -> {agg1:.3f}, "
+                 f"{total_sent} experts cross ranks")
+        try:
+            w, h = balance_png(args.png, before, after, title)
+        except PlotUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: {args.png}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.png} ({w} x {h} px)")
     return 0
 
 

@@ -79,3 +79,24 @@ def wait_all(works) -> None:
 def expert_nbytes(weights: list[torch.Tensor]) -> int:
     """Bytes of one expert across a layer's weight tensors."""
     return sum(w[0].numel() * w.element_size() for w in weights)
+
+
+def pack_rows(w: torch.Tensor, slots) -> torch.Tensor:
+    """A new tensor of w's rows `slots`, in order, on w's device and the current stream.
+    Row copies rather than index_select, whose index tensor would travel host->device
+    from pageable memory: a synchronising copy."""
+    out = torch.empty((len(slots), *w.shape[1:]), dtype=w.dtype, device=w.device)
+    copy_rows(out, w, slots)
+    return out
+
+
+def copy_rows(out: torch.Tensor, w: torch.Tensor, slots) -> None:
+    """out[i] = w[slots[i]], one asynchronous copy per run of consecutive slots."""
+    slots = list(slots)
+    i = 0
+    while i < len(slots):
+        j = i + 1
+        while j < len(slots) and slots[j] == slots[j - 1] + 1:
+            j += 1
+        out[i:j].copy_(w[slots[i] : slots[i] + (j - i)], non_blocking=True)
+        i = j

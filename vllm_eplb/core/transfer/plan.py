@@ -11,6 +11,15 @@ each slot whose expert changes:
 
 Messages between one pair of ranks are batched: one buffer per weight tensor
 carrying that pair's experts in ascending expert order.
+
+Order of a rank's transfers: rotated by rank distance. Rank r receives first from
+r+1, then r+2, ... (mod N) and sends first to r-1, then r-2, ...: in the k-th position
+every receiver pulls from a different source, so no rank's links serve every receiver
+at once while others idle (a plan sorted by (src, dst) starts every receiver on rank
+0). This is upstream vLLM 0.32's idea in `migration_scheduler.py` (batches in which
+each rank talks to at most one peer), kept directional: a link carries both directions
+at full speed, so a pair exchanging experts both ways stays in one round instead of
+two, and nothing waits between rounds: the order alone spreads the load.
 """
 
 from __future__ import annotations
@@ -111,4 +120,18 @@ def plan_layer(layer: int, old: np.ndarray, new: np.ndarray, topo: Topology) -> 
         transfers.append(t)
         parts[src].sends.append(t)
         parts[dst].recvs.append(t)
+    world = topo.num_ranks
+    for part in parts:
+        # round k: dst pulls from dst + k, src serves src - k (see the module's notes)
+        part.recvs.sort(key=lambda t: (t.src - t.dst) % world)
+        part.sends.sort(key=lambda t: (t.src - t.dst) % world)
     return LayerPlan(layer, transfers, parts)
+
+
+def rounds(plan: LayerPlan, world: int) -> list[list[Transfer]]:
+    """The plan's transfers grouped by rank distance (src - dst) mod N: in each round every
+    rank sends to at most one peer and receives from at most one (a directed matching)."""
+    by_k: dict[int, list[Transfer]] = defaultdict(list)
+    for t in plan.transfers:
+        by_k[(t.src - t.dst) % world].append(t)
+    return [by_k[k] for k in sorted(by_k)]
