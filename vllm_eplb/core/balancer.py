@@ -146,6 +146,7 @@ class Cycle:
     layers_to_move: list[int] = field(default_factory=list)
     inflight: list["Step"] = field(default_factory=list)  # started, not yet committed, in start order
     next_seq: int = 0
+    start_failed: bool = False  # a step failed to start on this rank
     votes: list[Round] = field(default_factory=list)  # commit votes in flight, in posting order
 
 
@@ -547,10 +548,17 @@ class Balancer:
         step = Step(c.next_seq, layers, p)
         c.next_seq += 1
         c.inflight.append(step)
+        if c.start_failed:
+            return  # see below: this rank posts no more messages this cycle
         try:
             plans = [plan_layer(layer, self.placement[layer], c.plan.placement[layer], self.topo) for layer in layers]
-            step.inflight = self.engine.start(plans)
+            # numbered by cycle and step, alike on every rank: a step's messages pair only with its own
+            step.inflight = self.engine.start(plans, seq=c.number * 1024 + step.seq)
         except Exception as exc:
+            # Peers posted this step's messages to and from this rank; this rank did not.
+            # Starting later steps would pair their messages with this one's: post no
+            # more this cycle (it ends at the next vote read), leaving peers' pending.
+            c.start_failed = True
             self._fault(self._fault_of(exc, Fault.TRANSFER_ERROR), exc)
 
     def _post_commit(self, p: int) -> None:

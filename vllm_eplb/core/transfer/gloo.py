@@ -109,15 +109,14 @@ class GlooBackend(TransferBackend):
         if device.type == "cuda":
             return self._start_gpu(jobs, rank, device)
         works, received, staging = [], {}, 0
-        for j, job in enumerate(jobs):
+        for job in jobs:
             part = job.plan.part(rank)
-            n_w = len(job.weights)
             # Receives first: a gloo send completes only once the peer posted its receive.
             for t in part.recvs:
                 bufs = [torch.empty((len(t.experts), *w.shape[1:]), dtype=w.dtype) for w in job.weights]
                 for i, buf in enumerate(bufs):
                     staging += buf.numel() * buf.element_size()
-                    works.append(dist.irecv(buf, group=self.group, group_src=t.src, tag=j * n_w + i))
+                    works.append(dist.irecv(buf, group=self.group, group_src=t.src, tag=job.tag + i))
                 for row, e in enumerate(t.experts):
                     received[(job.plan.layer, e)] = [b[row] for b in bufs]
             for t in part.sends:
@@ -127,7 +126,7 @@ class GlooBackend(TransferBackend):
                     # stays free to keep serving from it.
                     buf = w.index_select(0, idx)
                     staging += buf.numel() * buf.element_size()
-                    works.append(dist.isend(buf, group=self.group, group_dst=t.dst, tag=j * n_w + i))
+                    works.append(dist.isend(buf, group=self.group, group_dst=t.dst, tag=job.tag + i))
         return _GlooHandle(self._waiter.submit(wait_all, works), received, staging)
 
     def _start_gpu(self, jobs: list[LayerJob], rank: int, device) -> TransferHandle:
@@ -140,20 +139,19 @@ class GlooBackend(TransferBackend):
         recvs, sends, received, staging = [], [], {}, 0
         stream.wait_stream(main)  # the slots hold what the map says as of this pass
         with torch.cuda.stream(stream):
-            for j, job in enumerate(jobs):
+            for job in jobs:
                 part = job.plan.part(rank)
-                n_w = len(job.weights)
                 for t in part.recvs:
                     for i, w in enumerate(job.weights):
                         dev = torch.empty((len(t.experts), *w.shape[1:]), dtype=w.dtype, device=device)
-                        recvs.append((dev, t.src, j * n_w + i))
+                        recvs.append((dev, t.src, job.tag + i))
                         for row, e in enumerate(t.experts):
                             received.setdefault((job.plan.layer, e), []).append(dev[row])
                 for t in part.sends:
                     for i, w in enumerate(job.weights):
                         # a packed copy travels, not the live slots, which keep serving
                         # (row copies: an index tensor's host->device copy would sync)
-                        sends.append((pack_rows(w, t.src_slots), t.dst, j * n_w + i))
+                        sends.append((pack_rows(w, t.src_slots), t.dst, job.tag + i))
         for bufs in received.values():
             for b in bufs:
                 b.record_stream(main)  # the main stream reads them at commit
