@@ -122,6 +122,39 @@ def check(src: Path, version: str, kind: str = "vllm", subdir: str = "vllm") -> 
         return lines
 
 
+def changed_definitions(src: Path, version: str, kind: str = "vllm") -> set[tuple[str, str]]:
+    """(file, qualname) of every definition of the release's source that the patches of
+    `version` change: module-level names and class members present before patching whose
+    code differs after (names the patches only add, like a helper or an import of
+    vllm-eplb, change nothing vLLM had)."""
+    import ast
+
+    from .seams import _bindings
+
+    def defs(tree: ast.Module) -> dict[str, str]:
+        out = {}
+        for name, nodes in _bindings(tree.body).items():
+            out[name] = "\n".join(ast.dump(n) for n in nodes if not isinstance(n, (ast.If, ast.Try)))
+            for n in nodes:
+                if isinstance(n, ast.ClassDef):
+                    for member, mnodes in _bindings(n.body).items():
+                        out[f"{name}.{member}"] = "\n".join(ast.dump(m) for m in mnodes)
+        return out
+
+    patches = patch_files(kind, version)
+    changed = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp)
+        shutil.copytree(src / "vllm", tree / "vllm")
+        apply(patches, tree)
+        for f in sorted({f for p in patches for f in touched_files(p)}):
+            before = defs(ast.parse((src / f).read_text()))
+            after = defs(ast.parse((tree / f).read_text()))
+            changed |= {(f, name) for name, code in before.items() if after.get(name) != code}
+    # a class whose member changed is reported through the member
+    return {(f, n) for f, n in changed if not any(g == f and m.startswith(n + ".") for g, m in changed)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
