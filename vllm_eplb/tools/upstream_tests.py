@@ -214,14 +214,16 @@ def write_markdown(path: Path, version: str, files: list[TestFile], unpatched: d
         f"<!-- BEGIN {version} -->",
         f"## vLLM {version}",
         "",
-        f"CPU-only machine ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}.",
+        f"CPU-only machine ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}; `patches/tests/{version}/`.",
+        "",
+        "### Files",
         "",
         "| file | subject | replaced by vllm-eplb | runs here | note |",
         "| --- | --- | --- | --- | --- |",
     ]
     for f in files:
         out.append(f"| `{f.path}` | {f.subject} | {'yes' if f.replaced else 'no'} | {'yes' if f.run_here else 'no'} | {f.note} |")
-    out += ["", f"upstream as shipped: {summary(unpatched)}; against vllm-eplb: {summary(patched)}.", ""]
+    out += ["", "### Results", "", f"upstream as shipped: {summary(unpatched)}; against vllm-eplb: {summary(patched)}.", ""]
     out += render(unpatched, patched)
     out.append(f"<!-- END {version} -->")
     section = "\n".join(out)
