@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from .upstream import DEFAULT_CACHE, ROOT, apply, fetch_sdist, installed_version, patch_files
+from .upstream import DEFAULT_CACHE, apply, fetch_sdist, installed_version, patch_files
 
 
 @dataclass(frozen=True)
