@@ -92,3 +92,21 @@ def test_failure_half_way_undoes_what_was_installed(fresh, monkeypatch, caplog):
     assert hooks._journal == []
     lines = [r.getMessage() for r in caplog.records if r.name == "vllm.eplb"]
     assert len(lines) == 1 and "installing hook v2_dummy_runs" in lines[0] and "every hook undone" in lines[0]
+
+
+def test_absent_policy_is_said_at_start_up(tmp_path):
+    """Real `vllm serve`: the start-up log says which policy an eplb.json without `policy`
+    gets. The slots are made not to divide over the ranks, so the server stops right after
+    (exit 2, one line) instead of loading the model."""
+    import subprocess
+
+    from vllm_eplb.integration.server import serve_cmd
+    from vllm_eplb.integration.tiny_model import build
+
+    model = build(str(tmp_path / "model"))
+    cmd = serve_cmd(model, 8241, '{"window_size": 10, "step_interval": 20, "num_redundant_experts": 3}', max_model_len=256)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-2000:]
+    assert "vllm-eplb: 'policy' not set: using 'min-move' (vllm-eplb's default" in out, out[-2000:]
+    assert "do not divide over 2 expert-parallel ranks" in r.stderr.strip().splitlines()[-1]
