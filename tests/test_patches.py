@@ -1,7 +1,9 @@
-"""patches/vllm: the integration as patch files against the vLLM 0.30.0 source.
+"""patches/vllm/<release>/: the integration as patch files against each supported vLLM source.
 
-1. They apply cleanly to the sdist fetched from PyPI, and the patched files compile.
-2. A "fork": the installed vLLM with the patches applied (a tree of symlinks, the
+1. They apply cleanly to that release's sdist fetched from PyPI, and the patched files compile.
+2. They change exactly the vLLM definitions the hooks change (integration/hooks.HOOKS), so
+   the plugin and a fork carrying the patches are the same integration.
+3. A "fork": the installed vLLM with its release's patches applied (a tree of symlinks, the
    patched files real copies) serves with the balancer while the plugin is disabled:
    the patches alone carry the integration."""
 
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from vllm_eplb.compat.versions import PATCHED
+from vllm_eplb.integration.hooks import HOOKS
 from vllm_eplb.integration.server import Server, metric
 from vllm_eplb.integration.tiny_model import build
 from vllm_eplb.tools import upstream
@@ -23,10 +27,23 @@ from vllm_eplb.tools import upstream
 pytestmark = pytest.mark.vllm
 
 
-def test_patches_apply_to_vllm_sdist():
-    src = upstream.fetch_sdist()
-    lines = upstream.check(src)
-    assert len(lines) == len(upstream.patch_files("vllm")) >= 7
+def test_every_patched_release_is_supported():
+    assert upstream.patched_versions("vllm") == upstream.patched_versions("tests") == sorted(PATCHED)
+
+
+@pytest.mark.parametrize("version", PATCHED)
+def test_patches_apply_to_vllm_sdist(version):
+    src = upstream.fetch_sdist(version)
+    lines = upstream.check(src, version)
+    assert len(lines) == len(upstream.patch_files("vllm", version)) >= 7
+
+
+@pytest.mark.parametrize("version", PATCHED)
+def test_hooks_and_patches_change_the_same_things(version):
+    hooked = {h.changes for h in HOOKS if h.changes and version in h.versions}
+    patched = upstream.changed_definitions(upstream.fetch_sdist(version), version)
+    assert hooked - patched == set(), f"hooks change what no patch of {version} changes"
+    assert patched - hooked == set(), f"patches of {version} change what no hook changes"
 
 
 @pytest.fixture(scope="module")

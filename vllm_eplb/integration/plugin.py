@@ -2,7 +2,8 @@
 
 vLLM calls `register()` in every process of a server: the API server (while it
 builds its argument parser, before parsing), the engine core and every worker
-(before the worker class is resolved). It installs the hooks of hooks.py.
+(before the worker class is resolved). It installs the hooks of hooks.py: all of them, or none with one log line
+saying why (an unknown vLLM release, a missing attribute).
 Set EPLB_PLUGIN_DISABLE=1 to leave vLLM untouched. (Not VLLM_*: vLLM warns about
 variables of its prefix it does not know.)
 """
@@ -20,7 +21,5 @@ def register() -> None:
         return
     _registered = True
     from .hooks import install_all
-    from .metrics import bridge_worker_metrics
 
-    bridge_worker_metrics()
     install_all()

@@ -28,7 +28,7 @@ DEFAULT_CONFIG = {
     "step_interval": 200,
     "num_redundant_experts": 4,
     "improvement_threshold": 0.05,
-    "policy": "default",
+    "policy": "min-move",  # what "default" meant before it took vLLM's meaning (deepseek)
 }
 
 STATES = ("idle", "collecting", "planning", "syncing", "transferring")

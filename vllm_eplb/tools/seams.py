@@ -1,0 +1,407 @@
+"""Static check of every vLLM seam vllm-eplb relies on, against a release's sdist.
+
+    python -m vllm_eplb.tools.seams [--version V ...]     # default: every release in SEAM_CHECKED
+
+Reads the source with `ast` (nothing of vLLM is imported or run), so releases that cannot
+run here (vLLM 0.33.0 is GPU-only) are checked too: the day a GPU box runs that release,
+the plugin is known to fit, or the exact missing seam is named. Checked:
+
+- hooks: every target attribute of integration/hooks.HOOKS and the definition it changes
+  exist, and the code around them still works the way the hook assumes (the runner builds
+  `EplbState(...)` through the module global the hook replaces, the V1 dummy pass calls
+  `eplb_step`, the V2 one is decorated with `step_eplb_after(is_dummy=True)`, argparse's
+  --eplb-config comes from `get_kwargs(ParallelConfig)`, the platform gate asks
+  `current_platform.is_cuda_alike()`);
+- the EplbState API: every method the runners and speculators call on their EPLB state
+  exists on VllmEplbState and accepts the arguments given there, every attribute read exists;
+- the router: `eplb_map_to_physical_and_record` is a module global of base_router called by
+  its bare name, with the parameters of vllm-eplb's torch version; every attribute the router
+  reads from a layer's EPLB state is set by the model (`set_eplb_state`) or by VllmEplbState;
+- the model interface (`MixtureOfExperts`) has every attribute VllmEplbState.add_model uses;
+- EPLBConfig: every field is honoured or refused by eplb.json (integration/config.UPSTREAM),
+  every communicator name is known.
+
+Gaps already known and owned elsewhere are listed in KNOWN_GAPS with the reason; they are
+printed, not failed on, and a gap that disappears must be removed from the list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from vllm_eplb.compat.versions import SEAM_CHECKED
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (release, problem prefix) -> why it is tolerated for now. Matched on the start of the line.
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
+for _v in ("0.32.0", "0.33.0"):
+    KNOWN_GAPS[(_v, "EplbState API: vllm/v1/worker/gpu/eplb_utils.py calls add_model(")] = (
+        "model_name= is passed only for a speculative-decoding draft MoE model; VllmEplbState balances the main model "
+        "only (runner_state.py, the lead's)"
+    )
+    KNOWN_GAPS[(_v, "EplbState API: vllm/v1/worker/gpu_model_runner.py calls add_model(")] = KNOWN_GAPS[
+        (_v, "EplbState API: vllm/v1/worker/gpu/eplb_utils.py calls add_model(")
+    ]
+for _v in SEAM_CHECKED:
+    # 0.30's V2 runner has no elastic-EP path; 0.32 added it
+    for _f in ("vllm/v1/worker/gpu_model_runner.py",) + (("vllm/v1/worker/gpu/eplb_utils.py",) if _v != "0.30.0" else ()):
+        KNOWN_GAPS[(_v, f"EplbState API: {_f} calls update_mapping(")] = (
+            "elastic EP only (setup_eplb_from_mapping); vllm-eplb refuses --enable-elastic-ep at start-up (check_shapes)"
+        )
+KNOWN_GAPS[("0.33.0", "EplbState API: vllm/v1/worker/gpu/eplb_utils.py reads should_record_tensor")] = (
+    "0.33's EPLBController.suppress() (V2 warm-up) reads the runner-level record flag as should_record_tensor; "
+    "VllmEplbState calls it should_record (runner_state.py, the lead's): rename or alias before running 0.33"
+)
+
+
+class Tree:
+    """One release's source, parsed on demand."""
+
+    def __init__(self, root: Path, version: str):
+        self.root, self.version = root, version
+        self._parsed: dict[str, ast.Module | None] = {}
+
+    def module(self, rel: str) -> ast.Module | None:
+        if rel not in self._parsed:
+            p = self.root / rel
+            self._parsed[rel] = ast.parse(p.read_text()) if p.exists() else None
+        return self._parsed[rel]
+
+    def text(self, node) -> str:
+        return ast.unparse(node)
+
+
+def module_file(module: str) -> str:
+    rel = module.replace(".", "/")
+    return rel + ".py"
+
+
+def _bindings(body: list) -> dict[str, list]:
+    """Names bound at this level (defs, classes, assignments, imports), descending into
+    top-level if/try blocks (vLLM picks implementations per platform that way)."""
+    out: dict[str, list] = {}
+    for node in body:
+        names = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, ast.Assign):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names = [node.target.id]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(a.asname or a.name).split(".")[0] for a in node.names]
+        elif isinstance(node, (ast.If, ast.Try)):
+            for sub in (node.body, getattr(node, "orelse", []), *[h.body for h in getattr(node, "handlers", [])]):
+                for k, v in _bindings(sub).items():
+                    out.setdefault(k, []).extend(v)
+        for n in names:
+            out.setdefault(n, []).append(node)
+    return out
+
+
+def find(tree: ast.Module | None, qualname: str):
+    """The node(s) defining qualname ('Class.method', 'name'); [] if missing."""
+    if tree is None:
+        return []
+    nodes = [tree]
+    for part in qualname.split("."):
+        found = []
+        for n in nodes:
+            body = n.body if isinstance(n, (ast.Module, ast.ClassDef)) else []
+            found += _bindings(body).get(part, [])
+        nodes = found
+        if not nodes:
+            return []
+    return nodes
+
+
+def _calls(node, name: str) -> bool:
+    """Does node's code call `name` (a bare name or an attribute ending in it)?"""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Call):
+            f = n.func
+            if (isinstance(f, ast.Name) and f.id == name) or (isinstance(f, ast.Attribute) and f.attr == name):
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def check_hooks(t: Tree) -> list[str]:
+    from vllm_eplb.integration.hooks import HOOKS
+
+    problems = []
+    for h in HOOKS:
+        module, qualname = h.target.split(":")
+        if module.split(".")[0] == "vllm":
+            rel = module_file(module)
+            if t.module(rel) is None:
+                problems.append(f"hook {h.name}: module {rel} is missing")
+                continue
+            if not find(t.module(rel), qualname):
+                problems.append(f"hook {h.name}: {rel} has no {qualname}")
+        if h.changes:
+            rel, qn = h.changes
+            if not find(t.module(rel), qn):
+                problems.append(f"hook {h.name}: {rel} has no {qn} (the definition it changes)")
+        if t.version not in h.versions:
+            problems.append(f"hook {h.name} does not declare vLLM {t.version}")
+    return problems + check_hook_assumptions(t)
+
+
+def _one(t: Tree, rel: str, qualname: str):
+    nodes = find(t.module(rel), qualname)
+    return nodes[-1] if nodes else None
+
+
+def check_hook_assumptions(t: Tree) -> list[str]:
+    """How each hook takes effect; a change here would make a hook a silent no-op."""
+    problems = []
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    add = _one(t, "vllm/engine/arg_utils.py", "EngineArgs.add_cli_args")
+    if add is not None:
+        src = t.text(add)
+        need(
+            "get_kwargs(ParallelConfig)" in src and "'--eplb-config'" in src and "parallel_kwargs['eplb_config']" in src,
+            "hook cli_config: EngineArgs.add_cli_args no longer builds --eplb-config from get_kwargs(ParallelConfig)",
+        )
+    gate = _one(t, "vllm/config/parallel.py", "ParallelConfig._validate_parallel_config")
+    if gate is not None:
+        src = t.text(gate)
+        need(
+            "self.enable_eplb" in src and "current_platform.is_cuda_alike()" in src,
+            "hook platform_gate: ParallelConfig._validate_parallel_config no longer gates EPLB on current_platform.is_cuda_alike()",
+        )
+    for rel in ("vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu/eplb_utils.py"):
+        tree = t.module(rel)
+        if tree is None:
+            continue
+        imported = any(
+            isinstance(n, ast.ImportFrom) and n.module == "vllm.distributed.eplb.eplb_state"
+            and any(a.name == "EplbState" and a.asname is None for a in n.names)
+            for n in tree.body
+        )
+        need(imported, f"hook runner_state: {rel} no longer imports EplbState from vllm.distributed.eplb.eplb_state at module level")
+        need(_calls(tree, "EplbState"), f"hook runner_state: {rel} no longer builds EplbState(...)")
+    v1 = _one(t, "vllm/v1/worker/gpu_model_runner.py", "GPUModelRunner._dummy_run")
+    if v1 is not None:
+        need(_calls(v1, "eplb_step"), "hook v1_dummy_runs: GPUModelRunner._dummy_run (V1) no longer calls eplb_step")
+    v2 = _one(t, "vllm/v1/worker/gpu/model_runner.py", "GPUModelRunner._dummy_run")
+    if v2 is not None:
+        decorators = [t.text(d) for d in v2.decorator_list]
+        need(
+            "step_eplb_after(is_dummy=True)" in decorators,
+            "hook v2_dummy_runs: GPUModelRunner._dummy_run (V2) is no longer decorated with step_eplb_after(is_dummy=True)",
+        )
+    return problems
+
+
+# --------------------------------------------------------------------------- EplbState API
+
+STATE_USERS = (
+    "vllm/v1/worker/gpu_model_runner.py",
+    "vllm/v1/worker/gpu/eplb_utils.py",
+    "vllm/v1/worker/gpu/model_runner.py",
+    "vllm/v1/worker/cpu_model_runner.py",
+    "vllm/v1/spec_decode/llm_base_proposer.py",
+    "vllm/v1/spec_decode/extract_hidden_states.py",
+    "vllm/v1/worker/gpu/spec_decode/speculator.py",
+)
+
+
+def _state_uses(tree: ast.Module, rel: str):
+    """(attribute, Call node or None) for every use of the runner's EPLB state:
+    `eplb_state.X`, `self.eplb_state.X`, and in EPLBController `self.state.X`."""
+    calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    decorators = {id(d) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for d in n.decorator_list}
+    for n in ast.walk(tree):
+        if not isinstance(n, ast.Attribute) or id(n) in decorators:
+            continue
+        v = n.value
+        is_state = (isinstance(v, ast.Name) and v.id == "eplb_state") or (
+            isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name) and v.value.id == "self"
+            and (v.attr == "eplb_state" or (v.attr == "state" and rel.endswith("eplb_utils.py")))
+        )
+        if is_state and isinstance(n.ctx, ast.Load):
+            yield n.attr, calls.get(id(n))
+
+
+def check_state_api(t: Tree) -> list[str]:
+    import torch
+
+    from vllm_eplb.integration.runner_state import VllmEplbState
+
+    instance = VllmEplbState(SimpleNamespace(), torch.device("cpu"))
+    problems = []
+    for rel in STATE_USERS:
+        tree = t.module(rel)
+        if tree is None:
+            continue
+        for attr, call in sorted(set(_state_uses(tree, rel)), key=lambda x: (x[0], id(x[1]))):
+            if not hasattr(instance, attr):
+                kind = "calls" if call is not None else "reads"
+                problems.append(f"EplbState API: {rel} {kind} {attr}{'(' if call is not None else ''} "
+                                f"which VllmEplbState does not have")
+                continue
+            if call is None:
+                continue
+            fn = getattr(instance, attr)
+            args = [None] * sum(not isinstance(a, ast.Starred) for a in call.args)
+            kwargs = {k.arg: None for k in call.keywords if k.arg is not None}
+            try:
+                inspect.signature(fn).bind(*args, **kwargs)
+            except TypeError as exc:
+                problems.append(f"EplbState API: {rel} calls {attr}({t.text(call)[len(t.text(call.func)) + 1:]} "
+                                f"which VllmEplbState.{attr} does not accept: {exc}")
+    return sorted(set(problems))
+
+
+# --------------------------------------------------------------------------- router and model interface
+
+MODEL_SET = {"expert_load_view", "logical_to_physical_map", "logical_replica_count"}  # by model.set_eplb_state
+ROUTER = "vllm/model_executor/layers/fused_moe/router/base_router.py"
+
+
+def _runner_state_tree() -> ast.Module:
+    return ast.parse((ROOT / "vllm_eplb" / "integration" / "runner_state.py").read_text())
+
+
+def check_router(t: Tree) -> list[str]:
+    from vllm_eplb.integration.hooks import torch_map_to_physical_and_record
+
+    problems = []
+    tree = t.module(ROUTER)
+    if tree is None:
+        return [f"router: {ROUTER} is missing"]
+    defs = [n for n in find(tree, "eplb_map_to_physical_and_record") if isinstance(n, ast.FunctionDef)]
+    if not defs:
+        return [f"router: {ROUTER} defines no module-level eplb_map_to_physical_and_record"]
+    ours = list(inspect.signature(torch_map_to_physical_and_record).parameters)
+    for d in defs:
+        theirs = [a.arg for a in d.args.args]
+        if theirs != ours:
+            problems.append(f"router: eplb_map_to_physical_and_record takes {theirs}; vllm-eplb's torch version takes {ours}")
+    router = _one(t, ROUTER, "BaseRouter")
+    if router is None or not _calls(router, "eplb_map_to_physical_and_record"):
+        problems.append("router: BaseRouter no longer calls eplb_map_to_physical_and_record by its module-global name")
+    # what the router reads from a layer's EPLB state must be set by the model or by us
+    ours_set = {
+        n.attr for n in ast.walk(_runner_state_tree())
+        if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and isinstance(n.value, ast.Name) and n.value.id == "ls"
+    }
+    read = {
+        n.attr for n in ast.walk(router or tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "eplb_state"
+    }
+    for attr in sorted(read - MODEL_SET - ours_set):
+        problems.append(f"router: BaseRouter reads the layer's eplb_state.{attr}, which neither the model nor VllmEplbState sets")
+    return problems
+
+
+def check_model_interface(t: Tree) -> list[str]:
+    rel = "vllm/model_executor/models/interfaces.py"
+    moe = _one(t, rel, "MixtureOfExperts")
+    if moe is None:
+        return [f"model interface: {rel} has no MixtureOfExperts"]
+    have = set(_bindings(moe.body))
+    add_model = _one_local(_runner_state_tree(), "VllmEplbState.add_model")
+    used = {
+        n.attr for n in ast.walk(add_model)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "model"
+    }
+    return [f"model interface: VllmEplbState.add_model uses model.{a}, which MixtureOfExperts does not define"
+            for a in sorted(used - have)]
+
+
+def _one_local(tree: ast.Module, qualname: str):
+    nodes = find(tree, qualname)
+    assert nodes, qualname
+    return nodes[-1]
+
+
+# --------------------------------------------------------------------------- EPLBConfig
+
+
+def check_eplb_config(t: Tree) -> list[str]:
+    from vllm_eplb.integration.config import UPSTREAM, EplbConfig
+
+    rel = "vllm/config/parallel.py"
+    cls = _one(t, rel, "EPLBConfig")
+    if cls is None:
+        return [f"EPLBConfig: {rel} has no EPLBConfig"]
+    fields = [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+    problems = [
+        f"EPLBConfig: vLLM {t.version}'s field {f!r} is neither honoured nor refused by eplb.json (integration/config.UPSTREAM)"
+        for f in fields if f not in UPSTREAM or f not in EplbConfig.model_fields
+    ]
+    lit = _one(t, rel, "EPLBCommunicatorBackend")
+    if lit is not None:
+        theirs = {n.value for n in ast.walk(lit) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        ours = set(str(a) for a in _literal_values(EplbConfig.model_fields["communicator"].annotation))
+        for name in sorted(theirs - ours):
+            problems.append(f"EPLBConfig: communicator {name!r} of vLLM {t.version} is unknown to eplb.json")
+    return problems
+
+
+def _literal_values(annotation) -> list:
+    from typing import get_args
+
+    out = []
+    for a in get_args(annotation):
+        out += list(get_args(a)) if get_args(a) else ([a] if isinstance(a, str) else [])
+    return out
+
+
+# --------------------------------------------------------------------------- all
+
+
+CHECKS = (check_hooks, check_state_api, check_router, check_model_interface, check_eplb_config)
+
+
+def check(root: Path, version: str) -> tuple[list[str], list[str]]:
+    """(problems, known gaps found) for one release's source tree."""
+    t = Tree(root, version)
+    found = [p for c in CHECKS for p in c(t)]
+    known = [p for p in found if _known(version, p)]
+    return [p for p in found if p not in known], known
+
+
+def _known(version: str, problem: str) -> str | None:
+    for (v, prefix), why in KNOWN_GAPS.items():
+        if v == version and problem.startswith(prefix):
+            return why
+    return None
+
+
+def main(argv=None) -> int:
+    from .upstream import fetch_sdist
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="append", help="vLLM release (repeatable; default: %s)" % ", ".join(SEAM_CHECKED))
+    args = ap.parse_args(argv)
+    bad = 0
+    for v in args.version or SEAM_CHECKED:
+        problems, known = check(fetch_sdist(v), v)
+        for p in problems:
+            print(f"vLLM {v}: MISSING SEAM: {p}")
+        for p in known:
+            print(f"vLLM {v}: known gap: {p} -- {_known(v, p)}")
+        print(f"vLLM {v}: {'every seam fits' if not problems else f'{len(problems)} seam(s) missing'}"
+              f"{f' ({len(known)} known gap(s))' if known else ''}")
+        bad += bool(problems)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
