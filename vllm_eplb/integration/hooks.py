@@ -155,6 +155,13 @@ def check_shapes(cfg: EplbConfig, vllm_config) -> None:
     ep = _ep_size(pc)
     if getattr(pc, "enable_elastic_ep", False):
         raise EplbConfigError("--eplb-config: vllm-eplb does not support elastic expert parallelism: drop --enable-elastic-ep")
+    if pc.pipeline_parallel_size > 1:
+        # Each stage would balance its own MoE layers on a pass clock of its own, with
+        # several batches in flight between stages: not validated, so not started.
+        raise EplbConfigError(
+            f"--eplb-config: vllm-eplb does not support pipeline parallelism yet "
+            f"(--pipeline-parallel-size {pc.pipeline_parallel_size}): use --pipeline-parallel-size 1"
+        )
     if ep < 2:
         raise EplbConfigError(
             f"--eplb-config: {ep} expert-parallel rank: nothing to balance; use --tensor-parallel-size or "
