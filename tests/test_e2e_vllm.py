@@ -308,6 +308,17 @@ def test_bad_config_fails_fast_with_one_line(model, tmp_path, content, expected)
     assert time.monotonic() - t0 < 120
 
 
+def test_unsupported_deployment_refused_in_one_line(model, tmp_path):
+    """Pipeline parallelism is not validated with the balancer: refused before anything loads."""
+    path = str(tmp_path / "eplb.json")
+    write_json(path, {"window_size": 10, "step_interval": 20})
+    cmd = serve_cmd(model, 8239, path, extra=["--pipeline-parallel-size", "2"], max_model_len=256)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "--pipeline-parallel-size" in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "Loading weights" not in r.stderr + r.stdout
+
+
 def test_inline_json_still_accepted(model):
     """--eplb-config keeps taking inline JSON; checked up to argument parsing (--help)."""
     r = subprocess.run(
