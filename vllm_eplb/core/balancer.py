@@ -460,8 +460,7 @@ class Balancer:
         if v.expired:
             return self._abort("planning_timeout")
         if not v.ready:
-            self.plan_pending()
-            self.cycle.post_at = p
+            self.cycle.post_at = p  # a rank is still planning: vote again now (no transition)
             return
         self.plan_agreed()
         self.cycle.post_at = p
