@@ -82,7 +82,9 @@ class VllmEplbState:
         self._metrics_failures = 0
 
     # ---- called by the runner once the weights are loaded
-    def add_model(self, model, model_config) -> None:
+    def add_model(self, model, model_config, model_name: str | None = None, **_) -> None:
+        """model_name (0.32+): set for a speculative-decoding draft MoE model, which comes
+        second; only the first (main) model is balanced."""
         if self.balancer is not None:
             log.warning("vllm-eplb balances the main model only; %s is served without rebalancing", type(model).__name__)
             return
@@ -163,6 +165,11 @@ class VllmEplbState:
             if ls is not None:
                 ls.should_record_tensor = self.should_record
                 ls.num_unpadded_tokens_tensors = self.num_unpadded_tokens
+
+    @property
+    def should_record_tensor(self):
+        """0.33's EPLBController.suppress() (V2 warm-up) reads the record flag by this name."""
+        return self.should_record
 
     # ---- called around every forward pass
     def _forward_starts(self) -> None:

@@ -40,24 +40,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # (release, problem prefix) -> why it is tolerated for now. Matched on the start of the line.
 KNOWN_GAPS: dict[tuple[str, str], str] = {}
-for _v in ("0.32.0", "0.33.0"):
-    KNOWN_GAPS[(_v, "EplbState API: vllm/v1/worker/gpu/eplb_utils.py calls add_model(")] = (
-        "model_name= is passed only for a speculative-decoding draft MoE model; VllmEplbState balances the main model "
-        "only (runner_state.py, the lead's)"
-    )
-    KNOWN_GAPS[(_v, "EplbState API: vllm/v1/worker/gpu_model_runner.py calls add_model(")] = KNOWN_GAPS[
-        (_v, "EplbState API: vllm/v1/worker/gpu/eplb_utils.py calls add_model(")
-    ]
 for _v in SEAM_CHECKED:
     # 0.30's V2 runner has no elastic-EP path; 0.32 added it
     for _f in ("vllm/v1/worker/gpu_model_runner.py",) + (("vllm/v1/worker/gpu/eplb_utils.py",) if _v != "0.30.0" else ()):
         KNOWN_GAPS[(_v, f"EplbState API: {_f} calls update_mapping(")] = (
             "elastic EP only (setup_eplb_from_mapping); vllm-eplb refuses --enable-elastic-ep at start-up (check_shapes)"
         )
-KNOWN_GAPS[("0.33.0", "EplbState API: vllm/v1/worker/gpu/eplb_utils.py reads should_record_tensor")] = (
-    "0.33's EPLBController.suppress() (V2 warm-up) reads the runner-level record flag as should_record_tensor; "
-    "VllmEplbState calls it should_record (runner_state.py, the lead's): rename or alias before running 0.33"
-)
 
 
 class Tree:
