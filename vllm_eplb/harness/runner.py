@@ -60,20 +60,6 @@ class RankReport:
     slot_mismatches: list[tuple]  # (pass, layer, slot, expert)
     output_mismatches: list[int]  # passes where the probe output differed
     checks: int  # passes checked
-    tick_us: dict[str, list[float]]  # state -> tick durations
-    placement: np.ndarray
-    error: str = ""
-
-
-@dataclass
-class RankReport:
-    rank: int
-    history: list  # TransitionRecord
-    stats: dict
-    map_disagreements: list[int]  # passes where maps differed across ranks
-    slot_mismatches: list[tuple]  # (pass, layer, slot, expert)
-    output_mismatches: list[int]  # passes where the probe output differed
-    checks: int  # passes checked
     tick_us: dict[str, list[float]]  # state -> tick durations (catch_up + tick of a pass)
     placement: np.ndarray
     max_wait_s: float = 0.0  # longest the forward loop spent in the balancer on one pass
