@@ -7,7 +7,7 @@ import pytest
 
 from vllm_eplb.core import records
 from vllm_eplb.core.placement import Topology, default_placement, predicted_balancedness, validate_placement
-from vllm_eplb.core.policies import PlanInput, get_policy, keep_in_place
+from vllm_eplb.core.policies import PlanInput, get_policy
 from vllm_eplb.core.policies.deepseek import deepseek_placement
 from vllm_eplb.tools import dry_run
 

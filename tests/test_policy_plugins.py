@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from vllm_eplb.core import records
-from vllm_eplb.core.placement import Topology, default_placement, validate_placement
+from vllm_eplb.core.placement import Topology, default_placement
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "round_robin_policy"

@@ -34,7 +34,7 @@ broken, since the forward passes keep every rank within one pass of the others.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from types import SimpleNamespace
 

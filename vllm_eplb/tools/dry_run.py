@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 
 from vllm_eplb.core import records
 from vllm_eplb.core.placement import rank_loads
