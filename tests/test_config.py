@@ -10,6 +10,7 @@ from vllm_eplb.integration.config import (
     EplbConfig,
     EplbConfigError,
     load_eplb_config,
+    ENV_VAR,
     publish,
     published,
     reference_markdown,
@@ -131,7 +132,8 @@ def test_missing_file_and_inline_json(tmp_path):
         load_eplb_config("{oops")
 
 
-def test_policy_keeps_upstream_meaning():
+def test_policy_keeps_upstream_meaning(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)  # publish() sets it: restored after the test
     # vLLM's "default" is DeepSeek's EPLB; the absent key is vllm-eplb's min-move, and said
     assert EplbConfig(policy="default").resolved_policy() == "deepseek"
     absent = EplbConfig()

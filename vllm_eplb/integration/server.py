@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from .config import ENV_VAR as CONFIG_ENV_VAR
+
 # Two workers on a small CPU box: one core each (VLLM_CPU_OMP_THREADS_BIND), and
 # threads that sleep instead of spinning while they wait (OMP_WAIT_POLICY): with
 # spinning, the engine core and the workers starve each other (measured: 26 ms per
@@ -104,7 +106,9 @@ class Server:
             self.cmd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **cpu_env(), **self.env},
+            # a config published in this process (a test, a notebook) must not reach a server
+            # started with its own flags: the server publishes what its --eplb-config says
+            env={**{k: v for k, v in os.environ.items() if k != CONFIG_ENV_VAR}, **cpu_env(), **self.env},
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
