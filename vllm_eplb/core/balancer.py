@@ -370,15 +370,9 @@ class Balancer:
             r, c.round = c.round, None
             handler = self._on_round[self.phase]
             if r.layout is not None:
-                v = r.votes()
-                if not v.pass_no[1]:
-                    raise PassMismatch(
-                        f"round posted at pass {r.posted_at} on this rank was posted at another pass elsewhere"
-                    )
-                if v.skew:
-                    self._report_skew(p)
-                if v.fault:
-                    return self._end_on_fault(v.fault)
+                v = self._read_votes(r, p)
+                if v is None:
+                    return
                 handler(p, v)
             else:
                 handler(p, r)
@@ -512,13 +506,11 @@ class Balancer:
         c = self.cycle
         if c.votes and p >= c.votes[0].due_at:
             r = c.votes.pop(0)
-            v = r.votes()
-            if not v.pass_no[1] or not v.first_seq[1]:
-                raise PassMismatch(f"commit vote posted at pass {r.posted_at} differs across ranks in pass or steps")
-            if v.skew:
-                self._report_skew(p)
-            if v.fault:
-                return self._end_on_fault(v.fault)
+            v = self._read_votes(r, p)
+            if v is None:
+                return
+            if not v.first_seq[1]:
+                raise PassMismatch(f"commit vote posted at pass {r.posted_at} names other steps on other ranks")
             first = v.first_seq[0]
             ready = {first + i for i in range(MAX_IN_FLIGHT) if getattr(v, f"ready{i}")}
             done = [s for s in c.inflight if s.seq in ready]
@@ -623,6 +615,19 @@ class Balancer:
         values.update(fault=self._take_fault(), skew=self._skewed)
         self._skewed = False
         return self.agreement.vote(layout, values, p)
+
+    def _read_votes(self, r: Round, p: int):
+        """A vote round's fields, after the checks every vote gets: posted at one pass
+        everywhere, tick skew reported, a fault ends the cycle (then None)."""
+        v = r.votes()
+        if not v.pass_no[1]:
+            raise PassMismatch(f"round posted at pass {r.posted_at} on this rank was posted at another pass elsewhere")
+        if v.skew:
+            self._report_skew(p)
+        if v.fault:
+            self._end_on_fault(v.fault)
+            return None
+        return v
 
     def _take_fault(self) -> int:
         """This rank's fault for the vote being posted (and forget it: it is on its way)."""
