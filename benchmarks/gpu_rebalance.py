@@ -228,8 +228,8 @@ class RecordingBackend(TransferBackend):
         self.rows: list[dict] = []
         self._open: list = []  # (row, handle) of steps whose device time is not read yet
 
-    def prepare(self, weights, max_step_bytes):
-        self.inner.prepare(weights, max_step_bytes)
+    def prepare(self, weights, max_step_bytes, steps=1):
+        self.inner.prepare(weights, max_step_bytes, steps)
 
     def start(self, jobs, rank):
         if self.order == "sorted":

@@ -166,3 +166,69 @@ def test_auto_picks_per_pair():
     assert pair_backend(topo, 1, 2) == "nccl"  # across nodes: no IPC
     assert pair_backend(topo, 0, 1, "cpu") == "gloo"
     assert pair_backend(Topology(8, 8, 8), 0, 7) == "cuda_ipc"  # one node, shared GPUs too
+
+
+def test_staging_arena_carves_views_and_takes_regions_back():
+    """Staging reserved at start-up: one region per step in flight, views carved in order
+    and aligned, a full region or no free region falls back to a fresh allocation, and a
+    region serves a later step once released."""
+    from vllm_eplb.core.transfer.backend import STAGING_ALIGN, StagingArena, staging_tensor
+
+    arena = StagingArena()
+    arena.reserve(torch.device("cpu"), steps=2, region_bytes=1000)
+    a, b = arena.acquire(None), arena.acquire(None)
+    assert a is not b and arena.acquire(None) is None and arena.fallbacks == 1
+    x, x_new = staging_tensor(a, (10, 5), torch.float32, "cpu")
+    y, y_new = staging_tensor(a, (3,), torch.int64, "cpu")
+    assert not x_new and not y_new
+    assert y.data_ptr() - x.data_ptr() == STAGING_ALIGN  # 200 bytes, padded
+    x.fill_(1.0)
+    y.fill_(7)
+    assert x.sum().item() == 50.0 and y.tolist() == [7, 7, 7]  # views do not overlap
+    z, z_new = staging_tensor(a, (100, 5), torch.float32, "cpu")  # 2000 bytes: no room
+    assert z_new and z.shape == (100, 5)
+    assert not (a.buf.data_ptr() <= z.data_ptr() < a.buf.data_ptr() + a.buf.numel())
+    a.release()
+    c = arena.acquire(None)
+    assert c is a and c.off == 0
+    assert staging_tensor(c, (10, 5), torch.float32, "cpu")[0].data_ptr() == x.data_ptr()
+
+
+def test_engine_commit_releases_the_steps_staging():
+    from vllm_eplb.core.transfer.backend import StagingArena, staging_tensor
+
+    topo = Topology(2, 2, 2)
+    plan = plan_layer(0, np.array([0, 1]), np.array([1, 1]), topo)  # rank 0 receives expert 1
+    arena = StagingArena()
+    arena.reserve(torch.device("cpu"), steps=1, region_bytes=4096)
+    w = torch.tensor([[0.0, 0.0]])
+
+    class Staged(TransferHandle):
+        def __init__(self, region):
+            self._region = region
+            self.buf, _ = staging_tensor(region, (1, 2), torch.float32, "cpu")
+            self.buf.fill_(1.0)
+
+        def done(self):
+            return True
+
+        def wait(self):
+            return {(0, 1): [self.buf[0]]}
+
+        @property
+        def staging_bytes(self):
+            return 8
+
+    class Backend:
+        name = "staged"
+
+        def start(self, jobs, rank):
+            return Staged(arena.acquire(None))
+
+    eng = TransferEngine(Backend(), lambda layer: [w], 0)
+    step = eng.start([plan])
+    assert arena.regions[0].busy
+    eng.finish(step)
+    assert arena.regions[0].busy  # finished, not committed: the commit still reads it
+    eng.commit(step)
+    assert w[0].tolist() == [1.0, 1.0] and not arena.regions[0].busy

@@ -200,7 +200,8 @@ class Balancer:
         per_layer = max(
             sum(padded(w.numel() * w.element_size()) for w in layout.weights_of(layer)) for layer in range(layout.num_layers)
         )
-        comm.backend.prepare(layout.weights_of(0), config.layers_per_pass * per_layer + (1 << 20))  # + message padding
+        # + message padding; staging for every step that can be in flight, reserved now
+        comm.backend.prepare(layout.weights_of(0), config.layers_per_pass * per_layer + (1 << 20), self.max_in_flight)
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
         self._aborted_steps: list[InFlightStep] = []  # their messages may still be pending
@@ -637,6 +638,9 @@ class Balancer:
             # were addressed to a rank that never posted its side. The transfer group
             # would match them against a later step's; stop rebalancing everywhere.
             self._transfer_group_broken = True
+        for step in self._aborted_steps:
+            if step.handle.done():
+                step.handle.release()  # nothing writes its staging any more
         self._aborted_steps = [step for step in self._aborted_steps if not step.handle.done()]
         if self._transfer_group_broken:
             self._fault(Fault.TRANSFER_GROUP_BROKEN, None)

@@ -163,6 +163,9 @@ class FailingHandle(TransferHandle):
     def staging_bytes(self):
         return self.inner.staging_bytes
 
+    def release(self):
+        self.inner.release()
+
 
 class SlowHandle(TransferHandle):
     """Reports not done for the first `polls` polls, as a copy slower than a pass would."""
@@ -183,13 +186,16 @@ class SlowHandle(TransferHandle):
     def staging_bytes(self):
         return self.inner.staging_bytes
 
+    def release(self):
+        self.inner.release()
+
 
 class WrappedBackend(TransferBackend):
     def __init__(self, inner: TransferBackend, wrap_handle):
         self.inner, self.wrap_handle, self.name = inner, wrap_handle, inner.name
 
-    def prepare(self, weights, max_step_bytes):
-        self.inner.prepare(weights, max_step_bytes)
+    def prepare(self, weights, max_step_bytes, steps=1):
+        self.inner.prepare(weights, max_step_bytes, steps)
 
     def start(self, jobs, rank):
         return self.wrap_handle(self.inner.start(jobs, rank))

@@ -111,6 +111,7 @@ class TransferEngine:
                 src = local.get(e) or step.received[(job.plan.layer, e)]
                 for w, t in zip(job.weights, src):
                     w[slot].copy_(t)
+        step.handle.release()  # its staging serves a later step once these copies ran
         r = step.result
         if r is not None:
             tot = self.totals

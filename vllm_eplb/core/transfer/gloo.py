@@ -19,7 +19,17 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from .backend import LayerJob, TransferBackend, TransferError, TransferHandle, pack_rows, padded, wait_all
+from .backend import (
+    LayerJob,
+    StagingArena,
+    TransferBackend,
+    TransferError,
+    TransferHandle,
+    copy_rows,
+    padded,
+    staging_tensor,
+    wait_all,
+)
 
 
 # Host<->device copies are cut into pieces of this size. One 700 MB copy holds the copy
@@ -92,14 +102,19 @@ class GlooBackend(TransferBackend):
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-gloo-wait")
         self._send_arena = _PinnedArena()
         self._recv_arena = _PinnedArena()
+        self._device_arena = StagingArena()  # received and packed rows on the GPU, per step
         self._stream = None
 
-    def prepare(self, weights: list[torch.Tensor], max_step_bytes: int) -> None:
-        """Pin both arenas now, at start-up: pinning (cudaHostAlloc) stalls every CUDA
-        call of the process, so it must not happen while serving."""
+    def prepare(self, weights: list[torch.Tensor], max_step_bytes: int, steps: int = 1) -> None:
+        """Pin both host arenas now, at start-up: pinning (cudaHostAlloc) stalls every
+        CUDA call of the process, so it must not happen while serving. The waiter thread
+        runs one step at a time, so one step's host staging serves them all; the device
+        staging (received rows until the commit, packed sends) is one region per step in
+        flight."""
         if weights and weights[0].is_cuda:
             self._recv_arena.reserve(max_step_bytes)
             self._send_arena.reserve(max_step_bytes)
+            self._device_arena.reserve(weights[0].device, steps, 2 * max_step_bytes)
 
     def close(self) -> None:
         self._waiter.shutdown(wait=False)
@@ -138,12 +153,16 @@ class GlooBackend(TransferBackend):
         stream, main = self._stream, torch.cuda.current_stream(device)
         recvs, sends, received, staging = [], [], {}, 0
         stream.wait_stream(main)  # the slots hold what the map says as of this pass
+        region = self._device_arena.acquire(stream)
+        fresh = []
         with torch.cuda.stream(stream):
             for job in jobs:
                 part = job.plan.part(rank)
                 for t in part.recvs:
                     for i, w in enumerate(job.weights):
-                        dev = torch.empty((len(t.experts), *w.shape[1:]), dtype=w.dtype, device=device)
+                        dev, new = staging_tensor(region, (len(t.experts), *w.shape[1:]), w.dtype, device)
+                        if new:
+                            fresh.append(dev)
                         recvs.append((dev, t.src, job.tag + i))
                         for row, e in enumerate(t.experts):
                             received.setdefault((job.plan.layer, e), []).append(dev[row])
@@ -151,10 +170,11 @@ class GlooBackend(TransferBackend):
                     for i, w in enumerate(job.weights):
                         # a packed copy travels, not the live slots, which keep serving
                         # (row copies: an index tensor's host->device copy would sync)
-                        sends.append((pack_rows(w, t.src_slots), t.dst, job.tag + i))
-        for bufs in received.values():
-            for b in bufs:
-                b.record_stream(main)  # the main stream reads them at commit
+                        packed = staging_tensor(region, (len(t.src_slots), *w.shape[1:]), w.dtype, device)[0]
+                        copy_rows(packed, w, t.src_slots)
+                        sends.append((packed, t.dst, job.tag + i))
+        for b in fresh:
+            b.record_stream(main)  # the main stream reads them at commit (arena views need not)
         nbytes = lambda items: sum(padded(d.numel() * d.element_size()) for d, _, _ in items)  # noqa: E731
         staging = 2 * nbytes(recvs) + 2 * nbytes(sends)  # device and pinned host copies
         group, recv_arena, send_arena = self.group, self._recv_arena, self._send_arena
@@ -181,4 +201,6 @@ class GlooBackend(TransferBackend):
             landed.synchronize()
             sends.clear()  # packed rows can go
 
-        return _GlooHandle(self._waiter.submit(run), received, staging)
+        handle = _GlooHandle(self._waiter.submit(run), received, staging)
+        handle._region = region
+        return handle

@@ -26,7 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
-from .backend import LayerJob, TransferBackend, TransferError, TransferHandle, copy_rows, pack_rows, wait_all
+from .backend import (
+    LayerJob,
+    StagingArena,
+    TransferBackend,
+    TransferError,
+    TransferHandle,
+    copy_rows,
+    staging_tensor,
+    wait_all,
+)
 
 
 class _StreamHandle(TransferHandle):
@@ -90,7 +99,9 @@ class CudaIpcBackend(TransferBackend):
         self.rank = rank
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(self.device)
-        self._peer_streams: dict[int, torch.cuda.Stream] = {}
+        self._peer_streams: dict[int, torch.cuda.Stream] = {}  # per source GPU, on it
+        self._recv_streams: dict[int, torch.cuda.Stream] = {}  # per source rank, on this GPU
+        self.arena = StagingArena()
         mine = [[reduce_tensor(w) for w in weights_of(layer)] for layer in range(num_layers)]
         everyone: list = [None] * world
         dist.all_gather_object(everyone, mine, group=cpu_group)
@@ -105,38 +116,60 @@ class CudaIpcBackend(TransferBackend):
             else:
                 self.peers.append(None)
 
+    def prepare(self, weights: list[torch.Tensor], max_step_bytes: int, steps: int = 1) -> None:
+        """Reserve the staging of `steps` steps in flight now (pulls land only in staging)."""
+        self.arena.reserve(self.device, steps, max_step_bytes)
+
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         """Pull this rank's experts into staging on this rank's GPU.
 
-        A copy between two GPUs runs on the source GPU's current stream (PyTorch's rule),
-        so the pulls are issued on a stream of this process on the source GPU, ordered
-        after and before this backend's side stream: the staging lies on this GPU, the
-        commit is a copy within it, and the events on the side stream time the pulls.
-        The main stream is not waited for: the peer's slots change only after the
-        commit round, which this rank enters only once its pulls completed."""
+        A copy between two GPUs runs on the source GPU's current stream, ordered by
+        PyTorch against the destination GPU's current stream both before and after. So
+        each source peer gets a receive stream here: its pulls (issued on a stream of this
+        process on the source GPU) are ordered against that stream only, and the pulls
+        from different peers overlap instead of waiting for one another. Every receive
+        stream starts after this backend's side stream and the side stream waits for all
+        of them: the events on it time the step. The staging lies on this GPU, the commit
+        is a copy within it. The main stream is not waited for: the peer's slots change
+        only after the commit round, which this rank enters only once its pulls completed."""
         received: dict[tuple[int, int], list[torch.Tensor]] = {}
         staging = 0
         main = torch.cuda.current_stream(self.device)
         start, end = _events(self.stream)
-        with torch.cuda.stream(self.stream):
-            start.record(self.stream)
-            for job in jobs:
-                part = job.plan.part(rank)
-                for t in part.recvs:
+        region = self.arena.acquire(self.stream)  # after the last readers of its staging
+        start.record(self.stream)
+        by_src: dict[int, list] = {}
+        for job in jobs:
+            for t in job.plan.part(rank).recvs:
+                by_src.setdefault(t.src, []).append((job, t))
+        fresh: list[torch.Tensor] = []
+        for src_rank, items in by_src.items():
+            recv_stream = self._recv_streams.get(src_rank)
+            if recv_stream is None:
+                recv_stream = self._recv_streams[src_rank] = torch.cuda.Stream(self.device)
+            recv_stream.wait_event(start)
+            with torch.cuda.stream(recv_stream):
+                for job, t in items:
                     src = self.peers[t.src][job.plan.layer]
                     with self._source_stream(src[0].device):
-                        for i, peer_w in enumerate(src):
-                            # staging on this GPU, allocated on the side stream
-                            buf = torch.empty((len(t.experts), *peer_w.shape[1:]), dtype=peer_w.dtype, device=self.device)
+                        for peer_w in src:
+                            shape = (len(t.experts), *peer_w.shape[1:])
+                            buf, new = staging_tensor(region, shape, peer_w.dtype, self.device)
+                            if new:
+                                fresh.append(buf)
                             copy_rows(buf, peer_w, t.src_slots)  # cudaMemcpyAsync over NVLink
                             staging += buf.numel() * buf.element_size()
                             for row, e in enumerate(t.experts):
                                 received.setdefault((job.plan.layer, e), []).append(buf[row])
-            end.record(self.stream)
-        for bufs in received.values():  # the main stream reads them at commit
-            for b in bufs:
-                b.record_stream(main)
-        return _StreamHandle(start, end, [], received, staging)
+            self.stream.wait_stream(recv_stream)
+        end.record(self.stream)
+        for b in fresh:  # the main stream reads them at commit (arena views need not)
+            b.record_stream(main)
+        handle = _StreamHandle(start, end, [], received, staging)
+        handle._region = region
+        if region is not None and not received:
+            handle.release()
+        return handle
 
     def _source_stream(self, device: torch.device):
         if device == self.device:
@@ -156,6 +189,7 @@ class P2PBackend(TransferBackend):
         self.group = group
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        self.arena = StagingArena()
         self._waiter = ThreadPoolExecutor(max_workers=1) if self.stream is None else None
         warm = torch.zeros(1, device=self.device)
         dist.all_reduce(warm, group=group)  # creates the communicator now, on every rank
@@ -182,12 +216,20 @@ class P2PBackend(TransferBackend):
                 w.wait()
         self.stream.synchronize()
 
+    def prepare(self, weights: list[torch.Tensor], max_step_bytes: int, steps: int = 1) -> None:
+        """Reserve the staging of `steps` steps in flight now: received rows and packed
+        sends, each at most a step's bound."""
+        if self.stream is not None:  # on CPU (gloo point-to-point) messages need no staging
+            self.arena.reserve(self.device, steps, 2 * max_step_bytes)
+
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         ops, received, staging, keep = [], {}, 0, []
         start, end = _events(self.stream)
         ctx = contextlib.nullcontext()
+        region = None
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream())
+            region = self.arena.acquire(self.stream)
             ctx = torch.cuda.stream(self.stream)
         with ctx:
             if start is not None:
@@ -197,7 +239,9 @@ class P2PBackend(TransferBackend):
                 # Receives are posted before sends, in plan order on both sides, so the
                 # messages of a pair of ranks match in order even with equal tags.
                 for t in part.recvs:
-                    bufs = [torch.empty((len(t.experts), *w.shape[1:]), dtype=w.dtype, device=w.device) for w in job.weights]
+                    bufs = [
+                        staging_tensor(region, (len(t.experts), *w.shape[1:]), w.dtype, w.device)[0] for w in job.weights
+                    ]
                     staging += sum(b.numel() * b.element_size() for b in bufs)
                     for b in bufs:
                         ops.append(dist.P2POp(dist.irecv, b, group=self.group, group_peer=t.src))
@@ -207,7 +251,8 @@ class P2PBackend(TransferBackend):
                     for w in job.weights:
                         # a packed copy travels, not the live slots, which keep serving;
                         # row copies, no index tensor (whose host->device copy would sync)
-                        buf = pack_rows(w, t.src_slots)
+                        buf = staging_tensor(region, (len(t.src_slots), *w.shape[1:]), w.dtype, w.device)[0]
+                        copy_rows(buf, w, t.src_slots)
                         staging += buf.numel() * buf.element_size()
                         keep.append(buf)
                         ops.append(dist.P2POp(dist.isend, buf, group=self.group, group_peer=t.dst))
@@ -216,6 +261,7 @@ class P2PBackend(TransferBackend):
                 end.record(self.stream)
         handle = _StreamHandle(start, end, works, received, staging, self._waiter)
         handle._keep = keep  # send buffers live until the handle is dropped
+        handle._region = region
         return handle
 
 
@@ -229,6 +275,14 @@ class HybridBackend(TransferBackend):
 
     def __init__(self, ipc: CudaIpcBackend, p2p: P2PBackend, node_of):
         self.ipc, self.p2p, self.node_of = ipc, p2p, node_of
+
+    def prepare(self, weights: list[torch.Tensor], max_step_bytes: int, steps: int = 1) -> None:
+        self.ipc.prepare(weights, max_step_bytes, steps)
+        self.p2p.prepare(weights, max_step_bytes, steps)
+
+    def close(self) -> None:
+        self.ipc.close()
+        self.p2p.close()
 
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         from .plan import LayerPlan, RankPart
@@ -256,6 +310,10 @@ class _Both(TransferHandle):
 
     def wait(self):
         return {**self.a.wait(), **self.b.wait()}
+
+    def release(self) -> None:
+        self.a.release()
+        self.b.release()
 
     def device_seconds(self) -> float | None:
         xs = [x for x in (self.a.device_seconds(), self.b.device_seconds()) if x is not None]
