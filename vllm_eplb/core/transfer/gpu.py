@@ -258,6 +258,11 @@ class P2PBackend(TransferBackend):
                         ops.append(dist.P2POp(dist.isend, buf, group=self.group, group_peer=t.dst))
             works = dist.batch_isend_irecv(ops) if ops else []
             if end is not None:
+                # NCCL runs them on its own stream: make the side stream wait for it (on the
+                # GPU; the CPU does not wait) so the end event times the messages too, not
+                # only the packing (measured without: "946 GB/s" on a 387 GB/s link)
+                for w in works:
+                    w.wait()
                 end.record(self.stream)
         handle = _StreamHandle(start, end, works, received, staging, self._waiter)
         handle._keep = keep  # send buffers live until the handle is dropped
