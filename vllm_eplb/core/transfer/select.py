@@ -8,12 +8,13 @@ weights live. One place, so the integration, the benchmarks and the tests agree.
             GPU, same node (including two ranks on one GPU) -> cuda_ipc; GPU, different
             nodes -> nccl. One node: CudaIpcBackend; several: HybridBackend.
 
-Measured (docs/benchmarks.md, 2026-11-28, `benchmarks/gpu_rebalance.py`, 2 x H100 80GB
-HBM3 with NVLink, EP=2, DeepSeek-V3 expert shapes, median over runs): per-layer transfer
-cuda_ipc 338 GB/s (88% of the 386 GB/s peer-copy limit), nccl 284 GB/s, gloo through
-pinned host memory 3.5-3.9 GB/s (2026-11-23); stall p99/steady p99 cuda_ipc 0.96x,
-nccl 1.03x, gloo 1.11x; committing pass +1.9 ms (cuda_ipc), +2.4 ms (nccl). With two or
-four ranks on one GPU NCCL refuses to run, and cuda_ipc met the stall targets (1.03x).
+Measured (docs/benchmarks.md, 2026-11-28, `benchmarks/gpu_rebalance.py`, H200s joined by
+NVLink, DeepSeek-V3 expert shapes, median over 3-5 runs): per-layer transfer at EP=2
+cuda_ipc 327 GB/s (84% of the peer-copy limit), nccl 215 GB/s (56%), gloo through pinned
+host memory 3.5-3.9 GB/s (2026-11-23); at EP=4 cuda_ipc 224, nccl 184 GB/s. Stall
+p99/steady p99 at EP=2: cuda_ipc 1.00x, nccl 1.02-1.04x, gloo 1.26x; at EP=4 cuda_ipc and
+nccl 1.03x, gloo 1.39x. With two or four ranks on one GPU NCCL refuses to run, and cuda_ipc
+met the stall targets (1.00-1.07x).
 Across nodes CUDA IPC cannot map memory, so NCCL is the fastest measured there (no
 multi-node run yet: an assumption until one is made).
 """
