@@ -145,6 +145,23 @@ def test_transfer_error_keeps_one_placement_per_layer():
     assert len(aborts) == 1
 
 
+@pytest.mark.parametrize("faults", [None, Faults(transfer_error=(1, 1, 2))], ids=["clean", "transfer_error"])
+def test_reserved_staging_comes_back_through_commits_and_aborts(faults):
+    """Staging reserved at start-up (what every GPU backend does; here gloo on CPU, under the
+    rig's every-pass checks): regions serve step after step, come back at each commit and
+    from an aborted cycle's steps once done; no step ever needs memory outside them, and no
+    region is reused while its data is still wanted (slots, maps and outputs are checked)."""
+    reports = run(ranks=4, passes=200, zipf=1.5, faults=faults, cpu_staging=True)
+    assert_consistent(reports)
+    for r in reports:
+        assert completed_cycles(r) >= 1
+        assert r.stats["staging"]["regions"] == 3  # agreement_lag + 1
+        assert r.stats["staging"]["fallbacks"] == 0
+        assert r.stats["layers_committed"] > 3  # the regions were reused
+    if faults is not None:
+        assert all(r.stats["cycles_aborted"]["transfer_error"] == 1 for r in reports)
+
+
 def test_ranks_on_different_schedules_detected():
     """Rank 1 reads rounds one pass later than rank 0 (a mismatched config): the pass
     numbers carried in every vote round differ, every rank sees it and stops."""

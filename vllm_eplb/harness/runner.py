@@ -46,6 +46,7 @@ class HarnessConfig:
     check_every: int = 1
     pass_sleep_s: float = 0.0  # added to every forward pass, as a real model's pass time
     backend: str = "gloo"  # "gloo" (GlooBackend) or "p2p" (the NCCL backend's batched isend/irecv, on gloo)
+    cpu_staging: bool = False  # gloo: staging reserved at start-up on CPU too, as on GPU (reuse under the checks)
     balancer: dict = field(default_factory=dict)  # BalancerConfig fields
     faults: Faults = field(default_factory=Faults)
     verbose: bool = False
@@ -89,8 +90,10 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
 
     policy = fault_doubles.wrap_policy(get_policy(bcfg.policy), f, rank)
     balancer_ref: list[Balancer] = []
-    backend: TransferBackend = GlooBackend(transfer_group) if cfg.backend == "gloo" else P2PBackend(transfer_group)
-    backend = fault_doubles.wrap_backend(backend, f, rank, balancer_ref)
+    raw_backend: TransferBackend = (
+        GlooBackend(transfer_group, stage_on_cpu=cfg.cpu_staging) if cfg.backend == "gloo" else P2PBackend(transfer_group)
+    )
+    backend = fault_doubles.wrap_backend(raw_backend, f, rank, balancer_ref)
     ticks = fault_doubles.TickSchedule(f, rank)
     kill = fault_doubles.PhaseTrigger(f.kill_planner, rank)
     metrics_error = fault_doubles.PhaseTrigger(f.metrics_error, rank)
@@ -139,6 +142,9 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         "wait_max_s": balancer.agreement.stats.wait_seconds_max,
     }
     stats["planner_alive"] = balancer.planner.alive()
+    arena = getattr(raw_backend, "staging", None)
+    if arena is not None and arena.regions:
+        stats["staging"] = {"regions": len(arena.regions), "fallbacks": arena.fallbacks}
     if ticks.trigger.fired_at is not None:
         events["tick_offset"] = ticks.trigger.fired_at
     report = RankReport(

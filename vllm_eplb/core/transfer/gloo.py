@@ -97,12 +97,17 @@ class _GlooHandle(TransferHandle):
 class GlooBackend(TransferBackend):
     name = "gloo"
 
-    def __init__(self, group):
+    def __init__(self, group, stage_on_cpu: bool = False):
+        """stage_on_cpu: reserve the per-step staging for CPU tensors as well (off by
+        default: on CPU an allocation costs little, and reserving would hold (lag + 1) x 2
+        steps of host memory for good). The test rig turns it on, so that the staging's
+        reuse across commits and aborted cycles runs under its every-pass checks."""
         self.group = group
+        self.stage_on_cpu = stage_on_cpu
         self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-gloo-wait")
         self._send_arena = _PinnedArena()
         self._recv_arena = _PinnedArena()
-        self._device_arena = StagingArena()  # received and packed rows on the GPU, per step
+        self.staging = StagingArena()  # received and packed rows, per step in flight
         self._stream = None
 
     def prepare(self, weights: list[torch.Tensor], max_step_bytes: int, steps: int = 1) -> None:
@@ -114,7 +119,9 @@ class GlooBackend(TransferBackend):
         if weights and weights[0].is_cuda:
             self._recv_arena.reserve(max_step_bytes)
             self._send_arena.reserve(max_step_bytes)
-            self._device_arena.reserve(weights[0].device, steps, 2 * max_step_bytes)
+            self.staging.reserve(weights[0].device, steps, 2 * max_step_bytes)
+        elif weights and self.stage_on_cpu:
+            self.staging.reserve(weights[0].device, steps, 2 * max_step_bytes)
 
     def close(self) -> None:
         self._waiter.shutdown(wait=False)
@@ -124,11 +131,12 @@ class GlooBackend(TransferBackend):
         if device.type == "cuda":
             return self._start_gpu(jobs, rank, device)
         works, received, staging = [], {}, 0
+        region = self.staging.acquire(None) if self.staging.regions else None
         for job in jobs:
             part = job.plan.part(rank)
             # Receives first: a gloo send completes only once the peer posted its receive.
             for t in part.recvs:
-                bufs = [torch.empty((len(t.experts), *w.shape[1:]), dtype=w.dtype) for w in job.weights]
+                bufs = [staging_tensor(region, (len(t.experts), *w.shape[1:]), w.dtype, "cpu")[0] for w in job.weights]
                 for i, buf in enumerate(bufs):
                     staging += buf.numel() * buf.element_size()
                     works.append(dist.irecv(buf, group=self.group, group_src=t.src, tag=job.tag + i))
@@ -139,10 +147,15 @@ class GlooBackend(TransferBackend):
                 for i, w in enumerate(job.weights):
                     # index_select copies: the live slot is not what travels, so the sender
                     # stays free to keep serving from it.
-                    buf = w.index_select(0, idx)
+                    buf = staging_tensor(region, (len(idx), *w.shape[1:]), w.dtype, "cpu")[0]
+                    torch.index_select(w, 0, idx, out=buf)
                     staging += buf.numel() * buf.element_size()
                     works.append(dist.isend(buf, group=self.group, group_dst=t.dst, tag=job.tag + i))
-        return _GlooHandle(self._waiter.submit(wait_all, works), received, staging)
+        handle = _GlooHandle(self._waiter.submit(wait_all, works), received, staging)
+        handle._region = region
+        if region is not None and not works:
+            handle.release()
+        return handle
 
     def _start_gpu(self, jobs: list[LayerJob], rank: int, device) -> TransferHandle:
         """On the loop's thread only GPU work is queued (rows packed on a side stream,
@@ -153,7 +166,7 @@ class GlooBackend(TransferBackend):
         stream, main = self._stream, torch.cuda.current_stream(device)
         recvs, sends, received, staging = [], [], {}, 0
         stream.wait_stream(main)  # the slots hold what the map says as of this pass
-        region = self._device_arena.acquire(stream)
+        region = self.staging.acquire(stream)
         fresh = []
         with torch.cuda.stream(stream):
             for job in jobs:
