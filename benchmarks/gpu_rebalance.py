@@ -231,6 +231,10 @@ class RecordingBackend(TransferBackend):
     def prepare(self, weights, max_step_bytes, steps=1):
         self.inner.prepare(weights, max_step_bytes, steps)
 
+    @property
+    def reserved_bytes(self):
+        return self.inner.reserved_bytes
+
     def start(self, jobs, rank):
         if self.order == "sorted":
             for j in jobs:

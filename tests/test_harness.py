@@ -156,6 +156,7 @@ def test_reserved_staging_comes_back_through_commits_and_aborts(faults):
     for r in reports:
         assert completed_cycles(r) >= 1
         assert r.stats["staging"]["regions"] == 3  # agreement_lag + 1
+        assert r.stats["staging"]["reserved_seen"] == r.stats["staging"]["reserved"] > 0  # through the fault wrapper
         assert r.stats["staging"]["fallbacks"] == 0
         assert r.stats["layers_committed"] > 3  # the regions were reused
     if faults is not None:

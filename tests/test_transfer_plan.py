@@ -176,6 +176,7 @@ def test_staging_arena_carves_views_and_takes_regions_back():
 
     arena = StagingArena()
     arena.reserve(torch.device("cpu"), steps=2, region_bytes=1000)
+    assert arena.reserved_bytes == 2 * 1024  # regions padded to STAGING_ALIGN
     a, b = arena.acquire(None), arena.acquire(None)
     assert a is not b and arena.acquire(None) is None and arena.fallbacks == 1
     x, x_new = staging_tensor(a, (10, 5), torch.float32, "cpu")

@@ -202,6 +202,11 @@ class Balancer:
         )
         # + message padding; staging for every step that can be in flight, reserved now
         comm.backend.prepare(layout.weights_of(0), config.layers_per_pass * per_layer + (1 << 20), self.max_in_flight)
+        if comm.backend.reserved_bytes:
+            log.info(
+                "vllm-eplb rank %d: %d MB of transfer staging reserved on %s (%d steps in flight)", comm.rank,
+                comm.backend.reserved_bytes >> 20, layout.weights_of(0)[0].device, self.max_in_flight,
+            )
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
         self._aborted_steps: list[InFlightStep] = []  # their messages may still be pending

@@ -197,6 +197,10 @@ class WrappedBackend(TransferBackend):
     def prepare(self, weights, max_step_bytes, steps=1):
         self.inner.prepare(weights, max_step_bytes, steps)
 
+    @property
+    def reserved_bytes(self):
+        return self.inner.reserved_bytes
+
     def start(self, jobs, rank):
         return self.wrap_handle(self.inner.start(jobs, rank))
 

@@ -144,7 +144,8 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     stats["planner_alive"] = balancer.planner.alive()
     arena = getattr(raw_backend, "staging", None)
     if arena is not None and arena.regions:
-        stats["staging"] = {"regions": len(arena.regions), "fallbacks": arena.fallbacks}
+        stats["staging"] = {"regions": len(arena.regions), "fallbacks": arena.fallbacks, "reserved": arena.reserved_bytes,
+                            "reserved_seen": backend.reserved_bytes}
     if ticks.trigger.fired_at is not None:
         events["tick_offset"] = ticks.trigger.fired_at
     report = RankReport(

@@ -82,6 +82,11 @@ class TransferBackend(ABC):
     def close(self) -> None:  # pragma: no cover - optional
         pass
 
+    @property
+    def reserved_bytes(self) -> int:
+        """Staging memory prepare() reserved (held for as long as the backend lives)."""
+        return sum(a.reserved_bytes for a in vars(self).values() if isinstance(a, StagingArena))
+
 
 STAGING_ALIGN = 512  # bytes; staging views aligned for any dtype
 
@@ -165,6 +170,10 @@ class StagingArena:
     def __init__(self):
         self.regions: list[StagingRegion] = []
         self.fallbacks = 0  # steps that allocated outside the arena
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(r.buf.numel() for r in self.regions)
 
     def reserve(self, device: torch.device, steps: int, region_bytes: int) -> None:
         if steps < 1 or region_bytes < 1:

@@ -289,6 +289,10 @@ class HybridBackend(TransferBackend):
         self.ipc.close()
         self.p2p.close()
 
+    @property
+    def reserved_bytes(self) -> int:
+        return self.ipc.reserved_bytes + self.p2p.reserved_bytes
+
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         from .plan import LayerPlan, RankPart
 
