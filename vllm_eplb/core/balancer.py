@@ -643,10 +643,13 @@ class Balancer:
             # were addressed to a rank that never posted its side. The transfer group
             # would match them against a later step's; stop rebalancing everywhere.
             self._transfer_group_broken = True
-        for step in self._aborted_steps:
+        pending = []
+        for step in self._aborted_steps:  # done() read once: a step done now is released, not dropped
             if step.handle.done():
                 step.handle.release()  # nothing writes its staging any more
-        self._aborted_steps = [step for step in self._aborted_steps if not step.handle.done()]
+            else:
+                pending.append(step)
+        self._aborted_steps = pending
         if self._transfer_group_broken:
             self._fault(Fault.TRANSFER_GROUP_BROKEN, None)
         fault, c.fault = c.fault, 0

@@ -142,7 +142,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         "wait_max_s": balancer.agreement.stats.wait_seconds_max,
     }
     stats["planner_alive"] = balancer.planner.alive()
-    arena = getattr(raw_backend, "staging", None)
+    arena = raw_backend.staging
     if arena is not None and arena.regions:
         stats["staging"] = {"regions": len(arena.regions), "fallbacks": arena.fallbacks, "reserved": arena.reserved_bytes,
                             "reserved_seen": backend.reserved_bytes}

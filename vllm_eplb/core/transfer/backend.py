@@ -69,7 +69,7 @@ class TransferHandle(ABC):
 
 class TransferBackend(ABC):
     name: str = ""
-
+    staging: StagingArena | None = None  # what prepare() reserved, for backends that do
     @abstractmethod
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         """Post this rank's sends and receives for the step; return at once."""
@@ -85,7 +85,7 @@ class TransferBackend(ABC):
     @property
     def reserved_bytes(self) -> int:
         """Staging memory prepare() reserved (held for as long as the backend lives)."""
-        return sum(a.reserved_bytes for a in vars(self).values() if isinstance(a, StagingArena))
+        return self.staging.reserved_bytes if self.staging is not None else 0
 
 
 STAGING_ALIGN = 512  # bytes; staging views aligned for any dtype
@@ -140,7 +140,7 @@ class StagingRegion:
 
     def take(self, shape, dtype) -> torch.Tensor | None:
         """A view of `shape` and `dtype`, or None when the region is full."""
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        n = torch.Size(shape).numel() * dtype.itemsize
         if self.off + n > self.buf.numel():
             return None
         view = self.buf[self.off : self.off + n].view(dtype).view(shape)
@@ -180,7 +180,7 @@ class StagingArena:
             return
         region_bytes = padded(region_bytes)
         if len(self.regions) == steps and all(r.buf.numel() >= region_bytes and r.buf.device == device for r in self.regions):
-            return  # reserved already (a backend serves balancer after balancer in tests)
+            return  # reserved already (the benchmark builds a balancer per run over one backend)
         buf = torch.empty(steps * region_bytes, dtype=torch.uint8, device=device)
         self.regions = [StagingRegion(buf[i * region_bytes : (i + 1) * region_bytes]) for i in range(steps)]
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from .backend import (
     LayerJob,
     StagingArena,
+    StagingRegion,
     TransferBackend,
     TransferError,
     TransferHandle,
@@ -52,12 +53,11 @@ def _chunked_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         d[i : i + step].copy_(s_[i : i + step], non_blocking=True)
 
 
-class _PinnedArena:
+class _PinnedArena(StagingRegion):
     """One pinned host buffer, carved into views for one step at a time."""
 
     def __init__(self):
-        self.buf = torch.empty(0, dtype=torch.uint8)
-        self.off = 0
+        super().__init__(torch.empty(0, dtype=torch.uint8))
 
     def reserve(self, nbytes: int) -> None:
         """Make room for a step of `nbytes` (before any view of it is taken). Grows only
@@ -65,12 +65,6 @@ class _PinnedArena:
         self.off = 0
         if self.buf.numel() < nbytes:
             self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-
-    def take(self, shape, dtype) -> torch.Tensor:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        view = self.buf[self.off : self.off + n].view(dtype).view(shape)
-        self.off += padded(n)
-        return view
 
 
 class _GlooHandle(TransferHandle):
@@ -116,11 +110,12 @@ class GlooBackend(TransferBackend):
         runs one step at a time, so one step's host staging serves them all; the device
         staging (received rows until the commit, packed sends) is one region per step in
         flight."""
-        if weights and weights[0].is_cuda:
+        if not weights:
+            return
+        if weights[0].is_cuda:
             self._recv_arena.reserve(max_step_bytes)
             self._send_arena.reserve(max_step_bytes)
-            self.staging.reserve(weights[0].device, steps, 2 * max_step_bytes)
-        elif weights and self.stage_on_cpu:
+        if weights[0].is_cuda or self.stage_on_cpu:
             self.staging.reserve(weights[0].device, steps, 2 * max_step_bytes)
 
     def close(self) -> None:
@@ -153,8 +148,6 @@ class GlooBackend(TransferBackend):
                     works.append(dist.isend(buf, group=self.group, group_dst=t.dst, tag=job.tag + i))
         handle = _GlooHandle(self._waiter.submit(wait_all, works), received, staging)
         handle._region = region
-        if region is not None and not works:
-            handle.release()
         return handle
 
     def _start_gpu(self, jobs: list[LayerJob], rank: int, device) -> TransferHandle:

@@ -101,7 +101,7 @@ class CudaIpcBackend(TransferBackend):
         self.stream = torch.cuda.Stream(self.device)
         self._peer_streams: dict[int, torch.cuda.Stream] = {}  # per source GPU, on it
         self._recv_streams: dict[int, torch.cuda.Stream] = {}  # per source rank, on this GPU
-        self.arena = StagingArena()
+        self.staging = StagingArena()
         mine = [[reduce_tensor(w) for w in weights_of(layer)] for layer in range(num_layers)]
         everyone: list = [None] * world
         dist.all_gather_object(everyone, mine, group=cpu_group)
@@ -118,7 +118,7 @@ class CudaIpcBackend(TransferBackend):
 
     def prepare(self, weights: list[torch.Tensor], max_step_bytes: int, steps: int = 1) -> None:
         """Reserve the staging of `steps` steps in flight now (pulls land only in staging)."""
-        self.arena.reserve(self.device, steps, max_step_bytes)
+        self.staging.reserve(self.device, steps, max_step_bytes)
 
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         """Pull this rank's experts into staging on this rank's GPU.
@@ -136,7 +136,7 @@ class CudaIpcBackend(TransferBackend):
         staging = 0
         main = torch.cuda.current_stream(self.device)
         start, end = _events(self.stream)
-        region = self.arena.acquire(self.stream)  # after the last readers of its staging
+        region = self.staging.acquire(self.stream)  # after the last readers of its staging
         start.record(self.stream)
         by_src: dict[int, list] = {}
         for job in jobs:
@@ -167,8 +167,6 @@ class CudaIpcBackend(TransferBackend):
             b.record_stream(main)
         handle = _StreamHandle(start, end, [], received, staging)
         handle._region = region
-        if region is not None and not received:
-            handle.release()
         return handle
 
     def _source_stream(self, device: torch.device):
@@ -189,7 +187,7 @@ class P2PBackend(TransferBackend):
         self.group = group
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream() if self.device.type == "cuda" else None
-        self.arena = StagingArena()
+        self.staging = StagingArena()
         self._waiter = ThreadPoolExecutor(max_workers=1) if self.stream is None else None
         warm = torch.zeros(1, device=self.device)
         dist.all_reduce(warm, group=group)  # creates the communicator now, on every rank
@@ -220,7 +218,7 @@ class P2PBackend(TransferBackend):
         """Reserve the staging of `steps` steps in flight now: received rows and packed
         sends, each at most a step's bound."""
         if self.stream is not None:  # on CPU (gloo point-to-point) messages need no staging
-            self.arena.reserve(self.device, steps, 2 * max_step_bytes)
+            self.staging.reserve(self.device, steps, 2 * max_step_bytes)
 
     def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
         ops, received, staging, keep = [], {}, 0, []
@@ -229,7 +227,7 @@ class P2PBackend(TransferBackend):
         region = None
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream())
-            region = self.arena.acquire(self.stream)
+            region = self.staging.acquire(self.stream)
             ctx = torch.cuda.stream(self.stream)
         with ctx:
             if start is not None:
