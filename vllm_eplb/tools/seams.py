@@ -34,15 +34,20 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from vllm_eplb.compat.versions import SEAM_CHECKED
+from vllm_eplb.compat.versions import SEAM_CHECKED, platforms_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # (release, problem prefix) -> why it is tolerated for now. Matched on the start of the line.
 KNOWN_GAPS: dict[tuple[str, str], str] = {}
-for _v in SEAM_CHECKED:
-    # 0.30's V2 runner has no elastic-EP path; 0.32 added it
-    for _f in ("vllm/v1/worker/gpu_model_runner.py",) + (("vllm/v1/worker/gpu/eplb_utils.py",) if _v != "0.30.0" else ()):
+# elastic EP's update_mapping: the V1 runner calls it from 0.30, the V2 runner from 0.32 (0.26 has neither)
+_ELASTIC_CALLERS = {
+    "0.30.0": ("vllm/v1/worker/gpu_model_runner.py",),
+    "0.32.0": ("vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu/eplb_utils.py"),
+    "0.33.0": ("vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu/eplb_utils.py"),
+}
+for _v, _files in _ELASTIC_CALLERS.items():
+    for _f in _files:
         KNOWN_GAPS[(_v, f"EplbState API: {_f} calls update_mapping(")] = (
             "elastic EP only (setup_eplb_from_mapping); vllm-eplb refuses --enable-elastic-ep at start-up (check_shapes)"
         )
@@ -126,7 +131,12 @@ def check_hooks(t: Tree) -> list[str]:
     from vllm_eplb.integration.hooks import HOOKS
 
     problems = []
+    platforms = platforms_of(t.version)
     for h in HOOKS:
+        if t.version not in h.versions:
+            if h.required_for(platforms):
+                problems.append(f"hook {h.name} does not declare vLLM {t.version}")
+            continue  # a CPU-only hook on a GPU-only release: nothing of it runs there
         module, qualname = h.target.split(":")
         if module.split(".")[0] == "vllm":
             rel = module_file(module)
@@ -139,8 +149,6 @@ def check_hooks(t: Tree) -> list[str]:
             rel, qn = h.changes
             if not find(t.module(rel), qn):
                 problems.append(f"hook {h.name}: {rel} has no {qn} (the definition it changes)")
-        if t.version not in h.versions:
-            problems.append(f"hook {h.name} does not declare vLLM {t.version}")
     return problems + check_hook_assumptions(t)
 
 
