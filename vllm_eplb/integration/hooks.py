@@ -151,28 +151,37 @@ def _num_experts(hf_config) -> int | None:
 
 
 def _ep_size(pc) -> int:
-    return pc.tensor_parallel_size * pc.data_parallel_size * getattr(pc, "prefill_context_parallel_size", 1)
+    """Ranks of the expert-parallel group, from a ParallelConfig or from EngineArgs."""
+    return (pc.tensor_parallel_size or 1) * (pc.data_parallel_size or 1) * (getattr(pc, "prefill_context_parallel_size", 1) or 1)
 
 
-def check_shapes(cfg: EplbConfig, vllm_config) -> None:
-    """Fail before the model loads if the config cannot mean anything for this model and
-    deployment: slots that cannot be laid out, numbers past what they can reach."""
-    pc = vllm_config.parallel_config
-    ep = _ep_size(pc)
+def check_deployment(pc) -> None:
+    """The deployment shapes vllm-eplb refuses, from EngineArgs or a ParallelConfig: run before
+    vLLM validates its own config, so the operator reads vllm-eplb's one line, not vLLM's
+    traceback for the same cause."""
     if getattr(pc, "enable_elastic_ep", False):
         raise EplbConfigError("--eplb-config: vllm-eplb does not support elastic expert parallelism: drop --enable-elastic-ep")
-    if pc.pipeline_parallel_size > 1:
+    if (pc.pipeline_parallel_size or 1) > 1:
         # Each stage would balance its own MoE layers on a pass clock of its own, with
         # several batches in flight between stages: not validated, so not started.
         raise EplbConfigError(
             f"--eplb-config: vllm-eplb does not support pipeline parallelism yet "
             f"(--pipeline-parallel-size {pc.pipeline_parallel_size}): use --pipeline-parallel-size 1"
         )
+    ep = _ep_size(pc)
     if ep < 2:
         raise EplbConfigError(
             f"--eplb-config: {ep} expert-parallel rank: nothing to balance; use --tensor-parallel-size or "
-            "--data-parallel-size of 2 or more with --enable-expert-parallel"
+            "--data-parallel-size of 2 or more with --enable-expert-parallel, or drop --eplb-config"
         )
+
+
+def check_shapes(cfg: EplbConfig, vllm_config) -> None:
+    """Fail before the model loads if the config cannot mean anything for this model and
+    deployment: slots that cannot be laid out, numbers past what they can reach."""
+    pc = vllm_config.parallel_config
+    check_deployment(pc)
+    ep = _ep_size(pc)
     n = _num_experts(vllm_config.model_config.hf_config)
     if n is None:
         raise EplbConfigError(f"--eplb-config: model {vllm_config.model_config.model!r} has no routed experts to balance")
@@ -254,11 +263,23 @@ def prepare_engine_args(engine_args) -> EplbConfig | None:
     if cfg is not None:
         if not engine_args.enable_expert_parallel:
             raise EplbConfigError("--eplb-config needs --enable-expert-parallel")
+        check_deployment(engine_args)
         engine_args.enable_eplb = True
         engine_args.eplb_config = EPLBConfig(**cfg.upstream_kwargs())
         for note in cfg.startup_notes():
             log.info("vllm-eplb: %s", note)
     return cfg
+
+
+def refuse(exc: EplbConfigError):
+    """A config vllm-eplb cannot serve: under the `vllm` command, one line on stderr and exit
+    status 2 (what argparse does for a bad --eplb-config), before any model loads; from the
+    Python API (LLM(...), AsyncLLMEngine), the exception, for the caller to handle."""
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if "vllm.entrypoints.cli.main" in sys.modules or getattr(main, "name", "") == "vllm.entrypoints.cli.main":
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise exc
 
 
 def hook_engine_config() -> None:
@@ -271,10 +292,13 @@ def hook_engine_config() -> None:
     @_mark
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
-        cfg = prepare_engine_args(self)
-        vllm_config = original(self, *args, **kwargs)
-        if cfg is not None:
-            check_shapes(cfg, vllm_config)
+        try:
+            cfg = prepare_engine_args(self)
+            vllm_config = original(self, *args, **kwargs)
+            if cfg is not None:
+                check_shapes(cfg, vllm_config)
+        except EplbConfigError as exc:
+            refuse(exc)
         return vllm_config
 
     _replace(EngineArgs, "create_engine_config", create_engine_config)
