@@ -141,7 +141,8 @@ def eplb_run(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("eplb")
     cfg = write_json(
         str(d / "eplb.json"),
-        {"window_size": 80, "step_interval": 160, "num_redundant_experts": 4, "agreement_lag": 6, "improvement_threshold": 0.02},
+        {"window_size": 80, "step_interval": 160, "num_redundant_experts": 4, "agreement_lag": 6, "improvement_threshold": 0.02,
+         "verify_slots": True},
     )
     s = Server(model, 8232, cfg, log_path=str(d / "serve.log")).start()
     record, load = Record(), Load(s)
@@ -234,6 +235,18 @@ def test_both_ranks_agree_on_what_moved(eplb_run):
         assert metric(final, name, rank=0) == metric(final, name, rank=1)
     moved = [metric(final, "vllm:eplb_moved_bytes_total", rank=r) or 0 for r in (0, 1)]
     assert sum(moved) > 0
+
+
+def test_every_committed_slot_holds_the_expert_its_map_names(eplb_run):
+    """verify_slots: after each commit, on both ranks, every slot of the layer holds the bytes of
+    the expert the map names (checked inside the workers, on the weights the kernels read)."""
+    final = eplb_run["final"]
+    for rank in (0, 1):
+        ok = metric(final, "vllm:eplb_slot_checks_total", rank=rank, result="ok") or 0
+        bad = metric(final, "vllm:eplb_slot_checks_total", rank=rank, result="mismatch") or 0
+        layers = metric(final, "vllm:eplb_committed_layers_total", rank=rank) or 0
+        assert bad == 0, f"rank {rank}: {bad} slots held other experts' bytes"
+        assert ok >= layers * 10 > 0, (rank, ok, layers)  # 10 slots per rank (16 experts + 4 redundant on 2 ranks)
 
 
 def test_greedy_outputs_identical_to_eplb_off(eplb_run, eplb_off_outputs):

@@ -133,6 +133,12 @@ class EplbConfig(BaseModel):
         "auto", description="How expert weights move: 'auto' picks gloo on CPU, CUDA IPC on GPU within a node, IPC + NCCL across nodes; 'gloo' on GPU stages through pinned host memory."
     )
     metrics: bool = Field(True, description="Export vllm:eplb_* metrics on /metrics.")
+    verify_slots: bool = Field(
+        False,
+        description="After every committed layer, check on each rank that every slot holds the bytes (weights and "
+        "scales) of the expert its map names; counted in vllm:eplb_slot_checks_total. Costs a device sync and a read of "
+        "the layer's expert weights per commit: for tests and benchmarks.",
+    )
     record_placement_path: str | None = Field(
         None, min_length=1, description=BalancerConfig.model_fields["record_placement_path"].description
     )

@@ -90,6 +90,12 @@ class _Families:
         self.STEP_SECONDS = Counter(
             _PREFIX + "step_seconds", "CPU time the forward loop spent in the balancer's per-pass step (tick and metrics).", ["rank"], **_OTHER
         )
+        self.SLOT_CHECKS = Counter(
+            _PREFIX + "slot_checks",
+            "verify_slots: local slots checked after commits, by result (ok: holds the bytes of the expert its map names).",
+            ["rank", "result"],
+            **_OTHER,
+        )
         self.STAGING = Gauge(_PREFIX + "staging_bytes_max", "Largest staging memory one transfer step held.", ["rank"], **_GAUGE)
         # Why, not only whether: vllm:eplb_enabled 0 alone does not say what stopped it.
         self.DISABLED = Gauge(
@@ -229,6 +235,13 @@ class BalancerMetrics:
             m.AGREEMENT_WAIT.labels(r).inc(w - self._wait)
             self._wait = w
         m.STAGING.labels(r).set(s.max_staging_bytes)
+        verifier = getattr(self.owner, "verifier", None)
+        if verifier is not None:
+            bad = len(verifier.mismatches)
+            for result, value in (("ok", verifier.checked - bad), ("mismatch", bad)):
+                d = self._delta(("slot_checks", result), value)
+                if d:
+                    m.SLOT_CHECKS.labels(r, result).inc(d)
 
     def _watch_stall(self, balancer) -> None:
         """vLLM's own async EPLB can stop rebalancing with no sign. Here the pass clock

@@ -25,11 +25,13 @@ import logging
 import time
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from vllm_eplb.core import Balancer, Comm, MoELayout, RoutingMaps, Topology, default_placement, new_gloo_group
 from vllm_eplb.core import records
+from vllm_eplb.core.slot_check import SlotVerifier
 from vllm_eplb.core.transfer.select import make_backend
 
 from .config import EplbConfig, published
@@ -80,6 +82,8 @@ class VllmEplbState:
         self._counts_forwards = False  # set by the first prepare_forward/dummy_pass
         self._dummy_counted = False  # inside a dummy pass, already on the clock
         self._metrics_failures = 0
+        self.verifier: SlotVerifier | None = None  # verify_slots: every committed layer checked
+        self._verified: np.ndarray | None = None  # the placement the verifier last checked
 
     # ---- called by the runner once the weights are loaded
     def add_model(self, model, model_config, model_name: str | None = None, **_) -> None:
@@ -114,11 +118,19 @@ class VllmEplbState:
             bcfg, layout, Comm(ep.rank_in_group, ep.world_size, agreement_group, backend), clock=lambda: self.forwards
         )
         atexit.register(self.shutdown)  # the planner process and the backend's threads
+        if cfg.verify_slots:
+            self.verifier = SlotVerifier(layout.weights_of, layers, self.balancer.placement, topo, ep.rank_in_group, agreement_group)
+            self._verified = self.balancer.placement.copy()
+            if self.verifier.replicas_disagreeing:
+                log.error("vllm-eplb: verify_slots: replicas already differ at start-up (layer, expert): %s",
+                          self.verifier.replicas_disagreeing[:8])
         if cfg.initial_placement_path:
             rec = records.load(cfg.initial_placement_path)
             records.check_matches(rec, cfg.initial_placement_path, layers, topo.num_logical, topo.num_physical, topo.num_ranks)
             moved = self.balancer.rebalance_now(rec.placement)
             log.info("vllm-eplb: started on the placement of %s (%d layers moved)", cfg.initial_placement_path, moved)
+            if self.verifier is not None:
+                self._verify_commits()
         self._model_hash = model_config.compute_hash() if model_config is not None else None
         if cfg.metrics:
             from .metrics import BalancerMetrics
@@ -227,6 +239,10 @@ class VllmEplbState:
         n = self.balancer.transitions_total
         t0 = time.perf_counter_ns()
         self.balancer.tick()
+        t1 = time.perf_counter_ns()
+        if self.verifier is not None:
+            self._verify_commits()  # a test instrument, not the balancer's cost: not in step_ns
+        t2 = time.perf_counter_ns()
         if self.metrics is not None:
             try:
                 self.metrics.update(self.balancer, transitioned=self.balancer.transitions_total != n)
@@ -235,7 +251,18 @@ class VllmEplbState:
                 if self._metrics_failures == 1:
                     log.exception("vllm-eplb: metrics update failed")
                 self.balancer.report_fault("metrics_error", exc)
-        self.step_ns += time.perf_counter_ns() - t0
+        self.step_ns += (t1 - t0) + (time.perf_counter_ns() - t2)
+
+    def _verify_commits(self) -> None:
+        """verify_slots: every layer whose placement changed since the last check (a commit)
+        holds, slot by slot, the bytes of the experts its map names."""
+        placement = self.balancer.placement
+        for layer in np.nonzero((placement != self._verified).any(axis=1))[0]:
+            bad = self.verifier.check(int(layer), placement[layer])
+            if bad:
+                log.error("vllm-eplb: verify_slots: pass %d layer %d: %d slot(s) hold other bytes than the expert "
+                          "their map names (layer, slot, expert): %s", self.balancer.pass_no, layer, len(bad), bad[:8])
+            self._verified[layer] = placement[layer]
 
     # ---- parts of upstream's interface vllm-eplb has no use for
     def start_async_loop(self, *args, **kwargs) -> None:

@@ -89,6 +89,7 @@ class Server:
     extra: list[str] = field(default_factory=list)
     launcher: list[str] | None = None  # instead of `vllm serve MODEL` (e.g. the api_server module)
     env: dict[str, str] = field(default_factory=dict)  # on top of os.environ and cpu_env()
+    argv: list[str] | None = None  # the whole command, instead of serve_cmd's (the GPU benchmark's)
     proc: subprocess.Popen | None = None
 
     @property
@@ -97,6 +98,8 @@ class Server:
 
     @property
     def cmd(self) -> list[str]:
+        if self.argv is not None:
+            return self.argv
         cmd = serve_cmd(self.model, self.port, self.eplb_config, self.extra, self.tp)
         return (self.launcher + cmd[3:]) if self.launcher else cmd
 
