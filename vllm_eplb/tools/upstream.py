@@ -163,7 +163,9 @@ def main(argv=None) -> int:
     c = sub.add_parser("check")
     c.add_argument("--src", type=Path, help="an extracted vLLM source tree of that release (default: fetch the sdist)")
     c.add_argument("--all", action="store_true", help="every release in patches/<kind>/")
-    c.add_argument("--kind", choices=("vllm", "tests"), default="vllm", help="patches/vllm/ (vLLM's source) or patches/tests/ (its tests)")
+    c.add_argument(
+        "--kind", choices=("vllm", "tests"), default="vllm", help="patches/vllm/ (vLLM's source) or patches/tests/ (its tests)"
+    )
     a = sub.add_parser("apply")
     a.add_argument("tree", type=Path, help="a vLLM source tree of that release (the folder holding vllm/)")
     for p in (f, c, a):

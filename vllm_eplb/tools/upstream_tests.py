@@ -162,9 +162,25 @@ def installed_release() -> str | None:
     if version is not None:
         return version
     env = {**os.environ, "PYTHONPATH": child_pythonpath(os.environ.get("PYTHONPATH", ""))}
-    r = subprocess.run([sys.executable, "-c", "import vllm; print(vllm.__version__)"], env=env, capture_output=True, text=True)
+    probe = "import vllm; print(vllm.__version__)"
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     lines = r.stdout.strip().splitlines()
     return base_version(lines[-1]) if r.returncode == 0 and lines else None
+
+
+def check_child_imports() -> None:
+    """The patched tests import vllm-eplb's compat API and runner state: find out now, in
+    one line, if they cannot (a machine without vllm-eplb's dependencies), rather than as
+    an ImportError in every file of the vllm-eplb column."""
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(os.environ.get("PYTHONPATH", ""))}
+    probe = "import vllm_eplb.compat.vllm_api, vllm_eplb.integration.runner_state"
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(
+            f"vllm-eplb does not import under {sys.executable}: {last}; install the dependencies in "
+            f"{ROOT / 'pyproject.toml'} (transitions, numpy, pydantic, prometheus_client)"
+        )
 
 
 def machine() -> str:
@@ -183,7 +199,8 @@ def tests_from(src: Path) -> Path:
     if missing:
         raise SystemExit(
             f"--src {src}: no {' or '.join(missing)} there; give an extracted vLLM sdist "
-            "(python -m vllm_eplb.tools.upstream fetch --version V prints one) or a folder holding its tests/ and pyproject.toml"
+            "(python -m vllm_eplb.tools.upstream fetch --version V prints one) "
+            "or a folder holding its tests/ and pyproject.toml"
         )
     return src
 
@@ -218,7 +235,11 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", type=Path, help="also write the results table to this file")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression (both columns)")
     ap.add_argument("--release", help="whose tests and patches/tests/<release>/ to run (default: the installed vLLM's)")
-    ap.add_argument("--src", type=Path, help="that release's extracted sdist, or a folder with its tests/ and pyproject.toml (default: fetch it with pip)")
+    ap.add_argument(
+        "--src",
+        type=Path,
+        help="that release's extracted sdist, or a folder with its tests/ and pyproject.toml (default: fetch it with pip)",
+    )
     args = ap.parse_args(argv)
 
     installed = installed_release()
@@ -229,6 +250,7 @@ def main(argv=None) -> int:
         print(f"no patches/tests/{version}/ (installed vLLM: {installed}): {how} of {known}", file=sys.stderr)
         return 1
     src = tests_from(args.src) if args.src else fetch_sdist(version)
+    check_child_imports()
     files = [f for f in FILES if (src / f.path).exists()]
     here = [f.path for f in files if f.run_here]
     print(f"upstream vLLM {version} EPLB tests from {src}")
