@@ -1,6 +1,7 @@
 """patches/vllm/<release>/: the integration as patch files against each supported vLLM source.
 
-1. They apply cleanly to that release's sdist fetched from PyPI, and the patched files compile.
+1. They apply cleanly to that release's sdist fetched from PyPI, and the patched files compile
+   (patches/tests/<release>/ to its tests/ likewise).
 2. They change exactly the vLLM definitions the hooks change (integration/hooks.HOOKS), so
    the plugin and a fork carrying the patches are the same integration.
 3. A "fork": the installed vLLM with its release's patches applied (a tree of symlinks, the
@@ -37,6 +38,15 @@ def test_patches_apply_to_vllm_sdist(version):
     lines = upstream.check(src, version)
     # one line per patch; 0.26.0 (GPU only) has no CPU kernel patches, so fewer than the CPU releases
     assert len(lines) == len(upstream.patch_files("vllm", version)) >= 4
+
+
+@pytest.mark.parametrize("version", PATCHED)
+def test_test_patches_apply_to_the_sdists_tests(version):
+    """patches/tests/<release>/ apply to that release's tests/ and the files compile (the
+    upstream_tests tool runs them; this catches a patch that no longer applies in seconds)."""
+    src = upstream.fetch_sdist(version)
+    lines = upstream.check(src, version, kind="tests", subdir="tests")
+    assert len(lines) == len(upstream.patch_files("tests", version)) >= 6
 
 
 @pytest.mark.parametrize("version", PATCHED)

@@ -1,4 +1,4 @@
-"""Upstream vLLM 0.30 EPLB function signatures, backed by vllm-eplb.
+"""Upstream vLLM EPLB function signatures (0.26-0.32), backed by vllm-eplb.
 
 vLLM's own EPLB tests call these names (`DefaultEplbPolicy.rebalance_experts`,
 `compute_logical_maps`, `_commit_eplb_maps`, `rearrange_expert_weights_inplace`,
@@ -6,7 +6,8 @@ vLLM's own EPLB tests call these names (`DefaultEplbPolicy.rebalance_experts`,
 patches/tests/ import them from here instead of from vLLM, so upstream's assertions
 run against vllm-eplb's policy, map commit and transfer engine. Each function keeps
 upstream's contract (argument order, return types, AssertionError on bad input) and
-does its work with vllm-eplb's code. No vLLM import.
+does its work with vllm-eplb's code; where releases differ (the map commit's elastic-EP
+path), it follows the state it is given. No vLLM import.
 """
 
 from __future__ import annotations
@@ -103,12 +104,18 @@ def _commit_eplb_maps_for_layer(model_state, new_physical_to_logical_map: torch.
 
 def _commit_eplb_maps(model_state, new_physical_to_logical_map: torch.Tensor) -> None:
     """Commit every layer's maps in place. A different slot count (elastic EP) takes a
-    wider view of the preallocated map storage, as upstream does."""
+    view of that width of the preallocated map storage, as upstream 0.30+ does; a state
+    without that storage (0.26's) gets a new map of the new width, as 0.26 does."""
     new = new_physical_to_logical_map
-    if new.shape[1] != model_state.physical_to_logical_map.shape[1]:
-        view = model_state.physical_to_logical_map_buffer[:, : new.shape[1]]
-        assert view.shape == new.shape
-        model_state.physical_to_logical_map = view
+    current = model_state.physical_to_logical_map
+    if new.shape[1] != current.shape[1]:
+        storage = getattr(model_state, "physical_to_logical_map_buffer", None)
+        if isinstance(storage, torch.Tensor):
+            view = storage[:, : new.shape[1]]
+            assert view.shape == new.shape
+            model_state.physical_to_logical_map = view
+        else:
+            model_state.physical_to_logical_map = torch.empty(new.shape, dtype=current.dtype, device=current.device)
     for layer in range(new.shape[0]):
         _commit_eplb_maps_for_layer(model_state, new[layer], layer)
 

@@ -2,6 +2,7 @@
 
     python -m vllm_eplb.tools.upstream check [--version V]          # patches/vllm/V/ apply to V's sdist, patched files compile
     python -m vllm_eplb.tools.upstream check --all                  # every release in patches/vllm/
+    python -m vllm_eplb.tools.upstream check --kind tests [--src DIR] # patches/tests/V/ against V's tests/
     python -m vllm_eplb.tools.upstream apply SRC_DIR [--version V]  # apply patches/vllm/V/*.patch to a vLLM V tree
     python -m vllm_eplb.tools.upstream fetch [--version V]          # print the path of the extracted sdist
 
@@ -161,7 +162,10 @@ def main(argv=None) -> int:
     f = sub.add_parser("fetch")
     c = sub.add_parser("check")
     c.add_argument("--src", type=Path, help="an extracted vLLM source tree of that release (default: fetch the sdist)")
-    c.add_argument("--all", action="store_true", help="every release in patches/vllm/")
+    c.add_argument("--all", action="store_true", help="every release in patches/<kind>/")
+    c.add_argument(
+        "--kind", choices=("vllm", "tests"), default="vllm", help="patches/vllm/ (vLLM's source) or patches/tests/ (its tests)"
+    )
     a = sub.add_parser("apply")
     a.add_argument("tree", type=Path, help="a vLLM source tree of that release (the folder holding vllm/)")
     for p in (f, c, a):
@@ -171,11 +175,14 @@ def main(argv=None) -> int:
     if args.cmd == "fetch":
         print(fetch_sdist(version))
     elif args.cmd == "check":
-        for v in (patched_versions() if args.all else [version]):
+        kind, subdir = args.kind, "vllm" if args.kind == "vllm" else "tests"
+        for v in (patched_versions(kind) if args.all else [version]):
             src = args.src or fetch_sdist(v)
-            for line in check(src, v):
+            if not (src / subdir).is_dir():
+                raise SystemExit(f"--src {src}: no {subdir}/ there; give vLLM {v}'s extracted sdist")
+            for line in check(src, v, kind=kind, subdir=subdir):
                 print(line)
-            print(f"all {len(patch_files('vllm', v))} patches in patches/vllm/{v} apply cleanly to vLLM {v} ({src})")
+            print(f"all {len(patch_files(kind, v))} patches in patches/{kind}/{v} apply cleanly to vLLM {v} ({src})")
     else:
         apply(patch_files("vllm", version), args.tree)
         print(f"applied {len(patch_files('vllm', version))} patches for vLLM {version} to {args.tree}")

@@ -2,12 +2,17 @@
 patches/tests/<release>/ applied (against vllm-eplb), and print both columns side by side.
 
     python -m vllm_eplb.tools.upstream_tests [--markdown docs/upstream_tests.md] [-k EXPR]
+        [--release V] [--src DIR]
 
 The tests come from the sdist of the installed vLLM release (test files change signatures
 between releases), fetched through pip (nothing of it is committed); each column is a
-fresh copy of its `tests/` tree. --markdown rewrites that release's section of the file. Exit status 1 if any test fails or
-errors in the vllm-eplb column, or if a test runs in neither column without a reason
-listed in FILES below.
+fresh copy of its `tests/` tree. --release V takes release V's tests and
+patches/tests/V/ instead (against whatever vLLM is installed); --src DIR takes the tests
+from DIR, an extracted sdist or a folder holding its `tests/` and `pyproject.toml`, with no
+pip (a machine without network). The child pytest finds vllm-eplb in this tree first,
+then the caller's PYTHONPATH. --markdown rewrites that release's section of the file.
+Exit status 1 if any test fails or errors in the vllm-eplb column, or if a test runs in
+neither column without a reason listed in FILES below.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from .upstream import DEFAULT_CACHE, apply, fetch_sdist, installed_version, patch_files
+from vllm_eplb.compat.versions import base_version
+
+from .upstream import DEFAULT_CACHE, ROOT, apply, fetch_sdist, installed_version, patch_files, patched_versions
 
 
 @dataclass(frozen=True)
@@ -114,10 +121,13 @@ def prepare(src: Path, column: str, version: str) -> Path:
 def run_column(dest: Path, files: list[str], keyword: str | None) -> dict[str, tuple[str, str]]:
     """pytest in dest; {test id: (outcome, message)}."""
     junit = dest / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={junit}", *files]
+    # a file that does not import (another release's names) fails alone, not the whole run
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+           f"--junitxml={junit}", *files]
     if keyword:
         cmd += ["-k", keyword]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PROMETHEUS_MULTIPROC_DIR")}
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PYTHONPATH"] = child_pythonpath(os.environ.get("PYTHONPATH", ""))
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=dest, env=env, capture_output=True, text=True)
     (dest / "pytest.log").write_text(proc.stdout + proc.stderr)
@@ -126,7 +136,9 @@ def run_column(dest: Path, files: list[str], keyword: str | None) -> dict[str, t
     if not junit.exists():
         return results
     for case in ET.parse(junit).getroot().iter("testcase"):
-        tid = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
+        classname, name = case.get("classname", ""), case.get("name", "")
+        # a collection error is reported with the module as its name and no class
+        tid = f"{classname.replace('.', '/')}.py::{name}" if classname else f"{name.replace('.', '/')}.py"
         outcome, msg = "passed", ""
         for child in case:
             if child.tag in ("failure", "error", "skipped"):
@@ -134,6 +146,63 @@ def run_column(dest: Path, files: list[str], keyword: str | None) -> dict[str, t
                 msg = (child.get("message") or "").splitlines()[0][:110] if child.get("message") else ""
         results[tid] = (outcome, msg)
     return results
+
+
+def child_pythonpath(inherited: str) -> str:
+    """This tree first, so the patched tests import its vllm_eplb (not an installed copy of
+    another checkout), then the caller's entries (a vLLM that is not installed, say)."""
+    rest = [p for p in inherited.split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    return os.pathsep.join([str(ROOT), *rest])
+
+
+def installed_release() -> str | None:
+    """The release of the vLLM the child pytest imports: package metadata, else (a vLLM on
+    PYTHONPATH without it) its __version__, read in a child process."""
+    version = installed_version()
+    if version is not None:
+        return version
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(os.environ.get("PYTHONPATH", ""))}
+    probe = "import vllm; print(vllm.__version__)"
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    lines = r.stdout.strip().splitlines()
+    return base_version(lines[-1]) if r.returncode == 0 and lines else None
+
+
+def check_child_imports() -> None:
+    """The patched tests import vllm-eplb's compat API and runner state: find out now, in
+    one line, if they cannot (a machine without vllm-eplb's dependencies), rather than as
+    an ImportError in every file of the vllm-eplb column."""
+    env = {**os.environ, "PYTHONPATH": child_pythonpath(os.environ.get("PYTHONPATH", ""))}
+    probe = "import vllm_eplb.compat.vllm_api, vllm_eplb.integration.runner_state"
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(
+            f"vllm-eplb does not import under {sys.executable}: {last}; install the dependencies in "
+            f"{ROOT / 'pyproject.toml'} (transitions, numpy, pydantic, prometheus_client)"
+        )
+
+
+def machine() -> str:
+    """What the tests ran on, for the results' header: GPUs as torch sees them, cores."""
+    probe = "import torch; n = torch.cuda.device_count(); print(n, torch.cuda.get_device_name(0) if n else '')"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    count, _, name = r.stdout.strip().partition(" ")
+    if r.returncode == 0 and count.isdigit() and int(count) > 0:
+        return f"{count} x {name} ({os.cpu_count()} cores)"
+    return f"CPU-only machine ({os.cpu_count()} cores)"
+
+
+def tests_from(src: Path) -> Path:
+    """--src: an extracted sdist or a folder with its tests/ and pyproject.toml."""
+    missing = [name for name in ("tests", "pyproject.toml") if not (src / name).exists()]
+    if missing:
+        raise SystemExit(
+            f"--src {src}: no {' or '.join(missing)} there; give an extracted vLLM sdist "
+            "(python -m vllm_eplb.tools.upstream fetch --version V prints one) "
+            "or a folder holding its tests/ and pyproject.toml"
+        )
+    return src
 
 
 def file_of(test_id: str) -> TestFile | None:
@@ -165,16 +234,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--markdown", type=Path, help="also write the results table to this file")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression (both columns)")
+    ap.add_argument("--release", help="whose tests and patches/tests/<release>/ to run (default: the installed vLLM's)")
+    ap.add_argument(
+        "--src",
+        type=Path,
+        help="that release's extracted sdist, or a folder with its tests/ and pyproject.toml (default: fetch it with pip)",
+    )
     args = ap.parse_args(argv)
 
-    version = installed_version()
+    installed = installed_release()
+    version = args.release or installed
     if version is None or not patch_files("tests", version):
-        print(f"no patches/tests/ for the installed vLLM ({version}): nothing to compare", file=sys.stderr)
+        known = ", ".join(patched_versions("tests"))
+        how = "pass --release" if version is None else "pick one"
+        print(f"no patches/tests/{version}/ (installed vLLM: {installed}): {how} of {known}", file=sys.stderr)
         return 1
-    src = fetch_sdist(version)
+    src = tests_from(args.src) if args.src else fetch_sdist(version)
+    check_child_imports()
     files = [f for f in FILES if (src / f.path).exists()]
     here = [f.path for f in files if f.run_here]
     print(f"upstream vLLM {version} EPLB tests from {src}")
+    if installed != version:
+        print(f"note: against the installed vLLM {installed}, not {version}: failures may be that difference")
     unpatched = run_column(prepare(src, "upstream", version), here, args.keyword)
     patched = run_column(prepare(src, "vllm-eplb", version), here, args.keyword)
 
@@ -190,7 +271,7 @@ def main(argv=None) -> int:
     if not patched:
         bad.append("the vllm-eplb column produced no results")
     if args.markdown:
-        write_markdown(args.markdown, version, files, unpatched, patched)
+        write_markdown(args.markdown, version, files, unpatched, patched, installed)
     if bad:
         print("\nFAILED against vllm-eplb:\n  " + "\n  ".join(bad))
         return 1
@@ -201,20 +282,25 @@ HEADER = """# Upstream vLLM EPLB tests against vllm-eplb
 
 Generated by `python -m vllm_eplb.tools.upstream_tests --markdown docs/upstream_tests.md`, one
 section per vLLM release (run with that release installed: `bash scripts/test.sh` runs it for
-0.32.0 in ./.venv and for 0.30.0 in ./.venv-vllm-0.30.0). The tests come from that release's
-sdist; the vllm-eplb column runs them with `patches/tests/<release>/*.patch` applied, which
-point them at `vllm_eplb.compat.vllm_api` (vllm-eplb's policy, map commit and transfer engine
-behind upstream's function names) and port the multi-rank ones to CPU processes joined by gloo.
+0.32.0 in ./.venv and for 0.30.0 in ./.venv-vllm-0.30.0; a GPU release is run where it is
+installed, with `--release V --src DIR` on a machine without network). The tests come from
+that release's sdist; the vllm-eplb column runs them with `patches/tests/<release>/*.patch`
+applied, which point them at `vllm_eplb.compat.vllm_api` (vllm-eplb's policy, map commit and
+transfer engine behind upstream's function names) and port the multi-rank ones to CPU
+processes joined by gloo when there is no GPU.
 """
 
 
-def write_markdown(path: Path, version: str, files: list[TestFile], unpatched: dict, patched: dict) -> None:
+def write_markdown(
+    path: Path, version: str, files: list[TestFile], unpatched: dict, patched: dict, installed: str | None
+) -> None:
     """Rewrite this release's section of `path`, keeping the others."""
+    against = "" if installed == version else f" Run against the installed vLLM {installed}, not {version}."
     out = [
         f"<!-- BEGIN {version} -->",
         f"## vLLM {version}",
         "",
-        f"CPU-only machine ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}; `patches/tests/{version}/`.",
+        f"{machine()}, {time.strftime('%Y-%m-%d')}; `patches/tests/{version}/`.{against}",
         "",
         "### Files",
         "",
