@@ -38,7 +38,7 @@ def test_rebalance_windows_from_log_markers():
 def test_the_comparison_runs_on_cpu(tmp_path):
     out = tmp_path / "runs.jsonl"
     cmd = [sys.executable, SCRIPT, "--device", "cpu", "--smoke", "--deployments", "tp", "--configs", "off,vllm-eplb",
-           "--seconds", "12", "--warmup", "3", "--check-seconds", "15", "--model-dir", str(tmp_path / "model"),
+           "--seconds", "10", "--warmup", "2", "--check-seconds", "10", "--model-dir", str(tmp_path / "model"),
            "--workdir", str(tmp_path / "work"), "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
