@@ -461,6 +461,9 @@ def swap_slots(worker, a: int, b: int, with_scales: bool) -> dict:
     columns a and b, in place (the memory CUDA graphs captured)."""
     import torch
 
+    def raw(t):  # CUDA has no index kernels for fp8: move its bytes
+        return t.view(torch.uint8) if t.element_size() == 1 else t
+
     model = worker.model_runner.model
     layers = list(getattr(model, "moe_layers", []))
     first_dtypes = None
@@ -469,8 +472,9 @@ def swap_slots(worker, a: int, b: int, with_scales: bool) -> dict:
             experts = list(layer.get_expert_weights())
             for w in experts:
                 if with_scales or w.dtype == experts[0].dtype:  # without scales: the weights' dtype only
+                    w = raw(w)
                     w[[a, b]] = w[[b, a]].clone()
-            gate = layer.gate.weight
+            gate = raw(layer.gate.weight)
             dim = 0 if gate.shape[0] == experts[0].shape[0] else 1  # fp8 linears store (in, out)
             pair = torch.tensor([a, b], device=gate.device)
             gate.index_copy_(dim, pair, gate.index_select(dim, pair.flip(0)).clone())
