@@ -415,14 +415,22 @@ def greedy(s: Server, model: str, prompts: list[list[int]], tokens: int) -> list
 
 def correctness(a, workdir: str, model: str, vocab: int, deployment: str, config: str, dtype: str, quant: str | None) -> dict:
     """Greedy outputs against EPLB off (same dtype and quantization) while the balancer cycles
-    fast, and every slot's bytes checked after every commit."""
+    fast, and every slot's bytes checked after every commit.
+
+    The bar for outputs is EPLB off's own reproducibility, measured first: where its repeated
+    probes are identical (CPU float32), every probe with the balancer must be identical to them;
+    where they are not (on one H200, 2026-12-01, float32 under TRITON_ATTN repeated 108 of 128
+    greedy sequences and bf16 127-128 of 128), the balancer's share of identical probes must be
+    within one probe of EPLB off's own. The exact check is verify_slots: bytes, not numerics."""
     prompts = probe_prompts(a, vocab)
     tag = f"check-{deployment}-{dtype}-{quant or 'none'}"
     s = start_server(a, workdir, model, deployment, "off", tag + "-off", dtype=dtype, quant=quant)
     try:
         ref = greedy(s, model, prompts, a.check_tokens)
+        repeats = [greedy(s, model, prompts, a.check_tokens) for _ in range(2)]
     finally:
         s.stop()
+    off_same = sum(x == y for out in repeats for x, y in zip(out, ref)) / (2 * len(prompts))
     res = {"deployment": deployment, "config": config, "dtype": dtype, "quant": quant or "none", "kind": "correctness"}
     s = start_server(a, workdir, model, deployment, config, tag + "-eplb", verify=True, dtype=dtype, quant=quant,
                      window=a.check_window, interval=2 * a.check_window)
@@ -441,10 +449,12 @@ def correctness(a, workdir: str, model: str, vocab: int, deployment: str, config
     finally:
         s.stop()
     ranks = range(a.ranks)
+    share = same / (rounds * len(prompts))
     res.update(
         probe_rounds=rounds,
         outputs_identical=f"{same}/{rounds * len(prompts)}",
-        identical=same == rounds * len(prompts),
+        off_repeat_identical=off_same,
+        identical=share == 1.0 if off_same == 1.0 else share >= off_same - 1 / len(prompts),
         cycles=metric(final, "vllm:eplb_cycles_total", rank=0, outcome="completed") or 0,
         slot_checks_ok=sum(metric(final, "vllm:eplb_slot_checks_total", rank=r, result="ok") or 0 for r in ranks),
         slot_checks_mismatch=sum(metric(final, "vllm:eplb_slot_checks_total", rank=r, result="mismatch") or 0 for r in ranks),
@@ -587,9 +597,11 @@ def report(rows: list[dict]) -> str:
     checks = [r for r in rows if r.get("kind") == "correctness"]
     if checks:
         lines += ["\ncorrectness (greedy vs EPLB off, same dtype/quantization; slots checked after every commit)",
-                  "| deployment | config | dtype | quant | outputs identical | cycles | slot checks ok | mismatches |", "|---|---|---|---|---|---|---|---|"]
+                  "| deployment | config | dtype | quant | outputs identical | EPLB off's own repeats identical | pass | cycles "
+                  "| slot checks ok | mismatches |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in checks:
-            lines.append(f"| {r['deployment']} | {r['config']} | {r['dtype']} | {r['quant']} | {r['outputs_identical']} | {r['cycles']:.0f} "
+            lines.append(f"| {r['deployment']} | {r['config']} | {r['dtype']} | {r['quant']} | {r['outputs_identical']} "
+                         f"| {r['off_repeat_identical']:.3f} | {'yes' if r['identical'] else 'NO'} | {r['cycles']:.0f} "
                          f"| {r['slot_checks_ok']:.0f} | {r['slot_checks_mismatch']:.0f} |")
     single = [r for r in rows if r.get("kind", "").startswith(("llm_", "tp1"))]
     if single:
