@@ -1,0 +1,155 @@
+"""Which replica of an expert each (token, choice) goes to, and the load it records.
+
+The router calls `map_to_physical_and_record` once per MoE layer per forward pass, with
+the top-k logical expert ids of the batch. Two dispatches:
+
+- "hash" (upstream vLLM's): replica = Knuth hash of the token index mod the replica
+  count. In decode a request keeps its batch slot for many passes, so its tokens keep
+  going to the same replica: the split of a hot expert among its replicas follows which
+  slots happen to be occupied, not the plan.
+- "balanced": each expert's choices in this batch are dealt to its replicas in turn, so
+  every replica of expert e gets floor(n_e / c_e) or ceil(n_e / c_e) of its n_e choices
+  (exactly the even split the placement was planned for). Which replicas get the
+  remainders rotates from expert to expert (a running count of remainders dealt), so
+  the +1s do not pile up on the replicas with the lowest slots.
+
+Both are deterministic functions of the batch's expert ids and the maps, so every rank
+that routes the same batch (the TP ranks of an EP group) picks the same replicas.
+Replicas hold identical weights: the dispatch changes where a choice is computed, never
+what it computes.
+
+The balanced rule, exactly (the Triton kernel computes the same ids; tests check it):
+  flat element f = t * k + j; recorded: 0 <= id_f < E and t < num_unpadded_tokens
+  n_e   = recorded elements of expert e
+  rank_f = elements f' < f with id_f' = id_f (valid ones, padded included)
+  c_e   = max(replica_count[e], 1);  off_e = (sum over e' < e of n_e' mod c_e') mod c_e
+  replica_f = (rank_f + off_e) mod c_e;  physical_f = logical_to_physical[id_f, replica_f]
+Padded tokens come after the unpadded ones, so they never shift a recorded element's
+rank; they get some valid replica and record nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DISPATCHES = ("balanced", "hash")
+DEFAULT = "balanced"
+
+_mode = DEFAULT
+
+
+def select(mode: str) -> None:
+    """The dispatch of every later router call in this process (set once, before the
+    model's first forward pass: CUDA graphs capture whichever is selected then)."""
+    global _mode
+    if mode not in DISPATCHES:
+        raise ValueError(f"unknown replica dispatch {mode!r}; choose one of {', '.join(DISPATCHES)}")
+    _mode = mode
+
+
+def selected() -> str:
+    return _mode
+
+
+class _RouterConstants:
+    """Tensors that depend only on the batch size, cached across calls: the Knuth hash of
+    each token index (as upstream's Triton kernel computes it), a row of ones to add as
+    load, and 0..n-1. One tensor each, grown to the largest batch seen."""
+
+    hashed = torch.empty((0, 1), dtype=torch.int64)
+    ones = torch.empty(0, dtype=torch.int32)
+    arange = torch.empty(0, dtype=torch.int64)
+
+    @classmethod
+    def get(cls, tokens: int, width: int, device, dtype):
+        if cls.hashed.shape[0] < tokens or cls.hashed.device != torch.device(device):
+            size = max(tokens, 2 * cls.hashed.shape[0], 256)
+            cls.hashed = ((torch.arange(size, dtype=torch.int64, device=device) * 2654435769) & 0xFFFFFFFF)[:, None]
+        if cls.ones.numel() < tokens * width or cls.ones.dtype != dtype or cls.ones.device != torch.device(device):
+            cls.ones = torch.ones(max(tokens * width, 2 * cls.ones.numel(), 1024), dtype=dtype, device=device)
+        return cls.hashed[:tokens], cls.ones
+
+    @classmethod
+    def range(cls, n: int, device):
+        if cls.arange.numel() < n or cls.arange.device != torch.device(device):
+            cls.arange = torch.arange(max(n, 2 * cls.arange.numel(), 1024), dtype=torch.int64, device=device)
+        return cls.arange[:n]
+
+
+def _record(physical, expert_load_view, record_enabled, num_unpadded_tokens, ones) -> None:
+    if record_enabled is None or bool(record_enabled):
+        rows = physical if num_unpadded_tokens is None else physical[: int(num_unpadded_tokens)]
+        flat = rows.reshape(-1)
+        # Every id the maps hold for replica < count is a valid slot: no bounds filter
+        # needed (upstream's kernel guards the -1 padding, which this never reaches).
+        expert_load_view.index_add_(0, flat, ones[: flat.numel()])
+
+
+def torch_hash_map_and_record(
+    topk_ids, expert_load_view, logical_to_physical_map, logical_replica_count, record_enabled, num_unpadded_tokens=None
+):
+    """What upstream's Triton kernel `_eplb_map_and_record_i32_kernel` computes, in torch:
+    logical -> physical expert ids, the replica picked by a hash of the token index, and
+    one count per (token, expert) into expert_load_view for unpadded tokens.
+    Few ops on purpose: on CPU each costs a microsecond or more, per MoE layer, per pass."""
+    tokens, k = topk_ids.shape
+    hashed, ones = _RouterConstants.get(tokens, k, topk_ids.device, expert_load_view.dtype)
+    ids = topk_ids.long()
+    replica = hashed % torch.take(logical_replica_count, ids)
+    physical = logical_to_physical_map[ids, replica]
+    _record(physical, expert_load_view, record_enabled, num_unpadded_tokens, ones)
+    return physical.to(topk_ids.dtype)
+
+
+def balanced_replicas(ids: torch.Tensor, replica_count: torch.Tensor, recorded: int) -> torch.Tensor:
+    """replica_f of the module's rule for flat expert ids (all valid, 0 <= id < E); the
+    first `recorded` elements are the recorded ones. Shapes depend only on the batch."""
+    n = ids.numel()
+    num_experts = replica_count.shape[0]
+    count = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    count.index_add_(0, ids[:recorded], _RouterConstants.range(n, ids.device)[:recorded].new_ones(()).expand(recorded))
+    # rank among the same expert's elements: position in the stable sort by expert,
+    # minus where that expert's run starts
+    order = torch.argsort(ids, stable=True)
+    everyone = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(
+        0, ids, _RouterConstants.range(n, ids.device).new_ones(()).expand(n)
+    )
+    starts = torch.cumsum(everyone, 0) - everyone
+    rank = torch.empty_like(ids)
+    rank[order] = _RouterConstants.range(n, ids.device) - starts[ids[order]]
+    c = replica_count.clamp(min=1)
+    dealt = torch.cumsum(count % c, 0) - count % c  # remainders dealt to the experts before e
+    return (rank + dealt[ids]) % c[ids]
+
+
+def torch_balanced_map_and_record(
+    topk_ids, expert_load_view, logical_to_physical_map, logical_replica_count, record_enabled, num_unpadded_tokens=None
+):
+    """The balanced dispatch (module docstring), in torch: the CPU router's, and the
+    reference the Triton kernel is checked against."""
+    tokens, k = topk_ids.shape
+    _, ones = _RouterConstants.get(tokens, k, topk_ids.device, expert_load_view.dtype)
+    ids = topk_ids.reshape(-1).long()
+    recorded = tokens * k if num_unpadded_tokens is None else min(tokens, int(num_unpadded_tokens)) * k
+    replica = balanced_replicas(ids, logical_replica_count, recorded)
+    physical = logical_to_physical_map[ids, replica].view(tokens, k)
+    _record(physical, expert_load_view, record_enabled, num_unpadded_tokens, ones)
+    return physical.to(topk_ids.dtype)
+
+
+_TORCH = {"hash": torch_hash_map_and_record, "balanced": torch_balanced_map_and_record}
+
+
+def torch_map_to_physical_and_record(
+    topk_ids: torch.Tensor,
+    expert_load_view: torch.Tensor,
+    logical_to_physical_map: torch.Tensor,
+    logical_replica_count: torch.Tensor,
+    record_enabled: torch.Tensor | None,
+    num_unpadded_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The router's map-and-record where vLLM has no Triton kernel (CPU), with the
+    selected dispatch."""
+    return _TORCH[_mode](
+        topk_ids, expert_load_view, logical_to_physical_map, logical_replica_count, record_enabled, num_unpadded_tokens
+    )
