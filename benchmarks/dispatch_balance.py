@@ -18,7 +18,10 @@ alternate between the two dispatches (the same batches for both), per pass:
                  the whole run's summed load (kind="observed": what a window shows)
   straggler      predicted by the cost model: 1 - sum(mean load)/sum(max load) over passes
                  and layers (vllm:eplb_straggler_share); measured: 1 - sum(mean time)/sum(max time)
-  MoE ms/pass    sum over layers of the slowest rank's time (median over passes)
+  expert ms/pass sum over layers of the slowest rank's expert time, from the router's end
+                 to the layer's end (median over passes); ideal: of the mean rank's
+  router ms/pass the router's own time (eager here: launches included; the kernels under
+                 CUDA graphs: benchmarks/router_dispatch.py)
 """
 
 from __future__ import annotations
@@ -43,39 +46,49 @@ from vllm_eplb.core.policies import get_policy  # noqa: E402
 DISPATCHES = ("hash", "balanced")
 
 
+def _mark(cuda: bool):
+    if cuda:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    import time
+
+    return time.perf_counter()
+
+
+def _seconds(a, b, cuda: bool) -> float:
+    return a.elapsed_time(b) / 1e3 if cuda else b - a
+
+
 def run_pass(models, x, routing, cuda: bool):
-    """Every simulated rank's forward on the same batch: (ranks, layers) seconds, and the
-    pass's (layers, physical) load from the router."""
-    times = []
+    """Every simulated rank's forward on the same batch: (ranks, layers) seconds of expert
+    compute (from the router's end to the layer's end), (ranks, layers) seconds of the
+    router, and the pass's (layers, physical) load."""
+    marks = []
     for m in models:
         m.pass_load.zero_()
-        marks = []
-        if cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            marks.append(ev)
+        mine = [("end", _mark(cuda))]
+        marks.append(mine)
+        route = type(m).route
 
-            def after_layer(out, marks=marks):
-                e = torch.cuda.Event(enable_timing=True)
-                e.record()
-                marks.append(e)
-        else:
-            import time
+        def timed_route(*a, m=m, mine=mine, route=route, **kw):
+            out = route(m, *a, **kw)
+            mine.append(("routed", _mark(cuda)))
+            return out
 
-            marks.append(time.perf_counter())
-
-            def after_layer(out, marks=marks):
-                marks.append(time.perf_counter())
-
-        m.forward(x, routing, after_layer)
-        times.append(marks)
+        m.route = timed_route
+        m.forward(x, routing, lambda out, mine=mine: mine.append(("end", _mark(cuda))))
+        del m.route
     if cuda:
         torch.cuda.synchronize()
-        secs = np.array([[a.elapsed_time(b) / 1e3 for a, b in zip(mk, mk[1:])] for mk in times])
-    else:
-        secs = np.array([np.diff(mk) for mk in times])
+    expert, router = [], []
+    for mine in marks:
+        ends = [t for kind, t in mine if kind == "end"]
+        routed = [t for kind, t in mine if kind == "routed"]
+        router.append([_seconds(a, b, cuda) for a, b in zip(ends, routed)])
+        expert.append([_seconds(a, b, cuda) for a, b in zip(routed, ends[1:])])
     # every rank routes the whole batch (TP+EP layout): rank 0's record is the pass's load
-    return secs, models[0].pass_load.cpu().numpy()
+    return np.array(expert), np.array(router), models[0].pass_load.cpu().numpy()
 
 
 def main() -> int:
@@ -114,7 +127,7 @@ def main() -> int:
           f"{args.experts} experts + {args.redundant} redundant, hidden {args.hidden}, inter {args.inter}, top-{args.top_k}, "
           f"zipf {args.zipf}, policy {args.policy}; {args.passes} passes per dispatch and batch, interleaved")
     hdr = ("tokens", "dispatch", "pass balancedness", "window balancedness", "straggler predicted", "straggler measured",
-           "MoE ms/pass (max ranks)", "ideal ms/pass (mean ranks)")
+           "expert ms/pass (max ranks)", "ideal ms/pass (mean ranks)", "router ms/pass")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for T in [int(t) for t in args.tokens.split(",") if t]:
@@ -130,19 +143,20 @@ def main() -> int:
         for m in models:
             m.maps.write_all(plan.placement, topo)
         x = (torch.randn((T, args.hidden), generator=torch.Generator().manual_seed(1)) * 0.1).to(dev, dtype)
-        stats = {d: {"loads": [], "moe": [], "ideal": [], "tmax": 0.0, "tmean": 0.0} for d in DISPATCHES}
+        stats = {d: {"loads": [], "router": [], "moe": [], "ideal": [], "tmax": 0.0, "tmean": 0.0} for d in DISPATCHES}
         for p in range(args.warmup + args.passes):
             routing = bank[p % bank.shape[0]]
             for d in (DISPATCHES if p % 2 == 0 else DISPATCHES[::-1]):
                 for m in models:
                     m.dispatch = d
-                secs, load = run_pass(models, x, routing, cuda)
+                secs, router, load = run_pass(models, x, routing, cuda)
                 if p < args.warmup:
                     continue
                 s = stats[d]
                 per_rank = load.reshape(args.layers, topo.num_ranks, -1).sum(-1)
                 s["loads"].append(per_rank)
                 s["moe"].append(secs.max(axis=0).sum())
+                s["router"].append(router.max(axis=0).sum())
                 s["ideal"].append(secs.mean(axis=0).sum())
                 s["tmax"] += secs.max(axis=0).sum()
                 s["tmean"] += secs.mean(axis=0).sum()
@@ -152,7 +166,7 @@ def main() -> int:
             print("| " + " | ".join([
                 str(T), d, f"{f.pass_balancedness:.3f}", f"{f.window_balancedness:.3f}", f"{f.straggler_share:.1%}",
                 f"{1 - s['tmean'] / s['tmax']:.1%}", f"{statistics.median(s['moe']) * 1e3:.3f}",
-                f"{statistics.median(s['ideal']) * 1e3:.3f}",
+                f"{statistics.median(s['ideal']) * 1e3:.3f}", f"{statistics.median(s['router']) * 1e3:.3f}",
             ]) + " |", flush=True)
     return 0
 

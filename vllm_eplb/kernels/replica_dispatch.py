@@ -9,9 +9,10 @@ the top-k logical expert ids of the batch. Two dispatches:
   slots happen to be occupied, not the plan.
 - "balanced": each expert's choices in this batch are dealt to its replicas in turn, so
   every replica of expert e gets floor(n_e / c_e) or ceil(n_e / c_e) of its n_e choices
-  (exactly the even split the placement was planned for). Which replicas get the
-  remainders rotates from expert to expert (a running count of remainders dealt), so
-  the +1s do not pile up on the replicas with the lowest slots.
+  (exactly the even split the placement was planned for). The replica that gets an
+  expert's first choice rotates with the expert id and with the batch (the sum of its
+  recorded ids), so the remainders (+1s) do not pile up on the replicas with the lowest
+  slots, nor, in decode, on the same replica pass after pass.
 
 Both are deterministic functions of the batch's expert ids and the maps, so every rank
 that routes the same batch (the TP ranks of an EP group) picks the same replicas.
@@ -19,13 +20,13 @@ Replicas hold identical weights: the dispatch changes where a choice is computed
 what it computes.
 
 The balanced rule, exactly (the Triton kernel computes the same ids; tests check it):
-  flat element f = t * k + j; recorded: 0 <= id_f < E and t < num_unpadded_tokens
-  n_e   = recorded elements of expert e
-  rank_f = elements f' < f with id_f' = id_f (valid ones, padded included)
-  c_e   = max(replica_count[e], 1);  off_e = (sum over e' < e of n_e' mod c_e') mod c_e
-  replica_f = (rank_f + off_e) mod c_e;  physical_f = logical_to_physical[id_f, replica_f]
+  flat element f = t * k + j; valid: 0 <= id_f < E; recorded: valid and t < num_unpadded_tokens
+  rank_f = valid elements f' < f with id_f' = id_f
+  c_e = max(replica_count[e], 1);  S = sum of id_f over recorded f
+  replica_f = (rank_f + id_f + S) mod c_e;  physical_f = logical_to_physical[id_f, replica_f]
 Padded tokens come after the unpadded ones, so they never shift a recorded element's
-rank; they get some valid replica and record nothing.
+rank; they get some valid replica and record nothing. Nothing here needs a histogram of
+the whole batch: on a GPU, one small kernel while the batch is small.
 """
 
 from __future__ import annotations
@@ -102,12 +103,10 @@ def torch_hash_map_and_record(
 
 
 def balanced_replicas(ids: torch.Tensor, replica_count: torch.Tensor, recorded: int) -> torch.Tensor:
-    """replica_f of the module's rule for flat expert ids (all valid, 0 <= id < E); the
-    first `recorded` elements are the recorded ones. Shapes depend only on the batch."""
+    """replica_f of the module's rule for flat expert ids (all valid, 0 <= id < E), the
+    first `recorded` of them recorded."""
     n = ids.numel()
     num_experts = replica_count.shape[0]
-    count = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    count.index_add_(0, ids[:recorded], _RouterConstants.range(n, ids.device)[:recorded].new_ones(()).expand(recorded))
     # rank among the same expert's elements: position in the stable sort by expert,
     # minus where that expert's run starts
     order = torch.argsort(ids, stable=True)
@@ -117,9 +116,7 @@ def balanced_replicas(ids: torch.Tensor, replica_count: torch.Tensor, recorded: 
     starts = torch.cumsum(everyone, 0) - everyone
     rank = torch.empty_like(ids)
     rank[order] = _RouterConstants.range(n, ids.device) - starts[ids[order]]
-    c = replica_count.clamp(min=1)
-    dealt = torch.cumsum(count % c, 0) - count % c  # remainders dealt to the experts before e
-    return (rank + dealt[ids]) % c[ids]
+    return (rank + ids + ids[:recorded].sum()) % replica_count.clamp(min=1)[ids]
 
 
 def torch_balanced_map_and_record(
