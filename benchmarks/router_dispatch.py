@@ -132,7 +132,7 @@ def main() -> int:
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--graph-calls", type=int, default=50)
-    ap.add_argument("--variants", action="store_true", help="also time the one- and two-launch paths at every shape")
+    ap.add_argument("--variants", action="store_true", help="also time other tile sizes and warp counts")
     args = ap.parse_args()
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run in numpy
@@ -158,10 +158,23 @@ def main() -> int:
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU (Triton interpreter)'}")
     print(f"# upstream: {where}" if upstream else f"# upstream kernel NOT timed: {where}")
 
+    from vllm_eplb.kernels import replica_dispatch as rd
+
     kernels = {"balanced": lambda *a: tk.triton_balanced_map_and_record(*a)}
     if args.variants and args.device == "cuda":
-        kernels["balanced 1-launch"] = lambda *a: tk.triton_balanced_map_and_record(*a, two_pass=False)
-        kernels["balanced 2-launch"] = lambda *a: tk.triton_balanced_map_and_record(*a, two_pass=True)
+        default_tile = rd.MAX_TILE
+
+        def variant(tile, warps):
+            def call(*a):
+                rd.MAX_TILE = tile  # read when the call picks its tile (at capture, under a graph)
+                try:
+                    return tk.triton_balanced_map_and_record(*a, num_warps=warps)
+                finally:
+                    rd.MAX_TILE = default_tile
+            return call
+
+        for tile, warps in ((32, 4), (128, 4), (128, 8), (256, 8)):
+            kernels[f"tile {tile} w{warps}"] = variant(tile, warps)
     if upstream is not None:
         kernels["upstream"] = upstream
     rows = []

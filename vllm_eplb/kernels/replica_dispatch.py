@@ -7,12 +7,15 @@ the top-k logical expert ids of the batch. Two dispatches:
   count. In decode a request keeps its batch slot for many passes, so its tokens keep
   going to the same replica: the split of a hot expert among its replicas follows which
   slots happen to be occupied, not the plan.
-- "balanced": each expert's choices in this batch are dealt to its replicas in turn, so
-  every replica of expert e gets floor(n_e / c_e) or ceil(n_e / c_e) of its n_e choices
-  (exactly the even split the placement was planned for). The replica that gets an
-  expert's first choice rotates with the expert id and with the batch (the sum of its
-  recorded ids), so the remainders (+1s) do not pile up on the replicas with the lowest
-  slots, nor, in decode, on the same replica pass after pass.
+- "balanced": each expert's choices in a tile of the batch (TILE consecutive (token,
+  choice) elements: the whole batch up to TILE) are dealt to its replicas in turn, so
+  every replica of expert e gets floor(n / c_e) or ceil(n / c_e) of the tile's n choices
+  of e: the even split the placement was planned for, exact per tile. The replica
+  that gets a tile's first choice of e rotates with the expert id and with the tile's
+  content (the sum of its recorded ids), so the remainders (+1s) do not pile up on the
+  replicas with the lowest slots, nor, in decode, on the same replica pass after pass.
+  Tiles keep the GPU kernel to one launch with no cross-tile step (a replica's share
+  of a whole batch is off the exact split by at most one per tile holding its expert).
 
 Both are deterministic functions of the batch's expert ids and the maps, so every rank
 that routes the same batch (the TP ranks of an EP group) picks the same replicas.
@@ -20,13 +23,13 @@ Replicas hold identical weights: the dispatch changes where a choice is computed
 what it computes.
 
 The balanced rule, exactly (the Triton kernel computes the same ids; tests check it):
-  flat element f = t * k + j; valid: 0 <= id_f < E; recorded: valid and t < num_unpadded_tokens
-  rank_f = valid elements f' < f with id_f' = id_f
-  c_e = max(replica_count[e], 1);  S = sum of id_f over recorded f
-  replica_f = (rank_f + id_f + S) mod c_e;  physical_f = logical_to_physical[id_f, replica_f]
+  flat element f = t * k + j, tile(f) = f // TILE; valid: 0 <= id_f < E;
+  recorded: valid and t < num_unpadded_tokens
+  rank_f = valid elements f' < f of the same tile with id_f' = id_f
+  S_f = sum of id_f' over the recorded elements f' of f's tile;  c_e = max(replica_count[e], 1)
+  replica_f = (rank_f + id_f + S_f) mod c_e;  physical_f = logical_to_physical[id_f, replica_f]
 Padded tokens come after the unpadded ones, so they never shift a recorded element's
-rank; they get some valid replica and record nothing. Nothing here needs a histogram of
-the whole batch: on a GPU, one small kernel while the batch is small.
+rank; they get some valid replica and record nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import torch
 
 DISPATCHES = ("balanced", "hash")
+MAX_TILE = 64  # elements dealt together (8 tokens at top-8): benchmarks/router_dispatch.py
 DEFAULT = "balanced"
 
 _mode = DEFAULT
@@ -102,21 +106,32 @@ def torch_hash_map_and_record(
     return physical.to(topk_ids.dtype)
 
 
+def tile_size(numel: int) -> int:
+    """TILE for a batch of numel elements: the whole batch up to MAX_TILE (a power of 2)."""
+    return max(16, min(MAX_TILE, 1 << max(0, numel - 1).bit_length()))
+
+
 def balanced_replicas(ids: torch.Tensor, replica_count: torch.Tensor, recorded: int) -> torch.Tensor:
     """replica_f of the module's rule for flat expert ids (all valid, 0 <= id < E), the
     first `recorded` of them recorded."""
     n = ids.numel()
     num_experts = replica_count.shape[0]
-    # rank among the same expert's elements: position in the stable sort by expert,
-    # minus where that expert's run starts
-    order = torch.argsort(ids, stable=True)
-    everyone = torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(
-        0, ids, _RouterConstants.range(n, ids.device).new_ones(()).expand(n)
-    )
-    starts = torch.cumsum(everyone, 0) - everyone
+    tile = tile_size(n)
+    index = _RouterConstants.range(n, ids.device)
+    tiles = index // tile
+    # rank among the tile's choices of the same expert: position in the stable sort by
+    # (tile, expert), minus where that run starts
+    key = tiles * num_experts + ids
+    order = torch.argsort(key, stable=True)
+    num_tiles = -(-n // tile)
+    runs = torch.zeros(num_tiles * num_experts, dtype=torch.int64, device=ids.device)
+    runs.index_add_(0, key, index.new_ones(()).expand(n))
+    starts = torch.cumsum(runs, 0) - runs
     rank = torch.empty_like(ids)
-    rank[order] = _RouterConstants.range(n, ids.device) - starts[ids[order]]
-    return (rank + ids + ids[:recorded].sum()) % replica_count.clamp(min=1)[ids]
+    rank[order] = index - starts[key[order]]
+    sums = torch.zeros(num_tiles, dtype=torch.int64, device=ids.device)
+    sums.index_add_(0, tiles[:recorded], ids[:recorded])
+    return (rank + ids + sums[tiles]) % replica_count.clamp(min=1)[ids]
 
 
 def torch_balanced_map_and_record(
