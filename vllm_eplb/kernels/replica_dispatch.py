@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import torch
 
-DISPATCHES = ("balanced", "hash")
+DISPATCHES = ("hash", "balanced")
+DEFAULT = "hash"  # what the figures favour (docs/benchmarks.md, "Replica dispatch")
 MAX_TILE = 64  # elements dealt together (8 tokens at top-8): benchmarks/router_dispatch.py
-DEFAULT = "balanced"
-
 _mode = DEFAULT
 
 
@@ -165,3 +164,29 @@ def torch_map_to_physical_and_record(
     return _TORCH[_mode](
         topk_ids, expert_load_view, logical_to_physical_map, logical_replica_count, record_enabled, num_unpadded_tokens
     )
+
+
+def gpu_router(upstream):
+    """The router's map-and-record on a GPU: upstream's kernel (`upstream`) for "hash", the
+    Triton kernel of replica_dispatch_triton for "balanced". Read per call, one Python
+    branch: CUDA graphs capture whichever was selected when they were captured."""
+
+    def eplb_map_to_physical_and_record(
+        topk_ids, expert_load_view, logical_to_physical_map, logical_replica_count, record_enabled,
+        num_unpadded_tokens=None,
+    ):
+        if _mode == "balanced":
+            from .replica_dispatch_triton import triton_balanced_map_and_record
+
+            return triton_balanced_map_and_record(
+                topk_ids, expert_load_view, logical_to_physical_map, logical_replica_count, record_enabled,
+                num_unpadded_tokens,
+            )
+        return upstream(
+            topk_ids=topk_ids, expert_load_view=expert_load_view, logical_to_physical_map=logical_to_physical_map,
+            logical_replica_count=logical_replica_count, record_enabled=record_enabled,
+            num_unpadded_tokens=num_unpadded_tokens,
+        )
+
+    eplb_map_to_physical_and_record.upstream = upstream
+    return eplb_map_to_physical_and_record
