@@ -4,10 +4,10 @@ hot experts per layer), the balancer rebalancing every `--interval` passes.
 
     python benchmarks/serving_dispatch.py [--rounds 3] [--repeats 2]
 
-Servers alternate hash, balanced, hash, balanced, ... (`--repeats` of each), with the same
+Servers alternate hash, balanced, hash, balanced, ... (`--repeats` of each, `--order`), with the same
 eplb.json but for "replica_dispatch". Each sends the same requests (fixed prompts, greedy,
 fixed length, `--concurrency` at a time) for `--rounds` rounds while /metrics is scraped
-every 0.3 s. Per server, over the windows measured after its first completed cycle (the
+every 0.1 s. Per server, over the windows measured after its first completed cycle (the
 placement planned, with replicas of the hot experts):
 
   pass bal.    vllm:eplb_balancedness{kind="pass"}: mean over a window's sampled passes of
@@ -42,7 +42,7 @@ class Scraper:
     """Scrapes /metrics in a thread: per window (keyed by the pass planning was entered
     at), its figures once the window's load was read, and cycles completed by then."""
 
-    def __init__(self, server: Server, every: float = 0.3):
+    def __init__(self, server: Server, every: float = 0.1):
         self.server, self.every = server, every
         self.windows: dict[float, dict] = {}
         self._stop = threading.Event()
@@ -95,14 +95,18 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--window", type=int, default=40)
     ap.add_argument("--interval", type=int, default=80)
+    ap.add_argument("--order", default=",".join(DISPATCHES), help="dispatches in the order each repeat serves them")
     ap.add_argument("--port", type=int, default=8340)
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="eplb-dispatch-")
     model = args.model or build(os.path.join(work, "tiny-moe"))
     prompts = [" ".join(WORDS[(i * 13 + j) % len(WORDS)] for j in range(8 + i % 8)) for i in range(args.requests)]
     rows, reference = [], None
-    for i in range(args.repeats * len(DISPATCHES)):
-        dispatch = DISPATCHES[i % len(DISPATCHES)]
+    order = [d for d in args.order.split(",") if d]
+    if sorted(order) != sorted(DISPATCHES):
+        ap.error(f"--order must name each of {', '.join(DISPATCHES)} once")
+    for i in range(args.repeats * len(order)):
+        dispatch = order[i % len(order)]
         cfg = os.path.join(work, f"eplb-{i}.json")
         with open(cfg, "w") as fh:
             json.dump({"window_size": args.window, "step_interval": args.interval, "num_redundant_experts": 4,
