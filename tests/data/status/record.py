@@ -41,6 +41,7 @@ class AlwaysFails(Policy):
 
 
 def plugin(tmp: Path, name: str, module: str, source: str, target: str) -> str:
+    tmp.mkdir(parents=True)
     (tmp / f"{module}.py").write_text(source)
     info = tmp / f"{module}-0.1.dist-info"
     info.mkdir()
