@@ -14,8 +14,8 @@ an order rotated by rep):
   eager  triton.testing.do_bench of one call (Python wrapper + launches included)
 
 Median [min-max] over `--reps` reps, the ratio ours/upstream per rep (median [min-max]),
-and what the dispatch buys on that batch: balancedness (mean/max tokens per rank) with
-the hash and with the balanced dispatch. Needs only torch, triton and numpy, plus an
+and what the dispatch buys at that size: balancedness (mean/max tokens per rank) with
+the hash and with the balanced dispatch, mean over `--batches` batches. Needs only torch, triton and numpy, plus an
 installed vLLM for upstream's kernel (vLLM 0.26.0 on the GPU machines): without vLLM it
 says so and times only vllm-eplb's kernel.
 """
@@ -131,6 +131,7 @@ def main() -> int:
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--batches", type=int, default=32, help="batches per shape for the balancedness column")
     ap.add_argument("--graph-calls", type=int, default=50)
     ap.add_argument("--variants", action="store_true", help="also time other tile sizes and warp counts")
     args = ap.parse_args()
@@ -190,8 +191,14 @@ def main() -> int:
         got = tk.triton_balanced_map_and_record(ids, got_load, l2p, count, record, unpadded)
         same = torch.equal(ref, got.cpu()) and torch.equal(ref_load, got_load.cpu())
         failures += not same
-        hash_ids = torch_hash_map_and_record(ids.cpu(), torch.zeros(P, dtype=torch.int32), l2p.cpu(), count.cpu(), None)
-        bal = (rank_balance(hash_ids.numpy(), P // R, R), rank_balance(ref.numpy(), P // R, R))
+        # what the dispatch buys: mean balancedness over `--batches` batches of this size
+        bal = [[], []]
+        for b in range(args.batches):
+            draw = torch.tensor(zipf_topk(T, E, k, args.zipf, seed=10_000 * b + T).astype(np.int32))
+            for i, f in enumerate((torch_hash_map_and_record, torch_balanced_map_and_record)):
+                phys = f(draw, torch.zeros(P, dtype=torch.int32), l2p.cpu(), count.cpu(), None)
+                bal[i].append(rank_balance(phys.numpy(), P // R, R))
+        bal = (float(np.mean(bal[0])), float(np.mean(bal[1])))
         row = {"tokens": T, "same": same, "balance": bal, "graph": {n: [] for n in kernels}, "eager": {n: [] for n in kernels}}
         if args.device == "cuda":
             from triton.testing import do_bench

@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-
 from vllm_eplb.compat.versions import KNOWN, base_version
 from vllm_eplb.kernels.replica_dispatch import gpu_router, torch_map_to_physical_and_record
 
@@ -393,7 +392,7 @@ def hook_dummy_runs_v2() -> None:
     _wrap_dummy_run(GPUModelRunner)
 
 
-# --------------------------------------------------------------------------- CPU kernels
+# --------------------------------------------------------------------------- router, CPU kernels
 
 
 def hook_cpu_router() -> None:
