@@ -116,6 +116,8 @@ class SynthMoE:
         self.maps = RoutingMaps.allocate(self.placement0, topo, device=device)
         self.pass_load = torch.zeros((layers, topo.num_physical), dtype=torch.int64, device=device)
         self.record_flag = torch.zeros((), dtype=torch.bool, device=device)
+        self.dispatch = "hash"  # replica choice of route(): hash (token index) or balanced
+        self._no_load = torch.zeros(topo.num_physical, dtype=torch.int64, device=device)  # passes past the resident layers
 
     def weights_of(self, layer: int) -> list[torch.Tensor]:
         return [self.w13[layer], self.w2[layer]]
@@ -156,12 +158,7 @@ class SynthMoE:
         tok = torch.arange(tokens, device=x.device)
         for d in range(depth or self.layers):
             layer = d % self.layers
-            ids = routing[layer]
-            count = self.maps.replica_count[layer][ids]
-            phys = self.maps.log2phy[layer][ids, tok[:, None] % count]  # replica by token index, as vLLM
-            if d < self.layers:
-                # load for the window, without a branch on the host: add 0 when not recording
-                self.pass_load[layer].index_add_(0, phys.flatten(), self.record_flag.expand(phys.numel()).long())
+            phys = self.route(layer, routing[layer], record=d < self.layers)
             local = phys - self.first
             is_local = (local >= 0) & (local < s)
             key = torch.where(is_local, local, s).flatten()
@@ -177,6 +174,26 @@ class SynthMoE:
                 combine(out)
             x = x + out
         return x
+
+    def route(self, layer: int, ids: torch.Tensor, record: bool) -> torch.Tensor:
+        """(T, k) logical experts -> physical slots, with `self.dispatch` (--dispatch); the
+        pass's load is added to pass_load while the record flag is set (device-side)."""
+        if self.dispatch == "balanced":
+            from vllm_eplb.kernels.replica_dispatch import torch_balanced_map_and_record
+
+            load = self.pass_load[layer] if record else self._no_load
+            if ids.is_cuda:
+                from vllm_eplb.kernels.replica_dispatch_triton import triton_balanced_map_and_record
+
+                return triton_balanced_map_and_record(ids, load, self.maps.log2phy[layer], self.maps.replica_count[layer], self.record_flag)
+            return torch_balanced_map_and_record(ids, load, self.maps.log2phy[layer], self.maps.replica_count[layer], self.record_flag)
+        tok = torch.arange(ids.shape[0], device=ids.device)
+        count = self.maps.replica_count[layer][ids]
+        phys = self.maps.log2phy[layer][ids, tok[:, None] % count]  # replica by token index
+        if record:
+            # load for the window, without a branch on the host: add 0 when not recording
+            self.pass_load[layer].index_add_(0, phys.flatten(), self.record_flag.expand(phys.numel()).long())
+        return phys
 
     def probe(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
         """(layers, T, k, hidden) float32: each (token, choice)'s expert output computed
@@ -317,6 +334,7 @@ class Rank:
         self.topo = Topology(world, args.experts, args.experts + args.redundant, ranks_per_node=args.ranks_per_node)
         dtype = torch.bfloat16 if self.cuda else torch.float32
         self.model = SynthMoE(self.topo, args.layers, args.hidden, args.inter, rank, self.device, dtype, args.seed)
+        self.model.dispatch = args.dispatch
         self.model.reset()
         self._fingerprint_table()
         self.routing = skewed_routing(args.layers, args.experts, args.tokens, args.top_k, args.zipf, 32, args.seed, self.device)
@@ -838,6 +856,8 @@ def main() -> None:
     ap.add_argument("--profile-dir", default="profile")
     ap.add_argument("--profile-trace", action="store_true", help="also write the chrome trace (large)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dispatch", choices=["hash", "balanced"], default="hash",
+                    help="the router's replica choice (vllm_eplb/kernels/replica_dispatch.py)")
     ap.add_argument("--tiny", action="store_true", help="small shapes (hidden 64, inter 32, 64 tokens, 4 layers)")
     ap.add_argument("--fault", action="store_true", help=argparse.SUPPRESS)  # corrupt a slot in the checked run
     ap.add_argument("--json", help="write the summary rows and per-run figures here")

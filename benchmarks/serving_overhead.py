@@ -111,7 +111,7 @@ def router_cost_us(tokens: int, layers: int = 4, experts: int = 16, slots: int =
     import torch
 
     from vllm_eplb.core.placement import RoutingMaps, Topology, default_placement
-    from vllm_eplb.integration.hooks import torch_map_to_physical_and_record
+    from vllm_eplb.kernels.replica_dispatch import torch_hash_map_and_record as torch_map_to_physical_and_record
 
     topo = Topology(2, experts, slots)
     maps = RoutingMaps.allocate(default_placement(topo, 1), topo)

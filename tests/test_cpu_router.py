@@ -1,9 +1,9 @@
-"""The torch map-and-record used where vLLM's Triton kernel is missing (CPU)."""
+"""The torch hash map-and-record (upstream's replica choice) used where vLLM's Triton kernel is missing (CPU)."""
 
 import torch
 
 from vllm_eplb.core.placement import RoutingMaps, Topology
-from vllm_eplb.integration.hooks import torch_map_to_physical_and_record
+from vllm_eplb.kernels.replica_dispatch import torch_hash_map_and_record as torch_map_to_physical_and_record
 
 import numpy as np
 

@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -141,8 +142,9 @@ def eplb_run(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("eplb")
     cfg = write_json(
         str(d / "eplb.json"),
+        # the non-default replica dispatch: the greedy outputs below must not see it either
         {"window_size": 80, "step_interval": 160, "num_redundant_experts": 4, "agreement_lag": 6, "improvement_threshold": 0.02,
-         "verify_slots": True},
+         "replica_dispatch": "balanced", "verify_slots": True},
     )
     s = Server(model, 8232, cfg, log_path=str(d / "serve.log")).start()
     record, load = Record(), Load(s)
@@ -283,6 +285,25 @@ def test_balancedness_rises(eplb_run):
     observed = windows_logged(eplb_run["log"])
     assert len(observed) >= 3, f"{observed} ({pace})"
     assert sum(observed[1:]) / len(observed[1:]) > observed[0] + 0.05, f"{observed} ({pace})"
+
+
+def test_per_pass_balance_is_exported(eplb_run):
+    """Each window's passes (80: all sampled), measured on the EP group. Summed over the
+    window's passes, the most loaded rank of each pass weighs at least as much as the most
+    loaded rank of the summed load, so 1 - straggler share (sum of means over sum of
+    maxima, pass by pass) never exceeds the window's balancedness."""
+    final, pace = eplb_run["final"], eplb_run["pace"]
+    log = Path(eplb_run["log"]).read_text()
+    assert "replica dispatch balanced" in log
+    for rank in (0, 1):
+        per_pass = metric(final, "vllm:eplb_balancedness", rank=rank, kind="pass")
+        observed = metric(final, "vllm:eplb_balancedness", rank=rank, kind="observed")
+        share = metric(final, "vllm:eplb_straggler_share", rank=rank)
+        assert per_pass is not None and observed is not None and share is not None, pace
+        assert 0.5 <= per_pass <= 1 and 0 <= share <= 0.5, (per_pass, share, pace)  # 2 ranks: balancedness >= 1/2
+        assert 1 - share <= observed + 1e-9, (share, observed, pace)
+    assert metric(final, "vllm:eplb_balancedness", rank=0, kind="pass") == metric(final, "vllm:eplb_balancedness", rank=1, kind="pass")
+    assert re.search(r"balancedness [0-9.]+ over the window, [0-9.]+ per pass \(\d+ passes sampled; stragglers cost", log)
 
 
 def _serve_bad(model, tmp_path, config) -> subprocess.CompletedProcess:

@@ -249,7 +249,9 @@ def test_status_tool_against_a_rebalancing_server(round_robin_run):
         block = once.stdout.split(f"rank {rank}  ", 1)[1].split("\nrank ", 1)[0]
         done = int(re.search(r"cycles: (\d+) completed", block).group(1))
         assert done >= 2 and done <= metric(ms, "vllm:eplb_cycles_total", rank=rank, outcome="completed")
-        kinds = re.search(r"balancedness: observed ([0-9.]+)  current ([0-9.]+)  planned ([0-9.]+)  initial ([0-9.]+)", block)
+        kinds = re.search(
+            r"balancedness: observed ([0-9.]+)  pass ([0-9.]+)  current ([0-9.]+)  planned ([0-9.]+)  initial ([0-9.]+)", block
+        )
         assert kinds and all(0 < float(x) <= 1 for x in kinds.groups()), block
         assert re.search(r"plan: [0-9.]+ ms mean over \d+   transfer: [0-9.]+ ms per layer", block), block
 

@@ -45,9 +45,14 @@ def test_transferring_server_shows_layer_progress_and_figures():
         filled = round(layer / 4 * 20)
         assert f"moving layer {layer + 1} of 4 (index {layer})  [{'#' * filled}{'-' * (20 - filled)}]" in block
         done = int(metric(ms, "vllm:eplb_cycles_total", rank=rank, outcome="completed"))
-        assert f"cycles: {done} completed, 0 skipped, 0 aborted" in block
+        skipped = int(metric(ms, "vllm:eplb_cycles_total", rank=rank, outcome="skipped", reason="insufficient_improvement") or 0)
+        why = f" (insufficient_improvement {skipped})" if skipped else ""
+        assert f"cycles: {done} completed, {skipped} skipped{why}, 0 aborted" in block
         for kind in status.KINDS:
             assert f"{kind} {metric(ms, 'vllm:eplb_balancedness', rank=rank, kind=kind):.3f}" in block
+        share = metric(ms, "vllm:eplb_straggler_share", rank=rank)
+        window = 1 - metric(ms, "vllm:eplb_balancedness", rank=rank, kind="observed")
+        assert f"stragglers: {share:.1%} of MoE time per pass waits for the most loaded rank (the window's summed load would say {window:.1%})" in block
         plan = metric(ms, "vllm:eplb_plan_seconds_sum", rank=rank) / metric(ms, "vllm:eplb_plan_seconds_count", rank=rank)
         assert f"plan: {plan * 1e3:.1f} ms mean over" in block
         assert re.search(r"transfer: [0-9.]+ ms per layer, mean over \d+ steps", block)

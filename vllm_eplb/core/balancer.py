@@ -61,6 +61,7 @@ from .placement import (
     physical_to_logical_load,
     predicted_balancedness,
 )
+from .pass_balance import pass_figures
 from .planner import Plan, Planner, PlannerDead
 from .planner_process import PlannerExited
 from .policies import Policy, get_policy
@@ -187,7 +188,9 @@ class Balancer:
         self.placement = layout.maps.phy2log.cpu().numpy().copy()
         self.initial_placement = self.placement.copy()  # the baseline of the "initial" balancedness
 
-        self.window = LoadWindow(layout.pass_load, config.window_size, layout.record_flag, layout.max_pass_tokens)
+        self.window = LoadWindow(
+            layout.pass_load, config.window_size, layout.record_flag, layout.max_pass_tokens, ranks=self.topo.num_ranks
+        )
         self.planner = Planner(
             policy or get_policy(config.policy, tolerance=config.min_move_tolerance),
             self.topo,
@@ -392,18 +395,20 @@ class Balancer:
 
     def _post_load(self, p: int) -> None:
         c = self.cycle
-        load = None
+        load = per_pass = None
         if c.snapshot is not None:
             try:
-                load = c.snapshot.wait()
+                load, per_pass = c.snapshot.wait()
             except Exception as exc:
                 self._fault(Fault.INTERNAL_ERROR, exc)
         if load is None:
             load = torch.zeros(self.layout.pass_load.shape, dtype=torch.int64)
+            per_pass = torch.zeros(self._per_pass_shape, dtype=torch.int64)
         # Every rank's fault code rides along at its own index: the SUM hands every rank all of them.
         faults = torch.zeros(self.comm.world_size, dtype=torch.int64)
         faults[self.comm.rank] = self._take_fault()
-        c.round = self.agreement.post(torch.cat([load.reshape(-1), faults]), p, op=dist.ReduceOp.SUM)
+        sent = torch.cat([load.reshape(-1), per_pass.reshape(-1), faults])
+        c.round = self.agreement.post(sent, p, op=dist.ReduceOp.SUM)
 
     def _read_load(self, p: int, r: Round) -> None:
         c = self.cycle
@@ -417,13 +422,19 @@ class Balancer:
         self.load_reduced()
         c.post_at = p + 1  # first readiness vote next pass: a fast plan is ready by then
         try:
-            physical = value[:-n].reshape(self.layout.pass_load.shape).numpy().astype(np.float64)
+            size = self.layout.pass_load.numel()
+            physical = value[:size].reshape(self.layout.pass_load.shape).numpy().astype(np.float64)
             observed = balancedness_of(observed_rank_loads(physical, self.topo))
             self.stats.balancedness_observed = observed
             self.stats.observed_history.append((c.window_end, observed))
+            passes = pass_figures(value[size:-n].reshape(self._per_pass_shape).numpy())
+            self.stats.balancedness_pass = passes.pass_balancedness
+            self.stats.straggler_share = passes.straggler_share
             log.info(
-                "EPLB rank %d pass %d: window of %d passes, %d expert-token loads, balancedness %.3f",
+                "EPLB rank %d pass %d: window of %d passes, %d expert-token loads, balancedness %.3f over the window, "
+                "%.3f per pass (%d passes sampled; stragglers cost %.1f%% of MoE time)",
                 self.comm.rank, p, self.config.window_size, int(physical.sum()), observed,
+                passes.pass_balancedness, passes.passes, 100 * passes.straggler_share,
             )
             logical = physical_to_logical_load(physical, self.placement, self.topo.num_logical)
             c.window_load = logical
@@ -497,6 +508,11 @@ class Balancer:
         self._start_step(p)
 
     # ---- transferring
+
+    @property
+    def _per_pass_shape(self) -> tuple[int, int, int]:
+        sampler = self.window.sampler
+        return (sampler.samples, sampler.layers, sampler.ranks)
 
     @property
     def max_in_flight(self) -> int:

@@ -16,6 +16,15 @@ window that could wrap.
 
 On GPU the sum is copied to pinned host memory asynchronously at the window's
 end and waited for one pass later, when the copy is long done.
+
+The balance each pass sees (core/pass_balance.py) needs each pass's load per rank,
+which the window's sum has lost. So on up to PASS_SAMPLES passes spread evenly over the
+window (every ceil(size / PASS_SAMPLES)-th pass) the tick sums `pass_load` per rank into
+a small device ring before and after that pass, one reduction on the device, no host
+sync; at the window's end one subtraction gives those passes' (passes, layers, ranks)
+load, which travels with the window's sum in the same all-reduce. 128 passes of
+DeepSeek-V3 (58 layers) on 64 ranks are 1.9 MB of int32 on the device and 3.8 MB in the
+int64 all-reduce, once per window.
 """
 
 from __future__ import annotations
@@ -61,8 +70,55 @@ class RecordGate:
         self._value = v
 
 
+PASS_SAMPLES = 128  # passes of a window whose per-rank load is kept (spread evenly)
+
+
+class PassSampler:
+    """Per-rank load of the sampled passes of a window (module docstring).
+
+    Sample j is pass (j + 1) * stride of the window: the cumulative per-rank load is
+    taken after the pass before it and after it. Row 0 of the ring is the window's
+    start (zero); with a stride of 1 consecutive samples share their rows."""
+
+    def __init__(self, pass_load: torch.Tensor, size: int, ranks: int):
+        self.layers, slots = pass_load.shape
+        self.ranks = ranks
+        self.stride = -(-size // PASS_SAMPLES)
+        self.samples = size // self.stride
+        fills = sorted({0} | {f for j in range(1, self.samples + 1) for f in (j * self.stride - 1, j * self.stride)})
+        self._row = {f: i for i, f in enumerate(fills)}  # window passes done -> ring row
+        self._after = torch.tensor([self._row[j * self.stride] for j in range(1, self.samples + 1)], device=pass_load.device)
+        self._before = torch.tensor([self._row[j * self.stride - 1] for j in range(1, self.samples + 1)], device=pass_load.device)
+        self._view = pass_load.view(self.layers, ranks, slots // ranks)
+        self.ring = torch.zeros((len(fills), self.layers, ranks), dtype=pass_load.dtype, device=pass_load.device)
+        self._host = None
+        if pass_load.is_cuda:
+            self._host = torch.empty((self.samples, self.layers, ranks), dtype=pass_load.dtype, pin_memory=True)
+
+    def reset(self) -> None:
+        self.ring[0].zero_()
+
+    def after(self, filled: int) -> None:
+        """The window's `filled`-th pass ran: keep the per-rank sum if a sample needs it."""
+        row = self._row.get(filled)
+        if row is not None:
+            torch.sum(self._view, dim=-1, out=self.ring[row])
+
+    def per_pass(self) -> torch.Tensor:
+        """(samples, layers, ranks) this rank's load of each sampled pass: on the CPU, or
+        being copied into pinned host memory (valid once the window's copy event is done)."""
+        diff = self.ring.index_select(0, self._after) - self.ring.index_select(0, self._before)
+        if self._host is None:
+            return diff.to(torch.int64)
+        self._host.copy_(diff, non_blocking=True)
+        return self._host
+
+
 class LoadWindow:
-    def __init__(self, pass_load: torch.Tensor, size: int, record_flag: torch.Tensor | None = None, max_pass_tokens: int = 0):
+    def __init__(
+        self, pass_load: torch.Tensor, size: int, record_flag: torch.Tensor | None = None, max_pass_tokens: int = 0,
+        ranks: int = 1,
+    ):
         limit = torch.iinfo(pass_load.dtype).max if not pass_load.dtype.is_floating_point else None
         if limit is not None and max_pass_tokens and size * max_pass_tokens > limit:
             raise ValueError(
@@ -80,15 +136,18 @@ class LoadWindow:
         self._host = None
         if pass_load.is_cuda:
             self._host = torch.empty(pass_load.shape, dtype=pass_load.dtype, pin_memory=True)
+        self.sampler = PassSampler(pass_load, size, ranks)
 
     def reset(self) -> None:
         """Start a new window; what the router recorded before now is dropped."""
         self.pass_load.zero_()
+        self.sampler.reset()
         self.filled = 0
         self.gate.set_window(True)
 
     def record_pass(self) -> None:
         self.filled += 1
+        self.sampler.after(self.filled)
 
     @property
     def full(self) -> bool:
@@ -98,28 +157,32 @@ class LoadWindow:
         """End the window: stop recording and start copying the sum to host memory
         without blocking the CPU."""
         self.gate.set_window(False)
+        per_pass = self.sampler.per_pass()
         if self.pass_load.device.type == "cpu":
-            return HostSnapshot(self.pass_load.to(torch.int64, copy=True), None)
+            return HostSnapshot(self.pass_load.to(torch.int64, copy=True), per_pass, None)
         host = self._host
         host.copy_(self.pass_load, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return HostSnapshot(host, event)
+        return HostSnapshot(host, per_pass, event)
 
 
 class HostSnapshot:
-    """A host tensor that is valid once `ready()` (an async device->host copy may be in flight)."""
+    """Host tensors that are valid once `ready()` (async device->host copies may be in
+    flight): the window's load (layers, slots) and its sampled passes' per-rank load."""
 
-    def __init__(self, tensor: torch.Tensor, event):
+    def __init__(self, tensor: torch.Tensor, per_pass: torch.Tensor, event):
         self.tensor = tensor
+        self.per_pass = per_pass
         self._event = event
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(window load, per-pass load), int64."""
         if self._event is not None:
             self._event.synchronize()
-            # a copy: the pinned buffer is reused by the next window
-            return self.tensor.to(torch.int64, copy=True)
-        return self.tensor.to(torch.int64)
+            # copies: the pinned buffers are reused by the next window
+            return self.tensor.to(torch.int64, copy=True), self.per_pass.to(torch.int64, copy=True)
+        return self.tensor.to(torch.int64), self.per_pass.to(torch.int64)

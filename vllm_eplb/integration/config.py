@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from vllm_eplb.core.config import BalancerConfig
 from vllm_eplb.core.policies import broken_reason, policy_names
+from vllm_eplb.kernels.replica_dispatch import DEFAULT as DEFAULT_DISPATCH, DISPATCHES
 
 ENV_VAR = "EPLB_PLUGIN_CONFIG"
 
@@ -131,6 +132,12 @@ class EplbConfig(BaseModel):
     stall_warning_windows: int = _core("stall_warning_windows")
     transfer_backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = Field(
         "auto", description="How expert weights move: 'auto' picks gloo on CPU, CUDA IPC on GPU within a node, IPC + NCCL across nodes; 'gloo' on GPU stages through pinned host memory."
+    )
+    replica_dispatch: Literal[DISPATCHES] = Field(
+        DEFAULT_DISPATCH,
+        description="Which replica of an expert each token goes to: 'hash' (upstream vLLM's: a hash of the token "
+        "index) or 'balanced' (each expert's tokens in a batch dealt to its replicas in turn, so the replicas get "
+        "even shares); docs/benchmarks.md compares them.",
     )
     metrics: bool = Field(True, description="Export vllm:eplb_* metrics on /metrics.")
     verify_slots: bool = Field(

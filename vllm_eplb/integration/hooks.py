@@ -26,9 +26,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from vllm_eplb.compat.versions import KNOWN, base_version, releases_for
+from vllm_eplb.kernels.replica_dispatch import gpu_router, torch_map_to_physical_and_record
 
 from pydantic import ValidationError
 
@@ -423,51 +422,7 @@ def hook_dummy_runs_v2() -> None:
     _wrap_dummy_run(GPUModelRunner)
 
 
-# --------------------------------------------------------------------------- CPU kernels
-
-
-class _RouterConstants:
-    """Tensors that depend only on the batch size, cached across calls: the Knuth hash of
-    each token index (as the Triton kernel computes it) and a row of ones to add as load.
-    One tensor each, grown to the largest batch seen."""
-
-    hashed = torch.empty((0, 1), dtype=torch.int64)
-    ones = torch.empty(0, dtype=torch.int32)
-
-    @classmethod
-    def get(cls, tokens: int, width: int, device, dtype):
-        if cls.hashed.shape[0] < tokens or cls.hashed.device != torch.device(device):
-            size = max(tokens, 2 * cls.hashed.shape[0], 256)
-            cls.hashed = ((torch.arange(size, dtype=torch.int64, device=device) * 2654435769) & 0xFFFFFFFF)[:, None]
-        if cls.ones.numel() < tokens * width or cls.ones.dtype != dtype or cls.ones.device != torch.device(device):
-            cls.ones = torch.ones(max(tokens * width, 2 * cls.ones.numel(), 1024), dtype=dtype, device=device)
-        return cls.hashed[:tokens], cls.ones
-
-
-def torch_map_to_physical_and_record(
-    topk_ids: torch.Tensor,
-    expert_load_view: torch.Tensor,
-    logical_to_physical_map: torch.Tensor,
-    logical_replica_count: torch.Tensor,
-    record_enabled: torch.Tensor | None,
-    num_unpadded_tokens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """What vLLM's Triton kernel `_eplb_map_and_record_i32_kernel` computes, in torch:
-    logical -> physical expert ids, the replica picked by a hash of the token index, and
-    one count per (token, expert) into expert_load_view for unpadded tokens.
-    Few ops on purpose: on CPU each costs a microsecond or more, per MoE layer, per pass."""
-    tokens, k = topk_ids.shape
-    hashed, ones = _RouterConstants.get(tokens, k, topk_ids.device, expert_load_view.dtype)
-    ids = topk_ids.long()
-    replica = hashed % torch.take(logical_replica_count, ids)
-    physical = logical_to_physical_map[ids, replica]
-    if record_enabled is None or bool(record_enabled):
-        rows = physical if num_unpadded_tokens is None else physical[: int(num_unpadded_tokens)]
-        flat = rows.reshape(-1)
-        # Every id the maps hold for replica < count is a valid slot: no bounds filter
-        # needed (the kernel's guards the -1 padding, which this never reaches).
-        expert_load_view.index_add_(0, flat, ones[: flat.numel()])
-    return physical.to(topk_ids.dtype)
+# --------------------------------------------------------------------------- router, CPU kernels
 
 
 def hook_cpu_router() -> None:
@@ -475,6 +430,14 @@ def hook_cpu_router() -> None:
 
     if base_router.eplb_map_to_physical_and_record is not torch_map_to_physical_and_record:
         _replace(base_router, "eplb_map_to_physical_and_record", torch_map_to_physical_and_record)
+
+
+def hook_gpu_router() -> None:
+    import vllm.model_executor.layers.fused_moe.router.base_router as base_router
+
+    current = base_router.eplb_map_to_physical_and_record
+    if getattr(current, "upstream", None) is None:
+        _replace(base_router, "eplb_map_to_physical_and_record", gpu_router(current))
 
 
 def local_expert_ids(topk_weights, topk_ids, expert_map):
@@ -579,7 +542,14 @@ HOOKS: tuple[Hook, ...] = (
     Hook(
         "cpu_router", "vllm.model_executor.layers.fused_moe.router.base_router:eplb_map_to_physical_and_record",
         ("vllm/model_executor/layers/fused_moe/router/base_router.py", "eplb_map_to_physical_and_record"), CPU,
-        lambda: hook_cpu_router(), "torch map-and-record where the Triton kernel is missing", when=_no_triton_router, platform="cpu",
+        lambda: hook_cpu_router(), "torch map-and-record where the Triton kernel is missing, replica by eplb.json's "
+        "replica_dispatch", when=_no_triton_router, platform="cpu",
+    ),
+    Hook(
+        "gpu_router", "vllm.model_executor.layers.fused_moe.router.base_router:eplb_map_to_physical_and_record",
+        ("vllm/model_executor/layers/fused_moe/router/base_router.py", "eplb_map_to_physical_and_record"), ALL,
+        lambda: hook_gpu_router(), "replica by eplb.json's replica_dispatch: upstream's Triton kernel (hash) or "
+        "vllm-eplb's (balanced)", when=lambda: not _no_triton_router(),
     ),
     Hook(
         "cpu_fused_moe", "vllm.model_executor.layers.fused_moe.experts.cpu_moe:CPUUnquantizedExperts.apply",

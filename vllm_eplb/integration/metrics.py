@@ -59,9 +59,17 @@ class _Families:
         self.ENABLED = Gauge(_PREFIX + "enabled", "1 while rebalancing is on; 0 after the balancer stopped itself.", ["rank"], **_GAUGE)
         self.BALANCEDNESS = Gauge(
             _PREFIX + "balancedness",
-            "mean/max tokens per rank: observed over the last window; predicted on that window's load for the "
-            "placement in force (current), for the last plan (planned) and for the start-up placement (initial).",
+            "mean/max tokens per rank: observed over the last window; mean over that window's sampled passes of "
+            "each pass's (pass); predicted on the window's load for the placement in force (current), for the last "
+            "plan (planned) and for the start-up placement (initial).",
             ["rank", "kind"],
+            **_GAUGE,
+        )
+        self.STRAGGLER_SHARE = Gauge(
+            _PREFIX + "straggler_share",
+            "Share of MoE expert time the last window's passes spent waiting for their most loaded rank, if a "
+            "layer's time follows its most loaded rank's tokens: 1 - sum(mean)/sum(max) of per-pass rank loads.",
+            ["rank"],
             **_GAUGE,
         )
         self.CYCLES = Counter(
@@ -185,8 +193,11 @@ class BalancerMetrics:
         m.LAYER.labels(r).set(balancer.layer if balancer.state == "transferring" else -1)
         m.MOE_LAYERS.labels(r).set(balancer.layout.num_layers)
         m.ENABLED.labels(r).set(0 if balancer.disabled_reason else 1)
+        if s.straggler_share == s.straggler_share:  # not NaN
+            m.STRAGGLER_SHARE.labels(r).set(s.straggler_share)
         for kind, v in (
             ("observed", s.balancedness_observed),
+            ("pass", s.balancedness_pass),
             ("current", s.balancedness_current),
             ("planned", s.balancedness_predicted),
             ("initial", s.balancedness_initial),

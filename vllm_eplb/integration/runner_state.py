@@ -33,6 +33,7 @@ from vllm_eplb.core import Balancer, Comm, MoELayout, RoutingMaps, Topology, def
 from vllm_eplb.core import records
 from vllm_eplb.core.slot_check import SlotVerifier
 from vllm_eplb.core.transfer.select import make_backend
+from vllm_eplb.kernels import replica_dispatch
 
 from .config import EplbConfig, published
 
@@ -94,6 +95,7 @@ class VllmEplbState:
             return
         cfg = self.config = self._resolve_config()
         bcfg = cfg.balancer_config()
+        replica_dispatch.select(cfg.replica_dispatch)  # before the first forward pass (and any graph capture)
         # Each group times out on its own bound: a round wait is agreement_timeout_s at most.
         ep, (agreement_group, transfer_group) = _ep_subgroups([bcfg.agreement_timeout_s, bcfg.transfer_timeout_s])
         layers = model.num_moe_layers
@@ -139,7 +141,7 @@ class VllmEplbState:
             self.metrics.update(self.balancer)
         log.info(
             "vllm-eplb: EP rank %d/%d, %d MoE layers, %d logical experts in %d slots (%d per rank), policy %s, "
-            "window %d passes every %d, backend %s",
+            "window %d passes every %d, backend %s, replica dispatch %s",
             ep.rank_in_group,
             ep.world_size,
             layers,
@@ -150,6 +152,7 @@ class VllmEplbState:
             bcfg.window_size,
             bcfg.step_interval,
             backend.name,
+            cfg.replica_dispatch,
         )
 
     def _resolve_config(self) -> EplbConfig:

@@ -6,9 +6,10 @@
 
 Shows, per rank: the state and the pass it was entered at, the layer being moved with a
 progress bar, cycles completed / skipped / aborted with their reasons, balancedness
-(observed over the last window; predicted on that load for the placement in force, the
-last plan and the start-up placement), plan and transfer times, and why the balancer
-stopped or stalled if it did. Reads only the vllm:eplb_* series (see README's Metrics).
+(observed over the last window; per pass, the mean over that window's sampled passes;
+predicted on that load for the placement in force, the last plan and the start-up
+placement), the share of MoE time stragglers cost per pass, plan and transfer times, and
+why the balancer stopped or stalled if it did. Reads only the vllm:eplb_* series (see README's Metrics).
 Exit status with --once: 0, or 2 with one line on stderr if the server cannot be read or
 exports no balancer metrics.
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 PREFIX = "vllm:eplb_"
-KINDS = ("observed", "current", "planned", "initial")
+KINDS = ("observed", "pass", "current", "planned", "initial")
 
 
 class StatusError(Exception):
@@ -139,6 +140,10 @@ def render_rank(r: Rank) -> list[str]:
     lines.append(f"  cycles: {done} completed, {skipped} skipped{why_skipped}, {aborted} aborted{why_aborted}{last_txt}")
     kinds = [(k, r.get("vllm:eplb_balancedness", kind=k)) for k in KINDS]
     lines.append("  balancedness: " + "  ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in kinds))
+    share, observed = r.get("vllm:eplb_straggler_share"), r.get("vllm:eplb_balancedness", kind="observed")
+    if share is not None:
+        window = f" (the window's summed load would say {1 - observed:.1%})" if observed is not None else ""
+        lines.append(f"  stragglers: {share:.1%} of MoE time per pass waits for the most loaded rank{window}")
     plan, plans = _mean(r, "vllm:eplb_plan_seconds")
     step, steps = _mean(r, "vllm:eplb_layer_transfer_seconds")
     moved = r.get("vllm:eplb_moved_bytes_total", 0)
