@@ -33,6 +33,7 @@ from vllm_eplb.compat.versions import KNOWN, base_version
 from pydantic import ValidationError
 
 from .config import UPSTREAM, EplbConfig, EplbConfigError, _format_error, load_eplb_config, publish, published
+from .moe_adapter import ModelRefused
 
 log = logging.getLogger("vllm.eplb")
 
@@ -326,9 +327,31 @@ def attach_eplb_state(runner) -> None:
         return
     runner._moe_model = get_mixture_of_experts_model(runner.model)
     if runner._moe_model is None:
-        return
+        # EPLB stays on in vLLM's config: the runner would step a state that was never
+        # built, on the first request. Models built by the loader were adapted or refused
+        # already (hook model_builder); this one came another way.
+        raise ModelRefused(type(runner.model).__name__, "the model as loaded has no MoE layers vllm-eplb can balance")
     runner.eplb_state = VllmEplbState(runner.parallel_config, runner.device)
     runner.eplb_state.add_model(runner._moe_model, runner.model_config)
+
+
+def hook_model_builder() -> None:
+    """The model loader builds every model through moe_adapter.build_model (models without
+    vLLM's MixtureOfExperts interface get it, or are refused in one line)."""
+    import vllm.model_executor.model_loader.base_loader as base_loader
+
+    from .moe_adapter import build_model
+
+    if not _once(base_loader, "initialize_model"):
+        return
+    original = base_loader.initialize_model
+
+    @_mark
+    @functools.wraps(original)
+    def initialize_model(vllm_config, **kwargs):
+        return build_model(original, vllm_config, **kwargs)
+
+    _replace(base_loader, "initialize_model", initialize_model)
 
 
 def hook_cpu_runner() -> None:
@@ -540,6 +563,12 @@ HOOKS: tuple[Hook, ...] = (
     Hook(
         "v2_dummy_runs", "vllm.v1.worker.gpu.model_runner:GPUModelRunner._dummy_run", (V2, "GPUModelRunner._dummy_run"), ALL,
         lambda: hook_dummy_runs_v2(), "V2 dummy passes tick but record no load",
+    ),
+    Hook(
+        "model_builder", "vllm.model_executor.model_loader.base_loader:initialize_model",
+        ("vllm/model_executor/model_loader/base_loader.py", "BaseModelLoader.create_model"), ALL,
+        lambda: hook_model_builder(),
+        "MoE models without vLLM's MixtureOfExperts interface get EPLB FusedMoE layers and the interface, or are refused",
     ),
     Hook(
         "cpu_runner", "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model",
