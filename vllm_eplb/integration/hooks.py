@@ -33,7 +33,7 @@ from vllm_eplb.compat.versions import KNOWN, base_version
 from pydantic import ValidationError
 
 from .config import UPSTREAM, EplbConfig, EplbConfigError, _format_error, load_eplb_config, publish, published
-from .moe_adapter import ModelRefused
+from .refusal import refuse
 
 log = logging.getLogger("vllm.eplb")
 
@@ -330,7 +330,7 @@ def attach_eplb_state(runner) -> None:
         # EPLB stays on in vLLM's config: the runner would step a state that was never
         # built, on the first request. Models built by the loader were adapted or refused
         # already (hook model_builder); this one came another way.
-        raise ModelRefused(type(runner.model).__name__, "the model as loaded has no MoE layers vllm-eplb can balance")
+        raise refuse(type(runner.model).__name__, "the model as loaded has no MoE layers vllm-eplb can balance")
     runner.eplb_state = VllmEplbState(runner.parallel_config, runner.device)
     runner.eplb_state.add_model(runner._moe_model, runner.model_config)
 
@@ -478,6 +478,13 @@ def local_expert_ids(topk_weights, topk_ids, expert_map):
     return topk_weights.masked_fill(remote, 0.0), local.masked_fill(remote, 0).to(topk_ids.dtype)
 
 
+def drop_remote_tokens(output, topk_ids, expert_map) -> None:
+    """With the router weight applied on the input (top-1 only: Llama-4), the kernel does
+    not scale its output by topk_weights, so a zero weight does not silence an expert held
+    elsewhere: the rows of the tokens routed to one get no output on this rank."""
+    output.masked_fill_((expert_map[topk_ids.long()] < 0).any(dim=1, keepdim=True), 0.0)
+
+
 def hook_cpu_fused_moe() -> None:
     """CPUUnquantizedExperts.apply hands global expert ids to a kernel that indexes the
     rank's local weights with them (segfault under expert parallelism)."""
@@ -490,9 +497,12 @@ def hook_cpu_fused_moe() -> None:
     @_mark
     @functools.wraps(original)
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw):
-        if expert_map is not None:
-            topk_weights, topk_ids = local_expert_ids(topk_weights, topk_ids, expert_map)
-        return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw)
+        if expert_map is None:
+            return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw)
+        weights, ids = local_expert_ids(topk_weights, topk_ids, expert_map)
+        original(self, output, hidden_states, w1, w2, weights, ids, activation, global_num_experts, expert_map, *rest, **kw)
+        if kw.get("apply_router_weight_on_input", rest[-1] if rest else False):
+            drop_remote_tokens(output, topk_ids, expert_map)
 
     _replace(CPUUnquantizedExperts, "apply", apply)
 

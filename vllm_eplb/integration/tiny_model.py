@@ -141,10 +141,11 @@ def _gpt_oss(hidden, experts, top_k, moe_intermediate):
 
 
 def _llama4(hidden, experts, top_k, moe_intermediate):
-    # every second layer MoE (with a shared expert), the others dense
+    # every second layer MoE (with a shared expert), the others dense; top-1 routing, the
+    # only one vLLM's Llama-4 (router weight applied on the input) runs
     return dict(
         intermediate_size=moe_intermediate, intermediate_size_mlp=hidden * 2, head_dim=hidden // 4,
-        num_local_experts=experts, num_experts_per_tok=top_k, interleave_moe_layer_step=2,
+        num_local_experts=experts, num_experts_per_tok=1, interleave_moe_layer_step=2,
     )
 
 

@@ -1,0 +1,48 @@
+"""A model vllm-eplb cannot balance is refused while it loads, in the worker processes;
+the operator reads why as the last line of `vllm serve`, as for a bad eplb.json.
+
+The `vllm` launcher (cli.py) names a file in EPLB_PLUGIN_REFUSAL before vLLM starts; the
+worker that refuses writes its one line there (every rank refuses alike and writes the
+same line), and the launcher, when vLLM's start-up fails, prints that line last and exits
+with code 2. Started another way (`python -m vllm.entrypoints.openai.api_server`), the
+line is in the worker's error log above vLLM's own start-up failure.
+No vLLM import: the launcher reads this before vLLM is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .config import EplbConfigError
+
+ENV_VAR = "EPLB_PLUGIN_REFUSAL"
+
+DROP = "serve it without --eplb-config"
+
+
+class ModelRefused(EplbConfigError):
+    """The model cannot be balanced: one line naming the architecture, what is missing and
+    how to proceed."""
+
+    def __init__(self, arch: str, why: str, fix: str = DROP):
+        super().__init__(f"--eplb-config: vllm-eplb cannot balance {arch}: {why}; {fix}")
+
+
+def refuse(arch: str, why: str, fix: str = DROP) -> ModelRefused:
+    """The refusal to raise, its line left for the launcher (when one is waiting for it)."""
+    exc = ModelRefused(arch, why, fix)
+    path = os.environ.get(ENV_VAR)
+    if path:
+        with open(path, "w") as fh:
+            fh.write(str(exc))
+    return exc
+
+
+def recorded() -> str | None:
+    """In the launcher: the line a worker left, if any."""
+    path = os.environ.get(ENV_VAR)
+    try:
+        with open(path) as fh:  # type: ignore[arg-type]
+            return fh.read().strip() or None
+    except (TypeError, OSError):
+        return None
