@@ -99,12 +99,12 @@ def served(request, tmp_path_factory):
     case: Case = request.param
     d = tmp_path_factory.mktemp(case.arch)
     model = build(str(d / "model"), arch=case.arch)
-    reference = transformers_greedy(model) if case.reference == "transformers" else eplb_off(model, str(d / "off.log"), 8262)
+    reference = transformers_greedy(model) if case.reference == "transformers" else eplb_off(model, str(d / "off.log"), 8272)
     cfg = d / "eplb.json"
     cfg.write_text(json.dumps({"window_size": 16, "step_interval": 24, "num_redundant_experts": case.redundant}))
     log = str(d / "serve.log")
     t0 = time.monotonic()
-    with Server(model, 8261, str(cfg), log_path=log) as s:
+    with Server(model, 8271, str(cfg), log_path=log) as s:
         started = time.monotonic() - t0
         load = Load(s, clients=4)
         load.start()
@@ -158,7 +158,7 @@ def test_places_the_moe_layers_only(served):
 def test_transformers_reference_is_eplb_off(case, tmp_path):
     """vLLM with EPLB off decodes the transformers reference's tokens for these checkpoints."""
     model = build(str(tmp_path / "model"), arch=case.arch)
-    assert eplb_off(model, str(tmp_path / "off.log"), 8263) == transformers_greedy(model)
+    assert eplb_off(model, str(tmp_path / "off.log"), 8273) == transformers_greedy(model)
 
 
 def test_refused_at_load_in_one_line(tmp_path):
@@ -169,7 +169,7 @@ def test_refused_at_load_in_one_line(tmp_path):
     model = build(str(tmp_path / "model"), arch="gpt_oss")
     cfg = tmp_path / "eplb.json"
     cfg.write_text(json.dumps({"window_size": 16, "step_interval": 24, "num_redundant_experts": 2}))
-    s = Server(model, 8264, str(cfg), log_path=str(tmp_path / "serve.log"))
+    s = Server(model, 8274, str(cfg), log_path=str(tmp_path / "serve.log"))
     with pytest.raises(RuntimeError, match="vllm serve exited with 2"):
         s.start()  # polls /health every second until the process exits
     s.stop()

@@ -8,7 +8,7 @@ classes that implement it, but pass neither `enable_eplb` nor `num_redundant_exp
 `FusedMoEFactory` and expose no interface (vLLM 0.32: Qwen2-MoE, OLMoE, GPT-OSS, ...).
 
 While vllm-eplb balances, the model loader's `initialize_model` goes through `build_model`
-(hook `moe_adapter`). For a class without the interface:
+(hook `model_builder`). For a class without the interface:
 
 1. During construction, `FusedMoEFactory`'s defaults are `enable_eplb=True` and
    `num_redundant_experts=N` (eplb.json), so each layer built without those arguments gets
