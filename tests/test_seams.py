@@ -46,7 +46,7 @@ def _tree_with(version: str, rel: str, old: str, new: str) -> seams.Tree:
          "moe_adapter: fused_moe/layer.py FusedMoEFactory no longer has enable_eplb=False"),
         ("vllm/model_executor/model_loader/base_loader.py", "        model = initialize_model(\n",
          "        model = utils.initialize_model(\n",
-         "hook model_builder: BaseModelLoader.create_model no longer calls initialize_model"),
+         "hook model_builder: BaseModelLoader no longer calls initialize_model"),
         ("vllm/config/parallel.py", "    enable_migration_batching: bool = False\n",
          "    enable_migration_batching: bool = False\n    max_moves: int = 0\n",
          "EPLBConfig: vLLM 0.33.0's field 'max_moves' is neither honoured nor refused"),

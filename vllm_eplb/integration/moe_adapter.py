@@ -67,7 +67,7 @@ def eplb_layer_defaults(num_redundant_experts: int):
     Model construction runs on one thread per process, so nothing else builds meanwhile."""
     from vllm.model_executor.layers.fused_moe import layer
 
-    fn = layer.FusedMoEFactory
+    fn = getattr(layer, "FusedMoEFactory", None) or layer.FusedMoE  # vLLM 0.26 names it FusedMoE
     old_pos, old_kw = fn.__defaults__, fn.__kwdefaults__
     want = {"enable_eplb": True, "num_redundant_experts": num_redundant_experts}
     code = fn.__code__

@@ -225,14 +225,15 @@ def check_moe_adapter(t: Tree) -> list[str]:
             for n in tree.body
         )
         need(imported, f"hook model_builder: {loader} no longer imports initialize_model from model_loader.utils")
-        create = _one(t, loader, "BaseModelLoader.create_model")
-        need(create is not None and any(
-            isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "initialize_model" for n in ast.walk(create)
-        ), "hook model_builder: BaseModelLoader.create_model no longer calls initialize_model by its module-global name")
+        base = _one(t, loader, "BaseModelLoader")  # from create_model (0.30+) or load_model (0.26)
+        need(base is not None and any(
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "initialize_model" for n in ast.walk(base)
+        ), "hook model_builder: BaseModelLoader no longer calls initialize_model by its module-global name")
     init = _one(t, "vllm/model_executor/model_loader/utils.py", "initialize_model")
     need(init is not None and {"model_class", "model_config"} <= set(_params(init)),
          "moe_adapter: model_loader.utils.initialize_model no longer takes model_class and model_config")
-    factory = _one(t, "vllm/model_executor/layers/fused_moe/layer.py", "FusedMoEFactory")
+    layer = "vllm/model_executor/layers/fused_moe/layer.py"
+    factory = _one(t, layer, "FusedMoEFactory") or _one(t, layer, "FusedMoE")  # 0.26 names it FusedMoE
     params = _params(factory) if isinstance(factory, ast.FunctionDef) else {}
     need(params.get("enable_eplb") == "False" and params.get("num_redundant_experts") == "0",
          "moe_adapter: fused_moe/layer.py FusedMoEFactory no longer has enable_eplb=False and num_redundant_experts=0")
