@@ -32,9 +32,11 @@ def refuse(arch: str, why: str, fix: str = DROP) -> ModelRefused:
     """The refusal to raise, its line left for the launcher (when one is waiting for it)."""
     exc = ModelRefused(arch, why, fix)
     path = os.environ.get(ENV_VAR)
-    if path:
-        with open(path, "w") as fh:
+    if path:  # every rank writes the same line; each replaces the file whole
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as fh:
             fh.write(str(exc))
+        os.replace(tmp, path)
     return exc
 
 
