@@ -144,6 +144,8 @@ def test_places_the_moe_layers_only(served):
     """Dense layers and shared experts are no FusedMoE routed experts: the placement holds
     the model's MoE layers and nothing else."""
     case, log = served["case"], served["log"]
+    for rank in (0, 1):
+        assert metric(served["final"], "vllm:eplb_moe_layers", rank=rank) == case.moe_layers
     m = re.search(r"vllm-eplb: EP rank 0/2, (\d+) MoE layers, 16 logical experts in (\d+) slots", log)
     assert m, log[-3000:]
     assert (int(m.group(1)), int(m.group(2))) == (case.moe_layers, 16 + case.redundant)
