@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import sys
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from vllm_eplb.integration.tiny_model import WORDS, build
-from vllm_eplb.integration.server import Server, metric, serve_cmd, vllm_bin
+from vllm_eplb.integration.tiny_model import build
+from vllm_eplb.integration.server import Load, Server, metric, serve_cmd, vllm_bin
 
 pytestmark = pytest.mark.vllm
 
@@ -39,33 +37,6 @@ LONG_STATES = {"idle", "collecting", "planning", "transferring"}  # last more th
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return build(str(tmp_path_factory.mktemp("tiny-moe")))
-
-
-class Load:
-    """Concurrent clients sending random prompts until stopped."""
-
-    def __init__(self, server: Server, clients: int = 8):
-        self.server, self.stop_flag, self.errors = server, threading.Event(), []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def _run(self, seed: int) -> None:
-        rng = random.Random(seed)
-        while not self.stop_flag.is_set():
-            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
-            try:
-                self.server.complete(prompt, max_tokens=rng.randint(8, 40))
-            except Exception as exc:  # recorded, asserted on
-                self.errors.append(exc)
-
-    def start(self) -> None:
-        for t in self.threads:
-            t.start()
-
-    def stop(self) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            if t.is_alive():
-                t.join(120)
 
 
 @pytest.fixture(scope="module")

@@ -41,11 +41,15 @@ def test_installed_release_passes_preflight_and_installs_everything(fresh):
 
     from vllm_eplb.integration.runner_state import VllmEplbState
 
+    import vllm.model_executor.model_loader.base_loader as base_loader
+
     assert hooks.install_all() is True
     assert v1.EplbState is VllmEplbState and v2.EplbState is VllmEplbState
     assert getattr(V2Runner._dummy_run, hooks._MARK, False)
+    assert getattr(base_loader.initialize_model, hooks._MARK, False)
     hooks.uninstall_all()
     assert v1.EplbState is not VllmEplbState and not getattr(V2Runner._dummy_run, hooks._MARK, False)
+    assert not getattr(base_loader.initialize_model, hooks._MARK, False)
 
 
 def test_unknown_release_is_one_line_and_nothing_installed(fresh, monkeypatch, caplog):

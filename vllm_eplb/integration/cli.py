@@ -53,13 +53,29 @@ def prepare_environment() -> None:
         d = tempfile.mkdtemp(prefix="vllm-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = d
         atexit.register(shutil.rmtree, d, True)
+    from . import refusal  # after the metrics directory: nothing imported here may come first
+
+    # this launcher reads what its own workers leave: a fresh file, whatever the parent set
+    d = tempfile.mkdtemp(prefix="vllm-eplb-")
+    os.environ[refusal.ENV_VAR] = os.path.join(d, "refusal")
+    atexit.register(shutil.rmtree, d, True)
 
 
 def main() -> None:
     prepare_environment()
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    sys.exit(vllm_main())
+    from . import refusal
+
+    try:
+        code = vllm_main()
+    except (Exception, SystemExit):
+        line = refusal.recorded()  # a worker refused the model while it loaded
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)
 
 
 def serve(argv: list[str]) -> int:

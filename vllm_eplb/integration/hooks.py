@@ -32,6 +32,8 @@ from vllm_eplb.kernels.replica_dispatch import gpu_router, torch_map_to_physical
 from pydantic import ValidationError
 
 from .config import UPSTREAM, EplbConfig, EplbConfigError, _format_error, load_eplb_config, publish, published
+from . import refusal
+from .refusal import refuse
 
 log = logging.getLogger("vllm.eplb")
 
@@ -270,12 +272,17 @@ def prepare_engine_args(engine_args) -> EplbConfig | None:
     return cfg
 
 
-def refuse(exc: EplbConfigError):
+def _under_vllm_cli() -> bool:
+    """Is this process vLLM's `vllm` command (its console script, `python -m`, or the launcher)?"""
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "vllm.entrypoints.cli.main" in sys.modules or getattr(main, "name", "") == "vllm.entrypoints.cli.main"
+
+
+def refuse_config(exc: EplbConfigError):
     """A config vllm-eplb cannot serve: under the `vllm` command, one line on stderr and exit
     status 2 (what argparse does for a bad --eplb-config), before any model loads; from the
     Python API (LLM(...), AsyncLLMEngine), the exception, for the caller to handle."""
-    main = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if "vllm.entrypoints.cli.main" in sys.modules or getattr(main, "name", "") == "vllm.entrypoints.cli.main":
+    if _under_vllm_cli():
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     raise exc
@@ -293,11 +300,13 @@ def hook_engine_config() -> None:
     def create_engine_config(self, *args, **kwargs):
         try:
             cfg = prepare_engine_args(self)
+            if cfg is not None and _under_vllm_cli():
+                refusal.report_at_exit()  # a model refused while it loads: its line comes last
             vllm_config = original(self, *args, **kwargs)
             if cfg is not None:
                 check_shapes(cfg, vllm_config)
         except EplbConfigError as exc:
-            refuse(exc)
+            refuse_config(exc)
         return vllm_config
 
     _replace(EngineArgs, "create_engine_config", create_engine_config)
@@ -355,9 +364,31 @@ def attach_eplb_state(runner) -> None:
         return
     runner._moe_model = get_mixture_of_experts_model(runner.model)
     if runner._moe_model is None:
-        return
+        # EPLB stays on in vLLM's config: the runner would step a state that was never
+        # built, on the first request. Models built by the loader were adapted or refused
+        # already (hook model_builder); this one came another way.
+        raise refuse(type(runner.model).__name__, "the model as loaded has no MoE layers vllm-eplb can balance")
     runner.eplb_state = VllmEplbState(runner.parallel_config, runner.device)
     runner.eplb_state.add_model(runner._moe_model, runner.model_config)
+
+
+def hook_model_builder() -> None:
+    """The model loader builds every model through moe_adapter.build_model (models without
+    vLLM's MixtureOfExperts interface get it, or are refused in one line)."""
+    import vllm.model_executor.model_loader.base_loader as base_loader
+
+    from .moe_adapter import build_model
+
+    if not _once(base_loader, "initialize_model"):
+        return
+    original = base_loader.initialize_model
+
+    @_mark
+    @functools.wraps(original)
+    def initialize_model(vllm_config, **kwargs):
+        return build_model(original, vllm_config, **kwargs)
+
+    _replace(base_loader, "initialize_model", initialize_model)
 
 
 def hook_cpu_runner() -> None:
@@ -448,6 +479,13 @@ def local_expert_ids(topk_weights, topk_ids, expert_map):
     return topk_weights.masked_fill(remote, 0.0), local.masked_fill(remote, 0).to(topk_ids.dtype)
 
 
+def drop_remote_tokens(output, topk_ids, expert_map) -> None:
+    """With the router weight applied on the input (top-1 only: Llama-4), the kernel does
+    not scale its output by topk_weights, so a zero weight does not silence an expert held
+    elsewhere: the rows of the tokens routed to one get no output on this rank."""
+    output.masked_fill_((expert_map[topk_ids.long()] < 0).any(dim=1, keepdim=True), 0.0)
+
+
 def hook_cpu_fused_moe() -> None:
     """CPUUnquantizedExperts.apply hands global expert ids to a kernel that indexes the
     rank's local weights with them (segfault under expert parallelism)."""
@@ -460,9 +498,12 @@ def hook_cpu_fused_moe() -> None:
     @_mark
     @functools.wraps(original)
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw):
-        if expert_map is not None:
-            topk_weights, topk_ids = local_expert_ids(topk_weights, topk_ids, expert_map)
-        return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw)
+        if expert_map is None:
+            return original(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts, expert_map, *rest, **kw)
+        weights, ids = local_expert_ids(topk_weights, topk_ids, expert_map)
+        original(self, output, hidden_states, w1, w2, weights, ids, activation, global_num_experts, expert_map, *rest, **kw)
+        if kw.get("apply_router_weight_on_input", rest[-1] if rest else False):
+            drop_remote_tokens(output, topk_ids, expert_map)
 
     _replace(CPUUnquantizedExperts, "apply", apply)
 
@@ -533,6 +574,12 @@ HOOKS: tuple[Hook, ...] = (
     Hook(
         "v2_dummy_runs", "vllm.v1.worker.gpu.model_runner:GPUModelRunner._dummy_run", (V2, "GPUModelRunner._dummy_run"), ALL,
         lambda: hook_dummy_runs_v2(), "V2 dummy passes tick but record no load",
+    ),
+    Hook(
+        "model_builder", "vllm.model_executor.model_loader.base_loader:initialize_model",
+        ("vllm/model_executor/model_loader/base_loader.py", "BaseModelLoader.create_model"), ALL,
+        lambda: hook_model_builder(),
+        "MoE models without vLLM's MixtureOfExperts interface get EPLB FusedMoE layers and the interface, or are refused",
     ),
     Hook(
         "cpu_runner", "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model",

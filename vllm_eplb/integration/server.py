@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -165,3 +167,34 @@ class Server:
 
     def metrics(self, prefix: str = "vllm:eplb_") -> dict[tuple, float]:
         return parse_metrics(http_get(self.url + "/metrics"), prefix)
+
+
+class Load:
+    """Concurrent clients sending random prompts of the tiny models' words until stopped;
+    every failed request is kept in `errors`."""
+
+    def __init__(self, server: Server, clients: int = 8):
+        self.server, self.stop_flag, self.errors, self.done = server, threading.Event(), [], 0
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, seed: int) -> None:
+        from .tiny_model import WORDS
+
+        rng = random.Random(seed)
+        while not self.stop_flag.is_set():
+            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+            try:
+                self.server.complete(prompt, max_tokens=rng.randint(8, 40))
+                self.done += 1
+            except Exception as exc:  # recorded, asserted on
+                self.errors.append(exc)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            if t.is_alive():
+                t.join(120)

@@ -1,9 +1,9 @@
-"""Build a small Qwen3-MoE checkpoint locally (no model hub): random weights, a
-router skewed so a few experts per layer are hot, a tokenizer built with
-`tokenizers`. Used as the default model of the README's serve command and by the
-end-to-end tests.
+"""Build small MoE checkpoints locally (no model hub): random weights, a router skewed so
+a few experts per layer are hot, a tokenizer built with `tokenizers`. The Qwen3-MoE one is
+the default model of the README's serve command and of the end-to-end tests; the others
+(ARCHITECTURES) make the architecture matrix (tests/test_e2e_architectures.py).
 
-    python -m vllm_eplb.integration.tiny_model OUT_DIR [--experts 16 --layers 4 --hot 3]
+    python -m vllm_eplb.integration.tiny_model OUT_DIR [--arch qwen3_moe] [--experts 16 --layers 4 --hot 3]
 
 How the skew is made: see `skew_routers` (the router rows of a few experts per layer
 are pulled towards the direction every token's hidden state shares).
@@ -50,8 +50,22 @@ def build_tokenizer(out_dir: str, vocab: int) -> None:
     fast.save_pretrained(out_dir)
 
 
+def moe_routers(layer, experts: int) -> list:
+    """(MoE block, router weight) of a decoder layer: the router is the child named gate or
+    router whose weight scores every expert; none in a dense layer."""
+    import torch
+
+    out = []
+    for name, mod in layer.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        w = getattr(mod, "weight", None)
+        if leaf in ("gate", "router") and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == experts:
+            out.append((layer.get_submodule(parent) if parent else layer, w))
+    return out
+
+
 def skew_routers(model, experts: int, hot: int, skew: float, vocab_size: int, seed: int, shared: float = 1.0) -> None:
-    """Make `hot` experts per layer receive most tokens.
+    """Make `hot` experts per MoE layer receive most tokens (dense layers are left alone).
 
     Layer by layer (each change moves the inputs of the layers after it), the MoE
     block's inputs are recorded on random token sequences; their mean direction u is
@@ -68,22 +82,83 @@ def skew_routers(model, experts: int, hot: int, skew: float, vocab_size: int, se
         emb.add_(v / v.norm() * emb.norm(dim=1, keepdim=True).mean() * shared)
     calib = torch.randint(4, vocab_size, (16, 24), generator=g)
     for layer in model.model.layers:
-        seen = []
-        handle = layer.mlp.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
-        with torch.no_grad():
-            model(calib)
-        handle.remove()
-        inputs = torch.cat(seen)
-        u = inputs.mean(dim=0)
-        u = u / u.norm()
-        # project the typical input on u so the pull is scaled to what tokens carry
-        reach = (inputs @ u).mean().abs().clamp(min=1e-3)
-        with torch.no_grad():
-            gate = layer.mlp.gate.weight  # (experts, hidden)
-            hot_ids = torch.randperm(max(hot, experts // 2), generator=g)[:hot]
-            logit_scale = (inputs @ gate.T).std()
-            for rank, e in enumerate(hot_ids.tolist()):
-                gate[e] += u * (skew * logit_scale / reach) / (rank + 1)
+        for block, gate in moe_routers(layer, experts):
+            seen = []
+            handle = block.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+            with torch.no_grad():
+                model(calib)
+            handle.remove()
+            inputs = torch.cat(seen)
+            u = inputs.mean(dim=0)
+            u = u / u.norm()
+            # project the typical input on u so the pull is scaled to what tokens carry
+            reach = (inputs @ u).mean().abs().clamp(min=1e-3)
+            with torch.no_grad():
+                hot_ids = torch.randperm(max(hot, experts // 2), generator=g)[:hot]
+                logit_scale = (inputs @ gate.T).std()
+                for rank, e in enumerate(hot_ids.tolist()):
+                    gate[e] += u * (skew * logit_scale / reach) / (rank + 1)
+
+
+def _qwen3_moe(hidden, experts, top_k, moe_intermediate):
+    return dict(
+        intermediate_size=hidden * 2, moe_intermediate_size=moe_intermediate, head_dim=hidden // 4,
+        num_experts=experts, num_local_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+        decoder_sparse_step=1,
+    )
+
+
+def _qwen2_moe(hidden, experts, top_k, moe_intermediate):
+    # a shared expert beside the routed ones; layer 1 is a dense MLP between MoE layers
+    return dict(
+        intermediate_size=hidden * 2, moe_intermediate_size=moe_intermediate, shared_expert_intermediate_size=hidden,
+        num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
+    )
+
+
+def _mixtral(hidden, experts, top_k, moe_intermediate):
+    return dict(intermediate_size=moe_intermediate, head_dim=hidden // 4, num_local_experts=experts, num_experts_per_tok=top_k)
+
+
+def _olmoe(hidden, experts, top_k, moe_intermediate):
+    return dict(intermediate_size=moe_intermediate, num_experts=experts, num_experts_per_tok=top_k)
+
+
+def _deepseek_v2(hidden, experts, top_k, moe_intermediate):
+    # MLA with the latent size vLLM's CPU MLA kernel is built for (kv_lora_rank 512 + rope 64),
+    # a shared expert, layer 0 dense
+    return dict(
+        intermediate_size=hidden * 2, moe_intermediate_size=moe_intermediate, n_routed_experts=experts,
+        n_shared_experts=1, num_experts_per_tok=top_k, first_k_dense_replace=1, moe_layer_freq=1,
+        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
+        num_key_value_heads=4, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+    )
+
+
+def _gpt_oss(hidden, experts, top_k, moe_intermediate):
+    return dict(intermediate_size=moe_intermediate, head_dim=hidden // 4, num_local_experts=experts, num_experts_per_tok=top_k)
+
+
+def _llama4(hidden, experts, top_k, moe_intermediate):
+    # every second layer MoE (with a shared expert), the others dense; top-1 routing, the
+    # only one vLLM's Llama-4 (router weight applied on the input) runs
+    return dict(
+        intermediate_size=moe_intermediate, intermediate_size_mlp=hidden * 2, head_dim=hidden // 4,
+        num_local_experts=experts, num_experts_per_tok=1, interleave_moe_layer_step=2,
+    )
+
+
+# name -> (transformers config class, model class, the config's own keys)
+ARCHITECTURES = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", _qwen3_moe),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", _qwen2_moe),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", _mixtral),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", _olmoe),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", _deepseek_v2),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", _gpt_oss),
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", _llama4),
+}
 
 
 def build(
@@ -97,29 +172,23 @@ def build(
     skew: float = 3.0,
     vocab: int = 512,
     seed: int = 0,
+    arch: str = "qwen3_moe",
 ) -> str:
     import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    import transformers
 
+    config_class, model_class, arch_keys = ARCHITECTURES[arch]
     os.makedirs(out_dir, exist_ok=True)
     build_tokenizer(out_dir, vocab)
     with open(os.path.join(out_dir, "tokenizer_config.json")) as fh:
         vocab_size = max(vocab, len(json.load(fh).get("added_tokens_decoder", {})))
     torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(
+    keys = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        moe_intermediate_size=moe_intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=hidden // 4,
-        num_experts=experts,
-        num_local_experts=experts,
-        num_experts_per_tok=top_k,
-        norm_topk_prob=True,
-        decoder_sparse_step=1,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
         bos_token_id=1,
@@ -130,16 +199,18 @@ def build(
         # to one repeated token, which would make output comparisons weak.
         initializer_range=0.3,
     )
-    model = Qwen3MoeForCausalLM(cfg).to(torch.float32)
+    keys.update(arch_keys(hidden, experts, top_k, moe_intermediate))
+    cfg = getattr(transformers, config_class)(**keys)
+    model = getattr(transformers, model_class)(cfg).to(torch.float32)
     skew_routers(model, experts, hot, skew, vocab_size, seed)
-    model.config.architectures = ["Qwen3MoeForCausalLM"]
+    model.config.architectures = [model_class]
     model.save_pretrained(out_dir, safe_serialization=True)
-    # transformers 5 writes num_local_experts; vLLM reads num_experts: keep both.
+    # transformers 5 may drop keys it renamed (num_experts for num_local_experts); vLLM
+    # reads the model's own names: write them back as given.
     path = os.path.join(out_dir, "config.json")
     with open(path) as fh:
         conf = json.load(fh)
-    conf["num_experts"] = experts
-    conf["num_local_experts"] = experts
+    conf.update({k: v for k, v in arch_keys(hidden, experts, top_k, moe_intermediate).items() if k not in conf})
     with open(path, "w") as fh:
         json.dump(conf, fh, indent=2)
     return out_dir
@@ -148,6 +219,7 @@ def build(
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
+    ap.add_argument("--arch", choices=sorted(ARCHITECTURES), default="qwen3_moe")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=2)
@@ -156,7 +228,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skew", type=float, default=3.0, help="router pull towards the hot experts")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    build(a.out_dir, a.layers, a.experts, a.top_k, a.hidden, hot=a.hot, skew=a.skew, seed=a.seed)
+    build(a.out_dir, a.layers, a.experts, a.top_k, a.hidden, hot=a.hot, skew=a.skew, seed=a.seed, arch=a.arch)
     print(a.out_dir)
 
 

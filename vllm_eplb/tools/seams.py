@@ -11,7 +11,9 @@ the plugin is known to fit, or the exact missing seam is named. Checked:
   `EplbState(...)` through the module global the hook replaces, the V1 dummy pass calls
   `eplb_step`, the V2 one is decorated with `step_eplb_after(is_dummy=True)`, argparse's
   --eplb-config comes from `get_kwargs(ParallelConfig)`, the platform gate asks
-  `current_platform.is_cuda_alike()`);
+  `current_platform.is_cuda_alike()`; the model loader builds models through the module
+  global `initialize_model`, `FusedMoEFactory` takes `enable_eplb` and `num_redundant_experts`
+  with their defaults, `MoERunner` has what moe_adapter reads);
 - the EplbState API: every method the runners and speculators call on their EPLB state
   exists on VllmEplbState and accepts the arguments given there, every attribute read exists;
 - the router: `eplb_map_to_physical_and_record` is a module global of base_router called by
@@ -200,6 +202,58 @@ def check_hook_assumptions(t: Tree) -> list[str]:
             "step_eplb_after(is_dummy=True)" in decorators,
             "hook v2_dummy_runs: GPUModelRunner._dummy_run (V2) is no longer decorated with step_eplb_after(is_dummy=True)",
         )
+    problems += check_moe_adapter(t)
+    return problems
+
+
+def _params(fn) -> dict[str, str | None]:
+    """name -> default's source (None: no default) of a function definition."""
+    args = fn.args
+    positional = args.posonlyargs + args.args
+    defaults = [None] * (len(positional) - len(args.defaults)) + [ast.unparse(d) for d in args.defaults]
+    out = {a.arg: d for a, d in zip(positional, defaults)}
+    out.update({a.arg: (ast.unparse(d) if d is not None else None) for a, d in zip(args.kwonlyargs, args.kw_defaults)})
+    return out
+
+
+def check_moe_adapter(t: Tree) -> list[str]:
+    """What the model_builder hook and moe_adapter rely on (a change would adapt no model)."""
+    problems = []
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            problems.append(what)
+
+    loader = "vllm/model_executor/model_loader/base_loader.py"
+    tree = t.module(loader)
+    if tree is not None:
+        imported = any(
+            isinstance(n, ast.ImportFrom) and n.module == "vllm.model_executor.model_loader.utils"
+            and any(a.name == "initialize_model" and a.asname is None for a in n.names)
+            for n in tree.body
+        )
+        need(imported, f"hook model_builder: {loader} no longer imports initialize_model from model_loader.utils")
+        base = _one(t, loader, "BaseModelLoader")  # from create_model (0.30+) or load_model (0.26)
+        need(base is not None and any(
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "initialize_model" for n in ast.walk(base)
+        ), "hook model_builder: BaseModelLoader no longer calls initialize_model by its module-global name")
+    init = _one(t, "vllm/model_executor/model_loader/utils.py", "initialize_model")
+    need(init is not None and {"model_class", "model_config"} <= set(_params(init)),
+         "moe_adapter: model_loader.utils.initialize_model no longer takes model_class and model_config")
+    layer = "vllm/model_executor/layers/fused_moe/layer.py"
+    factory = _one(t, layer, "FusedMoEFactory") or _one(t, layer, "FusedMoE")  # 0.26 names it FusedMoE
+    params = _params(factory) if isinstance(factory, ast.FunctionDef) else {}
+    need(params.get("enable_eplb") == "False" and params.get("num_redundant_experts") == "0",
+         "moe_adapter: fused_moe/layer.py FusedMoEFactory no longer has enable_eplb=False and num_redundant_experts=0")
+    runner = "vllm/model_executor/layers/fused_moe/runner/moe_runner.py"
+    for member in ("get_expert_weights", "eplb_state", "set_eplb_state"):
+        need(bool(find(t.module(runner), f"MoERunner.{member}")), f"moe_adapter: {runner} MoERunner has no {member}")
+    need(bool(find(t.module("vllm/model_executor/models/interfaces.py"), "MixtureOfExperts.set_eplb_state")),
+         "moe_adapter: MixtureOfExperts has no set_eplb_state to give an adapted model")
+    apply = _one(t, "vllm/model_executor/layers/fused_moe/experts/cpu_moe.py", "CPUUnquantizedExperts.apply")
+    if apply is not None:
+        need(list(_params(apply))[-1] == "apply_router_weight_on_input",
+             "hook cpu_fused_moe: CPUUnquantizedExperts.apply no longer ends with apply_router_weight_on_input")
     return problems
 
 

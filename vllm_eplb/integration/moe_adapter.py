@@ -1,0 +1,210 @@
+"""MoE models whose class lacks vLLM's `MixtureOfExperts` interface, balanced anyway.
+
+vLLM's runners (CPU, V1 GPU, V2 GPU) balance a model only if
+`get_mixture_of_experts_model(model)` finds the interface: the MoE layers in order, the
+expert counts, `set_eplb_state` (maps and load view in, expert weights out). Many model
+classes build their routed experts as the same FusedMoE layers (`MoERunner`) as the
+classes that implement it, but pass neither `enable_eplb` nor `num_redundant_experts` to
+`FusedMoEFactory` and expose no interface (vLLM 0.32: Qwen2-MoE, OLMoE, GPT-OSS, ...).
+
+While vllm-eplb balances, the model loader's `initialize_model` goes through `build_model`
+(hook `model_builder`). For a class without the interface:
+
+1. During construction, `FusedMoEFactory`'s defaults are `enable_eplb=True` and
+   `num_redundant_experts=N` (eplb.json), so each layer built without those arguments gets
+   what a layer of an interface model gets: its EPLB layer state (the router maps ids and
+   records load through it), the redundant slots, the expert map over them. Arguments a
+   model passes are its own and kept.
+2. After construction, the model gets the interface: `moe_layers` (every `MoERunner` in
+   module order), the counts, and the interface's own `set_eplb_state`, which collects
+   each layer's expert weights once they are loaded and processed. Every runner then finds
+   it through `get_mixture_of_experts_model`, the seam it already uses: nothing else of a
+   runner changes.
+3. Around weight loading, with redundant slots, for every MoE model (with the interface or
+   adapted): every expert slot is filled with NaN first and checked after; a loader that
+   fails on the redundant slots' shape, or leaves them unfilled (one written for the
+   logical experts only), refuses the model instead of serving garbage from them.
+
+Only routed experts are in `moe_layers`: a shared expert is a submodule of the runner
+outside its routed experts (not among `get_expert_weights()`), a dense MLP is no runner,
+so dense layers interleaved with MoE layers and shared experts stay where they are.
+
+Whatever cannot be balanced is refused in one line naming the architecture, what is
+missing and how to proceed (`refusal.refuse`), on every rank alike, while the model loads:
+before the server reports healthy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+
+import torch
+
+from .config import published
+from .refusal import refuse
+
+log = logging.getLogger("vllm.eplb")
+
+
+def has_interface(model_class: type) -> bool:
+    """The class implements MixtureOfExperts itself (vLLM's own EPLB path)."""
+    from vllm.model_executor.models.interfaces import MixtureOfExperts
+
+    return MixtureOfExperts in model_class.__mro__
+
+
+def _is_multimodal(model_class: type) -> bool:
+    from vllm.model_executor.models.interfaces import SupportsMultiModal
+
+    return SupportsMultiModal in model_class.__mro__
+
+
+@contextlib.contextmanager
+def eplb_layer_defaults(num_redundant_experts: int):
+    """FusedMoEFactory builds EPLB layers unless told otherwise, for the block's duration.
+    Model construction runs on one thread per process, so nothing else builds meanwhile."""
+    from vllm.model_executor.layers.fused_moe import layer
+
+    fn = getattr(layer, "FusedMoEFactory", None) or layer.FusedMoE  # vLLM 0.26 names it FusedMoE
+    old_pos, old_kw = fn.__defaults__, fn.__kwdefaults__
+    want = {"enable_eplb": True, "num_redundant_experts": num_redundant_experts}
+    code = fn.__code__
+    positional = code.co_varnames[: code.co_argcount]
+    first_default = len(positional) - len(old_pos or ())
+    pos, kw = list(old_pos or ()), dict(old_kw or {})
+    for name, value in want.items():
+        if name in kw:
+            kw[name] = value
+        else:
+            pos[positional.index(name) - first_default] = value  # ValueError if the factory lost it
+    fn.__defaults__, fn.__kwdefaults__ = tuple(pos) or None, kw or None
+    try:
+        yield
+    finally:
+        fn.__defaults__, fn.__kwdefaults__ = old_pos, old_kw
+
+
+def build_model(initialize_model, vllm_config, **kwargs):
+    """`initialize_model` as the model loader calls it, while vllm-eplb balances: a model
+    without the interface is adapted; every model with redundant slots has its weight
+    loading checked; a model that cannot be balanced is refused."""
+    cfg = published()
+    if cfg is None or not vllm_config.parallel_config.enable_eplb:
+        return initialize_model(vllm_config, **kwargs)
+    from vllm.model_executor.model_loader.utils import get_model_architecture
+    from vllm.model_executor.models.interfaces import get_mixture_of_experts_model
+
+    model_config = kwargs.get("model_config") or vllm_config.model_config
+    if kwargs.get("model_class") is None:
+        kwargs["model_class"] = get_model_architecture(model_config)[0]
+    cls = kwargs["model_class"]
+    arch = cls.__name__
+    if has_interface(cls) or _is_multimodal(cls):
+        # vLLM's own path (a multimodal model's language model may have the interface)
+        model = initialize_model(vllm_config, **kwargs)
+        moe = get_mixture_of_experts_model(model)
+        if moe is None:
+            raise refuse(arch, "its MoE layers are not reachable through vLLM's MixtureOfExperts interface "
+                               "(a multimodal model whose language model lacks it, or no MoE layer built)")
+    else:
+        try:
+            with eplb_layer_defaults(cfg.num_redundant_experts):
+                model = initialize_model(vllm_config, **kwargs)
+        except (AssertionError, NotImplementedError, ValueError) as exc:
+            # e.g. a layer built with enable_eplb=False given explicitly, a quantization
+            # method without EPLB support: what vLLM raised goes with it (the exception chain)
+            raise refuse(arch, f"its MoE layers cannot be built with EPLB ({type(exc).__name__}: {exc})") from exc
+        moe = adapt(model, arch)
+    if moe.num_physical_experts > moe.num_logical_experts:
+        _check_slots_loaded(model, arch, list(moe.moe_layers))
+    return model
+
+
+def _moe_runners(model) -> list:
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoERunner)]
+
+
+def adapt(model, arch: str):
+    """Give `model` the MixtureOfExperts interface over its FusedMoE layers (and return it),
+    or refuse it."""
+    from vllm.model_executor.models.interfaces import MixtureOfExperts
+
+    runners = _moe_runners(model)
+    if not runners:
+        raise refuse(arch, "its experts are not vLLM FusedMoE layers, the only ones vllm-eplb can move")
+    off = [name for name, r in runners if r.eplb_state is None]
+    if off:
+        raise refuse(arch, f"{len(off)} of its {len(runners)} FusedMoE layers ({off[0]}, ...) route without EPLB "
+                                 "(the model builds them with enable_eplb=False or its own router)")
+    shapes = {(r.moe_config.num_experts, r.moe_config.num_logical_experts, r.moe_config.num_local_experts) for _, r in runners}
+    if len(shapes) > 1:
+        raise refuse(arch, f"its MoE layers differ in expert counts {sorted(shapes)}: one placement shape is balanced")
+    fused = {r.routed_experts.expert_map_manager.num_fused_shared_experts for _, r in runners}
+    if fused != {0}:
+        raise refuse(arch, "its shared experts are fused into the routed experts' slots")
+    (physical, logical, local), = shapes
+    layers = [r for _, r in runners]
+    model.moe_layers = layers
+    model.num_moe_layers = len(layers)
+    model.num_expert_groups = 1
+    model.num_logical_experts = model.num_routed_experts = logical
+    model.num_physical_experts = physical
+    model.num_local_physical_experts = local
+    model.num_redundant_experts = physical - logical
+    model.num_shared_experts = 0
+    model.expert_weights = []
+    model.set_eplb_state = types.MethodType(MixtureOfExperts.set_eplb_state, model)
+    model.update_physical_experts_metadata = types.MethodType(_no_elastic_ep, model)
+    log.info(
+        "vllm-eplb: %s lacks vLLM's MixtureOfExperts interface: balancing its %d FusedMoE layers "
+        "(%d logical experts in %d slots) through vllm-eplb's adapter",
+        arch, len(layers), logical, physical,
+    )
+    return model
+
+
+def _no_elastic_ep(self, num_physical_experts: int, num_local_physical_experts: int) -> None:
+    raise NotImplementedError("vllm-eplb does not support elastic expert parallelism")
+
+
+def _check_slots_loaded(model, arch: str, layers: list) -> None:
+    """Wrap the model's load_weights: NaN in every expert slot before, none left after.
+    A loader written for the logical experts only either leaves the redundant slots
+    unfilled or fails on their shape; both refuse the model on every rank alike, with the
+    same line (what each rank found is gathered over the expert-parallel group, so a rank
+    whose own slots were all filled refuses with the others instead of waiting for them)."""
+    original = model.load_weights
+
+    def load_weights(weights, *args, **kwargs):
+        from vllm.distributed.parallel_state import get_ep_group
+
+        tensors = [[w for w in r.get_expert_weights() if w.is_floating_point()] for r in layers]
+        for ws in tensors:
+            for w in ws:
+                w.fill_(float("nan"))
+        loaded, failure = None, None
+        try:
+            loaded = original(weights, *args, **kwargs)
+            unfilled = sum(int(torch.stack([w.isnan().any(dim=1) for w in ws]).any(dim=0).sum()) for ws in tensors if ws)
+        except (RuntimeError, ValueError, IndexError, AssertionError) as exc:  # a shape the loader did not expect
+            failure, unfilled = exc, 0
+        group = get_ep_group()
+        found: list = [None] * group.world_size
+        torch.distributed.all_gather_object(
+            found, (unfilled, f"{type(failure).__name__}: {failure}" if failure else None), group=group.cpu_group
+        )
+        unfilled = sum(n for n, _ in found)
+        causes = [c for _, c in found if c]
+        fix = 'set "num_redundant_experts": 0 in --eplb-config, or serve it without --eplb-config'
+        if causes:  # the same line on every rank: the first rank's failure
+            raise refuse(arch, f"its weight loader fails with redundant expert slots ({causes[0]})", fix) from failure
+        if unfilled:
+            slots = layers[0].moe_config.num_experts * len(layers)
+            raise refuse(arch, f"its weight loader left {unfilled} of {slots} expert slots unfilled (it loads no redundant experts)", fix)
+        return loaded
+
+    model.load_weights = load_weights
