@@ -23,7 +23,7 @@ import functools
 import importlib
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from vllm_eplb.compat.versions import KNOWN, base_version, releases_for
@@ -53,6 +53,11 @@ class Hook:
     when: Callable[[], bool] = lambda: True  # applies to this process (platform, ...)
     applied_by: str = ""
     platform: str = "any"  # "cpu": only CPU servers need it, so only CPU releases declare it
+    changes_in: dict[str, tuple[str, str]] = field(default_factory=dict)  # release -> its own `changes`
+
+    def changes_for(self, version: str) -> tuple[str, str] | None:
+        """The vLLM definition this hook changes in that release."""
+        return self.changes_in.get(version, self.changes)
 
     def required_for(self, platforms: tuple[str, ...]) -> bool:
         """Must a release declared for these platforms declare this hook?"""
@@ -580,6 +585,8 @@ HOOKS: tuple[Hook, ...] = (
         ("vllm/model_executor/model_loader/base_loader.py", "BaseModelLoader.create_model"), ALL,
         lambda: hook_model_builder(),
         "MoE models without vLLM's MixtureOfExperts interface get EPLB FusedMoE layers and the interface, or are refused",
+        # 0.26.0 calls initialize_model from load_model (create_model came later)
+        changes_in={"0.26.0": ("vllm/model_executor/model_loader/base_loader.py", "BaseModelLoader.load_model")},
     ),
     Hook(
         "cpu_runner", "vllm.v1.worker.cpu_model_runner:CPUModelRunner.load_model",

@@ -147,8 +147,8 @@ def check_hooks(t: Tree) -> list[str]:
                 continue
             if not find(t.module(rel), qualname):
                 problems.append(f"hook {h.name}: {rel} has no {qualname}")
-        if h.changes:
-            rel, qn = h.changes
+        if h.changes_for(t.version):
+            rel, qn = h.changes_for(t.version)
             if not find(t.module(rel), qn):
                 problems.append(f"hook {h.name}: {rel} has no {qn} (the definition it changes)")
     return problems + check_hook_assumptions(t)
