@@ -23,6 +23,17 @@ ends the cycle when it reads that round, at the same pass, with the same reason
 all (timeout, broken group) or rounds posted on different schedules end
 rebalancing on a rank without a vote.
 
+Weight updates. A server that gets new weights (an RL trainer's push, a reload) has
+them written between two forward passes, on every rank of the expert-parallel group
+between the same two (one engine's workers take every call in one order; several
+engines must pause generation around the update). `weights_changed()` says so. A
+cycle in flight when it comes ends: from then on it commits nothing, since what its
+steps staged was read before the update, and its next vote carries WEIGHT_UPDATE, so
+it ends on every rank at the same pass; the next cycle moves the new weights. Every
+vote carries the count of updates each rank applied: counts that differ mean ranks
+applied an update at different passes (a step may have been committed on some ranks
+only), and rebalancing stops on every rank.
+
 Pass timeline of one cycle (L = agreement lag, W = window, all relative):
   c            idle -> collecting                    window opened
   c+W          -> planning_reducing                  window closed, copy to host started
@@ -87,6 +98,7 @@ class Fault(enum.IntEnum):
     PLANNING_TIMEOUT = 5
     TRANSFER_ERROR = 6
     OUT_OF_MEMORY = 7
+    WEIGHT_UPDATE = 8  # new weights written: what the cycle staged is stale
     PLANNER_DEAD = 20  # died more often than planner_max_restarts
     TRANSFER_GROUP_BROKEN = 21  # a step's messages were left pending on the transfer group
 
@@ -149,6 +161,7 @@ class Cycle:
     next_seq: int = 0
     start_failed: bool = False  # a step failed to start on this rank
     votes: list[Round] = field(default_factory=list)  # commit votes in flight, in posting order
+    weights_changed: bool = False  # a weight update came: nothing of this cycle commits any more
 
 
 @dataclass
@@ -214,6 +227,7 @@ class Balancer:
         self._skewed = False  # a tick anomaly not yet reported in a vote
         self._aborted_steps: list[InFlightStep] = []  # their messages may still be pending
         self._transfer_group_broken = False
+        self._weights_pass = -1  # the pass clock when the last weight update came
 
         # The first window ends at step_interval, as upstream's first rearrangement does.
         self.next_cycle_at = max(1, config.step_interval - config.window_size)
@@ -265,6 +279,20 @@ class Balancer:
     def report_fault(self, reason: str, exc: BaseException) -> None:
         """A failure outside tick() (metrics, hooks): it ends the cycle through the next vote."""
         self._fault(Fault.METRICS_ERROR if reason == "metrics_error" else Fault.INTERNAL_ERROR, exc)
+
+    def weights_changed(self) -> None:
+        """New weights are being written into the expert slots (a weight update), between
+        two forward passes. Called by every rank at the same point of its pass sequence,
+        as often as the update's writes like: one pass counts one update."""
+        now = self._clock() if self._clock is not None else self.pass_no
+        if now != self._weights_pass:
+            self._weights_pass = now
+            self.stats.weight_updates += 1
+        c = self.cycle
+        if c is None or self.phase == "idle" or c.weights_changed:
+            return  # idle: the next cycle reads the new weights, nothing more to do
+        c.weights_changed = True
+        self._fault(Fault.WEIGHT_UPDATE, None)
 
     def shutdown(self) -> None:
         self.planner.shutdown()
@@ -535,7 +563,9 @@ class Balancer:
                 raise PassMismatch(f"commit vote posted at pass {r.posted_at} names other steps on other ranks")
             first = v.first_seq[0]
             ready = {first + i for i in range(MAX_IN_FLIGHT) if getattr(v, f"ready{i}")}
-            done = [s for s in c.inflight if s.seq in ready]
+            # after a weight update nothing commits: the steps' data predates it, and the
+            # vote posted since carries the fault that ends the cycle
+            done = [] if c.weights_changed else [s for s in c.inflight if s.seq in ready]
             if done:
                 for step in done:
                     try:
@@ -634,7 +664,7 @@ class Balancer:
         self.cycle.round = self._post_vote(layout, p, **values)
 
     def _post_vote(self, layout: VoteLayout, p: int, **values) -> Round:
-        values.update(fault=self._take_fault(), skew=self._skewed)
+        values.update(fault=self._take_fault(), skew=self._skewed, weights=self.stats.weight_updates)
         self._skewed = False
         return self.agreement.vote(layout, values, p)
 
@@ -646,6 +676,14 @@ class Balancer:
             raise PassMismatch(f"round posted at pass {r.posted_at} on this rank was posted at another pass elsewhere")
         if v.skew:
             self._report_skew(p)
+        if not v.weights[1]:
+            log.error(
+                "EPLB rank %d pass %d: ranks applied a weight update at different forward passes (%d here); a step "
+                "may have been committed on some ranks only. Pause generation on every engine around weight updates",
+                self.comm.rank, p, self.stats.weight_updates,
+            )
+            self._disable("weight_update_skew", None, detail=f"{self.stats.weight_updates} updates on rank {self.comm.rank}")
+            return None
         if v.fault:
             self._end_on_fault(v.fault)
             return None

@@ -50,6 +50,9 @@ class Faults:
     metrics_error: tuple[int, str] | None = None  # (rank, phase): the metrics exporter raises then
     raise_at: tuple[int, str, int, str, int] | None = None  # (rank, RAISE_POINTS key, cycle, "error" | "oom", nth call)
     late_round: tuple[int, int, float] | None = None  # (rank, n, seconds): this rank posts its n-th round late
+    # (ranks, phase, rewrite, k): new weights on those ranks after their (k+1)-th pass in that
+    # phase of cycle 1, written into the slots of the placement in force (rewrite) or only announced
+    weight_update: tuple[tuple[int, ...], str, bool, int] | None = None
 
 
 class PhaseTrigger:
@@ -66,6 +69,24 @@ class PhaseTrigger:
             self.fired_at = balancer.pass_no
             return True
         return False
+
+
+class WeightUpdateTrigger(PhaseTrigger):
+    """Fires for weight_update faults on each of their ranks (every rank alike, or some only),
+    after k passes in the phase: with k >= 1 in transferring, commit votes posted before the
+    update name steps ready."""
+
+    def __init__(self, spec, rank: int):
+        super().__init__((rank, spec[1]) if spec is not None and rank in spec[0] else None, rank)
+        self.rewrite, self.wait = (bool(spec[2]), spec[3]) if spec is not None else (False, 0)
+
+    def fires(self, balancer: Balancer) -> bool:
+        if self.phase is None or self.fired_at is not None:
+            return False
+        if balancer.phase == self.phase and balancer.stats.cycles_started <= 1 and self.wait > 0:
+            self.wait -= 1
+            return False
+        return super().fires(balancer)
 
 
 class TickSchedule:

@@ -21,6 +21,7 @@ from .faults import Faults
 from .runner import HarnessConfig, run_scenarios
 
 FAULTY = 1  # the rank every fault hits
+EVERY = tuple(range(8))  # a weight update hits every rank (of up to 8)
 BASE = dict(window_size=20, step_interval=60, agreement_lag=2, agreement_timeout_s=3.0, planner="process")
 WAIT_MARGIN_S = 2.0  # scheduling noise on a loaded 2-core box, on top of agreement_timeout_s
 
@@ -87,6 +88,21 @@ SCENARIOS = [
         "disables", "agreement_timeout", passes=100,
     ),
     Scenario("metrics exporter raises", "planning_waiting", Faults(metrics_error=(FAULTY, "planning_waiting")), "aborts", "metrics_error"),
+    # new weights written into the slots (an RL trainer's update), on every rank between the same two passes
+    Scenario("weight update while idle", "idle", Faults(weight_update=(EVERY, "idle", True, 0)), "completes"),
+    Scenario(
+        "weight update while planning", "planning_waiting", Faults(weight_update=(EVERY, "planning_waiting", True, 0)),
+        "aborts", "weight_update",
+    ),
+    # a pass into transferring: commit votes posted before the update name steps ready; none may land
+    Scenario(
+        "weight update while transferring", "transferring", Faults(weight_update=(EVERY, "transferring", True, 1)),
+        "aborts", "weight_update",
+    ),
+    Scenario(
+        "weight update on one rank only", "planning_waiting",
+        Faults(weight_update=((FAULTY,), "planning_waiting", False, 0)), "disables", "weight_update_skew",
+    ),
 ]
 
 
