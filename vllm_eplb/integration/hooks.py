@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from vllm_eplb.compat.versions import KNOWN, base_version
+from vllm_eplb.core.pass_clock import advance_if_first_layer
 
 from pydantic import ValidationError
 
@@ -426,6 +427,7 @@ def torch_map_to_physical_and_record(
     logical -> physical expert ids, the replica picked by a hash of the token index, and
     one count per (token, expert) into expert_load_view for unpadded tokens.
     Few ops on purpose: on CPU each costs a microsecond or more, per MoE layer, per pass."""
+    advance_if_first_layer(expert_load_view)  # the pass clock's count of MoE-layer passes
     tokens, k = topk_ids.shape
     hashed, ones = _RouterConstants.get(tokens, k, topk_ids.device, expert_load_view.dtype)
     ids = topk_ids.long()

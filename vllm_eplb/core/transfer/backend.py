@@ -24,19 +24,20 @@ class TransferError(RuntimeError):
 class LayerJob:
     plan: LayerPlan
     weights: list[torch.Tensor]  # this rank's expert tensors of the layer, each (local slots, ...)
-    # Message tag of the job's first weight tensor (the i-th travels with tag + i). Unique
-    # across the steps in flight, so a step one rank never posted (it failed to start)
-    # leaves its peers' messages pending instead of pairing them with a later step's:
-    # gloo aborts the process on a size mismatch.
+    # Message tag of the job's first weight tensor (the i-th travels with tag + i): the step
+    # and the layer. Unique across the steps in flight, so a step one rank never posted (it
+    # failed to start) leaves its peers' messages pending instead of pairing them with a later
+    # step's, and a step two ranks hold as different layers pairs nothing: gloo aborts the
+    # process on a size mismatch.
     tag: int = 0
 
 
 TAG_WEIGHTS = 16  # weight tensors a job may have (tags per job)
-TAG_JOBS = 64  # jobs (layers) a step may have
+TAG_LAYERS = 1024  # layers told apart by the tags (a model with more would reuse them modulo this)
 
 
-def job_tag(step_seq: int, job_index: int) -> int:
-    return ((step_seq % 32768) * TAG_JOBS + job_index) * TAG_WEIGHTS
+def job_tag(step_seq: int, layer: int) -> int:
+    return ((step_seq % 32768) * TAG_LAYERS + layer % TAG_LAYERS) * TAG_WEIGHTS
 
 
 class TransferHandle(ABC):
