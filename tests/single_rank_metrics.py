@@ -4,6 +4,8 @@ for the failure paths a healthy server never takes.
 
     python tests/single_rank_metrics.py disable   # a bug in a state's tick: the balancer stops itself
     python tests/single_rank_metrics.py stall     # every plan fails: cycles abort, windows pile up
+    python tests/single_rank_metrics.py mismatch  # two ranks, rank 1 with another layers_per_pass:
+                                                  # refused at start-up (both ranks' /metrics text)
 """
 
 import logging
@@ -67,5 +69,30 @@ def main(mode: str, passes: int = 130) -> None:
     b.shutdown()
 
 
+def mismatch_rank(rank: int, world: int) -> str:
+    """One of two ranks whose configs differ (layers_per_pass on rank 1): the /metrics text
+    its BalancerMetrics produce once the balancer is built, as the integration updates them."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    cfg = BalancerConfig(window_size=10, step_interval=20, planner="thread", layers_per_pass=1 + rank)
+    topo = Topology(world, 16, 16)
+    model = ToyMoE(topo, 4, 16, 2, rank, 0, 16)
+    group = new_gloo_group(list(range(world)), cfg.agreement_timeout_s)
+    comm = Comm(rank, world, group, GlooBackend(new_gloo_group(list(range(world)), 30)))
+    layout = MoELayout(topo, 4, model.pass_load, model.maps, model.weights_of)
+    b = Balancer(cfg, layout, comm, get_policy("greedy"), clock=PassClock(RunnerCount(), model.pass_counter))
+    m = metrics.BalancerMetrics(rank)
+    m.update(b)
+    reg = CollectorRegistry()
+    for family in vars(metrics._families).values():
+        reg.register(family)
+    b.shutdown()
+    return generate_latest(reg).decode()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "mismatch":
+        from vllm_eplb.harness.launcher import launch
+
+        sys.stdout.write("".join(launch(mismatch_rank, 2, (), 120)))
+    else:
+        main(sys.argv[1])

@@ -78,7 +78,7 @@ from .records import PlacementRecord, save
 from .state_machine import attach_machine, top_state
 from .stats import BalancerStats, TransitionRecord
 from .transfer import InFlightStep, TransferBackend, TransferEngine, TransferError, plan_layer
-from .transfer.backend import padded
+from .transfer.backend import DeferredBackend, NoBackend, padded
 
 # A child of vLLM's logger: inside vLLM the lines go through its handlers and format.
 log = logging.getLogger("vllm.eplb")
@@ -140,7 +140,7 @@ class Comm:
     rank: int  # rank inside the expert-parallel group
     world_size: int
     agreement_group: Any  # gloo group (None when world_size == 1)
-    backend: TransferBackend
+    backend: TransferBackend | DeferredBackend  # deferred: built once the start-up check passed
 
 
 class ProtocolMismatch(RuntimeError):
@@ -232,7 +232,6 @@ class Balancer:
             max_restarts=config.planner_max_restarts,
         )
         self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag, config.agreement_timeout_s)
-        self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
         self._aborted_steps: list[InFlightStep] = []  # their messages may still be pending
@@ -253,24 +252,30 @@ class Balancer:
             "syncing": self._post_digest,
         }
         self.machine = attach_machine(self, self._on_transition)
-        if self._check_protocol(shared or {}):
+        agreed = self._check_protocol(shared or {})
+        if isinstance(comm.backend, DeferredBackend):
+            comm.backend = comm.backend.build() if agreed else NoBackend(comm.backend.name)
+        self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
+        if agreed:
             self._reserve_staging()
 
     def _check_protocol(self, shared: dict) -> bool:
         """Compare every field that shapes the protocol with every peer's (core/protocol.py).
         On a difference, or if the peers cannot be reached, rebalancing is off here, as it
         is on every rank (each read the same fields): False."""
-        layout = self.layout
+        layout, t = self.layout, self.topo
         shapes = sorted({repr([(tuple(w.shape), str(w.dtype)) for w in layout.weights_of(layer)])
                          for layer in range(layout.num_layers)})
         fields = protocol_fields(
             self.config,
             protocol=PROTOCOL,
             ep_size=self.comm.world_size,
-            topology=self.topo,
+            topology=(f"{t.num_ranks} ranks x {t.slots_per_rank} slots, {t.num_logical} experts, "
+                      f"ranks per node: {t.ranks_per_node or 'all'}, expert groups: {t.num_groups}"),
             moe_layers=layout.num_layers,
-            weights=" | ".join(shapes),
+            weights=" + ".join(shapes),
             backend=self.comm.backend.name,
+            device=layout.weights_of(0)[0].device.type,
             clock=self.clock.source,
             placement=short_digest(self.placement.tobytes()),
             **shared,

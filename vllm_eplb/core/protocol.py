@@ -25,8 +25,8 @@ from .config import PROTOCOL_KEYS, BalancerConfig
 def protocol_fields(config: BalancerConfig, **shared) -> dict[str, str]:
     """The fields a rank publishes: every protocol key of `config`, then `shared` (name ->
     anything with a stable repr)."""
-    fields = {k: repr(getattr(config, k)) for k in PROTOCOL_KEYS}
-    fields.update({k: v if isinstance(v, str) else repr(v) for k, v in shared.items()})
+    fields = {k: str(getattr(config, k)) for k in PROTOCOL_KEYS}
+    fields.update({k: str(v) for k, v in shared.items()})
     return fields
 
 
@@ -37,7 +37,8 @@ def short_digest(data: bytes) -> str:
 
 def differences(everyone: list[dict[str, str]]) -> str:
     """'' when every rank published the same fields; else one line: for each key that
-    differs, which ranks hold which value."""
+    differs, which ranks hold which value, e.g.
+    `layers_per_pass differs (rank 0: 1 | rank 1: 2); step_interval differs (...)`."""
     keys = sorted({k for fields in everyone for k in fields})
     parts = []
     for key in keys:
@@ -45,12 +46,12 @@ def differences(everyone: list[dict[str, str]]) -> str:
         for rank, fields in enumerate(everyone):
             holders.setdefault(fields.get(key, "<absent>"), []).append(rank)
         if len(holders) > 1:
-            said = "; ".join(f"{_clip(v)} on rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for v, r in holders.items())
+            said = " | ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {_clip(v)}" for v, r in holders.items())
             parts.append(f"{key} differs ({said})")
-    return ", ".join(parts)
+    return "; ".join(parts)
 
 
-def _clip(value: str, n: int = 48) -> str:
+def _clip(value: str, n: int = 80) -> str:
     return value if len(value) <= n else value[: n - 3] + "..."
 
 

@@ -63,6 +63,9 @@ class Faults:
     # the runner's pass count misses that pass (a forward path that bypasses prepare_forward)
     uncounted_pass: tuple[int, str] | None = None  # (rank, phase)
     slow_pass: tuple[int, str, float] | None = None  # (rank, phase, seconds): that pass takes this much longer
+    # (rank, n): after the start-up check, this rank moves n layers per step (a bug the check
+    # cannot see: its steps hold other layers than its peers')
+    step_layers_after_start: tuple[int, int] | None = None
 
 
 class PhaseTrigger:
@@ -221,6 +224,23 @@ class WrappedBackend(TransferBackend):
         self.inner.close()
 
 
+class StepLog(WrappedBackend):
+    """Records what every step this rank started carried: (cycle, layers, experts sent,
+    experts received), so a verdict can tell what a faulted step held."""
+
+    def __init__(self, inner: TransferBackend, balancer_ref: list):
+        super().__init__(inner, lambda h: h)
+        self.balancer_ref = balancer_ref
+        self.steps: list[tuple[int, list[int], int, int]] = []
+
+    def start(self, jobs, rank):
+        parts = [j.plan.part(rank) for j in jobs]
+        cycle = self.balancer_ref[0].stats.cycles_started if self.balancer_ref else 0
+        self.steps.append((cycle, [j.plan.layer for j in jobs], sum(len(t.experts) for p in parts for t in p.sends),
+                           sum(len(t.experts) for p in parts for t in p.recvs)))
+        return self.inner.start(jobs, rank)
+
+
 def wrap_backend(backend: TransferBackend, faults: Faults, rank: int, balancer_ref: list) -> TransferBackend:
     if hits(faults.transfer_error, rank):
         _, cycle, step = faults.transfer_error
@@ -276,6 +296,8 @@ def install(balancer: Balancer, faults: Faults, rank: int) -> None:
     if hits(faults.late_round, rank):
         _, n, seconds = faults.late_round
         _delay_round(balancer, n, seconds)
+    if hits(faults.step_layers_after_start, rank):
+        balancer.config = balancer.config.model_copy(update={"layers_per_pass": faults.step_layers_after_start[1]})
 
 
 class _LateWork:

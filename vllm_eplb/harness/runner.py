@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group
 from vllm_eplb.core.policies import get_policy
-from vllm_eplb.core.transfer import GlooBackend, TransferBackend
+from vllm_eplb.core.transfer import DeferredBackend, GlooBackend, TransferBackend
 from vllm_eplb.core.transfer.gpu import P2PBackend
 
 from . import faults as fault_doubles
@@ -81,6 +81,7 @@ class RunnerCount:
 
 
 def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
+    started = time.monotonic()
     f = cfg.faults
     if fault_doubles.hits(f.setup_override, rank):
         cfg = replace(cfg, **f.setup_override[1])
@@ -95,10 +96,15 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
 
     policy = fault_doubles.wrap_policy(get_policy(bcfg.policy), f, rank)
     balancer_ref: list[Balancer] = []
-    raw_backend: TransferBackend = (
-        GlooBackend(transfer_group, stage_on_cpu=cfg.cpu_staging) if cfg.backend == "gloo" else P2PBackend(transfer_group)
-    )
-    backend = fault_doubles.wrap_backend(raw_backend, f, rank, balancer_ref)
+    built: dict = {}
+
+    def build_backend() -> TransferBackend:  # once the ranks agreed on it (its set-up is collective)
+        raw = GlooBackend(transfer_group, stage_on_cpu=cfg.cpu_staging) if cfg.backend == "gloo" else P2PBackend(transfer_group)
+        built.update(raw=raw, log=fault_doubles.StepLog(raw, balancer_ref))
+        built["wrapped"] = fault_doubles.wrap_backend(built["log"], f, rank, balancer_ref)
+        return built["wrapped"]
+
+    backend = DeferredBackend("gloo" if cfg.backend == "gloo" else P2PBackend.name, build_backend)
     ticks = fault_doubles.TickSchedule(f, rank)
     kill = fault_doubles.PhaseTrigger(f.kill_planner, rank)
     metrics_error = fault_doubles.PhaseTrigger(f.metrics_error, rank)
@@ -157,12 +163,14 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         "rebuilds": balancer.agreement.rebuilds,
     }
     stats["planner_alive"] = balancer.planner.alive()
-    arena = raw_backend.staging
+    stats["wall_s"] = time.monotonic() - started
+    arena = built["raw"].staging if built else None
     if arena is not None and arena.regions:
         stats["staging"] = {"regions": len(arena.regions), "fallbacks": arena.fallbacks, "reserved": arena.reserved_bytes,
-                            "reserved_seen": backend.reserved_bytes}
+                            "reserved_seen": built["wrapped"].reserved_bytes}
     if ticks.trigger.fired_at is not None:
         events["tick_offset"] = ticks.trigger.fired_at
+    events["steps"] = built["log"].steps if built else []
     report = RankReport(
         rank,
         list(balancer.stats.history),

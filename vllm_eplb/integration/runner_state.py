@@ -43,6 +43,7 @@ from vllm_eplb.core import (
 )
 from vllm_eplb.core import records
 from vllm_eplb.core.protocol import short_digest
+from vllm_eplb.core.transfer import DeferredBackend
 from vllm_eplb.core.transfer.select import make_backend
 
 from .config import EplbConfig, published
@@ -120,11 +121,12 @@ class VllmEplbState:
             topo, layers, pass_load, maps, lambda layer: list(weights[layer]),
             record_flag=self.should_record, max_pass_tokens=_max_pass_tokens(model_config),
         )
-        backend = make_backend(
+        # built by the balancer once every rank agreed on it: its set-up is collective
+        backend = DeferredBackend(cfg.resolved_backend(), lambda: make_backend(
             cfg.resolved_backend(), self.device, topo, ep.rank_in_group, layout.weights_of, layers,
             gloo_group=transfer_group, cpu_group=agreement_group,
             nccl_group=lambda: _ep_subgroups([bcfg.transfer_timeout_s], backend="nccl")[1][0],
-        )
+        ))
         rec = None
         if cfg.initial_placement_path:
             rec = records.load(cfg.initial_placement_path)
@@ -132,7 +134,6 @@ class VllmEplbState:
         # what the core cannot see: eplb.json's keys as this host read them (the rest it compares itself)
         shared = dict(
             num_redundant_experts=cfg.num_redundant_experts,
-            transfer_backend=cfg.resolved_backend(),
             initial_placement=short_digest(rec.placement.tobytes()) if rec is not None else "none",
         )
         self.balancer = Balancer(
@@ -160,7 +161,7 @@ class VllmEplbState:
             bcfg.policy,
             bcfg.window_size,
             bcfg.step_interval,
-            backend.name,
+            self.balancer.comm.backend.name,
             clock.source,
         )
 

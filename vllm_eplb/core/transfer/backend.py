@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -87,6 +88,28 @@ class TransferBackend(ABC):
     def reserved_bytes(self) -> int:
         """Staging memory prepare() reserved (held for as long as the backend lives)."""
         return self.staging.reserved_bytes if self.staging is not None else 0
+
+
+@dataclass
+class DeferredBackend:
+    """A backend to build once the ranks agreed they build the same one: building is
+    collective for most backends (IPC handles exchanged, an NCCL communicator warmed up),
+    so ranks configured with different backends would block in each other's set-up before
+    any check. The balancer builds it after its start-up check passed (`name`: the backend
+    as configured, compared there)."""
+
+    name: str
+    build: Callable[[], TransferBackend]
+
+
+class NoBackend(TransferBackend):
+    """Stands in for a backend never built: the ranks disagreed at start-up, nothing moves."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def start(self, jobs, rank):
+        raise TransferError(f"no transfer backend: rebalancing is off ({self.name} was never built)")
 
 
 STAGING_ALIGN = 512  # bytes; staging views aligned for any dtype
