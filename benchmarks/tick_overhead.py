@@ -82,6 +82,7 @@ def _rank(rank, world, port, shape, passes, outdir):
         ta = time.perf_counter_ns()
         runner.count += 1  # the pass starts
         first_layer.advance()  # its first MoE layer runs
+        dist.all_reduce(torch.zeros(1))  # the ranks' lockstep, as the pass's MoE collectives impose
         pass_load += loads[p % 16]  # its router records load
         tb = time.perf_counter_ns()
         bal.tick()
@@ -93,7 +94,6 @@ def _rank(rank, world, port, shape, passes, outdir):
         key = state if bal.transitions_total == n_transitions else f"{state}, transition pass"
         times.setdefault(key, []).append(((ta - t0) + (t1 - tb)) / 1e3)
         times["baseline (empty method call)"].append((t2 - t1) / 1e3)
-        dist.all_reduce(torch.zeros(1))  # the ranks' lockstep, as a model's collectives impose
     stats = bal.stats
     with open(os.path.join(outdir, f"{rank}.pkl"), "wb") as fh:
         pickle.dump((times, stats.cycles_completed, dict(stats.cycles_skipped)), fh)

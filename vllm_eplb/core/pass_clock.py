@@ -38,6 +38,9 @@ class ForwardCounter:
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.tensor = torch.zeros(1, dtype=torch.int64, device=device)
+        # on the host, read through a numpy view of the same memory: a fraction of .item()'s
+        # cost, and the clock is read twice a pass
+        self._host = self.tensor.numpy() if self.on_host else None
 
     def advance(self) -> None:
         self.tensor.add_(1)
@@ -48,7 +51,7 @@ class ForwardCounter:
 
     def read(self) -> int:
         """The count now (on a GPU: after the device finished every op queued so far)."""
-        return int(self.tensor.item())
+        return int(self._host[0]) if self._host is not None else int(self.tensor.item())
 
     # ---- for routers that cannot be handed the counter: they hand in their layer's load view
     _watched: dict[int, "ForwardCounter"] = {}
@@ -106,20 +109,23 @@ class PassClock:
         self._per_pass = layer_runs_per_pass
         self._snapshots: list[_DeviceSnapshot] = []
         self._pending: _DeviceSnapshot | None = None
+        self.now = runner  # the runner's count schedules, unless:
         if layers is None:
             self.source = "runner"  # unchecked
         elif layers.on_host:
             self.source = "moe_layers"  # the schedule; the runner's count checks it
+            self.now = self._layer_passes
         else:
             self.source = "runner, checked by the moe_layers counter"
             self._snapshots = [_DeviceSnapshot(layers), _DeviceSnapshot(layers)]
             self._last = runner() * layer_runs_per_pass - layers.read()  # at start-up: a sync is fine
 
-    def now(self) -> int:
-        """Forward passes run or started on this rank: the pass the schedule is at."""
-        if self.source == "moe_layers":
-            return self._layers.read() // self._per_pass
-        return self._runner()
+    now: Callable[[], int]
+    """Forward passes run or started on this rank: the pass the schedule is at (read twice a
+    pass, so the choice of count is made once, here)."""
+
+    def _layer_passes(self) -> int:
+        return self._layers.read() // self._per_pass
 
     def offset(self) -> int:
         """What a vote carries: runner count x layer runs per pass - layer runs, a constant
