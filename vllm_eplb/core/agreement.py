@@ -204,7 +204,7 @@ class Agreement:
         if self.world_size == 1:
             return
         self.rebuilds += 1
-        self.group = None
+        self.group = self._rebuilt = None
         prefix = f"vllm_eplb/agreement/{self._instance}/{'_'.join(map(str, self._ranks))}/{self.rebuilds}/"
         me = self._ranks.index(dist.get_rank())
 
