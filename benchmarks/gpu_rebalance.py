@@ -5,7 +5,10 @@ layer routes a skewed batch of tokens (top-k of E logical experts) through the
 routing maps, and each rank computes its local slots' tokens with one grouped GEMM
 (DeepSeek-V3 expert shapes in bf16: hidden 7168, expert intermediate 2048, 88 MB per
 expert; `--depth` layers of compute per pass cycle over the resident layers). The
-vllm-eplb balancer ticks once per pass, after the pass's tokens reached the CPU.
+vllm-eplb balancer is driven as vLLM's model runner drives it: `catch_up()` before each
+pass, the runner's pass count advanced as the pass starts, the pass (its first MoE layer
+advances the model's ForwardCounter on the device, the pass clock's check), `tick()`
+after the pass's tokens reached the CPU.
 
 Strategies, each starting from the same placement and load and going through one
 rebalance while the loop keeps running:
@@ -64,14 +67,17 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, RoutingMaps, Topology, default_placement, new_gloo_group  # noqa: E402
+from vllm_eplb.core import (  # noqa: E402
+    Balancer, BalancerConfig, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement,
+    new_gloo_group,
+)
 from vllm_eplb.core.placement import physical_to_logical_load  # noqa: E402
 from vllm_eplb.core.planner import make_plan  # noqa: E402
 from vllm_eplb.core.policies import get_policy  # noqa: E402
 from vllm_eplb.core.transfer import TransferBackend  # noqa: E402
 from vllm_eplb.core.transfer.backend import expert_nbytes  # noqa: E402
 from vllm_eplb.core.transfer.select import make_backend  # noqa: E402
-from vllm_eplb.harness.runner import free_port  # noqa: E402
+from vllm_eplb.harness.runner import RunnerCount, free_port  # noqa: E402
 
 STRATEGIES = ["stop-the-world", "gloo", "cuda_ipc", "nccl"]
 
@@ -118,6 +124,7 @@ class SynthMoE:
         self.record_flag = torch.zeros((), dtype=torch.bool, device=device)
         self.dispatch = "hash"  # replica choice of route(): hash (token index) or balanced
         self._no_load = torch.zeros(topo.num_physical, dtype=torch.int64, device=device)  # passes past the resident layers
+        self.pass_counter = ForwardCounter(device)  # runs of the first MoE layer (a device op per pass)
 
     def weights_of(self, layer: int) -> list[torch.Tensor]:
         return [self.w13[layer], self.w2[layer]]
@@ -138,6 +145,7 @@ class SynthMoE:
                 self.w2[layer][slot].copy_(b)
         self.maps.write_all(self.placement0, self.topo)
         self.pass_load.zero_()
+        self.pass_counter.tensor.zero_()
 
     def fingerprints(self) -> torch.Tensor:
         """(layers, local slots, 2) float64 sums of each slot's weights: equal bits give
@@ -158,6 +166,8 @@ class SynthMoE:
         tok = torch.arange(tokens, device=x.device)
         for d in range(depth or self.layers):
             layer = d % self.layers
+            if d == 0:
+                self.pass_counter.advance()  # as vLLM's router of the first balanced layer does
             phys = self.route(layer, routing[layer], record=d < self.layers)
             local = phys - self.first
             is_local = (local >= 0) & (local < s)
@@ -433,7 +443,9 @@ class Rank:
             planner=args.planner,
         )
         layout = MoELayout(self.topo, args.layers, model.pass_load, model.maps, model.weights_of, model.record_flag)
-        balancer = Balancer(cfg, layout, Comm(self.rank, self.world, self.cpu_group, rec), get_policy(args.policy))
+        runner = RunnerCount()
+        balancer = Balancer(cfg, layout, Comm(self.rank, self.world, self.cpu_group, rec), get_policy(args.policy),
+                            clock=PassClock(runner, model.pass_counter))
         balancer.planner.ready.result()  # the planner process starts with the server, not in the loop
         dist.barrier(group=self.cpu_group)
         setup_s = time.perf_counter() - t_run
@@ -459,6 +471,10 @@ class Rank:
                 prof.start()
             t0 = time.perf_counter()
             with torch.profiler.record_function(f"pass {p}") if prof else _null():
+                with torch.profiler.record_function("eplb.catch_up") if prof else _null():
+                    balancer.catch_up()  # before the pass: what a missed tick decided is in force
+                caught_up = time.perf_counter() - t0
+                runner.count += 1  # the pass starts (vLLM: prepare_forward)
                 model.forward(self.x0, self.routing[p % self.routing.shape[0]], combine, args.depth)
                 if cuda:
                     # the pass's sampled tokens reach the CPU, then vLLM steps EPLB
@@ -481,7 +497,7 @@ class Rank:
                 if self.world > 1 and combine is None:
                     dist.barrier(group=self.cpu_group)  # ranks advance in lock-step, as EP's all-to-all makes them
             times.append(time.perf_counter() - t0)
-            ticks.append(t2 - t1)
+            ticks.append(t2 - t1 + caught_up)
             state = balancer.state
             states.append(state)
             committed = balancer.stats.layers_committed

@@ -1,10 +1,12 @@
-"""CPU cost of Balancer.tick() per forward pass, per state.
+"""CPU cost of the balancer per forward pass (catch_up() + tick()), per state.
 
 Two (or --ranks) processes joined by gloo run the real balancer through several
-full cycles on a synthetic model of a given shape; each pass the "router" adds a
-skewed load (untimed), then tick() is timed. Prints median / p99 / max in
-microseconds per state, next to a baseline measured in the same run: the cost of
-calling an empty Python method, the floor any per-pass hook pays.
+full cycles on a synthetic model of a given shape, driven as vLLM's runner drives it:
+`catch_up()` before the pass, the runner's pass count advanced as the pass starts, the
+pass (its "first MoE layer" advances the model's ForwardCounter and the "router" adds
+a skewed load: untimed), `tick()` after. catch_up() + tick() is timed. Prints median /
+p99 / max in microseconds per state, next to a baseline measured in the same run: the
+cost of calling an empty Python method, the floor any per-pass hook pays.
 
 Target (issue 2): at most 20 us per pass in idle and collecting (median and p99 of
 the passes that stay in the state; the one pass per cycle that fires a transition
@@ -30,9 +32,12 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, RoutingMaps, Topology, default_placement, new_gloo_group  # noqa: E402
+from vllm_eplb.core import (  # noqa: E402
+    Balancer, BalancerConfig, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement,
+    new_gloo_group,
+)
 from vllm_eplb.core.transfer import GlooBackend  # noqa: E402
-from vllm_eplb.harness.runner import free_port  # noqa: E402
+from vllm_eplb.harness.runner import RunnerCount, free_port  # noqa: E402
 
 SHAPES = {
     # name: (MoE layers, logical experts, redundant slots, expert hidden elements moved)
@@ -60,7 +65,8 @@ def _rank(rank, world, port, shape, passes, outdir):
     weights = [[torch.zeros((topo.slots_per_rank, elems))] for _ in range(layers)]
     g = [new_gloo_group(list(range(world)), 60) for _ in range(2)]
     layout = MoELayout(topo, layers, pass_load, maps, lambda layer: weights[layer])
-    bal = Balancer(cfg, layout, Comm(rank, world, g[0], GlooBackend(g[1])))
+    runner, first_layer = RunnerCount(), ForwardCounter()
+    bal = Balancer(cfg, layout, Comm(rank, world, g[0], GlooBackend(g[1])), clock=PassClock(runner, first_layer))
     bal.planner.ready.result()  # the planner process starts with the server: not part of the loop
     dist.barrier()
 
@@ -70,9 +76,15 @@ def _rank(rank, world, port, shape, passes, outdir):
     empty = _Empty()
     times: dict[str, list[float]] = {"baseline (empty method call)": []}
     for p in range(passes):
-        pass_load += loads[p % 16]
         state, n_transitions = bal.state, bal.transitions_total
         t0 = time.perf_counter_ns()
+        bal.catch_up()
+        ta = time.perf_counter_ns()
+        runner.count += 1  # the pass starts
+        first_layer.advance()  # its first MoE layer runs
+        dist.all_reduce(torch.zeros(1))  # the ranks' lockstep, as the pass's MoE collectives impose
+        pass_load += loads[p % 16]  # its router records load
+        tb = time.perf_counter_ns()
         bal.tick()
         t1 = time.perf_counter_ns()
         empty.tick()
@@ -80,9 +92,8 @@ def _rank(rank, world, port, shape, passes, outdir):
         # A pass that fires a transition does that state's once-per-cycle work (reset the
         # window, post a round, start a step...): reported on a row of its own.
         key = state if bal.transitions_total == n_transitions else f"{state}, transition pass"
-        times.setdefault(key, []).append((t1 - t0) / 1e3)
+        times.setdefault(key, []).append(((ta - t0) + (t1 - tb)) / 1e3)
         times["baseline (empty method call)"].append((t2 - t1) / 1e3)
-        dist.all_reduce(torch.zeros(1))  # the ranks' lockstep, as a model's collectives impose
     stats = bal.stats
     with open(os.path.join(outdir, f"{rank}.pkl"), "wb") as fh:
         pickle.dump((times, stats.cycles_completed, dict(stats.cycles_skipped)), fh)
@@ -107,7 +118,7 @@ def main() -> None:
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
     states = ["idle", "collecting", "planning", "syncing", "transferring"]
     order = ["baseline (empty method call)", *states, *(f"{s}, transition pass" for s in states)]
-    print(f"tick() CPU cost per forward pass, rank 0 of {args.ranks} (gloo), torch {torch.__version__}")
+    print(f"catch_up() + tick() CPU cost per forward pass, rank 0 of {args.ranks} (gloo), torch {torch.__version__}")
     print(f"{'shape':<14} {'state':<34} {'passes':>6} {'median us':>10} {'p99 us':>9} {'max us':>9} {'median/base':>11} {'target':>10}")
     failed = False
     for shape in shapes:

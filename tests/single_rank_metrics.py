@@ -4,6 +4,8 @@ for the failure paths a healthy server never takes.
 
     python tests/single_rank_metrics.py disable   # a bug in a state's tick: the balancer stops itself
     python tests/single_rank_metrics.py stall     # every plan fails: cycles abort, windows pile up
+    python tests/single_rank_metrics.py mismatch  # two ranks, rank 1 with another layers_per_pass:
+                                                  # refused at start-up (both ranks' /metrics text)
 """
 
 import logging
@@ -13,9 +15,10 @@ import sys
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry, generate_latest
 
-from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, Topology, new_gloo_group
+from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group
 from vllm_eplb.core.policies import Policy, get_policy
 from vllm_eplb.core.transfer import GlooBackend
+from vllm_eplb.harness.runner import RunnerCount
 from vllm_eplb.harness.toy_moe import DriftingWorkload, ToyMoE
 from vllm_eplb.integration import metrics
 
@@ -38,7 +41,9 @@ def main(mode: str, passes: int = 130) -> None:
     work = DriftingWorkload(16, 64, 16, 1.2, 0, 0)
     comm = Comm(0, 1, new_gloo_group([0], cfg.agreement_timeout_s), GlooBackend(new_gloo_group([0], 30)))
     policy = NeverPlans() if mode == "stall" else get_policy("greedy")
-    b = Balancer(cfg, MoELayout(topo, 4, model.pass_load, model.maps, model.weights_of), comm, policy)
+    runner = RunnerCount()
+    layout = MoELayout(topo, 4, model.pass_load, model.maps, model.weights_of)
+    b = Balancer(cfg, layout, comm, policy, clock=PassClock(runner, model.pass_counter))
     b.planner.ready.result()
     m = metrics.BalancerMetrics(0)
     m.update(b)  # as the integration does when the balancer starts
@@ -51,6 +56,8 @@ def main(mode: str, passes: int = 130) -> None:
             # from the next planning phase on, every phase tick raises: a bug that the
             # retry of the pass meets again, so the balancer stops itself
             b._tick_phase = broken
+        b.catch_up()  # the runner's contract: catch up, count the pass as it starts, run it, tick
+        runner.count += 1
         model.forward(work.batch(p))
         n = b.transitions_total
         b.tick()
@@ -62,5 +69,30 @@ def main(mode: str, passes: int = 130) -> None:
     b.shutdown()
 
 
+def mismatch_rank(rank: int, world: int) -> str:
+    """One of two ranks whose configs differ (layers_per_pass on rank 1): the /metrics text
+    its BalancerMetrics produce once the balancer is built, as the integration updates them."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    cfg = BalancerConfig(window_size=10, step_interval=20, planner="thread", layers_per_pass=1 + rank)
+    topo = Topology(world, 16, 16)
+    model = ToyMoE(topo, 4, 16, 2, rank, 0, 16)
+    group = new_gloo_group(list(range(world)), cfg.agreement_timeout_s)
+    comm = Comm(rank, world, group, GlooBackend(new_gloo_group(list(range(world)), 30)))
+    layout = MoELayout(topo, 4, model.pass_load, model.maps, model.weights_of)
+    b = Balancer(cfg, layout, comm, get_policy("greedy"), clock=PassClock(RunnerCount(), model.pass_counter))
+    m = metrics.BalancerMetrics(rank)
+    m.update(b)
+    reg = CollectorRegistry()
+    for family in vars(metrics._families).values():
+        reg.register(family)
+    b.shutdown()
+    return generate_latest(reg).decode()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "mismatch":
+        from vllm_eplb.harness.launcher import launch
+
+        sys.stdout.write("".join(launch(mismatch_rank, 2, (), 120)))
+    else:
+        main(sys.argv[1])

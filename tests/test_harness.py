@@ -163,15 +163,29 @@ def test_reserved_staging_comes_back_through_commits_and_aborts(faults):
         assert all(r.stats["cycles_aborted"]["transfer_error"] == 1 for r in reports)
 
 
-def test_ranks_on_different_schedules_detected():
-    """Rank 1 reads rounds one pass later than rank 0 (a mismatched config): the pass
-    numbers carried in every vote round differ, every rank sees it and stops."""
-    reports = run(ranks=2, passes=120, faults=Faults(config_override=(1, dict(agreement_lag=3))))
-    assert_consistent(reports, same_history=False)
+def test_ranks_on_different_schedules_refused_at_start_up():
+    """Rank 1 would read rounds one pass later than rank 0 (a mismatched config): the
+    start-up check sees it, no rank ever posts a round, each says which key and ranks."""
+    reports = run(ranks=2, passes=80, faults=Faults(config_override=(1, dict(agreement_lag=3))))
+    assert_consistent(reports)
     for r in reports:
-        assert r.stats["cycles_aborted"]["pass_mismatch"] == 1
-        assert r.stats["disabled_reason"].startswith("pass_mismatch")
+        assert r.stats["disabled_reason"] == "config_mismatch: agreement_lag differs (rank 0: 2 | rank 1: 3)"
+        assert r.history == [] and r.stats["agreement"]["rounds"] == 0
+
+
+def test_step_held_as_other_layers_is_never_committed():
+    """Past the start-up check, rank 1 moves two layers per step and rank 0 one (a bug): the
+    steps' messages are tagged by layer, so the layer only one rank sends never pairs
+    (gloo would abort the process on the size mismatch); the first commit vote names the
+    steps' layers, every rank reads the difference there and stops before any commit."""
+    # the unpaired messages pend until the transfer group's timeout: short, or the ranks'
+    # exit waits for it (their waiter threads are joined)
+    reports = run(ranks=2, passes=110, faults=Faults(step_layers_after_start=(1, 2)), balancer=dict(transfer_timeout_s=5.0))
+    assert_consistent(reports)
+    for r in reports:
+        assert r.stats["disabled_reason"].startswith("step_mismatch")
         assert r.stats["layers_committed"] == 0
+    assert reports[1].events["steps"][0][1] == [0, 1] and reports[0].events["steps"][0][1] == [0]
 
 
 def test_eight_ranks_two_layers_per_pass():

@@ -93,6 +93,19 @@ def test_disabled_balancer_says_why():
     assert re.search(r"aborted \(internal_error 1\); last: internal_error at pass (4[5-9]|[5-9]\d)\b", screen), screen
 
 
+def test_config_mismatch_refused_at_start_up_and_exported():
+    """Two ranks, layers_per_pass 1 and 2: neither balances; each exports why, naming the key
+    and the ranks (vllm:eplb_disabled_info{reason="config_mismatch"}) and logs one line."""
+    r = single_rank("mismatch")
+    series = parse_metrics(r.stdout)
+    detail = "layers_per_pass differs (rank 0: 1 | rank 1: 2)"
+    for rank in (0, 1):
+        assert metric(series, "vllm:eplb_disabled_info", rank=rank, reason="config_mismatch", detail=detail) == 1
+        assert metric(series, "vllm:eplb_enabled", rank=rank) == 0
+    lines = [l for l in r.stderr.splitlines() if "rebalancing disabled" in l]
+    assert len(lines) == 2 and all(f"config_mismatch: {detail}" in l for l in lines), r.stderr[-3000:]
+
+
 def test_stall_is_logged_once_and_exported():
     r = single_rank("stall")
     warnings = [l for l in r.stderr.splitlines() if l.startswith("WARNING") and "no rebalancing cycle" in l]

@@ -4,6 +4,7 @@ synthetic benchmark, or vLLM through `vllm_eplb.integration`."""
 from .agreement import Agreement, AgreementError, new_gloo_group
 from .balancer import Balancer, Comm, MoELayout
 from .config import BalancerConfig
+from .pass_clock import ForwardCounter, PassClock
 from .placement import RoutingMaps, Topology, default_placement
 from .state_machine import STATES, TRANSITIONS
 
@@ -13,7 +14,9 @@ __all__ = [
     "Balancer",
     "BalancerConfig",
     "Comm",
+    "ForwardCounter",
     "MoELayout",
+    "PassClock",
     "RoutingMaps",
     "STATES",
     "TRANSITIONS",

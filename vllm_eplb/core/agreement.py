@@ -16,25 +16,36 @@ that names each field and how it combines across ranks:
   equal  every rank holds one value   encoded x, -x,  read min(x) == -min(-x)
   max    the largest value of a rank  encoded -x,     read -min(-x)
 
-Every layout starts with four fields the protocol reads in every round:
+Every layout starts with five fields the protocol reads in every round:
 `pass_no` (equal: the pass the round was scheduled for, so a rank on another
 schedule is caught), `fault` (max: code * FAULT_RANKS + rank of the worst local
 failure since the last round, 0 for none; every rank reads the same code, so
 every rank ends the cycle at the same round with the same reason), `skew`
-(any: some rank's driver ticked more or less often than its forward passes ran)
-and `weights` (equal: the weight updates this rank has applied, so a rank that
-applied one at another pass than its peers is caught).
+(any: some rank's driver ticked more or less often than its forward passes ran),
+`clock` (equal: the pass clock's offset between its two counts, the same on
+every rank unless one rank's count drifted; core/pass_clock.py) and `weights`
+(equal: the weight updates this rank has applied, so a rank that applied one at
+another pass than its peers is caught).
+
+A slow rank is not a broken one. gloo times a collective out `timeout_s` after it
+was posted on this rank: that is how far one rank may lag its peers (a long pass, a
+pause, a slow host) while a round waits for it. Past it the round fails on every
+rank: the ranks that timed out close their connections, so the late rank's post
+fails too, and every rank sees the failure when it reads the round, at the same
+pass. The cycle ends there on every rank and the group is rebuilt (its connections
+are gone) for the next cycle, through the default group's store, over the same
+ranks only (`rebuild`).
 
 Limits of what a timeout can promise: if a round completes on some ranks while
-another rank gave up waiting for it, the two cannot learn each other's view
-(the two generals' problem). The rank that timed out stops rebalancing and
-posts no further rounds; its peers then time out at their next read. Under
-expert parallelism a round can only be late when gloo or a peer process is
-broken, since the forward passes keep every rank within one pass of the others.
+another rank gave up waiting for it (the late post lands just as the timeout
+fires), the two cannot learn each other's view (the two generals' problem). The
+ranks that saw it complete fail at their next round instead, a round later.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -47,7 +58,7 @@ FAULT_RANKS = 1 << 16  # fault = code * FAULT_RANKS + rank
 
 
 class AgreementError(RuntimeError):
-    """A round failed or timed out: a peer is gone or stuck."""
+    """A round failed: a peer lagged past the timeout, is stuck or is gone."""
 
 
 @dataclass
@@ -66,13 +77,15 @@ class WaitStats:
 
 
 _WIDTH = {"all": 1, "any": 1, "equal": 2, "max": 1}
-VOTE_WIDTH = 14  # every vote round has this many int64s, whatever its layout
+VOTE_WIDTH = 18  # every vote round has this many int64s, whatever its layout
 
 
 class VoteLayout:
     """Named fields of one kind of vote round (see the module docstring)."""
 
-    COMMON = (("pass_no", "equal"), ("fault", "max"), ("skew", "any"), ("weights", "equal"))
+    COMMON = (
+        ("pass_no", "equal"), ("fault", "max"), ("skew", "any"), ("clock", "equal"), ("weights", "equal"),
+    )
 
     def __init__(self, name: str, *fields: tuple[str, str]):
         self.name = name
@@ -97,7 +110,7 @@ class VoteLayout:
         return out + [0] * (self.width - len(out))
 
     def decode(self, tensor: torch.Tensor) -> SimpleNamespace:
-        """all/any -> bool; equal -> (value, same everywhere); max -> int."""
+        """all/any -> bool; equal -> (smallest value, same everywhere, largest value); max -> int."""
         v = [int(x) for x in tensor.tolist()]
         out, i = {}, 0
         for name, kind in self.fields:
@@ -106,7 +119,7 @@ class VoteLayout:
             elif kind == "any":
                 out[name] = v[i] == 0
             elif kind == "equal":
-                out[name] = (v[i], v[i] == -v[i + 1])
+                out[name] = (v[i], v[i] == -v[i + 1], -v[i + 1])
             else:
                 out[name] = -v[i]
             i += _WIDTH[kind]
@@ -114,9 +127,13 @@ class VoteLayout:
 
 
 class Round:
-    def __init__(self, tensor: torch.Tensor, work, posted_at: int, due_at: int, agreement: "Agreement", layout=None):
+    def __init__(
+        self, tensor: torch.Tensor, work, posted_at: int, due_at: int, agreement: "Agreement", layout=None, error=None
+    ):
         self.tensor = tensor
         self._work = work
+        self._error = error  # the post itself failed (a torn-down group): raised when read
+        self.sent: dict = {}  # a vote's fields as this rank posted them
         self.posted_at = posted_at
         self.due_at = due_at
         self.layout = layout
@@ -128,6 +145,8 @@ class Round:
         collective is still in flight; raises AgreementError if it failed or timed out."""
         if self._value is not None:
             return self._value
+        if self._error is not None:
+            raise AgreementError(f"agreement round posted at pass {self.posted_at} failed: {self._error}") from self._error
         stats = self._agreement.stats
         late = self._work is not None and not self._work.is_completed()
         t0 = time.perf_counter()
@@ -150,22 +169,73 @@ class Round:
 class Agreement:
     """Posts rounds on a gloo group. `group=None` with world size 1 runs locally."""
 
+    _instances = itertools.count()  # numbers this process's agreements alike on every rank
+
     def __init__(self, group, world_size: int, lag: int, timeout_s: float = 60.0):
         self.group = group
         self.world_size = world_size
         self.lag = lag
         self.timeout_s = timeout_s
         self.stats = WaitStats()
+        self.rebuilds = 0
+        self._instance = next(Agreement._instances)
+        self._ranks = dist.get_process_group_ranks(group) if world_size > 1 else [0]
+        self._rebuilding: threading.Thread | None = None
+        self._rebuilt = None  # the new group, or the exception that stopped it
 
     def post(self, values, pass_no: int, op=dist.ReduceOp.MIN, layout: VoteLayout | None = None) -> Round:
         tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
-        work = None
+        work = error = None
         if self.world_size > 1:
-            work = dist.all_reduce(tensor, op=op, group=self.group, async_op=True)
-        return Round(tensor, work, pass_no, pass_no + self.lag, self, layout)
+            try:
+                work = dist.all_reduce(tensor, op=op, group=self.group, async_op=True)
+            except Exception as exc:  # reported when the round is read, at the same pass as on every rank
+                error = exc
+        return Round(tensor, work, pass_no, pass_no + self.lag, self, layout, error)
 
     def vote(self, layout: VoteLayout, values: dict, pass_no: int) -> Round:
-        return self.post(layout.encode({**values, "pass_no": pass_no}), pass_no, layout=layout)
+        values = {**values, "pass_no": pass_no}
+        r = self.post(layout.encode(values), pass_no, layout=layout)
+        r.sent = values
+        return r
+
+    # ---- after a failed round
+
+    def rebuild(self) -> None:
+        """Start building a new group over the same ranks, in the background (a failed
+        round tore the old one's connections down). Every rank calls it at the same pass;
+        `wait_rebuilt` before the next post."""
+        if self.world_size == 1:
+            return
+        self.rebuilds += 1
+        self.group = self._rebuilt = None
+        prefix = f"vllm_eplb/agreement/{self._instance}/{'_'.join(map(str, self._ranks))}/{self.rebuilds}/"
+        me = self._ranks.index(dist.get_rank())
+
+        def build():
+            try:
+                store = dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
+                self._rebuilt = dist.ProcessGroupGloo(store, me, len(self._ranks), timedelta(seconds=self.timeout_s))
+            except Exception as exc:
+                self._rebuilt = exc
+
+        self._rebuilding = threading.Thread(target=build, name="eplb-agreement-rebuild", daemon=True)
+        self._rebuilding.start()
+
+    def wait_rebuilt(self) -> None:
+        """Wait (at most timeout_s) for the group `rebuild` started; AgreementError if it
+        could not be built (a peer is gone). Returns at once when there is nothing to wait for."""
+        if self._rebuilding is None:
+            return
+        t0 = time.perf_counter()
+        self._rebuilding.join(self.timeout_s)
+        waited = time.perf_counter() - t0
+        self.stats.wait_seconds_total += waited
+        self.stats.wait_seconds_max = max(self.stats.wait_seconds_max, waited)
+        rebuilt, self._rebuilding = self._rebuilt, None
+        if rebuilt is None or isinstance(rebuilt, Exception):
+            raise AgreementError(f"the agreement group could not be rebuilt within {self.timeout_s:g} s: {rebuilt}")
+        self.group = rebuilt
 
 
 def new_gloo_group(ranks: list[int], timeout_s: float):

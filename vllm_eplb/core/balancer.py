@@ -7,21 +7,29 @@ collectives read a fixed number of passes after they were posted. The forward
 loop waits only when such a result is read and is not there yet; every such wait
 is timed and bounded by `agreement_timeout_s`.
 
-The pass clock. Transitions are scheduled by pass number, so the number must be
-the same on every rank at the same forward pass. With a `clock` (the count of
-forward passes started, kept by whatever runs them) the balancer processes every
-pass up to the clock: a tick with no new pass is ignored, and a pass whose tick
-was missed is processed by `catch_up()`, which the driver calls before each
-forward pass. So a commit decided at pass p is in force before pass p + 1 on every
-rank, whatever the driver's ticks did; anomalies are counted and reported in the
-next vote (`skew`), so every rank logs them at the same round.
+The pass clock (core/pass_clock.py). Transitions are scheduled by pass number, so
+the number must be the same on every rank at the same forward pass. The balancer
+processes every pass up to its `PassClock`: a tick with no new pass is ignored, and a
+pass whose tick was missed is processed by `catch_up()`, which the driver calls before
+each forward pass (the driver's contract: `catch_up()`, the runner's count advanced as
+the pass starts, the pass, `tick()`). So a commit decided at pass p is in force before
+pass p + 1 on every rank, whatever the driver's ticks did; anomalies are counted and
+reported in the next vote (`skew`), so every rank logs them at the same round. The
+clock's two counts (the runner's and the MoE layers') ride in every vote too: a rank
+whose count drifted stops rebalancing on every rank at that round (`clock_mismatch`).
+
+One protocol (core/protocol.py): at start-up the ranks compare every field that shapes
+the protocol (config keys, topology, backend, clock, vote layouts, placement); on any
+difference none balances (`config_mismatch`).
 
 Faults. A failure on one rank (planner, transfer, allocation, a bug) never makes it
 stop posting rounds: it becomes the `fault` field of its next vote, and every rank
 ends the cycle when it reads that round, at the same pass, with the same reason
-(the worst code, and the rank it came from). Only a round that cannot be read at
-all (timeout, broken group) or rounds posted on different schedules end
-rebalancing on a rank without a vote.
+(the worst code, and the rank it came from). A round that fails (a rank lagged past
+agreement_timeout_s) fails on every rank: the cycle ends where it is read and the
+agreement group is rebuilt for the next cycle. Rounds that show the ranks disagree
+about the protocol itself (pass, clock, step, weight-update count) stop rebalancing
+on every rank.
 
 Weight updates. A server that gets new weights (an RL trainer's push, a reload) has
 them written between two forward passes, on every rank of the expert-parallel group
@@ -50,6 +58,7 @@ Pass timeline of one cycle (L = agreement lag, W = window, all relative):
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +69,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .agreement import FAULT_RANKS, Agreement, AgreementError, Round, VoteLayout
+from .agreement import FAULT_RANKS, VOTE_WIDTH, Agreement, AgreementError, Round, VoteLayout
 from .config import BalancerConfig
 from .load_window import HostSnapshot, LoadWindow
 from .placement import (
@@ -73,14 +82,16 @@ from .placement import (
     predicted_balancedness,
 )
 from .pass_balance import pass_figures
+from .pass_clock import PassClock
 from .planner import Plan, Planner, PlannerDead
 from .planner_process import PlannerExited
 from .policies import Policy, get_policy
+from .protocol import differences, exchange, protocol_fields, short_digest
 from .records import PlacementRecord, save
 from .state_machine import attach_machine, top_state
 from .stats import BalancerStats, TransitionRecord
 from .transfer import InFlightStep, TransferBackend, TransferEngine, TransferError, plan_layer
-from .transfer.backend import padded
+from .transfer.backend import DeferredBackend, NoBackend, padded
 
 # A child of vLLM's logger: inside vLLM the lines go through its handlers and format.
 log = logging.getLogger("vllm.eplb")
@@ -114,7 +125,15 @@ class Fault(enum.IntEnum):
 READINESS = VoteLayout("readiness", ("ready", "all"), ("expired", "any"))
 DIGEST = VoteLayout("digest", ("digest_a", "equal"), ("digest_b", "equal"), ("worth", "all"))
 MAX_IN_FLIGHT = 6  # steps a commit vote can name (its layout's width)
-COMMIT = VoteLayout("commit", ("first_seq", "equal"), *((f"ready{i}", "all") for i in range(MAX_IN_FLIGHT)))
+# `layers`: a digest of the layers of every step it names, so a step is never committed as
+# different layers on different ranks
+COMMIT = VoteLayout(
+    "commit", ("first_seq", "equal"), ("layers", "equal"), *((f"ready{i}", "all") for i in range(MAX_IN_FLIGHT))
+)
+LOAD_TAIL = 3  # per rank, after the load round's load: fault, pass number, clock offset
+# What the ranks' rounds mean: equal on every rank (compared at start-up) or no round pairs.
+PROTOCOL = short_digest(repr((VOTE_WIDTH, FAULT_RANKS, [(f.name, f.value) for f in Fault],
+                              [(v.name, v.fields) for v in (READINESS, DIGEST, COMMIT)])).encode())
 
 
 @dataclass
@@ -135,11 +154,25 @@ class Comm:
     rank: int  # rank inside the expert-parallel group
     world_size: int
     agreement_group: Any  # gloo group (None when world_size == 1)
-    backend: TransferBackend
+    backend: TransferBackend | DeferredBackend  # deferred: built once the start-up check passed
 
 
-class PassMismatch(RuntimeError):
-    """Ranks posted the same round at different pass numbers: they run different schedules."""
+class ProtocolMismatch(RuntimeError):
+    """A round every rank read shows the ranks disagree about the protocol itself: posted at
+    different passes (`pass_mismatch`), pass clocks that drifted apart (`clock_mismatch`),
+    a step holding different layers (`step_mismatch`), weight updates applied at different
+    passes (`weight_update_skew`). Read alike everywhere: every rank
+    stops rebalancing at that round."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def layers_digest(steps: list["Step"]) -> int:
+    """The steps' sequence numbers and layers, as one int64 every rank computes alike."""
+    text = repr([(s.seq, s.layers) for s in steps]).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 2
 
 
 @dataclass
@@ -186,15 +219,21 @@ class Balancer:
         layout: MoELayout,
         comm: Comm,
         policy: Policy | None = None,
-        clock: Callable[[], int] | None = None,
+        *,
+        clock: PassClock,
+        shared: dict | None = None,
     ):
+        """Collective over the EP group (the start-up protocol check): every rank builds its
+        balancer at the same point. `clock`: this rank's pass clock, whose runner count the
+        driver advances as each forward pass starts. `shared`: more fields every rank must
+        hold alike (the integration's keys), compared with the rest at start-up."""
         self.config = config
         self.layout = layout
         self.comm = comm
         self.topo = layout.topo
         self.stats = BalancerStats()
         self.pass_no = 0  # last pass processed
-        self._clock = clock
+        self.clock = clock
         self.layer = -1  # next layer to move while transferring
         self.transitions_total = 0
         self.disabled_reason = ""
@@ -211,18 +250,6 @@ class Balancer:
             max_restarts=config.planner_max_restarts,
         )
         self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag, config.agreement_timeout_s)
-        self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
-        # A step moves at most every local slot of layers_per_pass layers: the staging bound.
-        per_layer = max(
-            sum(padded(w.numel() * w.element_size()) for w in layout.weights_of(layer)) for layer in range(layout.num_layers)
-        )
-        # + message padding; staging for every step that can be in flight, reserved now
-        comm.backend.prepare(layout.weights_of(0), config.layers_per_pass * per_layer + (1 << 20), self.max_in_flight)
-        if comm.backend.reserved_bytes:
-            log.info(
-                "vllm-eplb rank %d: %d MB of transfer staging reserved on %s (%d steps in flight)", comm.rank,
-                comm.backend.reserved_bytes >> 20, layout.weights_of(0)[0].device, self.max_in_flight,
-            )
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
         self._aborted_steps: list[InFlightStep] = []  # their messages may still be pending
@@ -244,6 +271,58 @@ class Balancer:
             "syncing": self._post_digest,
         }
         self.machine = attach_machine(self, self._on_transition)
+        agreed = self._check_protocol(shared or {})
+        if isinstance(comm.backend, DeferredBackend):
+            comm.backend = comm.backend.build() if agreed else NoBackend(comm.backend.name)
+        self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
+        if agreed:
+            self._reserve_staging()
+
+    def _check_protocol(self, shared: dict) -> bool:
+        """Compare every field that shapes the protocol with every peer's (core/protocol.py).
+        On a difference, or if the peers cannot be reached, rebalancing is off here, as it
+        is on every rank (each read the same fields): False."""
+        layout, t = self.layout, self.topo
+        shapes = sorted({repr([(tuple(w.shape), str(w.dtype)) for w in layout.weights_of(layer)])
+                         for layer in range(layout.num_layers)})
+        fields = protocol_fields(
+            self.config,
+            protocol=PROTOCOL,
+            ep_size=self.comm.world_size,
+            topology=(f"{t.num_ranks} ranks x {t.slots_per_rank} slots, {t.num_logical} experts, "
+                      f"ranks per node: {t.ranks_per_node or 'all'}, expert groups: {t.num_groups}"),
+            moe_layers=layout.num_layers,
+            weights=" + ".join(shapes),
+            backend=self.comm.backend.name,
+            device=layout.weights_of(0)[0].device.type,
+            clock=self.clock.source,
+            placement=short_digest(self.placement.tobytes()),
+            **shared,
+        )
+        try:
+            everyone = exchange(self.comm.agreement_group, self.comm.world_size, fields)
+        except Exception as exc:  # a peer that never gets here: nothing can be agreed with it
+            self._disable("agreement_timeout", exc)
+            return False
+        diff = differences(everyone)
+        if diff:
+            self._disable("config_mismatch", None, detail=diff)
+            return False
+        return True
+
+    def _reserve_staging(self) -> None:
+        """A step moves at most every local slot of layers_per_pass layers: the staging bound
+        (+ message padding), for every step that can be in flight, reserved now."""
+        layout, comm = self.layout, self.comm
+        per_layer = max(
+            sum(padded(w.numel() * w.element_size()) for w in layout.weights_of(layer)) for layer in range(layout.num_layers)
+        )
+        comm.backend.prepare(layout.weights_of(0), self.config.layers_per_pass * per_layer + (1 << 20), self.max_in_flight)
+        if comm.backend.reserved_bytes:
+            log.info(
+                "vllm-eplb rank %d: %d MB of transfer staging reserved on %s (%d steps in flight)", comm.rank,
+                comm.backend.reserved_bytes >> 20, layout.weights_of(0)[0].device, self.max_in_flight,
+            )
 
     # ------------------------------------------------------------------ public
 
@@ -258,10 +337,7 @@ class Balancer:
 
     def tick(self) -> None:
         """After a forward pass: process it. Never raises: failures end the cycle."""
-        if self._clock is None:
-            self._run(self.pass_no + 1)
-            return
-        now = self._clock()
+        now = self.clock.now()
         if now <= self.pass_no:
             self.stats.extra_ticks += 1  # no forward pass since the last tick
             self._skewed = True
@@ -271,10 +347,11 @@ class Balancer:
     def catch_up(self) -> None:
         """Before a forward pass: process every pass that ran without its tick, so what
         was decided for them is in force before this pass runs. Cheap when up to date."""
-        if self._clock is not None and self._clock() > self.pass_no:
+        now = self.clock.now()
+        if now > self.pass_no:
             self.stats.missed_ticks += 1  # the last pass's tick never came
             self._skewed = True
-            self._catch_up_to(self._clock())
+            self._catch_up_to(now)
 
     def report_fault(self, reason: str, exc: BaseException) -> None:
         """A failure outside tick() (metrics, hooks): it ends the cycle through the next vote."""
@@ -284,7 +361,7 @@ class Balancer:
         """New weights are being written into the expert slots (a weight update), between
         two forward passes. Called by every rank at the same point of its pass sequence,
         as often as the update's writes like: one pass counts one update."""
-        now = self._clock() if self._clock is not None else self.pass_no
+        now = self.clock.now()
         if now != self._weights_pass:
             self._weights_pass = now
             self.stats.weight_updates += 1
@@ -314,7 +391,7 @@ class Balancer:
             self.engine.finish(step)
             if self.comm.world_size > 1:
                 # every rank's data is in before any rank overwrites a slot a peer may read
-                dist.barrier(group=self.comm.agreement_group)
+                dist.barrier(group=self.agreement.group)
             self.engine.commit(step)
             self.layout.maps.write_layer(layer, new_placement[layer], self.topo)
             self.placement[layer] = new_placement[layer]
@@ -346,31 +423,37 @@ class Balancer:
                 self._tick_transferring(p)
             else:
                 self._tick_phase(p)
-        except (AgreementError, PassMismatch) as exc:
+        except (AgreementError, ProtocolMismatch) as exc:
             self._lost_agreement(exc)
         except Exception as exc:
             self._fault(Fault.INTERNAL_ERROR, exc)
             if self.phase in self._post or self.phase in self._on_round or self.phase == "transferring":
                 try:
                     self._tick_transferring(p) if self.phase == "transferring" else self._tick_phase(p)
-                except (AgreementError, PassMismatch) as again:
+                except (AgreementError, ProtocolMismatch) as again:
                     self._lost_agreement(again)
                 except Exception as again:
                     self._disable("internal_error", again)
 
     def _lost_agreement(self, exc: Exception) -> None:
-        if isinstance(exc, PassMismatch):
-            # Read identically by every rank: they run different schedules (configs).
-            self._disable("pass_mismatch", exc)
+        if isinstance(exc, ProtocolMismatch):
+            # Read identically by every rank: they disagree about the protocol itself.
+            self._disable(exc.reason, None, detail=str(exc))
         else:
-            # The round cannot be read: its result is unknown here, and may be known
-            # elsewhere. The group is not used again; peers time out at their next read.
-            self._disable("agreement_timeout", exc)
+            # The round failed, and so it did on every rank (see agreement.py), read at this
+            # same pass: end the cycle here; its group's connections are gone, so build a
+            # new one, ready long before the next cycle's first round.
+            self._abort("agreement_timeout", detail=f"{type(exc).__name__}: {exc}")
+            self.agreement.rebuild()
 
     # ------------------------------------------------------------------ states
 
     def _tick_idle(self, p: int) -> None:
         if p >= self.next_cycle_at and self.enabled:
+            try:
+                self.agreement.wait_rebuilt()  # after a failed round: the new group, before any round
+            except AgreementError as exc:
+                return self._disable("agreement_timeout", exc)
             self.stats.cycles_started += 1
             self._cycles += 1
             self.cycle = Cycle(self._cycles, p)
@@ -432,17 +515,25 @@ class Balancer:
         if load is None:
             load = torch.zeros(self.layout.pass_load.shape, dtype=torch.int64)
             per_pass = torch.zeros(self._per_pass_shape, dtype=torch.int64)
-        # Every rank's fault code rides along at its own index: the SUM hands every rank all of them.
-        faults = torch.zeros(self.comm.world_size, dtype=torch.int64)
-        faults[self.comm.rank] = self._take_fault()
-        sent = torch.cat([load.reshape(-1), per_pass.reshape(-1), faults])
+        # Every rank's fault code, pass number and clock offset ride along at its own index:
+        # the SUM hands every rank all of them.
+        n, me = self.comm.world_size, self.comm.rank
+        tail = torch.zeros(LOAD_TAIL * n, dtype=torch.int64)
+        tail[me], tail[n + me], tail[2 * n + me] = self._take_fault(), p, self.clock.offset()
+        sent = torch.cat([load.reshape(-1), per_pass.reshape(-1), tail])
         c.round = self.agreement.post(sent, p, op=dist.ReduceOp.SUM)
+        c.round.sent = {"clock": int(tail[2 * n + me])}
 
     def _read_load(self, p: int, r: Round) -> None:
         c = self.cycle
         value = r.result()
         n = self.comm.world_size
-        worst = int(value[-n:].max())
+        faults, passes, clocks = value[-LOAD_TAIL * n:].reshape(LOAD_TAIL, n)
+        if not bool((passes == r.posted_at).all()):
+            raise ProtocolMismatch("pass_mismatch", f"load round posted at pass {r.posted_at} here was posted at passes {passes.tolist()} by ranks 0..{n - 1}")
+        if not bool((clocks == clocks[0]).all()):
+            raise ProtocolMismatch("clock_mismatch", self._clock_detail(r.posted_at, f"by ranks 0..{n - 1}: {clocks.tolist()}", r.sent["clock"]))
+        worst = int(faults.max())
         if worst:
             return self._end_on_fault(worst)
         # Decided from the round alone, so every rank moves on here; the local work
@@ -455,7 +546,7 @@ class Balancer:
             observed = balancedness_of(observed_rank_loads(physical, self.topo))
             self.stats.balancedness_observed = observed
             self.stats.observed_history.append((c.window_end, observed))
-            passes = pass_figures(value[size:-n].reshape(self._per_pass_shape).numpy())
+            passes = pass_figures(value[size : -LOAD_TAIL * n].reshape(self._per_pass_shape).numpy())
             self.stats.balancedness_pass = passes.pass_balancedness
             self.stats.straggler_share = passes.straggler_share
             log.info(
@@ -559,8 +650,12 @@ class Balancer:
             v = self._read_votes(r, p)
             if v is None:
                 return
-            if not v.first_seq[1]:
-                raise PassMismatch(f"commit vote posted at pass {r.posted_at} names other steps on other ranks")
+            if not (v.first_seq[1] and v.layers[1]):
+                raise ProtocolMismatch(
+                    "step_mismatch",
+                    f"commit vote posted at pass {r.posted_at} names other steps or other layers on other ranks "
+                    f"(here: {r.sent['steps']})",
+                )
             first = v.first_seq[0]
             ready = {first + i for i in range(MAX_IN_FLIGHT) if getattr(v, f"ready{i}")}
             # after a weight update nothing commits: the steps' data predates it, and the
@@ -630,7 +725,9 @@ class Balancer:
         first = c.inflight[0].seq
         ready = {f"ready{s.seq - first}": s.prepared for s in c.inflight}
         ready.update({f"ready{i}": False for i in range(MAX_IN_FLIGHT) if f"ready{i}" not in ready})
-        c.votes.append(self._post_vote(COMMIT, p, first_seq=first, **ready))
+        vote = self._post_vote(COMMIT, p, first_seq=first, layers=layers_digest(c.inflight), **ready)
+        vote.sent["steps"] = [(s.seq, s.layers) for s in c.inflight]
+        c.votes.append(vote)
 
     def _commit(self, c: Cycle, step: Step) -> None:
         """Every rank voted this step prepared: copies only, weights then maps, on this
@@ -664,26 +761,32 @@ class Balancer:
         self.cycle.round = self._post_vote(layout, p, **values)
 
     def _post_vote(self, layout: VoteLayout, p: int, **values) -> Round:
-        values.update(fault=self._take_fault(), skew=self._skewed, weights=self.stats.weight_updates)
+        values.update(
+            fault=self._take_fault(), skew=self._skewed, clock=self.clock.offset(), weights=self.stats.weight_updates
+        )
         self._skewed = False
         return self.agreement.vote(layout, values, p)
 
     def _read_votes(self, r: Round, p: int):
         """A vote round's fields, after the checks every vote gets: posted at one pass
-        everywhere, tick skew reported, a fault ends the cycle (then None)."""
+        everywhere, pass clocks that agree, tick skew reported, a fault ends the cycle
+        (then None)."""
         v = r.votes()
         if not v.pass_no[1]:
-            raise PassMismatch(f"round posted at pass {r.posted_at} on this rank was posted at another pass elsewhere")
+            raise ProtocolMismatch(
+                "pass_mismatch", f"round posted at pass {r.posted_at} on this rank was posted at another pass elsewhere"
+            )
+        if not v.clock[1]:
+            raise ProtocolMismatch("clock_mismatch", self._clock_detail(r.posted_at, f"from {v.clock[0]} to {v.clock[2]} across ranks", r.sent["clock"]))
         if v.skew:
             self._report_skew(p)
         if not v.weights[1]:
-            log.error(
-                "EPLB rank %d pass %d: ranks applied a weight update at different forward passes (%d here); a step "
-                "may have been committed on some ranks only. Pause generation on every engine around weight updates",
-                self.comm.rank, p, self.stats.weight_updates,
+            raise ProtocolMismatch(
+                "weight_update_skew",
+                f"ranks applied weight updates at different forward passes ({v.weights[0]} to {v.weights[2]} updates "
+                f"across ranks, {self.stats.weight_updates} here): a step may have been committed on some ranks only; "
+                "pause generation on every engine around a weight update",
             )
-            self._disable("weight_update_skew", None, detail=f"{self.stats.weight_updates} updates on rank {self.comm.rank}")
-            return None
         if v.fault:
             self._end_on_fault(v.fault)
             return None
@@ -736,6 +839,12 @@ class Balancer:
         if code.disables:
             return self._disable(code.reason, None, rank=rank, detail=detail)
         self._abort(code.reason, rank=rank, detail=detail)
+
+    def _clock_detail(self, posted_at: int, spread: str, mine: int) -> str:
+        return (
+            f"a rank's pass count drifted: in the round posted at pass {posted_at}, runner passes - MoE-layer passes "
+            f"{spread}, {mine} on this rank (clock: {self.clock.source})"
+        )
 
     def _report_skew(self, p: int) -> None:
         self.stats.skew_rounds += 1

@@ -62,7 +62,9 @@ class BalancerConfig(BaseModel):
         60.0,
         gt=0,
         le=MAX_TIMEOUT_S,
-        description="Longest a rank waits for an agreement round before declaring the group broken.",
+        description="Longest one rank may lag its peers at an agreement round (a slow pass, a pause): the round "
+        "waits that long; past it the round fails on every rank, the cycle ends there and the next cycle runs on "
+        "a rebuilt agreement group.",
     )
     planning_timeout_s: float = Field(
         60.0, gt=0, le=MAX_TIMEOUT_S, description="A plan not ready on every rank after this long aborts the cycle."
@@ -101,3 +103,28 @@ class BalancerConfig(BaseModel):
                 "a round would be read after the next cycle began"
             )
         return self
+
+
+# Every key, by whether it shapes the cross-rank protocol. PROTOCOL_KEYS change a schedule
+# (when rounds are posted and read), a step (which layers move together), a vote (what a rank
+# votes) or a plan: every rank of the EP group must hold the same values, and the balancer
+# checks that at start-up (core/protocol.py). LOCAL_KEYS only change what one rank does on
+# its own. tests/test_config.py checks that every key is in exactly one of them.
+PROTOCOL_KEYS = (
+    "window_size",
+    "step_interval",
+    "agreement_lag",
+    "layers_per_pass",
+    "improvement_threshold",
+    "policy",
+    "min_move_tolerance",
+    "agreement_timeout_s",
+    "planning_timeout_s",
+    "transfer_timeout_s",
+    "planner_max_restarts",
+)
+LOCAL_KEYS = (
+    "planner",  # where this rank computes the plan (the plan is the same)
+    "stall_warning_windows",  # this rank's warning
+    "record_placement_path",  # written by rank 0 only
+)

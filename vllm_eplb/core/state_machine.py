@@ -62,7 +62,7 @@ DECIDED_BY = {
     "start_transfer": "digest round: same plan everywhere, worth moving; first step started",
     "next_layer": "commit round: every rank voted a step ready; its layers committed, more to move",
     "finish": "commit round: every rank voted the last steps ready; their layers committed",
-    "abort": "any round carrying a fault (planner, transfer, timeout, bug) from any rank",
+    "abort": "any round carrying a fault (planner, transfer, timeout, bug) from any rank, or failing on every rank (a rank lagged past agreement_timeout_s)",
 }
 
 SEPARATOR = "_"

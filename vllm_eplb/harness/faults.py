@@ -1,8 +1,9 @@
 """Fault doubles: what can go wrong on one rank, injected into a real balancer.
 
-Each fault names the rank it hits and when (a pass, or a cycle), and is installed by
-wrapping the real component on that rank only (policy, backend, planner, window,
-engine, maps, agreement), so everything around it runs unchanged.
+Each fault names the rank it hits (or a tuple of ranks, hit alike) and when (a pass, or a
+cycle), and is installed by wrapping the real component on that rank only (policy,
+backend, planner, window, engine, maps, agreement) or by the driver (ticks, the runner's
+pass count, a slow pass, a config that differs), so everything around it runs unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ RAISE_POINTS = {
 }
 
 
+def hits(spec, rank: int) -> bool:
+    """Does a fault spec (its first item: a rank or a tuple of ranks) hit `rank`?"""
+    if spec is None:
+        return False
+    who = spec[0] if isinstance(spec, tuple) else spec
+    return rank in who if isinstance(who, (tuple, list)) else who == rank
+
+
 @dataclass
 class Faults:
     planner_error: tuple[int, int] | None = None  # (rank, call): the policy raises on that call on that rank
@@ -42,6 +51,7 @@ class Faults:
     slow_once: bool = False  # slow_planner sleeps in the first plan only (of this run)
     divergent_plan: int | None = None  # rank whose policy returns a different (valid) plan
     config_override: tuple[int, dict] | None = None  # (rank, BalancerConfig fields) differing on that rank
+    setup_override: tuple[int, dict] | None = None  # (rank, HarnessConfig fields: redundant, backend, ...) differing there
     slow_transfer: tuple[int, int] | None = None  # (rank, polls): each step reports not done for that many polls
     # Faults timed by a phase: they fire once, after the first forward pass this rank
     # runs in that phase (e.g. "planning_waiting") during cycle 1.
@@ -50,6 +60,12 @@ class Faults:
     metrics_error: tuple[int, str] | None = None  # (rank, phase): the metrics exporter raises then
     raise_at: tuple[int, str, int, str, int] | None = None  # (rank, RAISE_POINTS key, cycle, "error" | "oom", nth call)
     late_round: tuple[int, int, float] | None = None  # (rank, n, seconds): this rank posts its n-th round late
+    # the runner's pass count misses that pass (a forward path that bypasses prepare_forward)
+    uncounted_pass: tuple[int, str] | None = None  # (rank, phase)
+    slow_pass: tuple[int, str, float] | None = None  # (rank, phase, seconds): that pass takes this much longer
+    # (rank, n): after the start-up check, this rank moves n layers per step (a bug the check
+    # cannot see: its steps hold other layers than its peers')
+    step_layers_after_start: tuple[int, int] | None = None
     # (ranks, phase, rewrite, k): new weights on those ranks after their (k+1)-th pass in that
     # phase of cycle 1, written into the slots of the placement in force (rewrite) or only announced
     weight_update: tuple[tuple[int, ...], str, bool, int] | None = None
@@ -59,7 +75,7 @@ class PhaseTrigger:
     """Fires once for (rank, phase) faults: the first pass this rank runs in `phase` in cycle 1."""
 
     def __init__(self, spec, rank: int):
-        self.phase = spec[1] if spec is not None and spec[0] == rank else None
+        self.phase = spec[1] if hits(spec, rank) else None
         self.fired_at = None
 
     def fires(self, balancer: Balancer) -> bool:
@@ -152,16 +168,16 @@ class DivergentPolicy(Policy):
 
 
 def wrap_policy(policy: Policy, faults: Faults, rank: int) -> Policy:
-    if faults.planner_error and faults.planner_error[0] == rank:
+    if hits(faults.planner_error, rank):
         policy = FailingPolicy(policy, faults.planner_error[1])
-    if faults.slow_planner and faults.slow_planner[0] == rank:
+    if hits(faults.slow_planner, rank):
         marker = None
         if faults.slow_once:
             import tempfile
 
             marker = os.path.join(tempfile.mkdtemp(prefix="eplb-slow-"), "planned")
         policy = SlowPolicy(policy, faults.slow_planner[1], marker)
-    if faults.divergent_plan == rank:
+    if hits(faults.divergent_plan, rank):
         policy = DivergentPolicy(policy)
     return policy
 
@@ -229,8 +245,25 @@ class WrappedBackend(TransferBackend):
         self.inner.close()
 
 
+class StepLog(WrappedBackend):
+    """Records what every step this rank started carried: (cycle, layers, experts sent,
+    experts received), so a verdict can tell what a faulted step held."""
+
+    def __init__(self, inner: TransferBackend, balancer_ref: list):
+        super().__init__(inner, lambda h: h)
+        self.balancer_ref = balancer_ref
+        self.steps: list[tuple[int, list[int], int, int]] = []
+
+    def start(self, jobs, rank):
+        parts = [j.plan.part(rank) for j in jobs]
+        cycle = self.balancer_ref[0].stats.cycles_started if self.balancer_ref else 0
+        self.steps.append((cycle, [j.plan.layer for j in jobs], sum(len(t.experts) for p in parts for t in p.sends),
+                           sum(len(t.experts) for p in parts for t in p.recvs)))
+        return self.inner.start(jobs, rank)
+
+
 def wrap_backend(backend: TransferBackend, faults: Faults, rank: int, balancer_ref: list) -> TransferBackend:
-    if faults.transfer_error and faults.transfer_error[0] == rank:
+    if hits(faults.transfer_error, rank):
         _, cycle, step = faults.transfer_error
         seen: dict[int, int] = {}
 
@@ -240,7 +273,7 @@ def wrap_backend(backend: TransferBackend, faults: Faults, rank: int, balancer_r
             return FailingHandle(handle) if (c, seen[c]) == (cycle, step) else handle
 
         backend = WrappedBackend(backend, failing)
-    if faults.slow_transfer and faults.slow_transfer[0] == rank:
+    if hits(faults.slow_transfer, rank):
         polls = faults.slow_transfer[1]
         backend = WrappedBackend(backend, lambda h: SlowHandle(h, polls))
     return backend
@@ -251,7 +284,7 @@ def wrap_backend(backend: TransferBackend, faults: Faults, rank: int, balancer_r
 
 def install(balancer: Balancer, faults: Faults, rank: int) -> None:
     """Wrap this rank's balancer components for the faults that hit it."""
-    if faults.raise_at and faults.raise_at[0] == rank:
+    if hits(faults.raise_at, rank):
         _, point, cycle, kind, nth = faults.raise_at
         owner_name, method = RAISE_POINTS[point]
         fired, calls = [], [0]
@@ -281,9 +314,11 @@ def install(balancer: Balancer, faults: Faults, rank: int) -> None:
         else:
             owner = balancer.layout.maps if owner_name == "maps" else getattr(balancer, owner_name)
             setattr(owner, method, wrap(getattr(owner, method)))
-    if faults.late_round and faults.late_round[0] == rank:
+    if hits(faults.late_round, rank):
         _, n, seconds = faults.late_round
         _delay_round(balancer, n, seconds)
+    if hits(faults.step_layers_after_start, rank):
+        balancer.config = balancer.config.model_copy(update={"layers_per_pass": faults.step_layers_after_start[1]})
 
 
 class _LateWork:
@@ -329,7 +364,8 @@ def _delay_round(balancer: Balancer, n: int, seconds: float) -> None:
         if count[0] != n:
             return original(values, pass_no, op, layout)
         tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
-        work = _LateWork(lambda: dist.all_reduce(tensor, op=op, group=agreement.group, async_op=True), seconds)
+        group = agreement.group  # the group of the post, not one rebuilt since
+        work = _LateWork(lambda: dist.all_reduce(tensor, op=op, group=group, async_op=True), seconds)
         return Round(tensor, work, pass_no, pass_no + agreement.lag, agreement, layout)
 
     agreement.post = post_late

@@ -1,25 +1,28 @@
 """Run the balancer across N processes joined by a real gloo process group.
 
 Each rank drives a ToyMoE through many forward passes and ticks its Balancer the
-way a model runner does: `catch_up()` and the pass clock advance before every
-forward pass, `tick()` after it. The shared rig does the rest: `launcher` starts
-the ranks, `checks.InvariantChecker` checks on every pass (or every `check_every`)
-that maps agree across ranks, every slot holds what its map names and probe
-outputs never change, and `faults` injects a failure on one rank.
+way vLLM's model runner does: `catch_up()` before every forward pass, the runner's
+pass count advanced as the pass starts (`prepare_forward`'s place), the pass (whose
+first MoE layer advances the model's ForwardCounter, the clock's other count),
+`tick()` after it. The shared rig does the rest: `launcher` starts the ranks,
+`checks.InvariantChecker` checks right before every forward pass (or every
+`check_every`), after `catch_up()`, so with the maps that pass routes with, that maps
+agree across ranks, every slot holds what its map names and probe outputs never
+change; and `faults` injects a failure on one rank.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, Topology, new_gloo_group
+from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group
 from vllm_eplb.core.policies import get_policy
-from vllm_eplb.core.transfer import GlooBackend, TransferBackend
+from vllm_eplb.core.transfer import DeferredBackend, GlooBackend, TransferBackend
 from vllm_eplb.core.transfer.gpu import P2PBackend
 
 from . import faults as fault_doubles
@@ -67,8 +70,8 @@ class RankReport:
     events: dict = field(default_factory=dict)  # what the fault doubles did
 
 
-class PassClock:
-    """Forward passes started on this rank: the balancer's shared pass number."""
+class RunnerCount:
+    """Forward passes this rank's driver started: the runner's count of the pass clock."""
 
     def __init__(self):
         self.count = 0
@@ -78,8 +81,11 @@ class PassClock:
 
 
 def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
+    started = time.monotonic()
     f = cfg.faults
-    overrides = f.config_override[1] if f.config_override and f.config_override[0] == rank else {}
+    if fault_doubles.hits(f.setup_override, rank):
+        cfg = replace(cfg, **f.setup_override[1])
+    overrides = f.config_override[1] if fault_doubles.hits(f.config_override, rank) else {}
     bcfg = BalancerConfig(**{**cfg.balancer, **overrides})
     topo = Topology(world, cfg.logical, cfg.logical + cfg.redundant, cfg.ranks_per_node)
     ranks = list(range(world))
@@ -90,17 +96,24 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
 
     policy = fault_doubles.wrap_policy(get_policy(bcfg.policy), f, rank)
     balancer_ref: list[Balancer] = []
-    raw_backend: TransferBackend = (
-        GlooBackend(transfer_group, stage_on_cpu=cfg.cpu_staging) if cfg.backend == "gloo" else P2PBackend(transfer_group)
-    )
-    backend = fault_doubles.wrap_backend(raw_backend, f, rank, balancer_ref)
+    built: dict = {}
+
+    def build_backend() -> TransferBackend:  # once the ranks agreed on it (its set-up is collective)
+        raw = GlooBackend(transfer_group, stage_on_cpu=cfg.cpu_staging) if cfg.backend == "gloo" else P2PBackend(transfer_group)
+        built.update(raw=raw, log=fault_doubles.StepLog(raw, balancer_ref))
+        built["wrapped"] = fault_doubles.wrap_backend(built["log"], f, rank, balancer_ref)
+        return built["wrapped"]
+
+    backend = DeferredBackend("gloo" if cfg.backend == "gloo" else P2PBackend.name, build_backend)
     ticks = fault_doubles.TickSchedule(f, rank)
     kill = fault_doubles.PhaseTrigger(f.kill_planner, rank)
     metrics_error = fault_doubles.PhaseTrigger(f.metrics_error, rank)
+    uncounted = fault_doubles.PhaseTrigger(f.uncounted_pass, rank)
+    slow = fault_doubles.PhaseTrigger(f.slow_pass, rank)
     weight_update = fault_doubles.WeightUpdateTrigger(f.weight_update, rank)
-    clock = PassClock()
+    runner = RunnerCount()
     layout = MoELayout(topo, cfg.layers, model.pass_load, model.maps, model.weights_of)
-    balancer = Balancer(bcfg, layout, Comm(rank, world, agreement_group, backend), policy, clock=clock)
+    balancer = Balancer(bcfg, layout, Comm(rank, world, agreement_group, backend), policy, clock=PassClock(runner, model.pass_counter))
     balancer_ref.append(balancer)
     fault_doubles.install(balancer, f, rank)
     events: dict = {}
@@ -110,18 +123,27 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     balancer.planner.ready.result()
     dist.barrier()
     probe = workload.probe()
-    checker = InvariantChecker(model.maps, model.slot_mismatches, lambda: model.forward(probe, record=False), world)
+    # the probe is the rig's instrument, not a pass: it advances no count
+    checker = InvariantChecker(model.maps, model.slot_mismatches, lambda: model.forward(probe, record=False, count=False), world)
     tick_us: dict[str, list[float]] = {}
     max_wait = 0.0
     for p in range(1, cfg.passes + 1):
         state = balancer.state
         t0 = time.perf_counter()
         balancer.catch_up()  # what a missed tick decided is in force before this pass
-        clock.count += 1
         spent = time.perf_counter() - t0
+        if p % cfg.check_every == 0:
+            checker.check(p)  # the maps and weights this pass routes with
+        if uncounted.fires(balancer):
+            events["uncounted_pass"] = p  # a forward path that bypasses the runner's count
+        else:
+            runner.count += 1
         model.forward(workload.batch(p))
         if cfg.pass_sleep_s:
             time.sleep(cfg.pass_sleep_s)
+        if slow.fires(balancer):
+            events["slow_pass"] = p
+            time.sleep(f.slow_pass[2])
         t0 = time.perf_counter()
         for _ in range(ticks.ticks(balancer)):
             balancer.tick()
@@ -141,22 +163,23 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
             events["weight_update"] = p
             if weight_update.rewrite:
                 checker.new_reference()  # every rank updates at this pass (a collective)
-        if p % cfg.check_every == 0:
-            checker.check(p)
     stats = {k: v for k, v in vars(balancer.stats).items() if k != "history"}
     stats["disabled_reason"] = balancer.disabled_reason
     stats["agreement"] = {
         "rounds": balancer.agreement.stats.rounds,
         "late": balancer.agreement.stats.late_rounds,
         "wait_max_s": balancer.agreement.stats.wait_seconds_max,
+        "rebuilds": balancer.agreement.rebuilds,
     }
     stats["planner_alive"] = balancer.planner.alive()
-    arena = raw_backend.staging
+    stats["wall_s"] = time.monotonic() - started
+    arena = built["raw"].staging if built else None
     if arena is not None and arena.regions:
         stats["staging"] = {"regions": len(arena.regions), "fallbacks": arena.fallbacks, "reserved": arena.reserved_bytes,
-                            "reserved_seen": backend.reserved_bytes}
+                            "reserved_seen": built["wrapped"].reserved_bytes}
     if ticks.trigger.fired_at is not None:
         events["tick_offset"] = ticks.trigger.fired_at
+    events["steps"] = built["log"].steps if built else []
     report = RankReport(
         rank,
         list(balancer.stats.history),

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vllm_eplb.core.pass_clock import ForwardCounter
 from vllm_eplb.core.placement import RoutingMaps, Topology, default_placement
 
 MOD = 17  # activations live in [-8, 8]
@@ -44,6 +45,7 @@ class ToyMoE:
         placement = default_placement(topo, num_layers)
         self.maps = RoutingMaps.allocate(placement, topo)
         self.pass_load = torch.zeros((num_layers, topo.num_physical), dtype=torch.int64)
+        self.pass_counter = ForwardCounter()  # runs of the first MoE layer, advanced by its router
         s = topo.slots_per_rank
         self.weights = [
             torch.stack([expert_weight(seed, layer, int(e), dim) for e in placement[layer, rank * s : (rank + 1) * s]])
@@ -64,13 +66,17 @@ class ToyMoE:
         logits = logits + torch.arange(self.topo.num_logical, dtype=torch.float64) * 1e-6
         return torch.topk(logits, self.top_k, dim=-1).indices
 
-    def forward(self, h: torch.Tensor, record: bool = True) -> torch.Tensor:
-        """h: (tokens, dim) integer-valued float64; returns the same shape."""
+    def forward(self, h: torch.Tensor, record: bool = True, count: bool = True) -> torch.Tensor:
+        """h: (tokens, dim) integer-valued float64; returns the same shape. `count`: the
+        first layer's router advances `pass_counter`, as vLLM's does (the rig's probe
+        passes, which are no serving passes, do not)."""
         s = self.topo.slots_per_rank
         first = self.rank * s
         token_idx = torch.arange(h.shape[0])
         h0 = h
         for layer in range(self.num_layers):
+            if layer == 0 and count:
+                self.pass_counter.advance()
             experts = self.route(layer, h0)  # (T, k)
             # replica chosen by token index, as vLLM's router does
             count = self.maps.replica_count[layer][experts]  # (T, k)

@@ -19,7 +19,7 @@ from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vllm_eplb.core.config import BalancerConfig
+from vllm_eplb.core.config import PROTOCOL_KEYS, BalancerConfig
 from vllm_eplb.core.policies import broken_reason, policy_names
 from vllm_eplb.kernels.replica_dispatch import DEFAULT as DEFAULT_DISPATCH, DISPATCHES
 
@@ -68,6 +68,16 @@ UPSTREAM: dict[str, tuple[str, str]] = {
     ),
 }
 UPSTREAM_KEYS = tuple(UPSTREAM)
+
+# Keys every rank of the EP group must read alike, compared at start-up (a difference: no rank
+# balances, `config_mismatch`): the core's protocol keys, and those the integration turns into
+# the topology, the backend and the start-up placement (the file's placement is compared, not
+# its path).
+SHARED_KEYS = (
+    *PROTOCOL_KEYS, "num_redundant_experts", "communicator", "transfer_backend", "initial_placement_path",
+    "replica_dispatch",  # a token goes to one replica: every rank must choose it alike
+    "verify_slots",  # its start-up gather is collective
+)
 
 _COMMUNICATOR_BACKEND = {"torch_gloo": "gloo", "torch_nccl": "nccl", "pynccl": "nccl"}
 _DEFAULT_POLICY = "min-move"  # vllm-eplb's choice when the key is absent
@@ -353,6 +363,8 @@ def reference_markdown() -> str:
         desc = f.description or ""
         if bounds:
             desc += f" ({bounds})"
+        if name in SHARED_KEYS:
+            desc += " Same on every rank (checked at start-up)."
         rows.append(f"| `{name}` | {ann} | `{json.dumps(f.default)}` | {origin}: {desc} |")
     return "\n".join(rows)
 

@@ -7,14 +7,24 @@ device)`, then `add_model(model, model_config)` after the weights are loaded,
 log_stats)` after each pass, dummy passes included. This class keeps that
 interface and drives the vllm-eplb `Balancer` instead: `step` is one `tick()`.
 
-The pass clock is the number of forward passes this runner started, counted where
-they start: `prepare_forward` (every real pass of the V1 runner, generate, pooling
-and every pipeline stage alike) and `dummy_pass` (the runner's dummy passes: DP
-padding on idle ranks, warm-up). The MoE collectives pair the k-th forward pass of
-every rank of the EP group, so this count is the same on every rank at the same
-pass. Before each pass the balancer catches up on passes whose `step` never came
-(pooling models and non-last pipeline stages never call it), so what was decided
-for pass p is in force before pass p + 1 on every rank.
+The pass clock (core/pass_clock.py) has two counts. The runner's: forward passes
+this runner started, counted where they start: `prepare_forward` (every real pass of
+the V1 runner, generate, pooling and every pipeline stage alike) and `dummy_pass`
+(the runner's dummy passes: DP padding on idle ranks, warm-up). The MoE layers': the
+first balanced layer's router advances a ForwardCounter every time it runs
+(`advance_if_first_layer`, called by vllm-eplb's torch map-and-record). The MoE
+collectives pair the k-th forward pass of every rank of the EP group, so the layers'
+count is the same on every rank at the same pass whatever path ran it. Where that
+router runs (CPU) the layers' count is the schedule and the runner's checks it;
+where vLLM's Triton kernel routes (GPU), nothing advances the counter yet, and the
+runner's count is the schedule, unchecked. Before each pass the balancer catches up
+on passes whose `step` never came (pooling models and non-last pipeline stages never
+call it), so what was decided for pass p is in force before pass p + 1 on every rank.
+
+At start-up every rank compares the protocol's fields with its peers (the core's, plus
+this integration's: the eplb.json keys behind the topology and the backend, and the
+placement of `initial_placement_path`); on a difference none balances
+(`config_mismatch`) and serving goes on.
 """
 
 from __future__ import annotations
@@ -29,9 +39,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vllm_eplb.core import Balancer, Comm, MoELayout, RoutingMaps, Topology, default_placement, new_gloo_group
+from vllm_eplb.core import (
+    Balancer, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement, new_gloo_group,
+)
 from vllm_eplb.core import records
+from vllm_eplb.core.protocol import short_digest
 from vllm_eplb.core.slot_check import SlotVerifier
+from vllm_eplb.core.transfer import DeferredBackend
 from vllm_eplb.core.transfer.select import make_backend
 from vllm_eplb.kernels import replica_dispatch
 
@@ -86,6 +100,7 @@ class VllmEplbState:
         self._metrics_failures = 0
         self.verifier: SlotVerifier | None = None  # verify_slots: every committed layer checked
         self._verified: np.ndarray | None = None  # the placement the verifier last checked
+        self.layer_counter: ForwardCounter | None = None
         self.placed: weight_updates.PlacedModel | None = None  # how weight updates reach the slots
 
     # ---- called by the runner once the weights are loaded
@@ -97,7 +112,6 @@ class VllmEplbState:
             return
         cfg = self.config = self._resolve_config()
         bcfg = cfg.balancer_config()
-        replica_dispatch.select(cfg.replica_dispatch)  # before the first forward pass (and any graph capture)
         # Each group times out on its own bound: a round wait is agreement_timeout_s at most.
         ep, (agreement_group, transfer_group) = _ep_subgroups([bcfg.agreement_timeout_s, bcfg.transfer_timeout_s])
         layers = model.num_moe_layers
@@ -106,20 +120,34 @@ class VllmEplbState:
         maps = RoutingMaps.allocate(placement, topo, self.device)
         pass_load = torch.zeros((layers, topo.num_physical), dtype=torch.int32, device=self.device)
         model.set_eplb_state(pass_load, maps.log2phy, maps.replica_count)
-        self._share_layer_tensors(model)
+        ubatches = self._share_layer_tensors(model)
+        clock = self._pass_clock(pass_load, ubatches)
 
         weights = model.expert_weights  # [layer][tensor], each (local slots, -1), aliasing the parameters
         layout = MoELayout(
             topo, layers, pass_load, maps, lambda layer: list(weights[layer]),
             record_flag=self.should_record, max_pass_tokens=_max_pass_tokens(model_config),
         )
-        backend = make_backend(
+        # built by the balancer once every rank agreed on it: its set-up is collective
+        backend = DeferredBackend(cfg.resolved_backend(), lambda: make_backend(
             cfg.resolved_backend(), self.device, topo, ep.rank_in_group, layout.weights_of, layers,
             gloo_group=transfer_group, cpu_group=agreement_group,
             nccl_group=lambda: _ep_subgroups([bcfg.transfer_timeout_s], backend="nccl")[1][0],
+        ))
+        rec = None
+        if cfg.initial_placement_path:
+            rec = records.load(cfg.initial_placement_path)
+            records.check_matches(rec, cfg.initial_placement_path, layers, topo.num_logical, topo.num_physical, topo.num_ranks)
+        # what the core cannot see: eplb.json's keys as this host read them (the rest it compares itself)
+        shared = dict(
+            num_redundant_experts=cfg.num_redundant_experts,
+            initial_placement=short_digest(rec.placement.tobytes()) if rec is not None else "none",
+            # every rank must pick a token's replica alike, and the verifier's start-up gather is collective
+            replica_dispatch=cfg.replica_dispatch,
+            verify_slots=cfg.verify_slots,
         )
         self.balancer = Balancer(
-            bcfg, layout, Comm(ep.rank_in_group, ep.world_size, agreement_group, backend), clock=lambda: self.forwards
+            bcfg, layout, Comm(ep.rank_in_group, ep.world_size, agreement_group, backend), clock=clock, shared=shared
         )
         atexit.register(self.shutdown)  # the planner process and the backend's threads
         balancer = self.balancer
@@ -128,15 +156,17 @@ class VllmEplbState:
             balancer.weights_changed, _dummy_load(),
         )
         weight_updates.register(self)
-        if cfg.verify_slots:
+        # Before the first forward pass (and any graph capture). Every rank must route a token to
+        # the same replica: where the start-up check found configs that differ, every rank (it
+        # fails alike everywhere) keeps vLLM's own hash dispatch.
+        replica_dispatch.select(cfg.replica_dispatch if self.balancer.enabled else "hash")
+        if cfg.verify_slots and self.balancer.enabled:  # enabled alike on every rank: the start-up check passed
             self.verifier = SlotVerifier(layout.weights_of, layers, self.balancer.placement, topo, ep.rank_in_group, agreement_group)
             self._verified = self.balancer.placement.copy()
             if self.verifier.replicas_disagreeing:
                 log.error("vllm-eplb: verify_slots: replicas already differ at start-up (layer, expert): %s",
                           self.verifier.replicas_disagreeing[:8])
-        if cfg.initial_placement_path:
-            rec = records.load(cfg.initial_placement_path)
-            records.check_matches(rec, cfg.initial_placement_path, layers, topo.num_logical, topo.num_physical, topo.num_ranks)
+        if rec is not None and self.balancer.enabled:  # every rank holds the same record (checked above)
             moved = self.balancer.rebalance_now(rec.placement)
             log.info("vllm-eplb: started on the placement of %s (%d layers moved)", cfg.initial_placement_path, moved)
             if self.verifier is not None:
@@ -149,7 +179,7 @@ class VllmEplbState:
             self.metrics.update(self.balancer)
         log.info(
             "vllm-eplb: EP rank %d/%d, %d MoE layers, %d logical experts in %d slots (%d per rank), policy %s, "
-            "window %d passes every %d, backend %s, replica dispatch %s",
+            "window %d passes every %d, backend %s, replica dispatch %s, pass clock %s",
             ep.rank_in_group,
             ep.world_size,
             layers,
@@ -159,8 +189,9 @@ class VllmEplbState:
             bcfg.policy,
             bcfg.window_size,
             bcfg.step_interval,
-            backend.name,
+            self.balancer.comm.backend.name,
             cfg.replica_dispatch,
+            clock.source,
         )
 
     def _resolve_config(self) -> EplbConfig:
@@ -177,9 +208,21 @@ class VllmEplbState:
             "vllm-eplb does not support elastic expert parallelism (rebuilding EPLB state from a mapping)"
         )
 
-    def _share_layer_tensors(self, model) -> None:
+    def _pass_clock(self, pass_load: torch.Tensor, ubatches: int) -> PassClock:
+        """The runner's count, checked by (on CPU: checking) the first MoE layer's, where
+        vllm-eplb's router runs; vLLM's own (Triton) router advances no counter."""
+        from vllm.model_executor.layers.fused_moe.router import base_router
+
+        from .hooks import torch_map_to_physical_and_record
+
+        if base_router.eplb_map_to_physical_and_record is torch_map_to_physical_and_record:
+            self.layer_counter = ForwardCounter(self.device)
+            self.layer_counter.watch(pass_load[0])
+        return PassClock(lambda: self.forwards, self.layer_counter, layer_runs_per_pass=ubatches)
+
+    def _share_layer_tensors(self, model) -> int:
         """Give every MoE layer the shared record flag and unpadded-token counters, as
-        upstream's EplbState does; the router reads both."""
+        upstream's EplbState does; the router reads both. Returns the micro-batches per pass."""
         ubatches = max(1, getattr(self.parallel_config, "num_ubatches", 1) or 1)
         self.num_unpadded_tokens = [torch.tensor(0, dtype=torch.int32, device=self.device) for _ in range(ubatches)]
         self.should_record = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -188,6 +231,7 @@ class VllmEplbState:
             if ls is not None:
                 ls.should_record_tensor = self.should_record
                 ls.num_unpadded_tokens_tensors = self.num_unpadded_tokens
+        return ubatches
 
     @property
     def should_record_tensor(self):
@@ -309,6 +353,8 @@ class VllmEplbState:
         balancer, self.balancer = self.balancer, None
         if balancer is not None:
             balancer.shutdown()
+        if self.layer_counter is not None:
+            self.layer_counter.unwatch()
 
 
 def _max_pass_tokens(model_config) -> int:

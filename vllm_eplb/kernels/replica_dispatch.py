@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_eplb.core.pass_clock import advance_if_first_layer
+
 DISPATCHES = ("hash", "balanced")
 DEFAULT = "hash"  # what the figures favour (docs/benchmarks.md, "Replica dispatch")
 MAX_TILE = 64  # elements dealt together (8 tokens at top-8): benchmarks/router_dispatch.py
@@ -160,7 +162,8 @@ def torch_map_to_physical_and_record(
     num_unpadded_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The router's map-and-record where vLLM has no Triton kernel (CPU), with the
-    selected dispatch."""
+    selected dispatch; it also advances the pass clock's count of MoE-layer passes."""
+    advance_if_first_layer(expert_load_view)
     return _TORCH[_mode](
         topk_ids, expert_load_view, logical_to_physical_map, logical_replica_count, record_enabled, num_unpadded_tokens
     )

@@ -1,9 +1,10 @@
-from .backend import LayerJob, TransferBackend, TransferError, TransferHandle
+from .backend import DeferredBackend, LayerJob, TransferBackend, TransferError, TransferHandle
 from .engine import InFlightStep, StepResult, TransferEngine
 from .gloo import GlooBackend
 from .plan import LayerPlan, RankPart, Transfer, plan_layer
 
 __all__ = [
+    "DeferredBackend",
     "GlooBackend",
     "InFlightStep",
     "LayerJob",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,19 +25,20 @@ class TransferError(RuntimeError):
 class LayerJob:
     plan: LayerPlan
     weights: list[torch.Tensor]  # this rank's expert tensors of the layer, each (local slots, ...)
-    # Message tag of the job's first weight tensor (the i-th travels with tag + i). Unique
-    # across the steps in flight, so a step one rank never posted (it failed to start)
-    # leaves its peers' messages pending instead of pairing them with a later step's:
-    # gloo aborts the process on a size mismatch.
+    # Message tag of the job's first weight tensor (the i-th travels with tag + i): the step
+    # and the layer. Unique across the steps in flight, so a step one rank never posted (it
+    # failed to start) leaves its peers' messages pending instead of pairing them with a later
+    # step's, and a step two ranks hold as different layers pairs nothing: gloo aborts the
+    # process on a size mismatch.
     tag: int = 0
 
 
 TAG_WEIGHTS = 16  # weight tensors a job may have (tags per job)
-TAG_JOBS = 64  # jobs (layers) a step may have
+TAG_LAYERS = 1024  # layers told apart by the tags (a model with more would reuse them modulo this)
 
 
-def job_tag(step_seq: int, job_index: int) -> int:
-    return ((step_seq % 32768) * TAG_JOBS + job_index) * TAG_WEIGHTS
+def job_tag(step_seq: int, layer: int) -> int:
+    return ((step_seq % 32768) * TAG_LAYERS + layer % TAG_LAYERS) * TAG_WEIGHTS
 
 
 class TransferHandle(ABC):
@@ -86,6 +88,28 @@ class TransferBackend(ABC):
     def reserved_bytes(self) -> int:
         """Staging memory prepare() reserved (held for as long as the backend lives)."""
         return self.staging.reserved_bytes if self.staging is not None else 0
+
+
+@dataclass
+class DeferredBackend:
+    """A backend to build once the ranks agreed they build the same one: building is
+    collective for most backends (IPC handles exchanged, an NCCL communicator warmed up),
+    so ranks configured with different backends would block in each other's set-up before
+    any check. The balancer builds it after its start-up check passed (`name`: the backend
+    as configured, compared there)."""
+
+    name: str
+    build: Callable[[], TransferBackend]
+
+
+class NoBackend(TransferBackend):
+    """Stands in for a backend never built: the ranks disagreed at start-up, nothing moves."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def start(self, jobs, rank):
+        raise TransferError(f"no transfer backend: rebalancing is off ({self.name} was never built)")
 
 
 STAGING_ALIGN = 512  # bytes; staging views aligned for any dtype

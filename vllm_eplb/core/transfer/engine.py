@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .backend import TAG_JOBS, LayerJob, TransferBackend, TransferError, TransferHandle, expert_nbytes, job_tag
+from .backend import TAG_LAYERS, LayerJob, TransferBackend, TransferError, TransferHandle, expert_nbytes, job_tag
 from .plan import LayerPlan
 
 
@@ -61,10 +61,10 @@ class TransferEngine:
     def start(self, plans: list[LayerPlan], seq: int | None = None) -> InFlightStep:
         """Start one step. `seq` numbers its messages (the balancer's step number, the same
         on every rank); without it, the steps this engine started."""
-        assert len(plans) <= TAG_JOBS, f"at most {TAG_JOBS} layers per step"
+        assert len(plans) <= TAG_LAYERS, f"at most {TAG_LAYERS} layers per step"
         if seq is None:
             seq, self._seq = self._seq, self._seq + 1
-        jobs = [LayerJob(p, self.weights_of(p.layer), job_tag(seq, j)) for j, p in enumerate(plans)]
+        jobs = [LayerJob(p, self.weights_of(p.layer), job_tag(seq, p.layer)) for p in plans]
         handle = self.backend.start(jobs, self.rank)
         return InFlightStep(jobs, handle, time.perf_counter())
 
