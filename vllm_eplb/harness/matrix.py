@@ -161,20 +161,16 @@ SCENARIOS = [
     Scenario("transfer fails on a rank with nothing to send", "transferring", Faults(transfer_error=(0, 1, 2)), "aborts",
              "transfer_error", THREAD, rank=0, worlds=(4,), no_sends=(1, 2)),
     # new weights written into the slots (an RL trainer's update), on every rank between the same two passes
-    Scenario("weight update while idle", "idle", Faults(weight_update=(EVERY, "idle", True, 0)), "completes"),
-    Scenario(
-        "weight update while planning", "planning_waiting", Faults(weight_update=(EVERY, "planning_waiting", True, 0)),
-        "aborts", "weight_update",
-    ),
+    Scenario("weight update while idle", "idle", Faults(weight_update=(EVERY, "idle", True, 0)), "completes", balancer=THREAD,
+             rank=EVERY, fired="weight_update"),
+    Scenario("weight update while planning", "planning_waiting", Faults(weight_update=(EVERY, "planning_waiting", True, 0)),
+             "aborts", "weight_update", THREAD, rank=EVERY, fired="weight_update"),
     # a pass into transferring: commit votes posted before the update name steps ready; none may land
-    Scenario(
-        "weight update while transferring", "transferring", Faults(weight_update=(EVERY, "transferring", True, 1)),
-        "aborts", "weight_update",
-    ),
-    Scenario(
-        "weight update on one rank only", "planning_waiting",
-        Faults(weight_update=((FAULTY,), "planning_waiting", False, 0)), "disables", "weight_update_skew",
-    ),
+    Scenario("weight update while transferring", "transferring", Faults(weight_update=(EVERY, "transferring", True, 1)),
+             "aborts", "weight_update", THREAD, rank=EVERY, fired="weight_update"),
+    Scenario("weight update on one rank only", "planning_waiting",
+             Faults(weight_update=((FAULTY,), "planning_waiting", False, 0)), "disables", "weight_update_skew", THREAD,
+             fired="weight_update"),
 ]
 
 
@@ -259,6 +255,8 @@ def verdict(s: Scenario, reports) -> list[str]:
 
 
 def _ranks(rank) -> str:
+    if rank == EVERY:
+        return "every"
     return str(rank) if isinstance(rank, int) else " and ".join(map(str, rank))
 
 
