@@ -118,13 +118,10 @@ class ExpertSlots:
             # a layer-wide value (a global scale): no slot to place
             return load_into_slot(experts, param, loaded_weight, weight_name, shard_id, expert_id, return_success)
         row = self.row()
-        moved = not np.array_equal(row, self.start)
-        if _whole_layer(experts, loaded_weight):
-            if moved:
-                raise WeightUpdateRefused(self.refuse([self.layer]))
+        if np.array_equal(row, self.start):  # what vLLM's loaders assume: load as they do
             return load_into_slot(experts, param, loaded_weight, weight_name, shard_id, expert_id, return_success)
-        if not moved:
-            return load_into_slot(experts, param, loaded_weight, weight_name, shard_id, expert_id, return_success)
+        if not self.placeable or _whole_layer(experts, loaded_weight):
+            raise WeightUpdateRefused(self.refuse([self.layer]))
         if not 0 <= expert_id < self.num_logical:
             # a start-up replica's id: the call with the expert's own id wrote every slot of it
             return False if return_success else None
