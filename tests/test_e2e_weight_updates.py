@@ -4,9 +4,10 @@ Qwen3-MoE, TP=2 + expert parallelism, the balancer on (4 redundant slots).
 After two rebalances, vLLM's own `reload_weights` RPC (POST /collective_rpc, dev mode)
 loads a checkpoint whose routed experts differ, three times: while idle (A -> B), while
 planning (B -> A) and while transferring, once the first layer committed (A -> B: the
-later layers' steps are in flight, voted ready in rounds not read yet). After each, the greedy float32 outputs are those of the checkpoint
-loaded (B: a server fresh from it with EPLB off; A: this server's own before any
-rebalance) and every slot, read from the workers, holds the bytes of the expert its map
+later layers' steps are in flight, voted ready in rounds not read yet). After each, the
+greedy float32 outputs are those of the checkpoint loaded (B: a server fresh from it with
+EPLB off; A: this server's own before any rebalance) and every slot, read from the
+workers, holds the bytes of the expert its map
 names (slot_rpc fingerprints, against the EPLB-off server's or the start-up ones). The
 cycles caught in flight end on both ranks at one pass with reason weight_update; the next
 cycle moves the new weights, which verify_slots checks at every commit against the

@@ -142,8 +142,16 @@ def test_stacked_tensor_refused_once_moved():
 
 
 def test_layer_whose_loader_was_not_seen_placing_refused_once_moved():
-    with pytest.raises(wu.WeightUpdateRefused):
-        slots(0, moved_row(), placeable=False).load(vllm_loader, experts(0), torch.zeros((10, 4, 3)), torch.ones((4, 3)), "w2_weight", "w2", 3, True)
+    """An update that reaches the loader without the worker's RPCs (load_weights called
+    directly) is refused there, before anything is written."""
+    param = torch.zeros((10, 4, 3))
+    stuck = slots(0, moved_row(), placeable=False)
+    with pytest.raises(wu.WeightUpdateRefused, match=r"^refused \[0\]$"):
+        stuck.load(vllm_loader, experts(0), param, torch.ones((4, 3)), "w2_weight", "w2", 3, True)
+    assert param.sum() == 0
+    assert slots(0, START.copy(), placeable=False).load(vllm_loader, experts(0), param, torch.ones((4, 3)), "w2_weight", "w2", 3, True)
+    # at the start-up placement it loads as vLLM does: start-up slot 3
+    assert param[3].eq(1).all() and param.sum() == param[3].sum()
 
 
 def test_first_load_is_observed():
@@ -262,13 +270,6 @@ def test_an_expert_this_rank_does_not_hold_writes_nothing():
     placed = slots(0, row)
     assert placed.load(vllm_loader, layer, param, torch.ones((4, 3)), "w2_weight", "w2", 0, True) is False
     assert placed.load(vllm_loader, layer, param, torch.ones((4, 3)), "w2_weight", "w2", 16, True) is False
-    assert param.sum() == 0
-
-
-def test_a_refused_loader_call_writes_nothing():
-    param = torch.zeros((10, 4, 3))
-    with pytest.raises(wu.WeightUpdateRefused, match=r"^refused \[0\]$"):
-        slots(0, moved_row(), placeable=False).load(vllm_loader, experts(0), param, torch.ones((4, 3)), "w2_weight", "w2", 3, True)
     assert param.sum() == 0
 
 
