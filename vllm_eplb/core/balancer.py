@@ -28,7 +28,19 @@ ends the cycle when it reads that round, at the same pass, with the same reason
 (the worst code, and the rank it came from). A round that fails (a rank lagged past
 agreement_timeout_s) fails on every rank: the cycle ends where it is read and the
 agreement group is rebuilt for the next cycle. Rounds that show the ranks disagree
-about the protocol itself (pass, clock, step) stop rebalancing on every rank.
+about the protocol itself (pass, clock, step, weight-update count) stop rebalancing
+on every rank.
+
+Weight updates. A server that gets new weights (an RL trainer's push, a reload) has
+them written between two forward passes, on every rank of the expert-parallel group
+between the same two (one engine's workers take every call in one order; several
+engines must pause generation around the update). `weights_changed()` says so. A
+cycle in flight when it comes ends: from then on it commits nothing, since what its
+steps staged was read before the update, and its next vote carries WEIGHT_UPDATE, so
+it ends on every rank at the same pass; the next cycle moves the new weights. Every
+vote carries the count of updates each rank applied: counts that differ mean ranks
+applied an update at different passes (a step may have been committed on some ranks
+only), and rebalancing stops on every rank.
 
 Pass timeline of one cycle (L = agreement lag, W = window, all relative):
   c            idle -> collecting                    window opened
@@ -97,6 +109,7 @@ class Fault(enum.IntEnum):
     PLANNING_TIMEOUT = 5
     TRANSFER_ERROR = 6
     OUT_OF_MEMORY = 7
+    WEIGHT_UPDATE = 8  # new weights written: what the cycle staged is stale
     PLANNER_DEAD = 20  # died more often than planner_max_restarts
     TRANSFER_GROUP_BROKEN = 21  # a step's messages were left pending on the transfer group
 
@@ -147,7 +160,8 @@ class Comm:
 class ProtocolMismatch(RuntimeError):
     """A round every rank read shows the ranks disagree about the protocol itself: posted at
     different passes (`pass_mismatch`), pass clocks that drifted apart (`clock_mismatch`),
-    a step holding different layers (`step_mismatch`). Read alike everywhere: every rank
+    a step holding different layers (`step_mismatch`), weight updates applied at different
+    passes (`weight_update_skew`). Read alike everywhere: every rank
     stops rebalancing at that round."""
 
     def __init__(self, reason: str, message: str):
@@ -180,6 +194,7 @@ class Cycle:
     next_seq: int = 0
     start_failed: bool = False  # a step failed to start on this rank
     votes: list[Round] = field(default_factory=list)  # commit votes in flight, in posting order
+    weights_changed: bool = False  # a weight update came: nothing of this cycle commits any more
 
 
 @dataclass
@@ -239,6 +254,7 @@ class Balancer:
         self._skewed = False  # a tick anomaly not yet reported in a vote
         self._aborted_steps: list[InFlightStep] = []  # their messages may still be pending
         self._transfer_group_broken = False
+        self._weights_pass = -1  # the pass clock when the last weight update came
 
         # The first window ends at step_interval, as upstream's first rearrangement does.
         self.next_cycle_at = max(1, config.step_interval - config.window_size)
@@ -340,6 +356,20 @@ class Balancer:
     def report_fault(self, reason: str, exc: BaseException) -> None:
         """A failure outside tick() (metrics, hooks): it ends the cycle through the next vote."""
         self._fault(Fault.METRICS_ERROR if reason == "metrics_error" else Fault.INTERNAL_ERROR, exc)
+
+    def weights_changed(self) -> None:
+        """New weights are being written into the expert slots (a weight update), between
+        two forward passes. Called by every rank at the same point of its pass sequence,
+        as often as the update's writes like: one pass counts one update."""
+        now = self.clock.now()
+        if now != self._weights_pass:
+            self._weights_pass = now
+            self.stats.weight_updates += 1
+        c = self.cycle
+        if c is None or self.phase == "idle" or c.weights_changed:
+            return  # idle: the next cycle reads the new weights, nothing more to do
+        c.weights_changed = True
+        self._fault(Fault.WEIGHT_UPDATE, None)
 
     def shutdown(self) -> None:
         self.planner.shutdown()
@@ -628,7 +658,9 @@ class Balancer:
                 )
             first = v.first_seq[0]
             ready = {first + i for i in range(MAX_IN_FLIGHT) if getattr(v, f"ready{i}")}
-            done = [s for s in c.inflight if s.seq in ready]
+            # after a weight update nothing commits: the steps' data predates it, and the
+            # vote posted since carries the fault that ends the cycle
+            done = [] if c.weights_changed else [s for s in c.inflight if s.seq in ready]
             if done:
                 for step in done:
                     try:
@@ -729,7 +761,9 @@ class Balancer:
         self.cycle.round = self._post_vote(layout, p, **values)
 
     def _post_vote(self, layout: VoteLayout, p: int, **values) -> Round:
-        values.update(fault=self._take_fault(), skew=self._skewed, clock=self.clock.offset())
+        values.update(
+            fault=self._take_fault(), skew=self._skewed, clock=self.clock.offset(), weights=self.stats.weight_updates
+        )
         self._skewed = False
         return self.agreement.vote(layout, values, p)
 
@@ -746,6 +780,13 @@ class Balancer:
             raise ProtocolMismatch("clock_mismatch", self._clock_detail(r.posted_at, f"from {v.clock[0]} to {v.clock[2]} across ranks", r.sent["clock"]))
         if v.skew:
             self._report_skew(p)
+        if not v.weights[1]:
+            raise ProtocolMismatch(
+                "weight_update_skew",
+                f"ranks applied weight updates at different forward passes ({v.weights[0]} to {v.weights[2]} updates "
+                f"across ranks, {self.stats.weight_updates} here): a step may have been committed on some ranks only; "
+                "pause generation on every engine around a weight update",
+            )
         if v.fault:
             self._end_on_fault(v.fault)
             return None

@@ -514,6 +514,89 @@ def hook_cpu_fused_moe() -> None:
 
 
 
+# --------------------------------------------------------------------------- weight updates
+
+
+def hook_moe_weight_loader() -> None:
+    """A balanced layer's expert weights go to every slot of the placement in force that
+    holds the expert (weight_updates.placed_load)."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from .weight_updates import placed_load
+
+    if not _once(RoutedExperts, "weight_loader"):
+        return
+    original = RoutedExperts.weight_loader
+
+    @_mark
+    @functools.wraps(original)
+    def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
+        return placed_load(original, self, param, loaded_weight, weight_name, shard_id, expert_id, return_success)
+
+    _replace(RoutedExperts, "weight_loader", weight_loader)
+
+
+def _hook_weight_update_rpc(method: str, kind: str) -> None:
+    """The worker's update RPC `method`: the balancer hears of the update before anything
+    is written, or the update is refused (weight_updates.weight_update_begins)."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from .weight_updates import weight_update_begins, weight_update_ends
+
+    if not _once(Worker, method):
+        return
+    original = getattr(Worker, method)
+
+    @_mark
+    @functools.wraps(original)
+    def rpc(self, *args, **kwargs):
+        if not weight_update_begins(self, kind, args, kwargs):
+            return None
+        result = original(self, *args, **kwargs)
+        weight_update_ends(self, kind)
+        return result
+
+    _replace(Worker, method, rpc)
+
+
+def prepack_cpu_experts_again(method, layer) -> None:
+    """A weight update of an unquantized MoE layer on CPU: vLLM sets the CPU experts up
+    (padding, prepacking into the grouped-gemm layout) on the first load only, so reloaded
+    weights reached the kernel in checkpoint layout (wrong outputs, EPLB on or off). Run that
+    setup on the new weights, keeping the parameters (their storage is what the kernel, the
+    balancer and vLLM's layerwise reload hold)."""
+    from vllm.platforms import current_platform
+
+    kernel = getattr(method, "moe_kernel", None)
+    if kernel is None or not current_platform.is_cpu():
+        return
+    kept = {name: getattr(layer, name) for name in ("w13_weight", "w2_weight")}
+    kernel.fused_experts.process_weights_after_loading(layer)
+    for name, param in kept.items():
+        new = getattr(layer, name)
+        if new is not param:
+            param.data.copy_(new.data)  # same shape: the padding ran at the first load
+            layer.register_parameter(name, param)
+
+
+def hook_cpu_moe_reload() -> None:
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    if not _once(UnquantizedFusedMoEMethod, "_setup_kernel"):
+        return
+    original = UnquantizedFusedMoEMethod._setup_kernel
+
+    @_mark
+    @functools.wraps(original)
+    def _setup_kernel(self, layer, *args, **kwargs):
+        update = self.moe_kernel is not None  # vLLM's own test for a weight update
+        original(self, layer, *args, **kwargs)
+        if update:
+            prepack_cpu_experts_again(self, layer)
+
+    _replace(UnquantizedFusedMoEMethod, "_setup_kernel", _setup_kernel)
+
+
 # --------------------------------------------------------------------------- the list
 
 
@@ -538,6 +621,7 @@ def _no_triton_router() -> bool:
 
 V1 = "vllm/v1/worker/gpu_model_runner.py"
 V2 = "vllm/v1/worker/gpu/model_runner.py"
+WORKER = "vllm/v1/worker/gpu_worker.py"  # the CPU worker subclasses it
 
 HOOKS: tuple[Hook, ...] = (
     Hook(
@@ -615,6 +699,29 @@ HOOKS: tuple[Hook, ...] = (
         ("vllm/distributed/device_communicators/cpu_communicator.py", "CpuCommunicator"), CPU,
         lambda: _install_cpu_dp(), "all_gatherv / reduce_scatterv over gloo: data parallel + expert parallel on CPU",
         when=_is_cpu, platform="cpu",
+    ),
+    Hook(
+        "moe_weight_loader", "vllm.model_executor.layers.fused_moe.routed_experts:RoutedExperts.weight_loader",
+        ("vllm/model_executor/layers/fused_moe/routed_experts.py", "RoutedExperts.weight_loader"), ALL,
+        lambda: hook_moe_weight_loader(), "a weight update writes each expert into every slot that holds it now",
+    ),
+    *(
+        Hook(
+            f"weight_update_{kind}", f"vllm.v1.worker.gpu_worker:Worker.{method}", (WORKER, f"Worker.{method}"), ALL,
+            (lambda method=method, kind=kind: _hook_weight_update_rpc(method, kind)),
+            "a weight update ends the cycle in flight on every rank, or is refused if it cannot be placed",
+        )
+        for method, kind in (
+            ("reload_weights", "reload"), ("start_weight_update", "start"), ("update_weights", "update"),
+            ("finish_weight_update", "finish"),
+        )
+    ),
+    Hook(
+        "cpu_moe_reload",
+        "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method:UnquantizedFusedMoEMethod._setup_kernel",
+        ("vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py", "UnquantizedFusedMoEMethod._setup_kernel"),
+        CPU, lambda: hook_cpu_moe_reload(), "reloaded MoE weights get the CPU experts' prepacking too", when=_is_cpu,
+        platform="cpu",
     ),
     Hook(
         "metrics_bridge", "prometheus_client:REGISTRY", None, ALL, lambda: _bridge_worker_metrics(),
