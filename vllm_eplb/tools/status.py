@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -198,6 +199,9 @@ def _main(argv) -> int:
             return 2
         return 0
     tty = sys.stdout.isatty()
+    # Ctrl-C ends the refresh even where the tool was started with SIGINT ignored (a
+    # background job of a shell without job control), where Python raises no KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             try:
