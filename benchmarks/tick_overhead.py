@@ -36,6 +36,7 @@ from vllm_eplb.core import (  # noqa: E402
     Balancer, BalancerConfig, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement,
     new_gloo_group,
 )
+from vllm_eplb.core.state_machine import LIVE_STATES  # noqa: E402
 from vllm_eplb.core.transfer import GlooBackend  # noqa: E402
 from vllm_eplb.harness.runner import RunnerCount, free_port  # noqa: E402
 
@@ -116,7 +117,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=1500)
     args = ap.parse_args()
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
-    states = ["idle", "collecting", "planning", "syncing", "transferring"]
+    states = list(LIVE_STATES)
     order = ["baseline (empty method call)", *states, *(f"{s}, transition pass" for s in states)]
     print(f"catch_up() + tick() CPU cost per forward pass, rank 0 of {args.ranks} (gloo), torch {torch.__version__}")
     print(f"{'shape':<14} {'state':<34} {'passes':>6} {'median us':>10} {'p99 us':>9} {'max us':>9} {'median/base':>11} {'target':>10}")

@@ -43,6 +43,7 @@ from vllm_eplb.core import (
     Balancer, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement, new_gloo_group,
 )
 from vllm_eplb.core import records
+from vllm_eplb.core.faults import Fault
 from vllm_eplb.core.protocol import short_digest
 from vllm_eplb.core.slot_check import SlotVerifier
 from vllm_eplb.core.transfer import DeferredBackend
@@ -297,7 +298,7 @@ class VllmEplbState:
                 self._metrics_failures += 1
                 if self._metrics_failures == 1:
                     log.exception("vllm-eplb: metrics update failed")
-                self.balancer.report_fault("metrics_error", exc)
+                self.balancer.report_fault(Fault.METRICS_ERROR, exc)
         self.step_ns += (t1 - t0) + (time.perf_counter_ns() - t2)
 
     def _verify_commits(self) -> None:
