@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from vllm_eplb.compat.versions import KNOWN, base_version, releases_for
+from vllm_eplb.core.transfer.select import CUDA_ONLY
 from vllm_eplb.kernels.replica_dispatch import gpu_router, torch_map_to_physical_and_record
 
 from pydantic import ValidationError
@@ -224,7 +225,7 @@ def check_shapes(cfg: EplbConfig, vllm_config) -> None:
     from vllm.platforms import current_platform
 
     backend = cfg.resolved_backend()
-    if not current_platform.is_cuda_alike() and backend in ("nccl", "cuda_ipc"):
+    if not current_platform.is_cuda_alike() and backend in CUDA_ONLY:
         key = "communicator" if cfg.transfer_backend == "auto" else "transfer_backend"
         raise EplbConfigError(
             f"--eplb-config: {key!r} selects the {backend} backend, which needs CUDA GPUs; "
