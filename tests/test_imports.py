@@ -12,8 +12,6 @@ KNOWN_CIRCLES = {
     # the Triton kernel reads the tile rule of the torch path it must match; the torch path
     # loads the kernel lazily, on CUDA only
     ("vllm_eplb.kernels.replica_dispatch", "vllm_eplb.kernels.replica_dispatch_triton"),
-    # the runner state reads the CPU router kernel, which still lives with the hook list
-    ("vllm_eplb.integration.hooks", "vllm_eplb.integration.runner_state"),
 }
 
 

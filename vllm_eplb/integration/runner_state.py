@@ -206,7 +206,7 @@ class VllmEplbState:
         vllm-eplb's router runs; vLLM's own (Triton) router advances no counter."""
         from vllm.model_executor.layers.fused_moe.router import base_router
 
-        from .hooks import torch_map_to_physical_and_record
+        from vllm_eplb.kernels.replica_dispatch import torch_map_to_physical_and_record
 
         if base_router.eplb_map_to_physical_and_record is torch_map_to_physical_and_record:
             self.layer_counter = ForwardCounter(self.device)

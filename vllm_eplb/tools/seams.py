@@ -303,7 +303,7 @@ def _runner_state_tree() -> ast.Module:
 
 
 def check_router(t: Tree) -> list[str]:
-    from vllm_eplb.integration.hooks import torch_map_to_physical_and_record
+    from vllm_eplb.kernels.replica_dispatch import torch_map_to_physical_and_record
 
     problems = []
     tree = t.module(ROUTER)
