@@ -206,6 +206,7 @@ class Balancer:
         self.cycle: Cycle | None = None
         self._cycles = 0
         self.machine = attach_machine(self, self._on_transition)
+        self._tick_phase = self._tick_idle  # this phase's PHASE_WORK tick, bound at every state change
         agreed = self._check_protocol(shared or {})
         if isinstance(comm.backend, DeferredBackend):
             comm.backend = comm.backend.build() if agreed else NoBackend(comm.backend.name)
@@ -323,7 +324,7 @@ class Balancer:
         its peers' schedule."""
         self.pass_no = p
         try:
-            getattr(self, PHASE_WORK[self.phase].tick)(p)
+            self._tick_phase(p)
         except (AgreementError, ProtocolMismatch) as exc:
             self._lost_agreement(exc)
         except Exception as exc:
@@ -650,6 +651,8 @@ class Balancer:
         self._recorder.submit(save, rec, path)
 
     def _on_transition(self, event) -> None:
+        # bound here, not looked up per pass: the idle and collecting passes cost microseconds
+        self._tick_phase = getattr(self, PHASE_WORK[self.phase].tick)
         source, dest = top_state(event.transition.source), top_state(event.transition.dest)
         trigger = event.event.name
         reason = event.kwargs.get("reason", "")
