@@ -1,6 +1,9 @@
-"""docs/architecture.md's fault-matrix tables (a measured run, pasted between the MATRIX
-markers) list every scenario of vllm_eplb/harness/matrix.py on every world it runs on, with
-the rank, the phase and the outcome the scenario declares, and nothing else."""
+"""docs/architecture.md's tables checked against the code: the fault-matrix tables (a
+measured run, pasted between the MATRIX markers) list every scenario of
+vllm_eplb/harness/matrix.py on every world it runs on, with the rank, the phase and the
+outcome the scenario declares, and nothing else; the transfer backends' table names every
+backend of core/transfer/select.py. (The transition table and the diagram are generated:
+tests/test_diagram.py.)"""
 
 from pathlib import Path
 
@@ -30,3 +33,17 @@ def test_doc_matrix_lists_every_declared_scenario():
         have = [row[:4] for row in rows]
         assert have == want, f"{world}-rank table differs from matrix.SCENARIOS: rerun python -m vllm_eplb.harness.matrix"
         assert all(row[-1] == "ok" for row in rows), f"{world}-rank table shows a failed row"
+
+
+def test_doc_backend_table_names_every_backend_and_its_device():
+    """The Transfer section's table has one row per backend of core/transfer/select.py, and
+    says GPU for each one that needs CUDA."""
+    from vllm_eplb.core.transfer.select import BACKENDS, NEEDS
+
+    text = DOC.read_text()
+    block = text.split("| backend | where | how |")[1].split("\n\n")[0]
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2] for line in block.splitlines()[2:] if line.startswith("| `")}
+    assert sorted(rows) == sorted(BACKENDS)
+    for name, device in NEEDS.items():
+        if device == "cuda":
+            assert "GPU" in rows[name] and "CPU" not in rows[name], (name, rows[name])
