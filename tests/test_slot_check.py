@@ -86,3 +86,37 @@ def _corrupt_replica(rank: int, world: int) -> list:
 def test_replicas_that_differ_at_start_up_are_reported():
     assert launch(_corrupt_replica, 2, timeout_s=120) == [[(0, 0)], [(0, 0)]]
     assert np.array_equal(default_placement(Topology(2, 3, 4), 1)[0], [0, 1, 2, 0])
+
+
+def _update(rank: int, world: int, miss_replica: bool) -> tuple:
+    """A weight update under a moved placement: every slot gets its expert's new bytes (or
+    rank 1's replica of expert 0 keeps the old ones), then `refresh` takes the reference again."""
+    topo = Topology(world, 3, 4)
+    placement = default_placement(topo, 1)
+    old, new = _layer(3, 4), _layer(3, 5)  # one row per logical expert
+    row = np.array([1, 0, 2, 0])  # moved: expert 1 in slot 0, expert 0 in slots 1 and 3
+    mine = [t[row[rank * 2 : (rank + 1) * 2]].clone() for t in old]
+    v = SlotVerifier(lambda _: mine, 1, row[None], topo, rank)
+    for i, slot in enumerate(topo.rank_slots(rank)):
+        if not (miss_replica and slot == 3):
+            for t_mine, t_new in zip(mine, new):
+                t_mine[i] = t_new[row[slot]]
+    stale = v.check(0, row)  # against the start-up reference: every slot written is another's bytes
+    before = len(v.mismatches)
+    refreshed = v.refresh(row[None])
+    counted = v.mismatches[before:]  # what refresh named counts as mismatches
+    return stale, refreshed, v.check(0, row), counted
+
+
+def test_refresh_takes_the_new_weights_as_reference():
+    (stale0, ref0, after0, _), (stale1, ref1, after1, _) = launch(_update, 2, (False,), timeout_s=120)
+    assert stale0 == [(0, 0, 1), (0, 1, 0)] and stale1 == [(0, 2, 2), (0, 3, 0)]
+    assert ref0 == ref1 == [] and after0 == after1 == []
+
+
+def test_refresh_names_a_replica_the_update_missed():
+    (stale0, ref0, after0, _), (stale1, ref1, after1, counted1) = launch(_update, 2, (True,), timeout_s=120)
+    assert stale0 == [(0, 0, 1), (0, 1, 0)] and stale1 == [(0, 2, 2)]  # slot 3 still matches the old reference
+    assert ref0 == [] and after0 == []
+    # slot 3 kept expert 0's old bytes; the reference is its first replica's (slot 1, new bytes)
+    assert ref1 == [(0, 3, 0)] and counted1 == [(0, 3, 0)] and after1 == [(0, 3, 0)]

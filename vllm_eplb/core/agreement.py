@@ -17,14 +17,16 @@ that names each field and how it combines across ranks:
   equal  every rank holds one value   encoded x, -x,  read min(x) == -min(-x)
   max    the largest value of a rank  encoded -x,     read -min(-x)
 
-Every layout starts with four fields the protocol reads in every round:
+Every layout starts with five fields the protocol reads in every round:
 `pass_no` (equal: the pass the round was scheduled for, so a rank on another
 schedule is caught), `fault` (max: faults.encode(code, rank) of the worst local
 failure since the last round, 0 for none; every rank reads the same code, so
 every rank ends the cycle at the same round with the same reason), `skew`
-(any: some rank's driver ticked more or less often than its forward passes ran)
-and `clock` (equal: the pass clock's offset between its two counts, the same on
-every rank unless one rank's count drifted; core/pass_clock.py).
+(any: some rank's driver ticked more or less often than its forward passes ran),
+`clock` (equal: the pass clock's offset between its two counts, the same on
+every rank unless one rank's count drifted; core/pass_clock.py) and `weights`
+(equal: the weight updates this rank has applied, so a rank that applied one at
+another pass than its peers is caught).
 
 The balancer's rounds (one layout each, defined here):
   LoadLayout  the window's load (SUM), every rank's fault, pass and clock at its own index
@@ -85,13 +87,15 @@ class WaitStats:
 
 
 _WIDTH = {"all": 1, "any": 1, "equal": 2, "max": 1}
-VOTE_WIDTH = 16  # every vote round has this many int64s, whatever its layout
+VOTE_WIDTH = 18  # every vote round has this many int64s, whatever its layout
 
 
 class VoteLayout:
     """Named fields of one kind of vote round (see the module docstring)."""
 
-    COMMON = (("pass_no", "equal"), ("fault", "max"), ("skew", "any"), ("clock", "equal"))
+    COMMON = (
+        ("pass_no", "equal"), ("fault", "max"), ("skew", "any"), ("clock", "equal"), ("weights", "equal"),
+    )
 
     def __init__(self, name: str, *fields: tuple[str, str]):
         self.name = name
@@ -171,6 +175,7 @@ class LoadLayout:
             passes=passes.tolist(), clocks=clocks.tolist(),
             pass_no=(p_lo, p_lo == p_hi, p_hi), clock=(c_lo, c_lo == c_hi, c_hi),
             fault=int(faults.max()), skew=False,
+            weights=(0, True, 0),  # not carried: the votes of the cycle check it
         )
 
     def pass_mismatch(self, v, posted_at: int) -> str:

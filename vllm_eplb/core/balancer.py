@@ -34,7 +34,19 @@ same pass, with the same reason (the worst code, and the rank it came from); a c
 `disables` stops rebalancing instead (the table's `disable`). A round that fails (a rank
 lagged past agreement_timeout_s) fails on every rank: the cycle ends where it is read and
 the agreement group is rebuilt for the next cycle. Rounds that show the ranks disagree
-about the protocol itself (pass, clock, step) stop rebalancing on every rank.
+about the protocol itself (pass, clock, step, weight-update count) stop rebalancing
+on every rank.
+
+Weight updates. A server that gets new weights (an RL trainer's push, a reload) has
+them written between two forward passes, on every rank of the expert-parallel group
+between the same two (one engine's workers take every call in one order; several
+engines must pause generation around the update). `weights_changed()` says so. A
+cycle in flight when it comes ends: from then on it commits nothing, since what its
+steps staged was read before the update, and its next vote carries WEIGHT_UPDATE, so
+it ends on every rank at the same pass; the next cycle moves the new weights. Every
+vote carries the count of updates each rank applied: counts that differ mean ranks
+applied an update at different passes (a step may have been committed on some ranks
+only), and rebalancing stops on every rank.
 
 The placement of record is the routing maps' host copy (`RoutingMaps.placement`): what
 the balancer plans from, moves from and records is what the model routes with.
@@ -152,6 +164,7 @@ class Cycle:
     post_at: int = 0  # the phase's next round is posted at or after this pass
     plan: Plan | None = None
     window_load: np.ndarray | None = None
+    weights_changed: bool = False  # a weight update came: nothing of this cycle commits any more
 
 
 class Balancer:
@@ -200,6 +213,7 @@ class Balancer:
         self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag, config.agreement_timeout_s)
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
+        self._weights_pass = -1  # the pass clock when the last weight update came
 
         # The first window ends at step_interval, as upstream's first rearrangement does.
         self.next_cycle_at = max(1, config.step_interval - config.window_size)
@@ -291,6 +305,20 @@ class Balancer:
     def report_fault(self, code: Fault, exc: BaseException) -> None:
         """A failure outside tick() (metrics, hooks): it ends the cycle through the next vote."""
         self.faults.report(code, exc)
+
+    def weights_changed(self) -> None:
+        """New weights are being written into the expert slots (a weight update), between
+        two forward passes. Called by every rank at the same point of its pass sequence,
+        as often as the update's writes like: one pass counts one update."""
+        now = self.clock.now()
+        if now != self._weights_pass:
+            self._weights_pass = now
+            self.stats.weight_updates += 1
+        c = self.cycle
+        if not self._in_cycle() or c.weights_changed:
+            return  # idle: the next cycle reads the new weights, nothing more to do
+        c.weights_changed = True
+        self.faults.report(Fault.WEIGHT_UPDATE, None)
 
     def shutdown(self) -> None:
         self.planner.shutdown()
@@ -527,7 +555,7 @@ class Balancer:
             if v is None:
                 return
             try:
-                committed = pipe.commit_voted(r, v)
+                committed = pipe.commit_voted(r, v, current=not self.cycle.weights_changed)
             except CommitFailed as exc:
                 # this rank's layer is in an unknown state: say so as loudly as we can
                 log.critical("EPLB rank %d pass %d: commit failed part-way: %s", self.comm.rank, p, exc.__cause__)
@@ -550,7 +578,9 @@ class Balancer:
         self.cycle.round = self._post_vote(layout, p, **values)
 
     def _post_vote(self, layout: VoteLayout, p: int, **values) -> Round:
-        values.update(fault=self._take_fault(), skew=self._skewed, clock=self.clock.offset())
+        values.update(
+            fault=self._take_fault(), skew=self._skewed, clock=self.clock.offset(), weights=self.stats.weight_updates
+        )
         self._skewed = False
         return self.agreement.vote(layout, values, p)
 
@@ -575,6 +605,13 @@ class Balancer:
             raise ProtocolMismatch(Reason.CLOCK_MISMATCH, detail)
         if v.skew:
             self._report_skew(p)
+        if not v.weights[1]:
+            raise ProtocolMismatch(
+                Reason.WEIGHT_UPDATE_SKEW,
+                f"ranks applied weight updates at different forward passes ({v.weights[0]} to {v.weights[2]} updates "
+                f"across ranks, {self.stats.weight_updates} here): a step may have been committed on some ranks only; "
+                "pause generation on every engine around a weight update",
+            )
         if v.fault:
             self._end_on_fault(v.fault)
             return None

@@ -41,6 +41,7 @@ class Fault(enum.IntEnum):
     PLANNING_TIMEOUT = 5
     TRANSFER_ERROR = 6
     OUT_OF_MEMORY = 7
+    WEIGHT_UPDATE = 8  # new weights written: what the cycle staged is stale
     PLANNER_DEAD = 20  # died more often than planner_max_restarts
     TRANSFER_GROUP_BROKEN = 21  # a step's messages were left pending on the transfer group
 
@@ -62,6 +63,7 @@ class Reason(enum.Enum):
     PASS_MISMATCH = "pass_mismatch"  # a round posted at different passes
     CLOCK_MISMATCH = "clock_mismatch"  # a rank's pass count drifted
     STEP_MISMATCH = "step_mismatch"  # a step holds different layers on different ranks
+    WEIGHT_UPDATE_SKEW = "weight_update_skew"  # ranks applied weight updates at different passes
     CONFIG_MISMATCH = "config_mismatch"  # the start-up check: the ranks run different protocols
     COMMIT_FAILED = "commit_failed"  # a commit's copies failed part-way on this rank
 

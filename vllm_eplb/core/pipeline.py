@@ -155,15 +155,19 @@ class TransferPipeline:
             return self.votes.pop(0)
         return None
 
-    def commit_voted(self, r: Round, v) -> bool:
+    def commit_voted(self, r: Round, v, current: bool = True) -> bool:
         """Commit every step the vote `r` (decoded: `v`) shows every rank has ready. Returns
-        whether any was committed."""
+        whether any was committed. `current`: False once a weight update came during the
+        cycle: nothing commits (the steps' data predates it; the vote posted since carries
+        the fault that ends the cycle)."""
         if not (v.first_seq[1] and v.layers[1]):
             raise ProtocolMismatch(
                 Reason.STEP_MISMATCH,
                 f"commit vote posted at pass {r.posted_at} names other steps or other layers on other ranks "
                 f"(here: {r.sent['steps']})",
             )
+        if not current:
+            return False
         first = v.first_seq[0]
         ready = {first + i for i in range(MAX_IN_FLIGHT) if getattr(v, f"ready{i}")}
         done = [s for s in self.steps if s.seq in ready]

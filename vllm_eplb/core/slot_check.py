@@ -12,7 +12,10 @@ At start-up every rank fingerprints its slots and the table is gathered over the
 group: the reference of each (layer, logical expert) is the fingerprint of the slot holding it
 then, and replicas that already disagree are reported. After a commit, `check(layer, row)`
 fingerprints the layer's local slots again and names every slot whose bytes are not those of
-the expert `row` (the placement in force) puts there. A check reads the layer's weights once
+the expert `row` (the placement in force) puts there. After a weight update, `refresh`
+takes the reference again, from the new weights, the same way (collective too), and names
+this rank's slots whose bytes differ from their expert's first replica: an update that missed
+a replica, or wrote one expert into another's slot next to a replica of it. A check reads the layer's weights once
 and waits for the device: a tool for tests and benchmarks (`verify_slots` in eplb.json), kept
 off the measured passes.
 """
@@ -60,17 +63,27 @@ class SlotVerifier:
         rank: int,
         group=None,
     ):
-        self.weights_of, self.topo, self.rank = weights_of, topo, rank
-        local = torch.stack([fingerprints(weights_of(layer)) for layer in range(num_layers)]).cpu()
+        self.weights_of, self.topo, self.rank, self.num_layers, self.group = weights_of, topo, rank, num_layers, group
+        self.checked = 0  # slots checked
+        self.mismatches: list[tuple[int, int, int]] = []  # (layer, slot, expert the map names)
+        bad = self._take_reference(placement)
+        # (layer, logical) whose replicas differ at start-up
+        self.replicas_disagreeing: list[tuple[int, int]] = sorted({(layer, e) for layer, _, e in bad})
+
+    def _take_reference(self, placement: np.ndarray) -> list[tuple[int, int, int]]:
+        """Every rank's fingerprints, gathered: the reference of each (layer, logical) is its
+        first slot's. Returns (layer, slot, expert) of every slot differing from that."""
+        topo = self.topo
+        local = torch.stack([fingerprints(self.weights_of(layer)) for layer in range(self.num_layers)]).cpu()
         if topo.num_ranks > 1:
             gathered = [torch.empty_like(local) for _ in range(topo.num_ranks)]
-            dist.all_gather(gathered, local, group=group)
+            dist.all_gather(gathered, local, group=self.group)
         else:
             gathered = [local]
         table = torch.cat(gathered, dim=1)  # (layers, physical slots, k)
-        self.reference = torch.zeros((num_layers, topo.num_logical, table.shape[2]), dtype=torch.int64)
-        self.replicas_disagreeing: list[tuple[int, int]] = []  # (layer, logical) whose replicas differ at start-up
-        for layer in range(num_layers):
+        self.reference = torch.zeros((self.num_layers, topo.num_logical, table.shape[2]), dtype=torch.int64)
+        bad = []
+        for layer in range(self.num_layers):
             seen: set[int] = set()
             for slot, expert in enumerate(placement[layer]):
                 expert = int(expert)
@@ -78,9 +91,18 @@ class SlotVerifier:
                     self.reference[layer, expert] = table[layer, slot]
                     seen.add(expert)
                 elif not torch.equal(self.reference[layer, expert], table[layer, slot]):
-                    self.replicas_disagreeing.append((layer, expert))
-        self.checked = 0  # slots checked
-        self.mismatches: list[tuple[int, int, int]] = []  # (layer, slot, expert the map names)
+                    bad.append((layer, slot, expert))
+        return bad
+
+    def refresh(self, placement: np.ndarray) -> list[tuple[int, int, int]]:
+        """New weights: the reference again, from the slots as they are now. Collective.
+        Returns (layer, slot, expert) of this rank's slots that differ from their expert's
+        first replica; they count as mismatches."""
+        mine = set(self.topo.rank_slots(self.rank))
+        bad = [b for b in self._take_reference(placement) if b[1] in mine]
+        self.checked += len(mine) * self.num_layers
+        self.mismatches += bad
+        return bad
 
     def check(self, layer: int, row: np.ndarray) -> list[tuple[int, int, int]]:
         """This rank's slots of `layer` against the experts `row` (physical -> logical) names."""

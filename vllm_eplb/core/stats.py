@@ -62,4 +62,5 @@ class BalancerStats:
     missed_ticks: int = 0
     skew_rounds: int = 0  # rounds in which some rank reported tick skew
     planner_restarts: int = 0
+    weight_updates: int = 0  # weight updates applied (one per pass that had one)
     history: deque = _history(100_000)

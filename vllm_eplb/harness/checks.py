@@ -44,6 +44,11 @@ class InvariantChecker:
         if self.reference is None:
             self.reference = self.probe()
 
+    def new_reference(self) -> None:
+        """The model's weights changed (a weight update): its outputs from now on are the
+        reference. Collective, like `check`."""
+        self.reference = self.probe()
+
     def check(self, p: int) -> None:
         self.checks += 1
         d = map_digest(self.maps)

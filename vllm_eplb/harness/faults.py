@@ -66,6 +66,9 @@ class Faults:
     # (rank, n): after the start-up check, this rank moves n layers per step (a bug the check
     # cannot see: its steps hold other layers than its peers')
     step_layers_after_start: tuple[int, int] | None = None
+    # (ranks, phase, rewrite, k): new weights on those ranks after their (k+1)-th pass in that
+    # phase of cycle 1, written into the slots of the placement in force (rewrite) or only announced
+    weight_update: tuple[tuple[int, ...], str, bool, int] | None = None
 
 
 class PhaseTrigger:
@@ -82,6 +85,24 @@ class PhaseTrigger:
             self.fired_at = balancer.pass_no
             return True
         return False
+
+
+class WeightUpdateTrigger(PhaseTrigger):
+    """Fires for weight_update faults on each of their ranks (every rank alike, or some only),
+    after k passes in the phase: with k >= 1 in transferring, commit votes posted before the
+    update name steps ready."""
+
+    def __init__(self, spec, rank: int):
+        super().__init__((rank, spec[1]) if spec is not None and rank in spec[0] else None, rank)
+        self.rewrite, self.wait = (bool(spec[2]), spec[3]) if spec is not None else (False, 0)
+
+    def fires(self, balancer: Balancer) -> bool:
+        if self.phase is None or self.fired_at is not None:
+            return False
+        if balancer.phase == self.phase and balancer.stats.cycles_started <= 1 and self.wait > 0:
+            self.wait -= 1
+            return False
+        return super().fires(balancer)
 
 
 class TickSchedule:

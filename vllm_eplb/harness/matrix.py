@@ -31,6 +31,7 @@ from .faults import Faults, hits
 from .runner import HarnessConfig, run_scenarios
 
 FAULTY = 1  # the rank most faults hit
+EVERY = tuple(range(8))  # a weight update hits every rank (of up to 8)
 BASE = dict(window_size=20, step_interval=60, agreement_lag=2, agreement_timeout_s=3.0, planner="process")
 THREAD = (("planner", "thread"),)
 WAIT_MARGIN_S = 2.0  # scheduling noise on a loaded 2-core box, on top of agreement_timeout_s
@@ -160,6 +161,17 @@ SCENARIOS = [
     # every rank sends in every step)
     Scenario("transfer fails on a rank with nothing to send", "transferring", Faults(transfer_error=(0, 1, 2)), "aborts",
              "transfer_error", THREAD, rank=0, worlds=(4,), no_sends=(1, 2)),
+    # new weights written into the slots (an RL trainer's update), on every rank between the same two passes
+    Scenario("weight update while idle", "idle", Faults(weight_update=(EVERY, "idle", True, 0)), "completes", balancer=THREAD,
+             rank=EVERY, fired="weight_update"),
+    Scenario("weight update while planning", "planning_waiting", Faults(weight_update=(EVERY, "planning_waiting", True, 0)),
+             "aborts", "weight_update", THREAD, rank=EVERY, fired="weight_update"),
+    # a pass into transferring: commit votes posted before the update name steps ready; none may land
+    Scenario("weight update while transferring", "transferring", Faults(weight_update=(EVERY, "transferring", True, 1)),
+             "aborts", "weight_update", THREAD, rank=EVERY, fired="weight_update"),
+    Scenario("weight update on one rank only", "planning_waiting",
+             Faults(weight_update=((FAULTY,), "planning_waiting", False, 0)), "disables", "weight_update_skew", THREAD,
+             fired="weight_update"),
 ]
 
 
@@ -245,6 +257,8 @@ def verdict(s: Scenario, reports) -> list[str]:
 
 
 def _ranks(rank) -> str:
+    if rank == EVERY:
+        return "every"
     return str(rank) if isinstance(rank, int) else " and ".join(map(str, rank))
 
 

@@ -111,6 +111,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     metrics_error = fault_doubles.PhaseTrigger(f.metrics_error, rank)
     uncounted = fault_doubles.PhaseTrigger(f.uncounted_pass, rank)
     slow = fault_doubles.PhaseTrigger(f.slow_pass, rank)
+    weight_update = fault_doubles.WeightUpdateTrigger(f.weight_update, rank)
     runner = RunnerCount()
     layout = MoELayout(topo, cfg.layers, model.pass_load, model.maps, model.weights_of)
     balancer = Balancer(bcfg, layout, Comm(rank, world, agreement_group, backend), policy, clock=PassClock(runner, model.pass_counter))
@@ -155,6 +156,14 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         if metrics_error.fires(balancer):
             balancer.report_fault(Fault.METRICS_ERROR, RuntimeError("injected metrics exporter failure"))
             events["metrics_error"] = p
+        if weight_update.fires(balancer):
+            # between two passes, as vLLM's workers take an update RPC
+            if weight_update.rewrite:
+                model.update_weights()
+            balancer.weights_changed()
+            events["weight_update"] = p
+            if weight_update.rewrite:
+                checker.new_reference()  # every rank updates at this pass (a collective)
     stats = {k: v for k, v in vars(balancer.stats).items() if k != "history"}
     stats["disabled_reason"] = balancer.disabled_reason
     stats["agreement"] = {

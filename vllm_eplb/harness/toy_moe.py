@@ -23,9 +23,10 @@ from vllm_eplb.core.placement import RoutingMaps, Topology, default_placement
 MOD = 17  # activations live in [-8, 8]
 
 
-def expert_weight(seed: int, layer: int, expert: int, dim: int) -> torch.Tensor:
-    """The one true weight of a logical expert: entries in {-1, 0, 1}, distinct per expert."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 10_007 + expert)
+def expert_weight(seed: int, layer: int, expert: int, dim: int, version: int = 0) -> torch.Tensor:
+    """The one true weight of a logical expert (at a weights version): entries in {-1, 0, 1},
+    distinct per expert and version."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + layer * 10_007 + expert + version * 7_919_993)
     return torch.randint(-1, 2, (dim, dim), generator=g).to(torch.float64)
 
 
@@ -40,6 +41,7 @@ class ToyMoE:
         self.rank = rank
         self.seed = seed
         self.group = group  # model all-reduce group (the default group if None)
+        self.version = 0  # weights version: a weight update writes the next one
         placement = default_placement(topo, num_layers)
         self.maps = RoutingMaps.allocate(placement, topo)
         self.pass_load = torch.zeros((num_layers, topo.num_physical), dtype=torch.int64)
@@ -94,6 +96,16 @@ class ToyMoE:
             h = torch.remainder(h + out + 8, MOD) - 8
         return h
 
+    def update_weights(self) -> None:
+        """A weight update: the next version of every expert, written into each local slot
+        that holds it under the maps in force (what vllm-eplb's placed weight loader does)."""
+        self.version += 1
+        s = self.topo.slots_per_rank
+        for layer in range(self.num_layers):
+            for slot in range(s):
+                e = int(self.maps.phy2log[layer, self.rank * s + slot])
+                self.weights[layer][slot].copy_(expert_weight(self.seed, layer, e, self.dim, self.version))
+
     def slot_mismatches(self) -> list[tuple[int, int, int]]:
         """(layer, local slot, expert the map names) for every slot whose weights are wrong."""
         bad = []
@@ -101,7 +113,7 @@ class ToyMoE:
         for layer in range(self.num_layers):
             for slot in range(s):
                 e = int(self.maps.phy2log[layer, self.rank * s + slot])
-                if not torch.equal(self.weights[layer][slot], expert_weight(self.seed, layer, e, self.dim)):
+                if not torch.equal(self.weights[layer][slot], expert_weight(self.seed, layer, e, self.dim, self.version)):
                     bad.append((layer, slot, e))
         return bad
 

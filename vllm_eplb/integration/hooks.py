@@ -35,7 +35,7 @@ from vllm_eplb.kernels.replica_dispatch import gpu_router, torch_map_to_physical
 
 from . import refusal
 from .config import EplbConfigError, published
-from .cpu_kernels import drop_remote_tokens, local_expert_ids
+from .cpu_kernels import drop_remote_tokens, local_expert_ids, prepack_cpu_experts_again
 from .refusal import refuse
 from .startup import under_vllm_cli, check_shapes, parse_eplb_config_arg, prepare_engine_args, refuse_config
 
@@ -343,6 +343,69 @@ def hook_cpu_fused_moe() -> None:
 
 
 
+# --------------------------------------------------------------------------- weight updates
+
+
+def hook_moe_weight_loader() -> None:
+    """A balanced layer's expert weights go to every slot of the placement in force that
+    holds the expert (weight_updates.placed_load)."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from .weight_updates import placed_load
+
+    if not _once(RoutedExperts, "weight_loader"):
+        return
+    original = RoutedExperts.weight_loader
+
+    @_mark
+    @functools.wraps(original)
+    def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
+        return placed_load(original, self, param, loaded_weight, weight_name, shard_id, expert_id, return_success)
+
+    _replace(RoutedExperts, "weight_loader", weight_loader)
+
+
+def _hook_weight_update_rpc(method: str, kind: str) -> None:
+    """The worker's update RPC `method`: the balancer hears of the update before anything
+    is written, or the update is refused (weight_updates.weight_update_begins)."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from .weight_updates import weight_update_begins, weight_update_ends
+
+    if not _once(Worker, method):
+        return
+    original = getattr(Worker, method)
+
+    @_mark
+    @functools.wraps(original)
+    def rpc(self, *args, **kwargs):
+        if not weight_update_begins(self, kind, args, kwargs):
+            return None
+        result = original(self, *args, **kwargs)
+        weight_update_ends(self, kind)
+        return result
+
+    _replace(Worker, method, rpc)
+
+
+def hook_cpu_moe_reload() -> None:
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    if not _once(UnquantizedFusedMoEMethod, "_setup_kernel"):
+        return
+    original = UnquantizedFusedMoEMethod._setup_kernel
+
+    @_mark
+    @functools.wraps(original)
+    def _setup_kernel(self, layer, *args, **kwargs):
+        update = self.moe_kernel is not None  # vLLM's own test for a weight update
+        original(self, layer, *args, **kwargs)
+        if update:
+            prepack_cpu_experts_again(self, layer)
+
+    _replace(UnquantizedFusedMoEMethod, "_setup_kernel", _setup_kernel)
+
+
 # --------------------------------------------------------------------------- the list
 
 
@@ -367,6 +430,7 @@ def _no_triton_router() -> bool:
 
 V1 = "vllm/v1/worker/gpu_model_runner.py"
 V2 = "vllm/v1/worker/gpu/model_runner.py"
+WORKER = "vllm/v1/worker/gpu_worker.py"  # the CPU worker subclasses it
 
 HOOKS: tuple[Hook, ...] = (
     Hook(
@@ -444,6 +508,29 @@ HOOKS: tuple[Hook, ...] = (
         ("vllm/distributed/device_communicators/cpu_communicator.py", "CpuCommunicator"), CPU,
         lambda: _install_cpu_dp(), "all_gatherv / reduce_scatterv over gloo: data parallel + expert parallel on CPU",
         when=_is_cpu, platform="cpu",
+    ),
+    Hook(
+        "moe_weight_loader", "vllm.model_executor.layers.fused_moe.routed_experts:RoutedExperts.weight_loader",
+        ("vllm/model_executor/layers/fused_moe/routed_experts.py", "RoutedExperts.weight_loader"), ALL,
+        lambda: hook_moe_weight_loader(), "a weight update writes each expert into every slot that holds it now",
+    ),
+    *(
+        Hook(
+            f"weight_update_{kind}", f"vllm.v1.worker.gpu_worker:Worker.{method}", (WORKER, f"Worker.{method}"), ALL,
+            (lambda method=method, kind=kind: _hook_weight_update_rpc(method, kind)),
+            "a weight update ends the cycle in flight on every rank, or is refused if it cannot be placed",
+        )
+        for method, kind in (
+            ("reload_weights", "reload"), ("start_weight_update", "start"), ("update_weights", "update"),
+            ("finish_weight_update", "finish"),
+        )
+    ),
+    Hook(
+        "cpu_moe_reload",
+        "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method:UnquantizedFusedMoEMethod._setup_kernel",
+        ("vllm/model_executor/layers/fused_moe/unquantized_fused_moe_method.py", "UnquantizedFusedMoEMethod._setup_kernel"),
+        CPU, lambda: hook_cpu_moe_reload(), "reloaded MoE weights get the CPU experts' prepacking too", when=_is_cpu,
+        platform="cpu",
     ),
     Hook(
         "metrics_bridge", "prometheus_client:REGISTRY", None, ALL, lambda: _bridge_worker_metrics(),

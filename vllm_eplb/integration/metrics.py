@@ -107,6 +107,12 @@ class _Families:
             ["rank", "result"],
             **_OTHER,
         )
+        self.WEIGHT_UPDATES = Counter(
+            _PREFIX + "weight_updates",
+            "Weight updates written into the expert slots (one per forward pass that had one); each ends the cycle in flight.",
+            ["rank"],
+            **_OTHER,
+        )
         self.STAGING = Gauge(_PREFIX + "staging_bytes_max", "Largest staging memory one transfer step held.", ["rank"], **_GAUGE)
         # Why, not only whether: vllm:eplb_enabled 0 alone does not say what stopped it.
         self.DISABLED = Gauge(
@@ -257,6 +263,7 @@ class BalancerMetrics:
             (m.BYTES, "bytes", s.bytes_moved),
             (m.EXPERTS, "experts", s.experts_moved),
             (m.LAYERS, "layers", s.layers_committed),
+            (m.WEIGHT_UPDATES, "weight_updates", s.weight_updates),
         ):
             d = self._delta(key, value)
             if d:

@@ -172,15 +172,19 @@ def _no_elastic_ep(self, num_physical_experts: int, num_local_physical_experts: 
 
 
 def _check_slots_loaded(model, arch: str, layers: list) -> None:
-    """Wrap the model's load_weights: NaN in every expert slot before, none left after.
-    A loader written for the logical experts only either leaves the redundant slots
-    unfilled or fails on their shape; both refuse the model on every rank alike, with the
-    same line (what each rank found is gathered over the expert-parallel group, so a rank
-    whose own slots were all filled refuses with the others instead of waiting for them)."""
+    """Wrap the model's load_weights for its first call (the model loading): NaN in every
+    expert slot before, none left after. A loader written for the logical experts only
+    either leaves the redundant slots unfilled or fails on their shape; both refuse the
+    model on every rank alike, with the same line (what each rank found is gathered over the
+    expert-parallel group, so a rank whose own slots were all filled refuses with the others
+    instead of waiting for them). Later calls are weight updates, which may bring some
+    weights only: they load as the model's own load_weights does."""
     original = model.load_weights
 
     def load_weights(weights, *args, **kwargs):
         from vllm.distributed.parallel_state import get_ep_group
+
+        model.load_weights = original  # the first load only
 
         tensors = [[w for w in r.get_expert_weights() if w.is_floating_point()] for r in layers]
         for ws in tensors:

@@ -50,6 +50,7 @@ from vllm_eplb.core.transfer import DeferredBackend
 from vllm_eplb.core.transfer.select import make_backend
 from vllm_eplb.kernels import replica_dispatch
 
+from . import weight_updates
 from .config import EplbConfig, published
 
 log = logging.getLogger("vllm.eplb")
@@ -101,6 +102,7 @@ class VllmEplbState:
         self.verifier: SlotVerifier | None = None  # verify_slots: every committed layer checked
         self._verified: np.ndarray | None = None  # the placement the verifier last checked
         self.layer_counter: ForwardCounter | None = None
+        self.placed: weight_updates.PlacedModel | None = None  # how weight updates reach the slots
 
     # ---- called by the runner once the weights are loaded
     def add_model(self, model, model_config, model_name: str | None = None, **_) -> None:
@@ -149,6 +151,12 @@ class VllmEplbState:
             bcfg, layout, Comm(ep.rank_in_group, ep.world_size, agreement_group, backend), clock=clock, shared=shared
         )
         atexit.register(self.shutdown)  # the planner process and the backend's threads
+        balancer = self.balancer
+        self.placed = weight_updates.attach(
+            model, type(model).__name__, topo, ep.rank_in_group, lambda: balancer.placement, placement,
+            balancer.weights_changed, _dummy_load(),
+        )
+        weight_updates.register(self)
         # Before the first forward pass (and any graph capture). Every rank must route a token to
         # the same replica: where the start-up check found configs that differ, every rank (it
         # fails alike everywhere) keeps vLLM's own hash dispatch.
@@ -301,6 +309,26 @@ class VllmEplbState:
                 self.balancer.report_fault(Fault.METRICS_ERROR, exc)
         self.step_ns += (t1 - t0) + (time.perf_counter_ns() - t2)
 
+    # ---- called by the worker's weight-update RPCs (weight_updates.weight_update)
+    def begin_weight_update(self, kind: str, checkpoint_format: bool = True, engine: str | None = None) -> None:
+        """Before an update writes anything: refuse it if it cannot be placed (the same line
+        on every rank: the placement is the same everywhere), else tell the balancer."""
+        problem = self.placed.refusal(kind, checkpoint_format, engine) if self.placed is not None else ""
+        if problem:
+            log.error("%s", problem)
+            raise weight_updates.WeightUpdateRefused(problem)
+        self.balancer.weights_changed()
+
+    def end_weight_update(self) -> None:
+        """The new weights are in: verify_slots' reference fingerprints are theirs from now on."""
+        if self.verifier is None:
+            return
+        bad = self.verifier.refresh(self.balancer.placement)
+        self._verified = self.balancer.placement.copy()
+        if bad:
+            log.error("vllm-eplb: verify_slots: after a weight update, %d slot(s) hold other bytes than the other "
+                      "replicas of their expert (layer, slot, expert): %s", len(bad), bad[:8])
+
     def _verify_commits(self) -> None:
         """verify_slots: every layer whose placement changed since the last check (a commit)
         holds, slot by slot, the bytes of the experts its map names."""
@@ -342,6 +370,17 @@ def _max_pass_tokens(model_config) -> int:
         return int(tokens) * int(top_k)
     except Exception:
         return 0
+
+
+def _dummy_load() -> bool:
+    """The model started with dummy weights (load_format "dummy"): its loader was not seen."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        fmt = get_current_vllm_config().load_config.load_format
+        return str(getattr(fmt, "value", fmt)) == "dummy"
+    except Exception:
+        return False
 
 
 def _ranks_per_node(ep) -> int:

@@ -216,6 +216,29 @@ def build(
     return out_dir
 
 
+def new_experts(src_dir: str, out_dir: str, seed: int = 1) -> str:
+    """A copy of the checkpoint in src_dir whose routed experts' weights are drawn anew (same
+    shapes and scale), everything else (router, attention, embeddings) unchanged: the
+    "next training step" of a weight update, routed as before."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src_dir, out_dir, dirs_exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for name in sorted(os.listdir(out_dir)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(out_dir, name)
+        tensors = load_file(path)
+        for key, t in tensors.items():
+            if ".mlp.experts." in key:
+                tensors[key] = (torch.randn(t.shape, generator=g) * t.float().std()).to(t.dtype)
+        save_file(tensors, path, metadata={"format": "pt"})
+    return out_dir
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
