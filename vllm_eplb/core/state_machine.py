@@ -71,7 +71,7 @@ DECIDED_BY = {
     "next_layer": "commit round: every rank voted a step ready; its layers committed, more to move",
     "finish": "commit round: every rank voted the last steps ready; their layers committed",
     "abort": "any round carrying a fault (planner, transfer, timeout, bug) from any rank, or failing on every rank (a rank lagged past agreement_timeout_s)",
-    "disable": "the start-up check (the ranks run different protocols), or a cycle's end that stops rebalancing: a round showing the ranks disagree about the protocol (pass clock, a step's layers), a fault that disables (planner dead, transfer group broken); rank-local only where no vote can follow (commit failed, agreement group not rebuilt)",
+    "disable": "the start-up check (the ranks run different protocols), or a cycle's end that stops rebalancing: a round showing the ranks disagree about the protocol (pass clock, a step's layers, weight updates), a fault that disables (planner dead, transfer group broken); rank-local only where no vote can follow (commit failed, agreement group not rebuilt)",
 }
 
 
