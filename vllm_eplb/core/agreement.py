@@ -1,4 +1,5 @@
-"""Cross-rank agreement without stalling the forward loop (DESIGN invariant 1).
+"""Cross-rank agreement without stalling the forward loop (invariant 1, docs/architecture.md),
+and the layouts of every round the balancer posts.
 
 A *round* is a non-blocking all-reduce over a gloo CPU group, posted by every
 rank at the same forward-pass number and read a fixed number of passes later
@@ -18,7 +19,7 @@ that names each field and how it combines across ranks:
 
 Every layout starts with five fields the protocol reads in every round:
 `pass_no` (equal: the pass the round was scheduled for, so a rank on another
-schedule is caught), `fault` (max: code * FAULT_RANKS + rank of the worst local
+schedule is caught), `fault` (max: faults.encode(code, rank) of the worst local
 failure since the last round, 0 for none; every rank reads the same code, so
 every rank ends the cycle at the same round with the same reason), `skew`
 (any: some rank's driver ticked more or less often than its forward passes ran),
@@ -26,6 +27,13 @@ every rank ends the cycle at the same round with the same reason), `skew`
 every rank unless one rank's count drifted; core/pass_clock.py) and `weights`
 (equal: the weight updates this rank has applied, so a rank that applied one at
 another pass than its peers is caught).
+
+The balancer's rounds (one layout each, defined here):
+  LoadLayout  the window's load (SUM), every rank's fault, pass and clock at its own index
+  READINESS   every rank has its plan; or a rank's plan ran past planning_timeout_s
+  DIGEST      every rank holds the same plan, and it is worth moving
+  COMMIT      which of the steps in flight (up to MAX_IN_FLIGHT) this rank has ready, and
+              a digest of their layers (a step is never committed as different layers)
 
 A slow rank is not a broken one. gloo times a collective out `timeout_s` after it
 was posted on this rank: that is how far one rank may lag its peers (a long pass, a
@@ -44,6 +52,7 @@ ranks that saw it complete fail at their next round instead, a round later.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import time
@@ -54,7 +63,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-FAULT_RANKS = 1 << 16  # fault = code * FAULT_RANKS + rank
+from .faults import FAULT_RANKS, Fault
+from .protocol import short_digest
 
 
 class AgreementError(RuntimeError):
@@ -124,6 +134,75 @@ class VoteLayout:
                 out[name] = -v[i]
             i += _WIDTH[kind]
         return SimpleNamespace(**out)
+
+    def pass_mismatch(self, v, posted_at: int) -> str:
+        return f"round posted at pass {posted_at} on this rank was posted at another pass elsewhere"
+
+    def clock_spread(self, v) -> str:
+        return f"from {v.clock[0]} to {v.clock[2]} across ranks"
+
+
+class LoadLayout:
+    """The load round, reduced with SUM: the window's (layers, slots) load and its sampled
+    passes' (passes, layers, ranks) load, then per rank, at the rank's own index, its fault,
+    the pass it posted at and its clock offset (the SUM hands every rank all of them).
+    Decoded with the vote layouts' common fields, so one read checks every round."""
+
+    name = "load"
+    TAIL = 3  # per rank: fault, pass number, clock offset
+
+    def __init__(self, load_shape: tuple, per_pass_shape: tuple, world_size: int):
+        self.load_shape, self.per_pass_shape, self.world_size = tuple(load_shape), tuple(per_pass_shape), world_size
+
+    def encode(self, load: torch.Tensor, per_pass: torch.Tensor, rank: int, fault: int, pass_no: int, clock: int) -> torch.Tensor:
+        n = self.world_size
+        tail = torch.zeros(self.TAIL * n, dtype=torch.int64)
+        tail[rank], tail[n + rank], tail[2 * n + rank] = fault, pass_no, clock
+        return torch.cat([load.reshape(-1), per_pass.reshape(-1), tail])
+
+    def zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a rank whose window copy failed contributes: no load."""
+        return torch.zeros(self.load_shape, dtype=torch.int64), torch.zeros(self.per_pass_shape, dtype=torch.int64)
+
+    def decode(self, value: torch.Tensor) -> SimpleNamespace:
+        n = self.world_size
+        size = int(torch.Size(self.load_shape).numel())
+        faults, passes, clocks = value[-self.TAIL * n:].reshape(self.TAIL, n)
+        p_lo, p_hi, c_lo, c_hi = int(passes.min()), int(passes.max()), int(clocks.min()), int(clocks.max())
+        return SimpleNamespace(
+            load=value[:size].reshape(self.load_shape),
+            per_pass=value[size : -self.TAIL * n].reshape(self.per_pass_shape),
+            passes=passes.tolist(), clocks=clocks.tolist(),
+            pass_no=(p_lo, p_lo == p_hi, p_hi), clock=(c_lo, c_lo == c_hi, c_hi),
+            fault=int(faults.max()), skew=False,
+            weights=(0, True, 0),  # not carried: the votes of the cycle check it
+        )
+
+    def pass_mismatch(self, v, posted_at: int) -> str:
+        return (f"load round posted at pass {posted_at} here was posted at passes {v.passes} "
+                f"by ranks 0..{self.world_size - 1}")
+
+    def clock_spread(self, v) -> str:
+        return f"by ranks 0..{self.world_size - 1}: {v.clocks}"
+
+
+READINESS = VoteLayout("readiness", ("ready", "all"), ("expired", "any"))
+DIGEST = VoteLayout("digest", ("digest_a", "equal"), ("digest_b", "equal"), ("worth", "all"))
+MAX_IN_FLIGHT = 6  # steps a commit vote can name (its layout's width)
+# `layers`: a digest of the layers of every step it names, so a step is never committed as
+# different layers on different ranks
+COMMIT = VoteLayout(
+    "commit", ("first_seq", "equal"), ("layers", "equal"), *((f"ready{i}", "all") for i in range(MAX_IN_FLIGHT))
+)
+# What the ranks' rounds mean: equal on every rank (compared at start-up) or no round pairs.
+PROTOCOL = short_digest(repr((VOTE_WIDTH, FAULT_RANKS, [(f.name, f.value) for f in Fault],
+                              [(v.name, v.fields) for v in (READINESS, DIGEST, COMMIT)])).encode())
+
+
+def layers_digest(steps: list[tuple[int, list[int]]]) -> int:
+    """(sequence number, layers) of steps, as one int64 every rank computes alike."""
+    text = repr(list(steps)).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 2
 
 
 class Round:

@@ -22,12 +22,18 @@ One protocol (core/protocol.py): at start-up the ranks compare every field that 
 the protocol (config keys, topology, backend, clock, vote layouts, placement); on any
 difference none balances (`config_mismatch`).
 
-Faults. A failure on one rank (planner, transfer, allocation, a bug) never makes it
-stop posting rounds: it becomes the `fault` field of its next vote, and every rank
-ends the cycle when it reads that round, at the same pass, with the same reason
-(the worst code, and the rank it came from). A round that fails (a rank lagged past
-agreement_timeout_s) fails on every rank: the cycle ends where it is read and the
-agreement group is rebuilt for the next cycle. Rounds that show the ranks disagree
+What each phase does on a pass is one table, `PHASE_WORK` (a row per phase of the state
+machine's table, checked at import): the method run, and for the planning and syncing
+phases the round each posts and reads. Transferring runs the transfer pipeline
+(core/pipeline.py: steps, in-flight limit, commit votes, the transfer group's health).
+
+Faults (core/faults.py). A failure on one rank (planner, transfer, allocation, a bug)
+never makes it stop posting rounds: it is reported to `LocalFaults`, becomes the `fault`
+field of its next vote, and every rank ends the cycle when it reads that round, at the
+same pass, with the same reason (the worst code, and the rank it came from); a code that
+`disables` stops rebalancing instead (the table's `disable`). A round that fails (a rank
+lagged past agreement_timeout_s) fails on every rank: the cycle ends where it is read and
+the agreement group is rebuilt for the next cycle. Rounds that show the ranks disagree
 about the protocol itself (pass, clock, step, weight-update count) stop rebalancing
 on every rank.
 
@@ -41,6 +47,9 @@ it ends on every rank at the same pass; the next cycle moves the new weights. Ev
 vote carries the count of updates each rank applied: counts that differ mean ranks
 applied an update at different passes (a step may have been committed on some ranks
 only), and rebalancing stops on every rank.
+
+The placement of record is the routing maps' host copy (`RoutingMaps.placement`): what
+the balancer plans from, moves from and records is what the model routes with.
 
 Pass timeline of one cycle (L = agreement lag, W = window, all relative):
   c            idle -> collecting                    window opened
@@ -57,83 +66,42 @@ Pass timeline of one cycle (L = agreement lag, W = window, all relative):
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .agreement import FAULT_RANKS, VOTE_WIDTH, Agreement, AgreementError, Round, VoteLayout
+from .agreement import DIGEST, PROTOCOL, READINESS, Agreement, AgreementError, LoadLayout, Round, VoteLayout
 from .config import BalancerConfig
+from .faults import Fault, LocalFaults, ProtocolMismatch, Reason, decode, describe, fault_of
 from .load_window import HostSnapshot, LoadWindow
+from .pass_balance import pass_figures
+from .pass_clock import PassClock
+from .pipeline import CommitFailed, TransferPipeline
 from .placement import (
     RoutingMaps,
-    StagedLayer,
     Topology,
     balancedness_of,
     observed_rank_loads,
     physical_to_logical_load,
     predicted_balancedness,
 )
-from .pass_balance import pass_figures
-from .pass_clock import PassClock
 from .planner import Plan, Planner, PlannerDead
 from .planner_process import PlannerExited
 from .policies import Policy, get_policy
 from .protocol import differences, exchange, protocol_fields, short_digest
 from .records import PlacementRecord, save
-from .state_machine import attach_machine, top_state
+from .state_machine import ACTIVE, PHASES, attach_machine, top_state
 from .stats import BalancerStats, TransitionRecord
-from .transfer import InFlightStep, TransferBackend, TransferEngine, TransferError, plan_layer
-from .transfer.backend import DeferredBackend, NoBackend, padded
+from .transfer import TransferBackend, TransferEngine
+from .transfer.backend import DeferredBackend, NoBackend
 
 # A child of vLLM's logger: inside vLLM the lines go through its handlers and format.
 log = logging.getLogger("vllm.eplb")
-
-
-class Fault(enum.IntEnum):
-    """Local failures, in the order a vote reduces them (the largest wins). The last
-    ones end rebalancing on every rank; the others end the cycle only."""
-
-    NONE = 0
-    METRICS_ERROR = 1
-    INTERNAL_ERROR = 2
-    PLANNER_ERROR = 3
-    PLANNER_DIED = 4
-    PLANNING_TIMEOUT = 5
-    TRANSFER_ERROR = 6
-    OUT_OF_MEMORY = 7
-    WEIGHT_UPDATE = 8  # new weights written: what the cycle staged is stale
-    PLANNER_DEAD = 20  # died more often than planner_max_restarts
-    TRANSFER_GROUP_BROKEN = 21  # a step's messages were left pending on the transfer group
-
-    @property
-    def reason(self) -> str:
-        return self.name.lower()
-
-    @property
-    def disables(self) -> bool:
-        return self >= Fault.PLANNER_DEAD
-
-
-READINESS = VoteLayout("readiness", ("ready", "all"), ("expired", "any"))
-DIGEST = VoteLayout("digest", ("digest_a", "equal"), ("digest_b", "equal"), ("worth", "all"))
-MAX_IN_FLIGHT = 6  # steps a commit vote can name (its layout's width)
-# `layers`: a digest of the layers of every step it names, so a step is never committed as
-# different layers on different ranks
-COMMIT = VoteLayout(
-    "commit", ("first_seq", "equal"), ("layers", "equal"), *((f"ready{i}", "all") for i in range(MAX_IN_FLIGHT))
-)
-LOAD_TAIL = 3  # per rank, after the load round's load: fault, pass number, clock offset
-# What the ranks' rounds mean: equal on every rank (compared at start-up) or no round pairs.
-PROTOCOL = short_digest(repr((VOTE_WIDTH, FAULT_RANKS, [(f.name, f.value) for f in Fault],
-                              [(v.name, v.fields) for v in (READINESS, DIGEST, COMMIT)])).encode())
 
 
 @dataclass
@@ -143,7 +111,7 @@ class MoELayout:
     topo: Topology
     num_layers: int
     pass_load: torch.Tensor  # (layers, physical) int32/int64: the router adds tokens per slot into it
-    maps: RoutingMaps  # updated in place at commit
+    maps: RoutingMaps  # updated in place at commit; its host copy is the placement of record
     weights_of: Callable[[int], list[torch.Tensor]]  # layer -> this rank's expert tensors (local slots, ...)
     record_flag: torch.Tensor | None = None  # bool scalar the router checks before recording load
     max_pass_tokens: int = 0  # most tokens one pass can route (0: unknown), for the overflow check
@@ -157,27 +125,36 @@ class Comm:
     backend: TransferBackend | DeferredBackend  # deferred: built once the start-up check passed
 
 
-class ProtocolMismatch(RuntimeError):
-    """A round every rank read shows the ranks disagree about the protocol itself: posted at
-    different passes (`pass_mismatch`), pass clocks that drifted apart (`clock_mismatch`),
-    a step holding different layers (`step_mismatch`), weight updates applied at different
-    passes (`weight_update_skew`). Read alike everywhere: every rank
-    stops rebalancing at that round."""
+class PhaseWork(NamedTuple):
+    """What the balancer does on a pass in one phase: `tick`, the method run; for the phases
+    that exchange one round at a time, `post` and `read`, the methods that post the phase's
+    round and read it when due (`_tick_round` runs them); `scheduled`: the phase posts or
+    reads rounds on a schedule every rank keeps, so a pass that failed on a bug is retried
+    once (`_run`)."""
 
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+    tick: str
+    post: str = ""
+    read: str = ""
+    scheduled: bool = False
 
 
-def layers_digest(steps: list["Step"]) -> int:
-    """The steps' sequence numbers and layers, as one int64 every rank computes alike."""
-    text = repr([(s.seq, s.layers) for s in steps]).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 2
+# One row per phase of the table (state_machine.PHASES): the only dispatch on the phase.
+PHASE_WORK = {
+    "idle": PhaseWork("_tick_idle"),
+    "collecting": PhaseWork("_tick_collecting"),
+    "planning_reducing": PhaseWork("_tick_round", "_post_load", "_read_load", scheduled=True),
+    "planning_waiting": PhaseWork("_tick_round", "_post_readiness", "_read_readiness", scheduled=True),
+    "syncing": PhaseWork("_tick_round", "_post_digest", "_read_digest", scheduled=True),
+    "transferring": PhaseWork("_tick_transferring", scheduled=True),  # the pipeline's own votes
+    "disabled": PhaseWork("_tick_disabled"),
+}
+assert set(PHASE_WORK) == set(PHASES), f"PHASE_WORK must name every phase of the table: {sorted(PHASES)}"
 
 
 @dataclass
 class Cycle:
-    """Everything one cycle knows; created when it starts, dropped when it ends."""
+    """Everything one cycle knows until its transfers start (the pipeline holds those);
+    created when it starts, dropped when it ends."""
 
     number: int
     started_at: int
@@ -185,28 +162,9 @@ class Cycle:
     snapshot: HostSnapshot | None = None
     round: Round | None = None  # the round in flight
     post_at: int = 0  # the phase's next round is posted at or after this pass
-    fault: int = 0  # worst local fault since the last vote: code * FAULT_RANKS + rank
-    fault_detail: str = ""
     plan: Plan | None = None
     window_load: np.ndarray | None = None
-    layers_to_move: list[int] = field(default_factory=list)
-    inflight: list["Step"] = field(default_factory=list)  # started, not yet committed, in start order
-    next_seq: int = 0
-    start_failed: bool = False  # a step failed to start on this rank
-    votes: list[Round] = field(default_factory=list)  # commit votes in flight, in posting order
     weights_changed: bool = False  # a weight update came: nothing of this cycle commits any more
-
-
-@dataclass
-class Step:
-    """One transfer step of a cycle: layers_per_pass layers moved together."""
-
-    seq: int
-    layers: list[int]
-    started_at: int
-    inflight: InFlightStep | None = None  # None if starting it failed on this rank
-    prepared: bool = False  # data in, local snapshots taken, maps staged: ready to commit
-    staged: list[StagedLayer] = field(default_factory=list)
 
 
 class Balancer:
@@ -234,14 +192,17 @@ class Balancer:
         self.stats = BalancerStats()
         self.pass_no = 0  # last pass processed
         self.clock = clock
-        self.layer = -1  # next layer to move while transferring
         self.transitions_total = 0
-        self.disabled_reason = ""
-        self.placement = layout.maps.phy2log.cpu().numpy().copy()
+        self.disabled_reason = ""  # "reason: detail" once disabled, for /metrics and the harness
         self.initial_placement = self.placement.copy()  # the baseline of the "initial" balancedness
+        self.faults = LocalFaults(comm.rank, self.stats.local_faults, self._where, self._in_cycle)
 
         self.window = LoadWindow(
             layout.pass_load, config.window_size, layout.record_flag, layout.max_pass_tokens, ranks=self.topo.num_ranks
+        )
+        sampler = self.window.sampler
+        self._load_layout = LoadLayout(
+            tuple(layout.pass_load.shape), (sampler.samples, sampler.layers, sampler.ranks), comm.world_size
         )
         self.planner = Planner(
             policy or get_policy(config.policy, tolerance=config.min_move_tolerance),
@@ -252,31 +213,23 @@ class Balancer:
         self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag, config.agreement_timeout_s)
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
-        self._aborted_steps: list[InFlightStep] = []  # their messages may still be pending
-        self._transfer_group_broken = False
         self._weights_pass = -1  # the pass clock when the last weight update came
 
         # The first window ends at step_interval, as upstream's first rearrangement does.
         self.next_cycle_at = max(1, config.step_interval - config.window_size)
         self.cycle: Cycle | None = None
         self._cycles = 0
-        self._on_round = {
-            "planning_reducing": self._read_load,
-            "planning_waiting": self._read_readiness,
-            "syncing": self._read_digest,
-        }
-        self._post = {
-            "planning_reducing": self._post_load,
-            "planning_waiting": self._post_readiness,
-            "syncing": self._post_digest,
-        }
         self.machine = attach_machine(self, self._on_transition)
+        self._tick_phase = self._tick_idle  # this phase's PHASE_WORK tick, bound at every state change
         agreed = self._check_protocol(shared or {})
         if isinstance(comm.backend, DeferredBackend):
             comm.backend = comm.backend.build() if agreed else NoBackend(comm.backend.name)
         self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
+        self.pipeline = TransferPipeline(
+            self.engine, layout.maps, self.topo, lambda: self.config, self.faults, self.stats, self._post_vote
+        )
         if agreed:
-            self._reserve_staging()
+            self.pipeline.reserve_staging(layout.weights_of, layout.num_layers, comm.rank)
 
     def _check_protocol(self, shared: dict) -> bool:
         """Compare every field that shapes the protocol with every peer's (core/protocol.py).
@@ -302,38 +255,34 @@ class Balancer:
         try:
             everyone = exchange(self.comm.agreement_group, self.comm.world_size, fields)
         except Exception as exc:  # a peer that never gets here: nothing can be agreed with it
-            self._disable("agreement_timeout", exc)
+            self._disable(Reason.AGREEMENT_TIMEOUT, exc)
             return False
         diff = differences(everyone)
         if diff:
-            self._disable("config_mismatch", None, detail=diff)
+            self._disable(Reason.CONFIG_MISMATCH, detail=diff)
             return False
         return True
-
-    def _reserve_staging(self) -> None:
-        """A step moves at most every local slot of layers_per_pass layers: the staging bound
-        (+ message padding), for every step that can be in flight, reserved now."""
-        layout, comm = self.layout, self.comm
-        per_layer = max(
-            sum(padded(w.numel() * w.element_size()) for w in layout.weights_of(layer)) for layer in range(layout.num_layers)
-        )
-        comm.backend.prepare(layout.weights_of(0), self.config.layers_per_pass * per_layer + (1 << 20), self.max_in_flight)
-        if comm.backend.reserved_bytes:
-            log.info(
-                "vllm-eplb rank %d: %d MB of transfer staging reserved on %s (%d steps in flight)", comm.rank,
-                comm.backend.reserved_bytes >> 20, layout.weights_of(0)[0].device, self.max_in_flight,
-            )
 
     # ------------------------------------------------------------------ public
 
     @property
     def state(self) -> str:
-        """The top-level state: idle, collecting, planning, syncing or transferring."""
+        """The top-level state: idle, collecting, planning, syncing, transferring or disabled."""
         return top_state(self.phase)
 
     @property
     def enabled(self) -> bool:
-        return not self.disabled_reason
+        return self.phase != "disabled"
+
+    @property
+    def placement(self) -> np.ndarray:
+        """The placement of record: the host copy of the routing maps (core/placement.py)."""
+        return self.layout.maps.placement
+
+    @property
+    def layer(self) -> int:
+        """The next layer to move while transferring, else -1."""
+        return self.pipeline.next_layer if self.phase == "transferring" else -1
 
     def tick(self) -> None:
         """After a forward pass: process it. Never raises: failures end the cycle."""
@@ -353,9 +302,9 @@ class Balancer:
             self._skewed = True
             self._catch_up_to(now)
 
-    def report_fault(self, reason: str, exc: BaseException) -> None:
+    def report_fault(self, code: Fault, exc: BaseException) -> None:
         """A failure outside tick() (metrics, hooks): it ends the cycle through the next vote."""
-        self._fault(Fault.METRICS_ERROR if reason == "metrics_error" else Fault.INTERNAL_ERROR, exc)
+        self.faults.report(code, exc)
 
     def weights_changed(self) -> None:
         """New weights are being written into the expert slots (a weight update), between
@@ -366,10 +315,10 @@ class Balancer:
             self._weights_pass = now
             self.stats.weight_updates += 1
         c = self.cycle
-        if c is None or self.phase == "idle" or c.weights_changed:
+        if not self._in_cycle() or c.weights_changed:
             return  # idle: the next cycle reads the new weights, nothing more to do
         c.weights_changed = True
-        self._fault(Fault.WEIGHT_UPDATE, None)
+        self.faults.report(Fault.WEIGHT_UPDATE, None)
 
     def shutdown(self) -> None:
         self.planner.shutdown()
@@ -383,20 +332,7 @@ class Balancer:
         """Move every layer to `new_placement` right now, blocking (start-up, benchmarks'
         stop-the-world baseline). Every rank must call it at the same point. Returns the
         number of layers moved."""
-        moved = 0
-        for layer in range(self.layout.num_layers):
-            if (new_placement[layer] == self.placement[layer]).all():
-                continue
-            step = self.engine.start([plan_layer(layer, self.placement[layer], new_placement[layer], self.topo)])
-            self.engine.finish(step)
-            if self.comm.world_size > 1:
-                # every rank's data is in before any rank overwrites a slot a peer may read
-                dist.barrier(group=self.agreement.group)
-            self.engine.commit(step)
-            self.layout.maps.write_layer(layer, new_placement[layer], self.topo)
-            self.placement[layer] = new_placement[layer]
-            moved += 1
-        return moved
+        return self.pipeline.move_now(new_placement, self.agreement.group, self.comm.world_size)
 
     # ------------------------------------------------------------------ the clock
 
@@ -409,65 +345,64 @@ class Balancer:
             self._run(self.pass_no + 1)
 
     def _run(self, p: int) -> None:
-        """One pass. Every handler decides (schedule arithmetic, transitions from votes)
-        before it does fallible local work, which it catches into this rank's fault; an
-        exception that escapes anyway is a bug: recorded as a fault, and the pass's due
-        read or post is retried once, so this rank keeps its peers' schedule."""
+        """One pass: the phase's work (PHASE_WORK). Every handler decides (schedule
+        arithmetic, transitions from votes) before it does fallible local work, which it
+        catches into this rank's fault; an exception that escapes anyway is a bug: recorded
+        as a fault, and in a scheduled phase the pass is retried once, so this rank keeps
+        its peers' schedule."""
         self.pass_no = p
         try:
-            if self.phase == "idle":
-                self._tick_idle(p)
-            elif self.phase == "collecting":
-                self._tick_collecting(p)
-            elif self.phase == "transferring":
-                self._tick_transferring(p)
-            else:
-                self._tick_phase(p)
+            self._tick_phase(p)
         except (AgreementError, ProtocolMismatch) as exc:
             self._lost_agreement(exc)
         except Exception as exc:
-            self._fault(Fault.INTERNAL_ERROR, exc)
-            if self.phase in self._post or self.phase in self._on_round or self.phase == "transferring":
+            self.faults.report(Fault.INTERNAL_ERROR, exc)
+            work = PHASE_WORK[self.phase]
+            if work.scheduled:
                 try:
-                    self._tick_transferring(p) if self.phase == "transferring" else self._tick_phase(p)
+                    getattr(self, work.tick)(p)
                 except (AgreementError, ProtocolMismatch) as again:
                     self._lost_agreement(again)
                 except Exception as again:
-                    self._disable("internal_error", again)
+                    self._disable(Fault.INTERNAL_ERROR, again)
 
     def _lost_agreement(self, exc: Exception) -> None:
         if isinstance(exc, ProtocolMismatch):
             # Read identically by every rank: they disagree about the protocol itself.
-            self._disable(exc.reason, None, detail=str(exc))
+            self._disable(exc.reason, detail=str(exc))
         else:
             # The round failed, and so it did on every rank (see agreement.py), read at this
             # same pass: end the cycle here; its group's connections are gone, so build a
             # new one, ready long before the next cycle's first round.
-            self._abort("agreement_timeout", detail=f"{type(exc).__name__}: {exc}")
+            self._abort(Reason.AGREEMENT_TIMEOUT, detail=describe(exc))
             self.agreement.rebuild()
 
     # ------------------------------------------------------------------ states
 
+    def _tick_disabled(self, p: int) -> None:
+        """Rebalancing stopped: serving goes on on the placement in force."""
+
     def _tick_idle(self, p: int) -> None:
-        if p >= self.next_cycle_at and self.enabled:
+        if p >= self.next_cycle_at:
             try:
                 self.agreement.wait_rebuilt()  # after a failed round: the new group, before any round
             except AgreementError as exc:
-                return self._disable("agreement_timeout", exc)
+                return self._disable(Reason.AGREEMENT_TIMEOUT, exc)
             self.stats.cycles_started += 1
             self._cycles += 1
             self.cycle = Cycle(self._cycles, p)
+            self.faults.clear()
             self.start_collecting()
             try:
                 self.window.reset()  # load recorded while idle is not part of the window
             except Exception as exc:
-                self._fault(Fault.INTERNAL_ERROR, exc)
+                self.faults.report(Fault.INTERNAL_ERROR, exc)
             try:
                 restarts = self.planner.restarts
                 self.planner.ensure_alive()  # a planner that died since: warm again by the window's end
                 self.stats.planner_restarts += self.planner.restarts - restarts
             except PlannerDead as exc:
-                self._fault(Fault.PLANNER_DEAD, exc)
+                self.faults.report(Fault.PLANNER_DEAD, exc)
 
     def _tick_collecting(self, p: int) -> None:
         c = self.cycle
@@ -479,28 +414,25 @@ class Balancer:
         self.window_full()
         c.snapshot = self.window.snapshot_to_host()
 
-    def _tick_phase(self, p: int) -> None:
-        """planning, syncing, transferring: read the round due now (which may move the
-        machine on), then post the phase's round if it is due. Local work done while
-        reading or posting that fails becomes this rank's fault, voted in that round."""
+    def _tick_round(self, p: int) -> None:
+        """planning and syncing: read the phase's round when due (which may move the machine
+        on), then post the phase's round if it is due. Local work done while reading or
+        posting that fails becomes this rank's fault, voted in that round."""
         c = self.cycle
         if c.round is not None:
             if p < c.round.due_at:
                 return
             r, c.round = c.round, None
-            handler = self._on_round[self.phase]
-            if r.layout is not None:
-                v = self._read_votes(r, p)
-                if v is None:
-                    return
-                handler(p, v)
-            else:
-                handler(p, r)
-            if self.phase == "idle":
+            read = PHASE_WORK[self.phase].read
+            v = self._read_round(r, p)
+            if v is None:
                 return
-        post = self._post.get(self.phase)
-        if c.round is None and p >= c.post_at and post is not None:
-            post(p)
+            getattr(self, read)(p, v)
+            if self.cycle is None:
+                return  # the cycle ended
+        post = PHASE_WORK[self.phase].post
+        if c.round is None and p >= c.post_at and post:
+            getattr(self, post)(p)
 
     # ---- planning
 
@@ -511,42 +443,26 @@ class Balancer:
             try:
                 load, per_pass = c.snapshot.wait()
             except Exception as exc:
-                self._fault(Fault.INTERNAL_ERROR, exc)
+                self.faults.report(Fault.INTERNAL_ERROR, exc)
         if load is None:
-            load = torch.zeros(self.layout.pass_load.shape, dtype=torch.int64)
-            per_pass = torch.zeros(self._per_pass_shape, dtype=torch.int64)
-        # Every rank's fault code, pass number and clock offset ride along at its own index:
-        # the SUM hands every rank all of them.
-        n, me = self.comm.world_size, self.comm.rank
-        tail = torch.zeros(LOAD_TAIL * n, dtype=torch.int64)
-        tail[me], tail[n + me], tail[2 * n + me] = self._take_fault(), p, self.clock.offset()
-        sent = torch.cat([load.reshape(-1), per_pass.reshape(-1), tail])
-        c.round = self.agreement.post(sent, p, op=dist.ReduceOp.SUM)
-        c.round.sent = {"clock": int(tail[2 * n + me])}
+            load, per_pass = self._load_layout.zeros()
+        clock = self.clock.offset()
+        sent = self._load_layout.encode(load, per_pass, self.comm.rank, self._take_fault(), p, clock)
+        c.round = self.agreement.post(sent, p, op=dist.ReduceOp.SUM, layout=self._load_layout)
+        c.round.sent = {"clock": clock}
 
-    def _read_load(self, p: int, r: Round) -> None:
+    def _read_load(self, p: int, v) -> None:
         c = self.cycle
-        value = r.result()
-        n = self.comm.world_size
-        faults, passes, clocks = value[-LOAD_TAIL * n:].reshape(LOAD_TAIL, n)
-        if not bool((passes == r.posted_at).all()):
-            raise ProtocolMismatch("pass_mismatch", f"load round posted at pass {r.posted_at} here was posted at passes {passes.tolist()} by ranks 0..{n - 1}")
-        if not bool((clocks == clocks[0]).all()):
-            raise ProtocolMismatch("clock_mismatch", self._clock_detail(r.posted_at, f"by ranks 0..{n - 1}: {clocks.tolist()}", r.sent["clock"]))
-        worst = int(faults.max())
-        if worst:
-            return self._end_on_fault(worst)
         # Decided from the round alone, so every rank moves on here; the local work
         # below can fail only into this rank's next vote.
         self.load_reduced()
         c.post_at = p + 1  # first readiness vote next pass: a fast plan is ready by then
         try:
-            size = self.layout.pass_load.numel()
-            physical = value[:size].reshape(self.layout.pass_load.shape).numpy().astype(np.float64)
+            physical = v.load.numpy().astype(np.float64)
             observed = balancedness_of(observed_rank_loads(physical, self.topo))
             self.stats.balancedness_observed = observed
             self.stats.observed_history.append((c.window_end, observed))
-            passes = pass_figures(value[size : -LOAD_TAIL * n].reshape(self._per_pass_shape).numpy())
+            passes = pass_figures(v.per_pass.numpy())
             self.stats.balancedness_pass = passes.pass_balancedness
             self.stats.straggler_share = passes.straggler_share
             log.info(
@@ -564,9 +480,9 @@ class Balancer:
             finally:
                 self.stats.planner_restarts += self.planner.restarts - restarts
         except PlannerDead as exc:
-            self._fault(Fault.PLANNER_DEAD, exc)
+            self.faults.report(Fault.PLANNER_DEAD, exc)
         except Exception as exc:
-            self._fault(self._fault_of(exc, Fault.PLANNER_ERROR), exc)
+            self.faults.report(fault_of(exc, Fault.PLANNER_ERROR), exc)
 
     def _post_readiness(self, p: int) -> None:
         c = self.cycle
@@ -581,14 +497,15 @@ class Balancer:
                 self.stats.plans_total += 1
             expired = not ready and self.planner.seconds_running() > self.config.planning_timeout_s
         except PlannerExited as exc:
-            self._fault(Fault.PLANNER_DIED, exc)
+            self.faults.report(Fault.PLANNER_DIED, exc)
         except Exception as exc:  # the policy's exception, re-raised by result()
-            self._fault(Fault.PLANNER_ERROR, exc)
+            self.faults.report(Fault.PLANNER_ERROR, exc)
         self._vote(READINESS, p, ready=ready, expired=expired)
 
     def _read_readiness(self, p: int, v) -> None:
         if v.expired:
-            return self._abort("planning_timeout")
+            self.planner.cancel()  # the plan still computing: stopped, a fresh planner for the next cycle
+            return self._abort(Fault.PLANNING_TIMEOUT)
         if not v.ready:
             self.cycle.post_at = p  # a rank is still planning: vote again now (no transition)
             return
@@ -606,7 +523,7 @@ class Balancer:
     def _read_digest(self, p: int, v) -> None:
         c = self.cycle
         if not (v.digest_a[1] and v.digest_b[1]):
-            return self._abort("plan_mismatch")
+            return self._abort(Reason.PLAN_MISMATCH)
         plan = c.plan  # every rank voted ready with this digest: the plan is here
         self.stats.balancedness_current = plan.current_balancedness
         self.stats.balancedness_predicted = plan.predicted_balancedness
@@ -617,143 +534,43 @@ class Balancer:
             plan.current_balancedness, plan.predicted_balancedness, plan.moved_slots,
         )
         if not v.worth:
-            self.stats.cycles_skipped["insufficient_improvement"] += 1
-            return self.skip(reason="insufficient_improvement")
-        c.layers_to_move = [
-            layer for layer in range(self.layout.num_layers) if (plan.placement[layer] != self.placement[layer]).any()
-        ]
-        self.layer = c.layers_to_move[0]
+            skipped = Reason.INSUFFICIENT_IMPROVEMENT.label
+            self.stats.cycles_skipped[skipped] += 1
+            return self.skip(reason=skipped)
+        self.pipeline.begin(c.number, plan.placement)
         self.start_transfer()
-        self._start_step(p)
+        self.pipeline.start(p)
 
     # ---- transferring
-
-    @property
-    def _per_pass_shape(self) -> tuple[int, int, int]:
-        sampler = self.window.sampler
-        return (sampler.samples, sampler.layers, sampler.ranks)
-
-    @property
-    def max_in_flight(self) -> int:
-        """Steps in flight at once: enough to start one every pass (a step is committed
-        1 + agreement_lag passes after it started, at the earliest)."""
-        return min(self.config.agreement_lag + 1, MAX_IN_FLIGHT)
 
     def _tick_transferring(self, p: int) -> None:
         """Read the commit vote due now (commits every step all ranks voted ready), start
         the next step if there is room, poll every step in flight and post this pass's
-        vote. Decisions come from votes and the pass clock only; local failures go into
-        this rank's vote."""
-        c = self.cycle
-        if c.votes and p >= c.votes[0].due_at:
-            r = c.votes.pop(0)
-            v = self._read_votes(r, p)
+        vote (core/pipeline.py). Decisions come from votes and the pass clock only; local
+        failures go into this rank's vote."""
+        pipe = self.pipeline
+        r = pipe.due(p)
+        if r is not None:
+            v = self._read_round(r, p)
             if v is None:
                 return
-            if not (v.first_seq[1] and v.layers[1]):
-                raise ProtocolMismatch(
-                    "step_mismatch",
-                    f"commit vote posted at pass {r.posted_at} names other steps or other layers on other ranks "
-                    f"(here: {r.sent['steps']})",
-                )
-            first = v.first_seq[0]
-            ready = {first + i for i in range(MAX_IN_FLIGHT) if getattr(v, f"ready{i}")}
-            # after a weight update nothing commits: the steps' data predates it, and the
-            # vote posted since carries the fault that ends the cycle
-            done = [] if c.weights_changed else [s for s in c.inflight if s.seq in ready]
-            if done:
-                for step in done:
-                    try:
-                        self._commit(c, step)
-                    except Exception as exc:
-                        return self._disable("commit_failed", exc)
-                c.inflight = [s for s in c.inflight if s.seq not in ready]
-                if not c.inflight and not c.layers_to_move:
-                    self.stats.cycles_completed += 1
-                    self.stats.cycle_passes.append(p - c.window_end)
-                    return self.finish()
-                self.layer = (c.inflight[0].layers[0] if c.inflight else c.layers_to_move[0])
-                self.next_layer()
-        if c.layers_to_move and len(c.inflight) < self.max_in_flight:
-            self._start_step(p)
-        if c.inflight:
-            self._post_commit(p)
-
-    def _start_step(self, p: int) -> None:
-        c = self.cycle
-        n = self.config.layers_per_pass
-        layers, c.layers_to_move = c.layers_to_move[:n], c.layers_to_move[n:]
-        step = Step(c.next_seq, layers, p)
-        c.next_seq += 1
-        c.inflight.append(step)
-        if c.start_failed:
-            return  # see below: this rank posts no more messages this cycle
-        try:
-            plans = [plan_layer(layer, self.placement[layer], c.plan.placement[layer], self.topo) for layer in layers]
-            # numbered by cycle and step, alike on every rank: a step's messages pair only with its own
-            step.inflight = self.engine.start(plans, seq=c.number * 1024 + step.seq)
-        except Exception as exc:
-            # Peers posted this step's messages to and from this rank; this rank did not.
-            # Starting later steps would pair their messages with this one's: post no
-            # more this cycle (it ends at the next vote read), leaving peers' pending.
-            c.start_failed = True
-            self._fault(self._fault_of(exc, Fault.TRANSFER_ERROR), exc)
-
-    def _post_commit(self, p: int) -> None:
-        """Vote which steps in flight this rank has ready. Never waits on a copy: a step
-        whose data is not in yet is voted not ready, and polled again next pass."""
-        c = self.cycle
-        for step in c.inflight:
-            if step.prepared or step.inflight is None:
-                continue
             try:
-                handle = step.inflight.handle
-                if handle.done():
-                    self.engine.finish(step.inflight)  # returns at once; snapshots local sources
-                    step.staged = [
-                        self.layout.maps.stage_layer(layer, c.plan.placement[layer], self.topo) for layer in step.layers
-                    ]
-                    step.prepared = True
-                elif time.perf_counter() - step.inflight.started > self.config.transfer_timeout_s:
-                    raise TransferError(f"step not complete after {self.config.transfer_timeout_s:g} s")
-            except Exception as exc:
-                if isinstance(exc, TransferError) and exc.__cause__ is not None:
-                    # the group itself failed (gloo tears its pairs down on a timeout or a
-                    # lost peer): later steps on it would fail too, or pair stale messages
-                    self._transfer_group_broken = True
-                self._fault(self._fault_of(exc, Fault.TRANSFER_ERROR), exc)
-        first = c.inflight[0].seq
-        ready = {f"ready{s.seq - first}": s.prepared for s in c.inflight}
-        ready.update({f"ready{i}": False for i in range(MAX_IN_FLIGHT) if f"ready{i}" not in ready})
-        vote = self._post_vote(COMMIT, p, first_seq=first, layers=layers_digest(c.inflight), **ready)
-        vote.sent["steps"] = [(s.seq, s.layers) for s in c.inflight]
-        c.votes.append(vote)
-
-    def _commit(self, c: Cycle, step: Step) -> None:
-        """Every rank voted this step prepared: copies only, weights then maps, on this
-        pass, so the next forward pass routes with the new layers everywhere."""
-        inflight = step.inflight
-        try:
-            self.engine.commit(inflight)
-            for staged in step.staged:
-                self.layout.maps.apply(staged)
-                self.placement[staged.layer] = c.plan.placement[staged.layer]
-        except Exception as exc:
-            # Copies into existing memory do not fail short of a broken device; if they
-            # do, this rank's layer is in an unknown state: say so as loudly as we can.
-            log.critical("EPLB rank %d pass %d: commit failed part-way: %s", self.comm.rank, self.pass_no, exc)
-            raise
-        r = inflight.result
-        s = self.stats
-        s.layers_committed += len(inflight.jobs)
-        s.experts_moved += r.experts_received
-        s.bytes_moved += r.bytes_received
-        s.bytes_sent += r.bytes_sent
-        s.last_layer_transfer_seconds = r.seconds / max(1, len(inflight.jobs))
-        s.transfer_seconds.append(r.seconds)
-        s.transfer_layers.append(len(inflight.jobs))
-        s.steps_total += 1
-        s.max_staging_bytes = max(s.max_staging_bytes, r.staging_bytes)
+                committed = pipe.commit_voted(r, v, current=not self.cycle.weights_changed)
+            except CommitFailed as exc:
+                # this rank's layer is in an unknown state: say so as loudly as we can
+                log.critical("EPLB rank %d pass %d: commit failed part-way: %s", self.comm.rank, p, exc.__cause__)
+                return self._disable(Reason.COMMIT_FAILED, detail=str(exc))
+            if committed:
+                if pipe.finished:
+                    self.stats.cycles_completed += 1
+                    self.stats.cycle_passes.append(p - self.cycle.window_end)
+                    return self.finish()
+                self.next_layer()
+        if pipe.can_start():
+            pipe.start(p)
+        if pipe.steps:
+            pipe.poll()
+            pipe.vote(p)
 
     # ------------------------------------------------------------------ votes and faults
 
@@ -767,22 +584,30 @@ class Balancer:
         self._skewed = False
         return self.agreement.vote(layout, values, p)
 
-    def _read_votes(self, r: Round, p: int):
-        """A vote round's fields, after the checks every vote gets: posted at one pass
+    def _take_fault(self) -> int:
+        """This rank's fault for the round being posted, after the transfer group's health
+        (a standing fault once broken)."""
+        self.pipeline.check_health()
+        return self.faults.take()
+
+    def _read_round(self, r: Round, p: int):
+        """A round's fields, after the checks every round gets: posted at one pass
         everywhere, pass clocks that agree, tick skew reported, a fault ends the cycle
         (then None)."""
         v = r.votes()
         if not v.pass_no[1]:
-            raise ProtocolMismatch(
-                "pass_mismatch", f"round posted at pass {r.posted_at} on this rank was posted at another pass elsewhere"
-            )
+            raise ProtocolMismatch(Reason.PASS_MISMATCH, r.layout.pass_mismatch(v, r.posted_at))
         if not v.clock[1]:
-            raise ProtocolMismatch("clock_mismatch", self._clock_detail(r.posted_at, f"from {v.clock[0]} to {v.clock[2]} across ranks", r.sent["clock"]))
+            detail = (
+                f"a rank's pass count drifted: in the round posted at pass {r.posted_at}, runner passes - MoE-layer "
+                f"passes {r.layout.clock_spread(v)}, {r.sent['clock']} on this rank (clock: {self.clock.source})"
+            )
+            raise ProtocolMismatch(Reason.CLOCK_MISMATCH, detail)
         if v.skew:
             self._report_skew(p)
         if not v.weights[1]:
             raise ProtocolMismatch(
-                "weight_update_skew",
+                Reason.WEIGHT_UPDATE_SKEW,
                 f"ranks applied weight updates at different forward passes ({v.weights[0]} to {v.weights[2]} updates "
                 f"across ranks, {self.stats.weight_updates} here): a step may have been committed on some ranks only; "
                 "pause generation on every engine around a weight update",
@@ -792,59 +617,12 @@ class Balancer:
             return None
         return v
 
-    def _take_fault(self) -> int:
-        """This rank's fault for the vote being posted (and forget it: it is on its way)."""
-        c = self.cycle
-        if any(not step.handle.done() for step in self._aborted_steps):
-            # A whole cycle later an aborted step's messages are still pending: they
-            # were addressed to a rank that never posted its side. The transfer group
-            # would match them against a later step's; stop rebalancing everywhere.
-            self._transfer_group_broken = True
-        pending = []
-        for step in self._aborted_steps:  # done() read once: a step done now is released, not dropped
-            if step.handle.done():
-                step.handle.release()  # nothing writes its staging any more
-            else:
-                pending.append(step)
-        self._aborted_steps = pending
-        if self._transfer_group_broken:
-            self._fault(Fault.TRANSFER_GROUP_BROKEN, None)
-        fault, c.fault = c.fault, 0
-        return fault
-
-    def _fault(self, code: Fault, exc: BaseException | None) -> None:
-        """Record a local failure: it travels in this rank's next vote."""
-        self.stats.local_faults[code.reason] += 1
-        detail = f"{type(exc).__name__}: {exc}" if exc is not None else ""
-        c = self.cycle
-        if c is None or self.phase == "idle":
-            log.warning("EPLB rank %d pass %d: %s while idle%s", self.comm.rank, self.pass_no, code.reason, f": {detail}" if detail else "")
-            return
-        mine = int(code) * FAULT_RANKS + self.comm.rank
-        if mine > c.fault:
-            c.fault, c.fault_detail = mine, detail
-        if code != Fault.TRANSFER_GROUP_BROKEN or exc is not None:
-            log.warning(
-                "EPLB rank %d pass %d: %s%s; voting to end the cycle",
-                self.comm.rank, self.pass_no, code.reason, f": {detail}" if detail else "",
-            )
-
-    @staticmethod
-    def _fault_of(exc: BaseException, default: Fault) -> Fault:
-        return Fault.OUT_OF_MEMORY if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) else default
-
-    def _end_on_fault(self, fault: int) -> None:
-        code, rank = Fault(fault // FAULT_RANKS), fault % FAULT_RANKS
-        detail = self.cycle.fault_detail if rank == self.comm.rank else ""
+    def _end_on_fault(self, value: int) -> None:
+        code, rank = decode(value)
+        detail = self.faults.detail if rank == self.comm.rank else ""
         if code.disables:
-            return self._disable(code.reason, None, rank=rank, detail=detail)
-        self._abort(code.reason, rank=rank, detail=detail)
-
-    def _clock_detail(self, posted_at: int, spread: str, mine: int) -> str:
-        return (
-            f"a rank's pass count drifted: in the round posted at pass {posted_at}, runner passes - MoE-layer passes "
-            f"{spread}, {mine} on this rank (clock: {self.clock.source})"
-        )
+            return self._disable(code, rank=rank, detail=detail)
+        self._abort(code, rank=rank, detail=detail)
 
     def _report_skew(self, p: int) -> None:
         self.stats.skew_rounds += 1
@@ -854,22 +632,31 @@ class Balancer:
             self.comm.rank, p, self.stats.extra_ticks, self.stats.missed_ticks,
         )
 
-    def _abort(self, reason: str, rank: int | None = None, detail: str = "") -> None:
-        self.stats.cycles_aborted[reason] += 1
-        where = f"rank {rank}, " if rank is not None else ""
-        self.stats.last_abort = f"{reason} ({where}pass {self.pass_no})" + (f": {detail}" if detail else "")
-        log.warning("EPLB rank %d pass %d: cycle aborted: %s", self.comm.rank, self.pass_no, self.stats.last_abort)
-        if reason == "planning_timeout":
-            self.planner.cancel()
-        if self.phase != "idle":
-            self.abort(reason=reason)
+    def _where(self) -> str:
+        return f"EPLB rank {self.comm.rank} pass {self.pass_no}"
 
-    def _disable(self, reason: str, exc: BaseException | None, rank: int | None = None, detail: str = "") -> None:
+    def _in_cycle(self) -> bool:
+        return self.cycle is not None and self.state in ACTIVE
+
+    def _abort(self, reason: Fault | Reason, rank: int | None = None, detail: str = "") -> None:
+        label = reason.label
+        self.stats.cycles_aborted[label] += 1
+        where = f"rank {rank}, " if rank is not None else ""
+        self.stats.last_abort = f"{label} ({where}pass {self.pass_no})" + (f": {detail}" if detail else "")
+        log.warning("EPLB rank %d pass %d: cycle aborted: %s", self.comm.rank, self.pass_no, self.stats.last_abort)
+        if self.state in ACTIVE:
+            self.abort(reason=label)
+
+    def _disable(self, reason: Fault | Reason, exc: BaseException | None = None, rank: int | None = None, detail: str = "") -> None:
+        """Stop rebalancing (the table's `disable`): the cycle in flight ends first."""
+        if not self.enabled:
+            return
         if exc is not None:
-            detail = f"{type(exc).__name__}: {exc}"
-        self.disabled_reason = reason + (f": {detail}" if detail else "")
-        if self.phase != "idle":
+            detail = describe(exc)
+        self.disabled_reason = reason.label + (f": {detail}" if detail else "")
+        if self.state in ACTIVE:
             self._abort(reason, rank, detail)
+        self.disable(reason=reason.label)
         log.warning(
             "EPLB rank %d pass %d: rebalancing disabled (%s); serving continues on the placement in force",
             self.comm.rank, self.pass_no, self.disabled_reason,
@@ -878,43 +665,44 @@ class Balancer:
     # ------------------------------------------------------------------ end of cycle
 
     def _on_enter_idle(self, event) -> None:
-        """The table's callback for every way back to idle: record, keep what may still be
-        in flight, reset, schedule the next cycle."""
+        """The table's callback for every way back to idle: keep what may still be in
+        flight, reset, schedule the next cycle."""
         c = self.cycle
         if c is None:
             return
-        if event.event.name in ("finish", "skip"):
-            self._record_placement(c)
-        self._aborted_steps += [s.inflight for s in c.inflight if s.inflight is not None]
+        self.pipeline.end()
         self.planner.discard()
         self.cycle = None
-        self.layer = -1
         self.next_cycle_at = max(c.started_at + self.config.step_interval, self.pass_no + 1)
 
-    def _record_placement(self, c: Cycle) -> None:
-        """Rank 0 writes the placement in force and its window's load, off the forward loop."""
+    def _record_placement(self, event) -> None:
+        """The table's callback before a cycle's decided ends (finish, skip): rank 0 writes
+        the placement in force and its window's load, off the forward loop."""
         path = self.config.record_placement_path
         if not path or self.comm.rank != 0:
             return
         rec = PlacementRecord(
-            self.placement.copy(), c.window_load, self.topo.num_ranks, self.topo.num_logical,
+            self.placement.copy(), self.cycle.window_load, self.topo.num_ranks, self.topo.num_logical,
             self.planner.policy.name, self.pass_no,
         )
         self._recorder.submit(save, rec, path)
 
     def _on_transition(self, event) -> None:
+        # bound here, not looked up per pass: the idle and collecting passes cost microseconds
+        self._tick_phase = getattr(self, PHASE_WORK[self.phase].tick)
         source, dest = top_state(event.transition.source), top_state(event.transition.dest)
         trigger = event.event.name
         reason = event.kwargs.get("reason", "")
         log.debug("EPLB rank %d pass %d: %s -> %s (%s)", self.comm.rank, self.pass_no, event.transition.source, event.transition.dest, trigger)
         if source == dest and trigger != "next_layer":
             return  # a phase change inside a state: not an operator-visible transition
-        rec = TransitionRecord(self.pass_no, trigger, source, dest, self.layer, reason)
+        layer = self.layer
+        rec = TransitionRecord(self.pass_no, trigger, source, dest, layer, reason)
         self.stats.history.append(rec)
         self.transitions_total += 1
         log.info(
             "EPLB rank %d pass %d: %s -> %s%s%s",
             self.comm.rank, self.pass_no, source, dest,
-            f" (layer {self.layer})" if dest == "transferring" else "",
+            f" (layer {layer})" if dest == "transferring" else "",
             f" ({reason})" if reason else "",
         )

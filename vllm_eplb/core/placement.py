@@ -4,12 +4,16 @@ A placement is `phy2log`: an int64 array (layers, physical slots) naming the
 logical expert each physical slot holds. Slot `s` lives on rank
 `s // slots_per_rank`. Everything else (the logical->physical map, replica
 counts, per-rank load, balancedness) is derived from it.
+
+The placement of record is `RoutingMaps.placement`: a host copy of the maps' phy2log,
+kept by the same `apply` that writes the maps (the only way they change), so what the
+balancer plans from, moves from and records is always what the model routes with.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -176,6 +180,16 @@ class RoutingMaps:
     phy2log: torch.Tensor  # (layers, physical)
     log2phy: torch.Tensor  # (layers, logical, max_replicas), -1 padded
     replica_count: torch.Tensor  # (layers, logical)
+    _host: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    @property
+    def placement(self) -> np.ndarray:
+        """The placement of record: a host copy of phy2log, read from the device once (on
+        first use: maps built for one write, as the vLLM API shims do, never pay for it),
+        then kept by `apply`. Read it, never write it: only `apply` changes the maps."""
+        if self._host is None:
+            self._host = self.phy2log.cpu().numpy().astype(np.int64, copy=True)
+        return self._host
 
     @classmethod
     def allocate(cls, placement: np.ndarray, topo: Topology, device="cpu") -> "RoutingMaps":
@@ -228,6 +242,8 @@ class RoutingMaps:
         self.phy2log[layer].copy_(staged.phy2log, non_blocking=nb)
         self.log2phy[layer].copy_(staged.log2phy, non_blocking=nb)
         self.replica_count[layer].copy_(staged.replica_count, non_blocking=nb)
+        if self._host is not None:
+            self._host[layer] = staged.row
 
 
 @dataclass(frozen=True)

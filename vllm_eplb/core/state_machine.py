@@ -1,9 +1,11 @@
 """The balancer's state machine: every state, phase and transition, in one table.
 
     idle -> collecting -> planning -> syncing -> transferring(layer k) -> idle
+    idle -> disabled
 
-The five top-level states are what operators see (/metrics, logs). Planning has
-phases (nested states of `transitions`, named parent_child):
+The top-level states are what operators see (/metrics, logs); `disabled` is terminal:
+rebalancing stopped on every rank, serving goes on on the placement in force. Planning
+has phases (nested states of `transitions`, named parent_child):
 
   planning_reducing     the window's load all-reduce is in flight
   planning_waiting      the plan is being computed; readiness rounds until every rank has it
@@ -17,40 +19,46 @@ pass the first round in which every rank voted it ready is read. So a layer goes
 The machine is advanced once per forward pass by `Balancer.tick()`. Every trigger
 fires at the same pass number on every rank of the expert-parallel group, because
 each one is decided either from the pass clock alone or from the result of an
-agreement round that every rank reads at the same pass (DESIGN invariant 1).
-None is fired from a rank-local event such as the planner finishing or a copy
-landing: such news travels in the rank's next vote. DECIDED_BY says, for each
-trigger, what decides it; it is the column the diagram in docs/architecture.md
-shows beside each arrow.
+agreement round that every rank reads at the same pass (invariant 1,
+docs/architecture.md). None is fired from a rank-local event such as the planner
+finishing or a copy landing: such news travels in the rank's next vote. DECIDED_BY
+says, for each trigger, what decides it; it is the column the diagram in
+docs/architecture.md shows beside each arrow.
+
+Callbacks the table names (methods of the balancer): `_on_enter_idle`, the end of every
+cycle however it ended (keep what may still be in flight, reset, schedule the next);
+`_record_placement`, before the cycle's two decided ends (finish, skip): the placement in
+force and the load it was planned from, written when `record_placement_path` is set.
 """
 
 from __future__ import annotations
 
 from transitions.extensions import HierarchicalMachine
 
-TOP_STATES = ["idle", "collecting", "planning", "syncing", "transferring"]
+SEPARATOR = "_"
 
 STATES = [
-    {"name": "idle", "on_enter": "_on_enter_idle"},  # end-of-cycle work: record, reset, schedule next
+    {"name": "idle", "on_enter": "_on_enter_idle"},
     "collecting",
     {"name": "planning", "children": ["reducing", "waiting"]},
     "syncing",
     "transferring",
+    "disabled",
 ]
 
 ACTIVE = ["collecting", "planning", "syncing", "transferring"]
 
-# trigger,           source,                 dest
 TRANSITIONS = [
     ["start_collecting", "idle", "collecting"],
     ["window_full", "collecting", "planning_reducing"],
     ["load_reduced", "planning_reducing", "planning_waiting"],
     ["plan_agreed", "planning_waiting", "syncing"],
-    ["skip", "syncing", "idle"],
+    {"trigger": "skip", "source": "syncing", "dest": "idle", "before": "_record_placement"},
     ["start_transfer", "syncing", "transferring"],
     ["next_layer", "transferring", "transferring"],
-    ["finish", "transferring", "idle"],
+    {"trigger": "finish", "source": "transferring", "dest": "idle", "before": "_record_placement"},
     ["abort", ACTIVE, "idle"],
+    ["disable", "idle", "disabled"],
 ]
 
 DECIDED_BY = {
@@ -63,9 +71,37 @@ DECIDED_BY = {
     "next_layer": "commit round: every rank voted a step ready; its layers committed, more to move",
     "finish": "commit round: every rank voted the last steps ready; their layers committed",
     "abort": "any round carrying a fault (planner, transfer, timeout, bug) from any rank, or failing on every rank (a rank lagged past agreement_timeout_s)",
+    "disable": "the start-up check (the ranks run different protocols), or a cycle's end that stops rebalancing: a round showing the ranks disagree about the protocol (pass clock, a step's layers, weight updates), a fault that disables (planner dead, transfer group broken); rank-local only where no vote can follow (commit failed, agreement group not rebuilt)",
 }
 
-SEPARATOR = "_"
+
+def _name(state) -> str:
+    return state if isinstance(state, str) else state["name"]
+
+
+def _leaves(states, prefix: str = "") -> list[str]:
+    out = []
+    for st in states:
+        children = [] if isinstance(st, str) else st.get("children", [])
+        path = prefix + _name(st)
+        out += _leaves(children, path + SEPARATOR) if children else [path]
+    return out
+
+
+TOP_STATES = tuple(_name(s) for s in STATES)  # what /metrics and the logs name
+PHASES = tuple(_leaves(STATES))  # every state the machine can be in: the balancer has work for each
+TERMINAL = ("disabled",)  # no transition leaves it
+LIVE_STATES = tuple(s for s in TOP_STATES if s not in TERMINAL)  # a rebalancing rank's states
+LIVE_PHASES = tuple(p for p in PHASES if p not in TERMINAL)  # and phases: where a fault can hit a cycle
+
+
+def rows() -> list[tuple[str, list[str], str]]:
+    """(trigger, sources, dest) of every transition, in table order."""
+    out = []
+    for t in TRANSITIONS:
+        trigger, source, dest = (t["trigger"], t["source"], t["dest"]) if isinstance(t, dict) else t[:3]
+        out.append((trigger, source if isinstance(source, list) else [source], dest))
+    return out
 
 
 def top_state(phase: str) -> str:
@@ -90,8 +126,4 @@ def attach_machine(model, on_change) -> HierarchicalMachine:
 
 def table_markdown() -> str:
     """The transition table as markdown rows, for docs/architecture.md (checked by a test)."""
-    rows = []
-    for trigger, source, dest in TRANSITIONS:
-        src = ", ".join(source) if isinstance(source, list) else source
-        rows.append(f"| `{trigger}` | {src} | {dest} | {DECIDED_BY[trigger]} |")
-    return "\n".join(rows)
+    return "\n".join(f"| `{trigger}` | {', '.join(sources)} | {dest} | {DECIDED_BY[trigger]} |" for trigger, sources, dest in rows())

@@ -1,5 +1,5 @@
 """The correctness invariants, checked across every rank at a forward pass
-(DESIGN invariants 2 and 5):
+(invariants 2 and 5 of docs/architecture.md, "How the invariants are met"):
 
   - the routing maps are identical on every rank;
   - every local slot holds exactly the weights of the expert the map names;

@@ -1,5 +1,8 @@
 """Start N processes joined by a gloo process group, run one function in each, and
-collect what each returns. Shared by the toy-MoE harness, the tests and the benchmarks.
+collect what each returns. The rig's one launcher: the toy-MoE harness and the fault
+matrix, the tests' multi-rank runs, tick_overhead.py. (gpu_rebalance.py still starts its
+own ranks: they pin a GPU before the group is made and save after every run, so the runs
+done survive a deadline.)
 
 A rank that raises reports its traceback; a rank that hangs past the deadline is
 killed and named; a rank that dies without a report is named with its exit code.

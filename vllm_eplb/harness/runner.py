@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group
+from vllm_eplb.core.faults import Fault
 from vllm_eplb.core.policies import get_policy
 from vllm_eplb.core.transfer import DeferredBackend, GlooBackend, TransferBackend
 from vllm_eplb.core.transfer.gpu import P2PBackend
@@ -153,7 +154,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         if kill.fires(balancer):
             events["killed_planner"] = (fault_doubles.kill_planner(balancer), p)
         if metrics_error.fires(balancer):
-            balancer.report_fault("metrics_error", RuntimeError("injected metrics exporter failure"))
+            balancer.report_fault(Fault.METRICS_ERROR, RuntimeError("injected metrics exporter failure"))
             events["metrics_error"] = p
         if weight_update.fires(balancer):
             # between two passes, as vLLM's workers take an update RPC

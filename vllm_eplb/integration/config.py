@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from vllm_eplb.core.config import PROTOCOL_KEYS, BalancerConfig
 from vllm_eplb.core.policies import broken_reason, policy_names
+from vllm_eplb.core.transfer.select import BACKENDS
 from vllm_eplb.kernels.replica_dispatch import DEFAULT as DEFAULT_DISPATCH, DISPATCHES
 
 ENV_VAR = "EPLB_PLUGIN_CONFIG"
@@ -140,7 +141,7 @@ class EplbConfig(BaseModel):
     transfer_timeout_s: float = _core("transfer_timeout_s")
     planner_max_restarts: int = _core("planner_max_restarts")
     stall_warning_windows: int = _core("stall_warning_windows")
-    transfer_backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = Field(
+    transfer_backend: Literal[BACKENDS] = Field(
         "auto", description="How expert weights move: 'auto' picks gloo on CPU, CUDA IPC on GPU within a node, IPC + NCCL across nodes; 'gloo' on GPU stages through pinned host memory."
     )
     replica_dispatch: Literal[DISPATCHES] = Field(

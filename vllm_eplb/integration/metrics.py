@@ -46,7 +46,10 @@ class _Families:
     and registered nowhere: in multiprocess mode the values travel through files."""
 
     def __init__(self):
-        self.STATE = Gauge(_PREFIX + "state", "1 for the balancer's current state, 0 for the others.", ["rank", "state"], **_GAUGE)
+        self.STATE = Gauge(
+            _PREFIX + "state", f"1 for the balancer's current state, 0 for the others ({', '.join(TOP_STATES)}).",
+            ["rank", "state"], **_GAUGE,
+        )
         self.STATE_ENTERED = Gauge(
             _PREFIX + "state_entered_pass",
             "Pass at which each state was last entered: one scrape shows the order of the last cycle.",
@@ -133,6 +136,25 @@ class _Families:
         )
 
 
+README_BEGIN, README_END = "<!-- BEGIN METRICS -->", "<!-- END METRICS -->"
+
+
+def metrics_markdown() -> str:
+    """The table of README.md's Metrics section, from the families above (their help
+    text): one row per series, labels but `rank` shown (every series has it)."""
+    rows = ["| series | kind | what |", "| --- | --- | --- |"]
+    for family in vars(_Families()).values():
+        name = family._name + ("_total" if family._type == "counter" else "")
+        labels = [x for x in family._labelnames if x != "rank"]
+        shown = f"{name}{{{','.join(labels)}}}" if labels else name
+        rows.append(f"| `{shown}` | {family._type} | {family._documentation} |")
+    return "\n".join(rows)
+
+
+def readme_block() -> str:
+    return f"{README_BEGIN}\n{metrics_markdown()}\n{README_END}"
+
+
 def exported_series() -> dict[str, tuple[str, ...]]:
     """{sample name as it appears on /metrics: its label names} for every series the workers
     export: what the dashboard's queries and the status tool may name. Built from the
@@ -185,8 +207,6 @@ class BalancerMetrics:
                 m.STEP_SECONDS.labels(r).inc((self.owner.step_ns - self._step_ns) / 1e9)
                 self._step_ns = self.owner.step_ns
             self._watch_stall(balancer)
-        if balancer.disabled_reason and not self._disabled_seen:
-            transitioned = True  # disabled while idle: no transition, still report it now
         if not transitioned:
             return
         s = balancer.stats
@@ -194,11 +214,11 @@ class BalancerMetrics:
         self._transitions = balancer.transitions_total
         for rec in _newest(s.history, new):
             m.STATE_ENTERED.labels(r, rec.dest).set(rec.pass_no)
-        for state in TOP_STATES:  # STATES holds nested ones (dicts): the label is the top-level state
+        for state in TOP_STATES:
             m.STATE.labels(r, state).set(1 if balancer.state == state else 0)
         m.LAYER.labels(r).set(balancer.layer if balancer.state == "transferring" else -1)
         m.MOE_LAYERS.labels(r).set(balancer.layout.num_layers)
-        m.ENABLED.labels(r).set(0 if balancer.disabled_reason else 1)
+        m.ENABLED.labels(r).set(1 if balancer.enabled else 0)
         if s.straggler_share == s.straggler_share:  # not NaN
             m.STRAGGLER_SHARE.labels(r).set(s.straggler_share)
         for kind, v in (
@@ -227,7 +247,7 @@ class BalancerMetrics:
             m.LAST_ABORT_PASS.labels(r).set(balancer.pass_no)
         elif not s.cycles_aborted:
             m.LAST_ABORT_PASS.labels(r).set(-1)
-        if balancer.disabled_reason and not self._disabled_seen:
+        if not balancer.enabled and not self._disabled_seen:
             self._disabled_seen = True
             reason, _, detail = balancer.disabled_reason.partition(": ")
             m.DISABLED.labels(r, reason, detail[:200]).set(1)
@@ -274,7 +294,7 @@ class BalancerMetrics:
             self._stall_warned = False
         since = (balancer.pass_no - self._progress_pass) // max(1, balancer.config.step_interval)
         limit = balancer.config.stall_warning_windows
-        stalled = since > limit and not balancer.disabled_reason  # disabling logs its own line
+        stalled = since > limit and balancer.enabled  # disabling logs its own line
         self.m.WINDOWS_WITHOUT_CYCLE.labels(r).set(since)
         self.m.STALLED.labels(r).set(1 if stalled else 0)
         if stalled and not self._stall_warned:
@@ -319,3 +339,17 @@ def use_multiprocess_values() -> None:
     if d:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = d
         values.ValueClass = values.MultiProcessValue()
+
+
+if __name__ == "__main__":  # python -m vllm_eplb.integration.metrics [--write]: README.md's metrics table
+    import sys
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    if sys.argv[1:] == ["--write"]:
+        text = readme.read_text()
+        i, j = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+        readme.write_text(text[:i] + readme_block() + text[j:])
+        print(f"{readme}: metrics table rewritten")
+    else:
+        print(metrics_markdown())

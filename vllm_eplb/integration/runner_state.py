@@ -43,6 +43,7 @@ from vllm_eplb.core import (
     Balancer, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement, new_gloo_group,
 )
 from vllm_eplb.core import records
+from vllm_eplb.core.faults import Fault
 from vllm_eplb.core.protocol import short_digest
 from vllm_eplb.core.slot_check import SlotVerifier
 from vllm_eplb.core.transfer import DeferredBackend
@@ -213,7 +214,7 @@ class VllmEplbState:
         vllm-eplb's router runs; vLLM's own (Triton) router advances no counter."""
         from vllm.model_executor.layers.fused_moe.router import base_router
 
-        from .hooks import torch_map_to_physical_and_record
+        from vllm_eplb.kernels.replica_dispatch import torch_map_to_physical_and_record
 
         if base_router.eplb_map_to_physical_and_record is torch_map_to_physical_and_record:
             self.layer_counter = ForwardCounter(self.device)
@@ -305,7 +306,7 @@ class VllmEplbState:
                 self._metrics_failures += 1
                 if self._metrics_failures == 1:
                     log.exception("vllm-eplb: metrics update failed")
-                self.balancer.report_fault("metrics_error", exc)
+                self.balancer.report_fault(Fault.METRICS_ERROR, exc)
         self.step_ns += (t1 - t0) + (time.perf_counter_ns() - t2)
 
     # ---- called by the worker's weight-update RPCs (weight_updates.weight_update)

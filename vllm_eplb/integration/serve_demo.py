@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+from vllm_eplb.core.state_machine import TOP_STATES
+
 from .server import Server, cpu_env, metric
 from .tiny_model import WORDS, build
 
@@ -31,7 +33,6 @@ DEFAULT_CONFIG = {
     "policy": "min-move",  # what "default" meant before it took vLLM's meaning (deepseek)
 }
 
-STATES = ("idle", "collecting", "planning", "syncing", "transferring")
 
 
 def main(argv=None) -> int:
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         end = time.monotonic() + args.seconds
         while time.monotonic() < end:
             ms = server.metrics()
-            state = next((s for s in STATES if metric(ms, "vllm:eplb_state", rank=0, state=s) == 1), None)
+            state = next((s for s in TOP_STATES if metric(ms, "vllm:eplb_state", rank=0, state=s) == 1), None)
             layer = metric(ms, "vllm:eplb_transfer_layer", rank=0)
             pass_no = int(metric(ms, "vllm:eplb_pass", rank=0) or 0)
             if state and (state, layer) != last_state:

@@ -36,23 +36,21 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from vllm_eplb.compat.versions import SEAM_CHECKED, platforms_of
+from vllm_eplb.compat.sdist import fetch_sdist
+from vllm_eplb.compat.source import bindings
+from vllm_eplb.compat.versions import RELEASES, SEAM_CHECKED, platforms_of
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # (release, problem prefix) -> why it is tolerated for now. Matched on the start of the line.
-KNOWN_GAPS: dict[tuple[str, str], str] = {}
-# elastic EP's update_mapping: the V1 runner calls it from 0.30, the V2 runner from 0.32 (0.26 has neither)
-_ELASTIC_CALLERS = {
-    "0.30.0": ("vllm/v1/worker/gpu_model_runner.py",),
-    "0.32.0": ("vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu/eplb_utils.py"),
-    "0.33.0": ("vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu/eplb_utils.py"),
+# Elastic EP's update_mapping: each release declares the files that call it (versions.py).
+KNOWN_GAPS: dict[tuple[str, str], str] = {
+    (r.version, f"EplbState API: {f} calls update_mapping("): (
+        "elastic EP only (setup_eplb_from_mapping); vllm-eplb refuses --enable-elastic-ep at start-up (check_shapes)"
+    )
+    for r in RELEASES
+    for f in r.elastic_callers
 }
-for _v, _files in _ELASTIC_CALLERS.items():
-    for _f in _files:
-        KNOWN_GAPS[(_v, f"EplbState API: {_f} calls update_mapping(")] = (
-            "elastic EP only (setup_eplb_from_mapping); vllm-eplb refuses --enable-elastic-ep at start-up (check_shapes)"
-        )
 
 
 class Tree:
@@ -77,29 +75,6 @@ def module_file(module: str) -> str:
     return rel + ".py"
 
 
-def _bindings(body: list) -> dict[str, list]:
-    """Names bound at this level (defs, classes, assignments, imports), descending into
-    top-level if/try blocks (vLLM picks implementations per platform that way)."""
-    out: dict[str, list] = {}
-    for node in body:
-        names = []
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names = [node.name]
-        elif isinstance(node, ast.Assign):
-            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names = [node.target.id]
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [(a.asname or a.name).split(".")[0] for a in node.names]
-        elif isinstance(node, (ast.If, ast.Try)):
-            for sub in (node.body, getattr(node, "orelse", []), *[h.body for h in getattr(node, "handlers", [])]):
-                for k, v in _bindings(sub).items():
-                    out.setdefault(k, []).extend(v)
-        for n in names:
-            out.setdefault(n, []).append(node)
-    return out
-
-
 def find(tree: ast.Module | None, qualname: str):
     """The node(s) defining qualname ('Class.method', 'name'); [] if missing."""
     if tree is None:
@@ -109,7 +84,7 @@ def find(tree: ast.Module | None, qualname: str):
         found = []
         for n in nodes:
             body = n.body if isinstance(n, (ast.Module, ast.ClassDef)) else []
-            found += _bindings(body).get(part, [])
+            found += bindings(body).get(part, [])
         nodes = found
         if not nodes:
             return []
@@ -328,7 +303,7 @@ def _runner_state_tree() -> ast.Module:
 
 
 def check_router(t: Tree) -> list[str]:
-    from vllm_eplb.integration.hooks import torch_map_to_physical_and_record
+    from vllm_eplb.kernels.replica_dispatch import torch_map_to_physical_and_record
 
     problems = []
     tree = t.module(ROUTER)
@@ -364,7 +339,7 @@ def check_model_interface(t: Tree) -> list[str]:
     moe = _one(t, rel, "MixtureOfExperts")
     if moe is None:
         return [f"model interface: {rel} has no MixtureOfExperts"]
-    have = set(_bindings(moe.body))
+    have = set(bindings(moe.body))
     add_model = _one_local(_runner_state_tree(), "VllmEplbState.add_model")
     used = {
         n.attr for n in ast.walk(add_model)
@@ -435,8 +410,6 @@ def _known(version: str, problem: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    from .upstream import fetch_sdist
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="append", help="vLLM release (repeatable; default: %s)" % ", ".join(SEAM_CHECKED))
     args = ap.parse_args(argv)

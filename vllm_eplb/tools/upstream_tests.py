@@ -29,7 +29,9 @@ from pathlib import Path
 
 from vllm_eplb.compat.versions import base_version
 
-from .upstream import DEFAULT_CACHE, ROOT, apply, fetch_sdist, installed_version, patch_files, patched_versions
+from vllm_eplb.compat.sdist import DEFAULT_CACHE, ROOT, fetch_sdist, installed_version
+
+from .upstream import apply, patch_files, patched_versions
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,12 @@ from .gloo import GlooBackend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "gloo", "cuda_ipc", "nccl")
+# name -> the device its weights must be on ("" for any). The one list of backend names:
+# eplb.json's choices (integration/config.py), the start-up check that refuses a GPU backend
+# without GPUs (integration/hooks.py) and `make_backend` read it.
+NEEDS: dict[str, str] = {"auto": "", "gloo": "", "nccl": "cuda", "cuda_ipc": "cuda"}
+BACKENDS = tuple(NEEDS)
+CUDA_ONLY = tuple(name for name, device in NEEDS.items() if device == "cuda")
 
 
 def pair_backend(topo: Topology, a: int, b: int, device_type: str = "cuda") -> str:
@@ -60,7 +65,7 @@ def make_backend(
     if name not in BACKENDS:
         raise ValueError(f"transfer_backend {name!r}: choose one of {list(BACKENDS)}")
     if device.type != "cuda":
-        if name not in ("auto", "gloo"):
+        if name in CUDA_ONLY:
             log.warning("transfer_backend %s needs GPU weights; moving experts over gloo", name)
         return GlooBackend(gloo_group)
     if name == "gloo":
