@@ -276,7 +276,15 @@ def test_failing_cycles_are_loud_in_log_metrics_and_status(model, tmp_path):
     cfg = tmp_path / "eplb.json"
     cfg.write_text(json.dumps({"policy": "always-fails", "window_size": 10, "step_interval": 20, "num_redundant_experts": 4, "agreement_lag": 2}))
     log = tmp_path / "serve.log"
-    stalled = lambda ms: metric(ms, "vllm:eplb_stalled", rank=0) == 1 and metric(ms, "vllm:eplb_stalled", rank=1) == 1
+    # stalled, and the cycle of the window that made it so aborted too: the stall gauge rises
+    # at a window's end, that window's abort lands when the planner's error has been voted
+    def stalled(ms):
+        return all(
+            metric(ms, "vllm:eplb_stalled", rank=r) == 1
+            and (metric(ms, "vllm:eplb_cycles_total", rank=r, outcome="aborted", reason="planner_error") or 0) > STALL_WARNING_WINDOWS
+            for r in (0, 1)
+        )
+
     with Server(model, 8314, str(cfg), log_path=str(log), env={"PYTHONPATH": path}) as s, Load(s):
         ms = wait_for(s, stalled)
         once = status_once(s.url)
