@@ -5,10 +5,10 @@ way vLLM's model runner does: `catch_up()` before every forward pass, the runner
 pass count advanced as the pass starts (`prepare_forward`'s place), the pass (whose
 first MoE layer advances the model's ForwardCounter, the clock's other count),
 `tick()` after it. The shared rig does the rest: `launcher` starts the ranks,
-`checks.InvariantChecker` checks right before every forward pass (or every
-`check_every`), after `catch_up()`, so with the maps that pass routes with, that maps
-agree across ranks, every slot holds what its map names and probe outputs never
-change; and `faults` injects a failure on one rank.
+`checks.InvariantChecker` checks at every forward pass (or every `check_every`), after
+`catch_up()`, so with the maps that pass routes with, that maps agree across ranks, every
+slot holds what its map names and the outputs of a probe batch (run inside that pass)
+never change; and `faults` injects a failure on one rank.
 """
 
 from __future__ import annotations
@@ -133,13 +133,20 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         t0 = time.perf_counter()
         balancer.catch_up()  # what a missed tick decided is in force before this pass
         spent = time.perf_counter() - t0
-        if p % cfg.check_every == 0:
-            checker.check(p)  # the maps and weights this pass routes with
+        checking = p % cfg.check_every == 0
         if uncounted.fires(balancer):
             events["uncounted_pass"] = p  # a forward path that bypasses the runner's count
         else:
             runner.count += 1
-        model.forward(workload.batch(p))
+        batch = workload.batch(p)
+        if checking:
+            # The probe batch rides in this pass (its rows computed independently, its load not
+            # recorded): its outputs are those of the maps and weights this pass routes with,
+            # at no collective of its own.
+            out = model.forward(torch.cat([batch, probe]), record_rows=len(batch))
+            checker.check(p, probe_out=out[len(batch):])
+        else:
+            model.forward(batch)
         if cfg.pass_sleep_s:
             time.sleep(cfg.pass_sleep_s)
         if slow.fires(balancer):

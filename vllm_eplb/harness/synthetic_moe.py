@@ -184,9 +184,10 @@ class SyntheticMoE:
         logits = logits + torch.arange(self.topo.num_logical, dtype=torch.float64) * 1e-6
         return torch.topk(logits, self.top_k, dim=-1).indices
 
-    def to_physical(self, layer: int, ids: torch.Tensor, record: bool) -> torch.Tensor:
+    def to_physical(self, layer: int, ids: torch.Tensor, record: bool, record_rows: int | None = None) -> torch.Tensor:
         """(T, k) logical experts -> physical slots by `self.dispatch`; with `record`, the
-        pass's load is added to pass_load (gated by record_flag when there is one)."""
+        load of the first `record_rows` tokens (default all) is added to pass_load (gated by
+        record_flag when there is one)."""
         if self.dispatch == "balanced":
             from vllm_eplb.kernels.replica_dispatch import torch_balanced_map_and_record
 
@@ -197,13 +198,16 @@ class SyntheticMoE:
             if ids.is_cuda:
                 from vllm_eplb.kernels.replica_dispatch_triton import triton_balanced_map_and_record
 
-                return triton_balanced_map_and_record(ids, load, self.maps.log2phy[layer], self.maps.replica_count[layer], flag)
-            return torch_balanced_map_and_record(ids, load, self.maps.log2phy[layer], self.maps.replica_count[layer], flag)
+                rows = None if record_rows is None else torch.tensor(record_rows, device=ids.device)
+                return triton_balanced_map_and_record(ids, load, self.maps.log2phy[layer], self.maps.replica_count[layer], flag,
+                                                      rows)
+            return torch_balanced_map_and_record(ids, load, self.maps.log2phy[layer], self.maps.replica_count[layer], flag,
+                                                 record_rows)
         tok = torch.arange(ids.shape[0], device=ids.device)
         count = self.maps.replica_count[layer][ids]
         phys = self.maps.log2phy[layer][ids, tok[:, None] % count]  # replica by token index
         if record:
-            slots = phys.flatten()
+            slots = phys[:record_rows].flatten()
             if not self.record_all_slots:
                 slots = slots[(slots >= self.first) & (slots < self.first + self.topo.slots_per_rank)]
             if self.record_flag is None:
@@ -221,14 +225,16 @@ class SyntheticMoE:
         return grouped_mm(a, w[1].transpose(-2, -1), offs)
 
     def forward(self, h: torch.Tensor, routing: torch.Tensor | None = None, combine=None, depth: int = 0,
-                record: bool = True, count: bool = True) -> torch.Tensor:
+                record: bool = True, count: bool = True, record_rows: int | None = None) -> torch.Tensor:
         """h: (tokens, hidden); returns the same shape. routing: (layers, tokens, k) logical
         experts, or None to route from h's features. combine(out): sums the ranks' partial
         outputs in place (default: the exact model all-reduces over its group; the gated
         one does nothing). depth: layers of compute (default the resident layers), cycling
         through the resident layers' weights: a deep model's pass time from the layers that
         fit; load is recorded for the first pass through them. count: the first layer's
-        router advances `pass_counter` (the rig's probe passes, no serving passes, do not)."""
+        router advances `pass_counter` (the rig's probe passes, no serving passes, do not).
+        record_rows: only the first rows are the pass's tokens (load); the rest ride along
+        (the exact model's rows are computed independently: the harness's probe batch)."""
         s = self.topo.slots_per_rank
         tokens = h.shape[0]
         tok = torch.arange(tokens, device=h.device)
@@ -240,7 +246,7 @@ class SyntheticMoE:
             if d == 0 and count:
                 self.pass_counter.advance()  # as vLLM's router of the first balanced layer does
             ids = routing[layer] if routing is not None else self.route(layer, h0)
-            phys = self.to_physical(layer, ids, record=record and d < self.num_layers)
+            phys = self.to_physical(layer, ids, record and d < self.num_layers, record_rows)
             k = ids.shape[1]
             local = phys - self.first
             is_local = (local >= 0) & (local < s)
