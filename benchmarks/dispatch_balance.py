@@ -1,12 +1,12 @@
 """Per-pass balance and the MoE time stragglers cost, hash vs balanced replica dispatch,
-side by side in one run, on the synthetic MoE of gpu_rebalance.py (its router, its grouped
-GEMMs, DeepSeek-V3 expert shapes by default).
+side by side in one run, on the rig's gated synthetic MoE (vllm_eplb/harness/synthetic_moe.py:
+its router, its grouped GEMMs, DeepSeek-V3 expert shapes by default), as gpu_rebalance.py runs.
 
     python benchmarks/dispatch_balance.py                        # one GPU: 8 ranks simulated on it
     python benchmarks/dispatch_balance.py --device cpu --tiny    # logic check
 
 An EP group of `--ranks` ranks is simulated on one device: every rank's share of the MoE
-(its slots' weights, gpu_rebalance.SynthMoE) runs in turn on the same batch, and CUDA
+(its slots' weights, SyntheticMoE.gated_model) runs in turn on the same batch, and CUDA
 events after every layer give each rank's time per layer. Each layer of an EP pass waits
 for its slowest rank, so the pass's MoE time is sum over layers of max over ranks, and a
 perfect balance would take sum over layers of the mean. The placement is planned (policy
@@ -35,13 +35,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
 
-from gpu_rebalance import SynthMoE, skewed_routing  # noqa: E402
 from vllm_eplb.core.pass_balance import pass_figures  # noqa: E402
 from vllm_eplb.core.placement import Topology, default_placement, physical_to_logical_load  # noqa: E402
 from vllm_eplb.core.planner import make_plan  # noqa: E402
 from vllm_eplb.core.policies import get_policy  # noqa: E402
+from vllm_eplb.harness.synthetic_moe import SyntheticMoE, skewed_routing  # noqa: E402
 
 DISPATCHES = ("hash", "balanced")
 
@@ -69,16 +68,16 @@ def run_pass(models, x, routing, cuda: bool):
         m.pass_load.zero_()
         mine = [("end", _mark(cuda))]
         marks.append(mine)
-        route = type(m).route
+        to_physical = type(m).to_physical
 
-        def timed_route(*a, m=m, mine=mine, route=route, **kw):
-            out = route(m, *a, **kw)
+        def timed_route(*a, m=m, mine=mine, to_physical=to_physical, **kw):
+            out = to_physical(m, *a, **kw)
             mine.append(("routed", _mark(cuda)))
             return out
 
-        m.route = timed_route
+        m.to_physical = timed_route
         m.forward(x, routing, lambda out, mine=mine: mine.append(("end", _mark(cuda))))
-        del m.route
+        del m.to_physical
     if cuda:
         torch.cuda.synchronize()
     expert, router = [], []
@@ -120,8 +119,8 @@ def main() -> int:
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     topo = Topology(args.ranks, args.experts, args.experts + args.redundant)
-    models = [SynthMoE(topo, args.layers, args.hidden, args.inter, r, dev, dtype) for r in range(args.ranks)]
-    for m in models:  # weights' values do not change timings: not generated
+    models = [SyntheticMoE.gated_model(topo, args.layers, args.hidden, args.inter, r, dev, dtype) for r in range(args.ranks)]
+    for m in models:
         m.record_flag.fill_(True)
     print(f"# {args.ranks} EP ranks simulated on one {torch.cuda.get_device_name() if cuda else 'CPU'}: {args.layers} layers x "
           f"{args.experts} experts + {args.redundant} redundant, hidden {args.hidden}, inter {args.inter}, top-{args.top_k}, "

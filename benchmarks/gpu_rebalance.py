@@ -51,194 +51,29 @@ from __future__ import annotations
 import argparse
 import gc
 import gzip
-import hashlib
 import json
 import os
-import pickle
 import sys
-import tempfile
 import time
-import traceback
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_eplb.core import (  # noqa: E402
-    Balancer, BalancerConfig, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement,
-    new_gloo_group,
-)
+from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group  # noqa: E402
 from vllm_eplb.core.policies import get_policy  # noqa: E402
 from vllm_eplb.core.transfer import TransferBackend  # noqa: E402
 from vllm_eplb.core.transfer.backend import expert_nbytes  # noqa: E402
 from vllm_eplb.core.transfer.select import make_backend  # noqa: E402
 from vllm_eplb.harness import stop_the_world  # noqa: E402
-from vllm_eplb.harness.runner import RunnerCount, free_port  # noqa: E402
+from vllm_eplb.harness.checks import InvariantChecker  # noqa: E402
+from vllm_eplb.harness.launcher import RankFailed, TimedOut, checkpoint, launch  # noqa: E402
+from vllm_eplb.harness.runner import RunnerCount  # noqa: E402
+from vllm_eplb.harness.synthetic_moe import SyntheticMoE, skewed_routing  # noqa: E402
 
 STRATEGIES = ["stop-the-world", "gloo", "cuda_ipc", "nccl"]
-
-
-# --------------------------------------------------------------------------- model
-
-
-_GROUPED_MM_OK = hasattr(torch, "_grouped_mm")
-
-
-def grouped_mm(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of x grouped by offs (cumulative ends), group g times w_t[g]. Rows past the
-    last group are left unspecified (callers mask them)."""
-    global _GROUPED_MM_OK
-    if x.is_cuda and _GROUPED_MM_OK:
-        try:
-            return torch._grouped_mm(x, w_t, offs=offs)
-        except Exception as exc:  # older torch or GPU: a loop of matmuls, with a host sync
-            print(f"torch._grouped_mm unavailable ({exc}); falling back to a loop", file=sys.stderr)
-            _GROUPED_MM_OK = False
-    out = torch.zeros((x.shape[0], w_t.shape[-1]), dtype=x.dtype, device=x.device)
-    ends = offs.tolist()
-    start = 0
-    for g, end in enumerate(ends):
-        if end > start:
-            out[start:end] = x[start:end] @ w_t[g]
-        start = end
-    return out
-
-
-class SynthMoE:
-    """Rank r's share of an EP MoE: slots [r*S, (r+1)*S) of every layer."""
-
-    def __init__(self, topo: Topology, layers: int, hidden: int, inter: int, rank: int, device, dtype, seed: int = 0):
-        self.topo, self.layers, self.hidden, self.inter = topo, layers, hidden, inter
-        self.rank, self.device, self.dtype, self.seed = rank, device, dtype, seed
-        s = topo.slots_per_rank
-        self.first = rank * s
-        self.w13 = [torch.empty((s, 2 * inter, hidden), dtype=dtype, device=device) for _ in range(layers)]
-        self.w2 = [torch.empty((s, hidden, inter), dtype=dtype, device=device) for _ in range(layers)]
-        self.placement0 = default_placement(topo, layers)
-        self.maps = RoutingMaps.allocate(self.placement0, topo, device=device)
-        self.pass_load = torch.zeros((layers, topo.num_physical), dtype=torch.int64, device=device)
-        self.record_flag = torch.zeros((), dtype=torch.bool, device=device)
-        self.dispatch = "hash"  # replica choice of route(): hash (token index) or balanced
-        self._no_load = torch.zeros(topo.num_physical, dtype=torch.int64, device=device)  # passes past the resident layers
-        self.pass_counter = ForwardCounter(device)  # runs of the first MoE layer (a device op per pass)
-
-    def weights_of(self, layer: int) -> list[torch.Tensor]:
-        return [self.w13[layer], self.w2[layer]]
-
-    def expert_weights(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + layer * 10_007 + expert)
-        a = torch.randn((2 * self.inter, self.hidden), generator=g, device=self.device, dtype=torch.float32)
-        b = torch.randn((self.hidden, self.inter), generator=g, device=self.device, dtype=torch.float32)
-        return (a * 0.02).to(self.dtype), (b * 0.02).to(self.dtype)
-
-    def reset(self) -> None:
-        """Back to the initial placement: weights regenerated, maps rewritten."""
-        s = self.topo.slots_per_rank
-        for layer in range(self.layers):
-            for slot in range(s):
-                a, b = self.expert_weights(layer, int(self.placement0[layer, self.first + slot]))
-                self.w13[layer][slot].copy_(a)
-                self.w2[layer][slot].copy_(b)
-        self.maps.write_all(self.placement0, self.topo)
-        self.pass_load.zero_()
-        self.pass_counter.tensor.zero_()
-
-    def fingerprints(self) -> torch.Tensor:
-        """(layers, local slots, 2) float64 sums of each slot's weights: equal bits give
-        equal sums (same shape, same kernel), distinct experts differ."""
-        out = torch.empty((self.layers, self.topo.slots_per_rank, 2), dtype=torch.float64, device=self.device)
-        for layer in range(self.layers):
-            out[layer, :, 0] = self.w13[layer].sum(dim=(1, 2), dtype=torch.float64)
-            out[layer, :, 1] = self.w2[layer].sum(dim=(1, 2), dtype=torch.float64)
-        return out.cpu()
-
-    def forward(self, x: torch.Tensor, routing: torch.Tensor, combine=None, depth: int = 0) -> torch.Tensor:
-        """x: (T, hidden); routing: (layers, T, k) logical experts. Decode-shaped EP layer:
-        every rank sees every token (TP+EP layout) and computes its own slots. `depth`
-        layers of compute per pass (default: the resident layers), cycling through the
-        resident layers' weights: a deep model's pass time from the layers that fit."""
-        s = self.topo.slots_per_rank
-        tokens, k = routing.shape[1], routing.shape[2]
-        tok = torch.arange(tokens, device=x.device)
-        for d in range(depth or self.layers):
-            layer = d % self.layers
-            if d == 0:
-                self.pass_counter.advance()  # as vLLM's router of the first balanced layer does
-            phys = self.route(layer, routing[layer], record=d < self.layers)
-            local = phys - self.first
-            is_local = (local >= 0) & (local < s)
-            key = torch.where(is_local, local, s).flatten()
-            order = torch.argsort(key, stable=True)
-            offs = torch.bincount(key, minlength=s + 1)[:s].cumsum(0).to(torch.int32)
-            rows = tok.repeat_interleave(k)[order]
-            h = grouped_mm(x[rows], self.w13[layer].transpose(-2, -1), offs)
-            a = torch.nn.functional.silu(h[:, : self.inter]) * h[:, self.inter :]
-            y = grouped_mm(a, self.w2[layer].transpose(-2, -1), offs)
-            y = torch.where(is_local.flatten()[order][:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
-            out = torch.zeros_like(x).index_add_(0, rows, y)
-            if combine is not None:
-                combine(out)
-            x = x + out
-        return x
-
-    def route(self, layer: int, ids: torch.Tensor, record: bool) -> torch.Tensor:
-        """(T, k) logical experts -> physical slots, with `self.dispatch` (--dispatch); the
-        pass's load is added to pass_load while the record flag is set (device-side)."""
-        if self.dispatch == "balanced":
-            from vllm_eplb.kernels.replica_dispatch import torch_balanced_map_and_record
-
-            load = self.pass_load[layer] if record else self._no_load
-            if ids.is_cuda:
-                from vllm_eplb.kernels.replica_dispatch_triton import triton_balanced_map_and_record
-
-                return triton_balanced_map_and_record(ids, load, self.maps.log2phy[layer], self.maps.replica_count[layer], self.record_flag)
-            return torch_balanced_map_and_record(ids, load, self.maps.log2phy[layer], self.maps.replica_count[layer], self.record_flag)
-        tok = torch.arange(ids.shape[0], device=ids.device)
-        count = self.maps.replica_count[layer][ids]
-        phys = self.maps.log2phy[layer][ids, tok[:, None] % count]  # replica by token index
-        if record:
-            # load for the window, without a branch on the host: add 0 when not recording
-            self.pass_load[layer].index_add_(0, phys.flatten(), self.record_flag.expand(phys.numel()).long())
-        return phys
-
-    def probe(self, x: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
-        """(layers, T, k, hidden) float32: each (token, choice)'s expert output computed
-        alone from whichever slot the map names, zeros where that slot is elsewhere. Summed
-        over ranks it is exact (one non-zero per entry) and independent of placement."""
-        s = self.topo.slots_per_rank
-        layers, tokens, k = routing.shape
-        out = torch.zeros((layers, tokens, k, self.hidden), dtype=torch.float32)
-        maps_l2p = self.maps.log2phy.cpu()
-        counts = self.maps.replica_count.cpu()
-        for layer in range(layers):
-            for t in range(tokens):
-                for j in range(k):
-                    e = int(routing[layer, t, j])
-                    phys = int(maps_l2p[layer, e, t % int(counts[layer, e])])
-                    slot = phys - self.first
-                    if 0 <= slot < s:
-                        h = x[t : t + 1] @ self.w13[layer][slot].T
-                        a = torch.nn.functional.silu(h[:, : self.inter]) * h[:, self.inter :]
-                        out[layer, t, j] = (a @ self.w2[layer][slot].T).float().cpu()[0]
-        return out
-
-
-def skewed_routing(layers: int, experts: int, tokens: int, k: int, zipf: float, bank: int, seed: int, device) -> torch.Tensor:
-    """(bank, layers, tokens, k): top-k without replacement from a Zipf over experts whose
-    hot end sits on the first ranks of the default placement, a different hot order per layer."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.empty((bank, layers, tokens, k), dtype=torch.int64)
-    for layer in range(layers):
-        hot = torch.randperm(experts // 2, generator=g)  # hot experts in the lower half
-        order = torch.cat([hot, torch.arange(experts // 2, experts)])
-        p = torch.empty(experts)
-        p[order] = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64).pow(zipf).float()
-        for b in range(bank):
-            out[b, layer] = torch.multinomial(p.expand(tokens, experts), k, replacement=False, generator=g)
-    return out.to(device)
 
 
 # --------------------------------------------------------------------------- ranks
@@ -323,7 +158,7 @@ def peer_copy_limit(cpu_group, rank: int, world: int, device, nbytes: int) -> di
 class Rank:
     """One process's model, groups, backends and checks."""
 
-    def __init__(self, rank: int, world: int, args, port: int):
+    def __init__(self, rank: int, world: int, args):
         self.rank, self.world, self.args = rank, world, args
         self.cuda = args.device == "cuda"
         self.ngpu = torch.cuda.device_count() if self.cuda else 0
@@ -333,8 +168,7 @@ class Rank:
             torch.cuda.set_device(self.device)
         else:
             torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        ranks = list(range(world))
+        ranks = list(range(world))  # the launcher's default group is gloo; NCCL groups follow the device pin
         self.cpu_group = new_gloo_group(ranks, 300)
         self.model_group = self.nccl_group = None
         if self.cuda and not self.shared_gpu:
@@ -342,31 +176,18 @@ class Rank:
             self.nccl_group = dist.new_group(ranks, backend="nccl")
         self.topo = Topology(world, args.experts, args.experts + args.redundant, ranks_per_node=args.ranks_per_node)
         dtype = torch.bfloat16 if self.cuda else torch.float32
-        self.model = SynthMoE(self.topo, args.layers, args.hidden, args.inter, rank, self.device, dtype, args.seed)
+        self.model = SyntheticMoE.gated_model(self.topo, args.layers, args.hidden, args.inter, rank, self.device, dtype, args.seed)
         self.model.dispatch = args.dispatch
-        self.model.reset()
-        self._fingerprint_table()
         self.routing = skewed_routing(args.layers, args.experts, args.tokens, args.top_k, args.zipf, 32, args.seed, self.device)
         self.x0 = (torch.randn((args.tokens, args.hidden), generator=torch.Generator().manual_seed(1)) * 0.1).to(self.device, dtype)
         self.probe_routing = self.routing[0, :, : args.probe_tokens, :2].cpu()
         self.probe_x = self.x0[: args.probe_tokens]
-        self.reference = self.model.probe(self.probe_x, self.probe_routing)
-        dist.all_reduce(self.reference, group=self.cpu_group)
+        self.reference = self._probe()  # before any rebalance: every run's checks compare with it
         self.info = {"rank": rank, "shared_gpu": self.shared_gpu, "ngpu": self.ngpu, "skipped": {}}
         if self.cuda:
             self.info["device_name"] = torch.cuda.get_device_name()
             self.info["peer_copy_gbps"] = peer_copy_limit(self.cpu_group, rank, world, self.device, args.peer_copy_mb << 20)
         self._backends()
-
-    def _fingerprint_table(self) -> None:
-        args, model, s = self.args, self.model, self.topo.slots_per_rank
-        fps: list = [None] * self.world
-        dist.all_gather_object(fps, model.fingerprints(), group=self.cpu_group)
-        self.table = torch.zeros((args.layers, args.experts, 2), dtype=torch.float64)
-        for r in range(self.world):
-            for layer in range(args.layers):
-                for slot in range(s):
-                    self.table[layer, model.placement0[layer, r * s + slot]] = fps[r][layer, slot]
 
     def _backends(self) -> None:
         args, ranks = self.args, list(range(self.world))
@@ -394,30 +215,22 @@ class Rank:
     def combine(self, t):
         dist.all_reduce(t, group=self.model_group)
 
-    def check(self, mismatch: dict, fault: bool = False) -> None:
-        """Weights match the map, maps equal everywhere, probe outputs unchanged."""
-        model, s = self.model, self.topo.slots_per_rank
+    def _probe(self) -> torch.Tensor:
+        out = self.model.probe(self.probe_x, self.probe_routing)
+        dist.all_reduce(out, group=self.cpu_group)
+        return out
+
+    def checker(self) -> InvariantChecker:
+        """The rig's invariant checks: weights match the map, maps equal everywhere, probe
+        outputs unchanged since before any rebalance."""
+        return InvariantChecker(self.model.maps, self.model.slot_mismatches, self._probe, self.world, self.reference)
+
+    def check(self, checker: InvariantChecker, p: int, fault: bool = False) -> None:
         if fault and self.rank == 0:  # the smoke test's proof that the checks see a wrong slot
-            model.w13[0][0].add_(1.0)
+            self.model.weights[0][0][0].add_(1.0)
         if self.cuda:
             torch.cuda.synchronize()
-        fp = model.fingerprints()
-        placement = model.maps.phy2log.cpu().numpy()
-        for layer in range(self.args.layers):
-            for slot in range(s):
-                if not torch.equal(fp[layer, slot], self.table[layer, placement[layer, model.first + slot]]):
-                    mismatch["slots"] += 1
-        digest = hashlib.sha256(placement.tobytes() + model.maps.log2phy.cpu().numpy().tobytes()
-                                + model.maps.replica_count.cpu().numpy().tobytes()).hexdigest()
-        digests: list = [None] * self.world
-        dist.all_gather_object(digests, digest, group=self.cpu_group)
-        if len(set(digests)) != 1:
-            mismatch["maps"] += 1
-        out = model.probe(self.probe_x, self.probe_routing)
-        dist.all_reduce(out, group=self.cpu_group)
-        if not torch.equal(out, self.reference):
-            mismatch["outputs"] += 1
-        mismatch["checks"] += 1
+        checker.check(p)
 
     def run(self, name: str, mode: str, profile_dir: str | None = None) -> dict:
         """One rebalance with strategy `name`. mode: "timed" (checks only in the warm-up
@@ -448,7 +261,7 @@ class Rank:
         balancer.planner.ready.result()  # the planner process starts with the server, not in the loop
         dist.barrier(group=self.cpu_group)
         setup_s = time.perf_counter() - t_run
-        mismatch = {"slots": 0, "maps": 0, "outputs": 0, "checks": 0}
+        checker = self.checker()
         times, ticks, states, committed_in = [], [], [], []
         checked_after: list[int] = []
         window_end = live = None
@@ -509,12 +322,14 @@ class Rank:
                         or mode == "checked" and committed != last_committed)
             last_committed = committed
             if do_check:
-                self.check(mismatch, fault=args.fault and mode == "checked" and live is not None)
+                self.check(checker, p, fault=args.fault and mode == "checked" and live is not None)
                 checked_after.append(p)
         out = {
             "name": name, "mode": mode, "backend": rec.name, "times": times, "ticks": ticks, "states": states,
             "committed": committed_in, "checked_after": checked_after, "window_end": window_end, "live": live,
-            "steps": rec.figures(self.rank), "mismatch": mismatch,
+            "steps": rec.figures(self.rank),
+            "mismatch": {"slots": len(checker.slot_errors), "maps": len(checker.map_disagreements),
+                         "outputs": len(checker.output_changes), "checks": checker.checks},
             "completed": balancer.stats.cycles_completed if not stw else 1,
             "skipped": dict(balancer.stats.cycles_skipped), "aborted": dict(balancer.stats.cycles_aborted),
             "observed": [b for _, b in balancer.stats.observed_history],
@@ -577,43 +392,30 @@ class _null:
         return False
 
 
-def _save(result: dict, outdir: str) -> None:
-    path = os.path.join(outdir, f"rank{result['rank']}.pkl")
-    with open(path + ".tmp", "wb") as fh:
-        pickle.dump(result, fh)
-    os.replace(path + ".tmp", path)  # a reader never sees half a file
-
-
-def rank_main(rank: int, world: int, args, port: int, outdir: str) -> None:
+def rank_main(rank: int, world: int, args) -> dict:
+    """One rank, in a process the rig's launcher started: every run, each checkpointed
+    (the runs done survive a deadline)."""
     result = {"rank": rank, "runs": []}
-    try:
-        r = Rank(rank, world, args, port)
-        result.update(r.info)
-        t_start = time.perf_counter()
-        plan = [(name, "checked") for name in r.strategies if name in args.checked]
-        for rep in range(args.reps):
-            k = rep % max(1, len(r.strategies))
-            plan += [(name, "timed") for name in r.strategies[k:] + r.strategies[:k]]
-        for name, mode in plan:
-            # every rank stops at the same run when the time budget is spent
-            go = [time.perf_counter() - t_start < args.time_budget]
-            dist.broadcast_object_list(go, src=0, group=r.cpu_group)
-            if not go[0]:
-                result["budget_stopped"] = True
-                break
-            result["runs"].append(r.run(name, mode))
-            _save(result, outdir)  # what is done survives a deadline
-        for name in args.profile:
-            if name in r.strategies:
-                result.setdefault("profiled", []).append(r.run(name, "profiled", profile_dir=args.profile_dir))
-    except Exception:
-        result["error"] = traceback.format_exc()
-    _save(result, outdir)
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
+    r = Rank(rank, world, args)
+    result.update(r.info)
+    t_start = time.perf_counter()
+    plan = [(name, "checked") for name in r.strategies if name in args.checked]
+    for rep in range(args.reps):
+        k = rep % max(1, len(r.strategies))
+        plan += [(name, "timed") for name in r.strategies[k:] + r.strategies[:k]]
+    for name, mode in plan:
+        # every rank stops at the same run when the time budget is spent
+        go = [time.perf_counter() - t_start < args.time_budget]
+        dist.broadcast_object_list(go, src=0, group=r.cpu_group)
+        if not go[0]:
+            result["budget_stopped"] = True
+            break
+        result["runs"].append(r.run(name, mode))
+        checkpoint(result)
+    for name in args.profile:
+        if name in r.strategies:
+            result.setdefault("profiled", []).append(r.run(name, "profiled", profile_dir=args.profile_dir))
+    return result
 
 
 # --------------------------------------------------------------------------- report
@@ -892,39 +694,19 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
 
     t0 = time.time()
-    with tempfile.TemporaryDirectory() as outdir:
-        port = free_port()
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=rank_main, args=(r, world, args, port, outdir)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline_hit = False
-        for p in procs:
-            p.join(max(1.0, min(t0 + args.deadline - time.time(), 1e6)))
-            if p.is_alive():
-                deadline_hit = True
-        if deadline_hit:  # report the runs every rank finished
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.join(10)
-                if p.is_alive():
-                    p.kill()
-        results = []
-        for r in range(world):
-            path = os.path.join(outdir, f"rank{r}.pkl")
-            if not os.path.exists(path):
-                sys.exit(f"rank {r} died without a result (exit code {procs[r].exitcode})")
-            with open(path, "rb") as fh:
-                results.append(pickle.load(fh))
-        n_done = min(len(res["runs"]) for res in results)
+    try:
+        results = launch(rank_main, world, (args,), timeout_s=max(1.0, args.deadline))
+    except RankFailed as exc:
+        sys.exit(str(exc))
+    except TimedOut as exc:  # report the runs every rank finished
+        if any(res is None for res in exc.partial):
+            sys.exit(f"{exc}; rank(s) {[r for r, res in enumerate(exc.partial) if res is None]} finished no run")
+        results = exc.partial
         for res in results:
-            res["runs"] = res["runs"][:n_done]
-            if deadline_hit:
-                res["deadline_hit"] = True
-    errors = [f"rank {r['rank']}:\n{r['error']}" for r in results if "error" in r]
-    if errors:
-        sys.exit("\n".join(errors))
+            res["deadline_hit"] = True
+    n_done = min(len(res["runs"]) for res in results)
+    for res in results:
+        res["runs"] = res["runs"][:n_done]
     rows, extra = summarize(results, args)
     print_table(rows, results, args)
     print(f"# wall time {time.time() - t0:.0f} s")

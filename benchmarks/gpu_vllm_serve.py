@@ -507,10 +507,11 @@ def single_gpu_checks(a, workdir: str, model: str, vocab: int) -> list[dict]:
     script = os.path.join(workdir, "llm_probe.py")
     with open(script, "w") as fh:  # swap_slots by value: the engine's workers unpickle it from __main__
         fh.write(inspect.getsource(swap_slots) + LLM_PROBE)
-    for rep in range(a.reps):
+    modes = a.single_modes.split(",")
+    for rep in range(a.reps if "timing" in modes else 0):
         for plugin in (("absent", "loaded") if rep % 2 == 0 else ("loaded", "absent")):
             out.append(_llm_probe(script, model, "timing", plugin, rep))
-    for mode in ("float32", "bfloat16", "fp8"):
+    for mode in [m for m in ("float32", "bfloat16", "fp8") if m in modes]:
         out.append(_llm_probe(script, model, mode, "loaded", 0))
     return out
 
@@ -549,13 +550,26 @@ if mode == "timing":
     res["tokens_per_s"] = sorted(rates)[2]
 else:
     same = lambda out: sum(x == y for x, y in zip(out, ref))
+    # Teacher-forced: every prompt token's log-probability, so one flipped argmax does not
+    # change what the rest is measured on (greedy outputs of a tiny random model flip on
+    # run-to-run noise where its kernels are not deterministic, as vLLM's fp8 MoE is).
+    lp_sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    def logprobs():
+        outs = llm.generate(prompts, lp_sp, use_tqdm=False)
+        return [[d[t].logprob for t, d in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])] for o in outs]
+    lp_ref = logprobs()
+    drift = lambda lp: max(abs(a - b) for x, y in zip(lp, lp_ref) for a, b in zip(x, y))
     res["repeat_identical"] = same(gen())  # the same engine, nothing swapped: how reproducible it is
+    res["repeat_drift"] = drift(logprobs())
     res["swap"] = llm.collective_rpc(swap_slots, args=(0, 1, True))[0]
     res["after_swap_identical"] = same(gen())
+    res["after_swap_drift"] = drift(logprobs())
     llm.collective_rpc(swap_slots, args=(0, 1, True))
     res["after_swap_back_identical"] = same(gen())
+    res["after_swap_back_drift"] = drift(logprobs())
     llm.collective_rpc(swap_slots, args=(0, 1, False))
     res["weights_without_scales_identical"] = same(gen())
+    res["weights_without_scales_drift"] = drift(logprobs())
     res["prompts"] = len(prompts)
 print("RESULT " + json.dumps(res))
 '''
@@ -624,6 +638,10 @@ def report(rows: list[dict]) -> str:
                 lines.append(f"- slot swap {r['kind'][4:]}: repeat {r['repeat_identical']}/{n}, all tensors swapped "
                              f"{r['after_swap_identical']}/{n}, swapped back {r['after_swap_back_identical']}/{n}, weights without "
                              f"scales {r['weights_without_scales_identical']}/{n} identical; expert tensors {r['swap']['expert_tensors']}")
+                if "repeat_drift" in r:  # teacher-forced: the largest |log-prob change| of any prompt token
+                    lines.append(f"  max |prompt log-prob change|: repeat {r['repeat_drift']:.4f}, all tensors swapped "
+                                 f"{r['after_swap_drift']:.4f}, swapped back {r['after_swap_back_drift']:.4f}, weights without "
+                                 f"scales {r['weights_without_scales_drift']:.4f}")
     return "\n".join(lines)
 
 
@@ -665,6 +683,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check-window", type=int, default=40)
     ap.add_argument("--check-tokens", type=int, default=48)
     ap.add_argument("--single-gpu", action="store_true", help="the one-GPU checks (default when one GPU is seen)")
+    ap.add_argument("--single-modes", default="timing,float32,bfloat16,fp8",
+                    help="which one-GPU checks run: timing (plugin cost), and slot swaps in float32, bfloat16, fp8")
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "eplb-serve-model"))
     ap.add_argument("--workdir", default=None, help="server logs and configs (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="append each run's figures as a JSON line")

@@ -1,10 +1,11 @@
 """CPU cost of the balancer per forward pass (catch_up() + tick()), per state.
 
 Two (or --ranks) processes joined by gloo run the real balancer through several
-full cycles on a synthetic model of a given shape, driven as vLLM's runner drives it:
-`catch_up()` before the pass, the runner's pass count advanced as the pass starts, the
-pass (its "first MoE layer" advances the model's ForwardCounter and the "router" adds
-a skewed load: untimed), `tick()` after. catch_up() + tick() is timed. Prints median /
+full cycles on the rig's synthetic MoE (vllm_eplb/harness/synthetic_moe.py) of a given
+shape, driven as vLLM's runner drives it: `catch_up()` before the pass, the runner's pass
+count advanced as the pass starts, the pass (untimed, and not computed: its first MoE
+layer advances the model's ForwardCounter and its router adds a skewed load), `tick()`
+after. catch_up() + tick() is timed. Prints median /
 p99 / max in microseconds per state, next to a baseline measured in the same run: the
 cost of calling an empty Python method, the floor any per-pass hook pays.
 
@@ -29,20 +30,18 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_eplb.core import (  # noqa: E402
-    Balancer, BalancerConfig, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement,
-    new_gloo_group,
-)
+from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group  # noqa: E402
 from vllm_eplb.core.state_machine import LIVE_STATES  # noqa: E402
 from vllm_eplb.core.transfer import GlooBackend  # noqa: E402
 from vllm_eplb.harness.launcher import launch  # noqa: E402
 from vllm_eplb.harness.runner import RunnerCount  # noqa: E402
+from vllm_eplb.harness.synthetic_moe import SyntheticMoE  # noqa: E402
 
 SHAPES = {
-    # name: (MoE layers, logical experts, redundant slots, expert hidden elements moved)
-    "toy": (4, 16, 4, 64),
-    "qwen3-30b-a3b": (48, 128, 16, 64),
-    "deepseek-v3": (58, 256, 32, 64),
+    # name: (MoE layers, logical experts, redundant slots, expert dim: dim x dim elements moved)
+    "toy": (4, 16, 4, 8),
+    "qwen3-30b-a3b": (48, 128, 16, 8),
+    "deepseek-v3": (58, 256, 32, 8),
 }
 
 
@@ -54,17 +53,16 @@ class _Empty:
 def _rank(rank, world, shape, passes):
     """One rank, in a process the rig's launcher started (its default group is up)."""
     torch.set_num_threads(1)
-    layers, logical, redundant, elems = SHAPES[shape]
+    layers, logical, redundant, dim = SHAPES[shape]
     physical = logical + redundant
     physical += (-physical) % world
     topo = Topology(world, logical, physical)
     cfg = BalancerConfig(window_size=50, step_interval=300, agreement_lag=2, improvement_threshold=0.0)
-    maps = RoutingMaps.allocate(default_placement(topo, layers), topo)
-    pass_load = torch.zeros((layers, physical), dtype=torch.int64)
-    weights = [[torch.zeros((topo.slots_per_rank, elems))] for _ in range(layers)]
+    model = SyntheticMoE.exact_model(topo, layers, dim, 2, rank)
+    pass_load, first_layer = model.pass_load, model.pass_counter
     g = [new_gloo_group(list(range(world)), 60) for _ in range(2)]
-    layout = MoELayout(topo, layers, pass_load, maps, lambda layer: weights[layer])
-    runner, first_layer = RunnerCount(), ForwardCounter()
+    layout = MoELayout(topo, layers, pass_load, model.maps, model.weights_of)
+    runner = RunnerCount()
     bal = Balancer(cfg, layout, Comm(rank, world, g[0], GlooBackend(g[1])), clock=PassClock(runner, first_layer))
     bal.planner.ready.result()  # the planner process starts with the server: not part of the loop
     dist.barrier()

@@ -1,4 +1,4 @@
-"""One rank of the real balancer (core, gloo, a toy MoE) with the real metrics code, no vLLM:
+"""One rank of the real balancer (core, gloo, the rig's synthetic MoE) with the real metrics code, no vLLM:
 prints the /metrics text its BalancerMetrics produce after a run. Used by test_status.py
 for the failure paths a healthy server never takes.
 
@@ -19,7 +19,7 @@ from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock,
 from vllm_eplb.core.policies import Policy, get_policy
 from vllm_eplb.core.transfer import GlooBackend
 from vllm_eplb.harness.runner import RunnerCount
-from vllm_eplb.harness.toy_moe import DriftingWorkload, ToyMoE
+from vllm_eplb.harness.synthetic_moe import DriftingWorkload, SyntheticMoE
 from vllm_eplb.integration import metrics
 
 
@@ -37,7 +37,7 @@ def main(mode: str, passes: int = 130) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     cfg = BalancerConfig(window_size=10, step_interval=20, agreement_lag=2, planner="thread", improvement_threshold=0.0)
     topo = Topology(1, 16, 16)
-    model = ToyMoE(topo, 4, 16, 2, 0, 0, 16)
+    model = SyntheticMoE.exact_model(topo, 4, 16, 2, 0, 0, 16)
     work = DriftingWorkload(16, 64, 16, 1.2, 0, 0)
     comm = Comm(0, 1, new_gloo_group([0], cfg.agreement_timeout_s), GlooBackend(new_gloo_group([0], 30)))
     policy = NeverPlans() if mode == "stall" else get_policy("greedy")
@@ -75,7 +75,7 @@ def mismatch_rank(rank: int, world: int) -> str:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     cfg = BalancerConfig(window_size=10, step_interval=20, planner="thread", layers_per_pass=1 + rank)
     topo = Topology(world, 16, 16)
-    model = ToyMoE(topo, 4, 16, 2, rank, 0, 16)
+    model = SyntheticMoE.exact_model(topo, 4, 16, 2, rank, 0, 16)
     group = new_gloo_group(list(range(world)), cfg.agreement_timeout_s)
     comm = Comm(rank, world, group, GlooBackend(new_gloo_group(list(range(world)), 30)))
     layout = MoELayout(topo, 4, model.pass_load, model.maps, model.weights_of)

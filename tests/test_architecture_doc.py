@@ -2,7 +2,8 @@
 measured run, pasted between the MATRIX markers) list every scenario of
 vllm_eplb/harness/matrix.py on every world it runs on, with the rank, the phase and the
 outcome the scenario declares, and nothing else; the transfer backends' table names every
-backend of core/transfer/select.py. (The transition table and the diagram are generated:
+backend of core/transfer/select.py; the fault model's table names every fault and reason of
+core/faults.py that ends a cycle or rebalancing, and no label the code does not have. (The transition table and the diagram are generated:
 tests/test_diagram.py.)"""
 
 from pathlib import Path
@@ -47,3 +48,21 @@ def test_doc_backend_table_names_every_backend_and_its_device():
     for name, device in NEEDS.items():
         if device == "cuda":
             assert "GPU" in rows[name] and "CPU" not in rows[name], (name, rows[name])
+
+
+def test_doc_fault_model_names_every_fault_and_reason():
+    """The fault model's table (section "Faults") has a row leaving each label a cycle can
+    end with (core/faults.py: every Fault, every Reason but the skip), and each label it
+    names in its "leaves" column is one the code reports (or a config key)."""
+    import re
+    from vllm_eplb.core.config import BalancerConfig
+    from vllm_eplb.core.faults import Fault, Reason
+
+    text = DOC.read_text().split("| fault | detected by | how fast | leaves |")[1]
+    rows = [line for line in text.splitlines()[2:]]
+    rows = rows[: next(i for i, line in enumerate(rows) if not line.startswith("|"))]
+    leaves = {t for line in rows for t in re.findall(r"`([a-z_]+)`", line.strip("|").split(" | ")[-1])}
+    labels = {f.label for f in Fault if f is not Fault.NONE} | {r.label for r in Reason if r is not Reason.INSUFFICIENT_IMPROVEMENT}
+    assert labels - leaves == set(), f"faults with no row in docs/architecture.md's fault model: {sorted(labels - leaves)}"
+    keys = set(BalancerConfig.model_fields)
+    assert leaves - labels - keys == set(), f"labels the code does not report: {sorted(leaves - labels - keys)}"

@@ -229,3 +229,48 @@ def test_new_placement_live_within_layers_plus_four_lags_plus_four():
     assert_consistent(reports)
     live = reports[0].stats["cycle_passes"]
     assert live and live[0] <= layers + 4 * lag + 4, live
+
+
+def _checker_sees(rank: int, world: int) -> dict:
+    """One rank of two: the rig's checker (the probe batch riding in a pass, as the harness
+    runs it) on a clean pass, then after rank 1's slot 0 of layer 1 is overwritten with
+    another expert's weights, then after rank 1's map of layer 2 alone is changed."""
+    import torch
+
+    from vllm_eplb.core.placement import Topology
+    from vllm_eplb.harness.checks import InvariantChecker
+    from vllm_eplb.harness.synthetic_moe import DriftingWorkload, SyntheticMoE
+
+    torch.set_num_threads(1)
+    topo = Topology(world, 16, 20)
+    model = SyntheticMoE.exact_model(topo, 4, 16, 2, rank)
+    work = DriftingWorkload(16, 64)
+    probe = work.probe()
+    checker = InvariantChecker(model.maps, model.slot_mismatches, lambda: model.probe(probe), world)
+
+    def one_pass(p):
+        batch = work.batch(p)
+        out = model.forward(torch.cat([batch, probe]), record_rows=len(batch))
+        checker.check(p, probe_out=out[len(batch):])
+
+    one_pass(1)
+    if rank == 1:
+        model.weights[1][0][0].copy_(model.expert_weights(1, 15)[0])  # a slot holding the wrong expert
+    one_pass(2)
+    if rank == 1:
+        model.weights[1][0][0].copy_(model.expert_weights(1, int(model.maps.phy2log[1, model.first]))[0])
+        model.maps.log2phy[2].copy_(model.maps.log2phy[2].roll(1, dims=0))  # this rank routes elsewhere
+    one_pass(3)
+    return {"maps": checker.map_disagreements, "slots": [e[:2] for e in checker.slot_errors], "outputs": checker.output_changes}
+
+
+def test_the_checks_see_a_wrong_slot_and_a_map_only_one_rank_has():
+    """The invariant checker can fail: a slot overwritten on one rank changes the probe's
+    outputs on every rank (pass 2) and names the slot on that rank; a map changed on one rank
+    is seen by every rank (pass 3)."""
+    from vllm_eplb.harness.launcher import launch
+
+    r0, r1 = launch(_checker_sees, 2, timeout_s=120)
+    assert r1["slots"] == [(2, 1)] and r0["slots"] == []
+    assert r0["outputs"][0] == r1["outputs"][0] == 2
+    assert r0["maps"] == r1["maps"] == [3]

@@ -122,7 +122,7 @@ def test_triton_kernel_equals_torch_in_the_interpreter():
 
 
 def test_synthetic_moe_side_by_side_on_cpu():
-    """benchmarks/dispatch_balance.py in its logic-check shape: gpu_rebalance's synthetic MoE
+    """benchmarks/dispatch_balance.py in its logic-check shape: the rig's gated synthetic MoE
     routed by both dispatches on the same batches, a row of figures for each."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "dispatch_balance.py"), "--device", "cpu", "--tiny", "--passes", "3"],

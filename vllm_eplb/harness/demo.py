@@ -1,4 +1,4 @@
-"""Watch the balancer cycle across N ranks on a toy MoE, no vLLM needed.
+"""Watch the balancer cycle across N ranks on the rig's synthetic MoE, no vLLM needed.
 
     python -m vllm_eplb.harness.demo --ranks 4 --passes 400
 

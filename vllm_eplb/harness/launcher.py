@@ -1,11 +1,13 @@
 """Start N processes joined by a gloo process group, run one function in each, and
-collect what each returns. The rig's one launcher: the toy-MoE harness and the fault
-matrix, the tests' multi-rank runs, tick_overhead.py. (gpu_rebalance.py still starts its
-own ranks: they pin a GPU before the group is made and save after every run, so the runs
-done survive a deadline.)
+collect what each returns. The rig's one launcher: the harness and the fault matrix, the
+tests' multi-rank runs, the demo, and every multi-rank benchmark (gpu_rebalance.py,
+tick_overhead.py). A rank function that needs a GPU pins it first thing (the default
+group is gloo: nothing of it lives on a device).
 
-A rank that raises reports its traceback; a rank that hangs past the deadline is
-killed and named; a rank that dies without a report is named with its exit code.
+A rank that raises reports its traceback; a rank that dies without a report is named
+with its exit code; a rank still running at the deadline is killed and named
+(`TimedOut`), with what every rank last handed `checkpoint`: a long run reports the work
+its ranks finished.
 """
 
 from __future__ import annotations
@@ -26,6 +28,31 @@ class RankFailed(RuntimeError):
     pass
 
 
+class TimedOut(TimeoutError):
+    """Ranks `hung` were still running at the deadline and were killed. `partial`: per
+    rank, what it last passed to `checkpoint` (its result if it finished), or None."""
+
+    def __init__(self, message: str, hung: list[int], partial: list):
+        super().__init__(message)
+        self.hung, self.partial = hung, partial
+
+
+_report_path: str | None = None  # this rank's report file (set in the rank's process)
+
+
+def _write(path: str, result: Any, error: str) -> None:
+    with open(path + ".tmp", "wb") as fh:
+        pickle.dump((result, error), fh)
+    os.replace(path + ".tmp", path)  # a reader never sees half a file
+
+
+def checkpoint(result: Any) -> None:
+    """In a launched rank: what it has done so far, reported if it is killed at the deadline."""
+    if _report_path is None:
+        raise RuntimeError("checkpoint() is for a rank that launch() started")
+    _write(_report_path, result, "")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,6 +60,8 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tuple) -> None:
+    global _report_path
+    _report_path = os.path.join(outdir, f"rank{rank}.pkl")
     result: Any = None
     error = ""
     try:
@@ -41,8 +70,7 @@ def _entry(rank: int, world: int, port: int, outdir: str, fn: Callable, args: tu
     except BaseException:
         error = traceback.format_exc()
     finally:
-        with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as fh:
-            pickle.dump((result, error), fh)
+        _write(_report_path, result, error)
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -67,17 +95,26 @@ def launch(fn: Callable, world: int, args: tuple = (), timeout_s: float = 600) -
             if p.is_alive():
                 p.kill()
         if hung:
-            raise TimeoutError(f"ranks {hung} did not finish within {timeout_s:g} s")
+            for p in procs:
+                p.join(10)
+            partial = [_read(os.path.join(outdir, f"rank{r}.pkl"))[0] for r in range(world)]
+            raise TimedOut(f"ranks {hung} did not finish within {timeout_s:g} s", hung, partial)
         results, errors = [], []
         for r in range(world):
             path = os.path.join(outdir, f"rank{r}.pkl")
             if not os.path.exists(path):
                 raise RankFailed(f"rank {r} died without a report (exit code {procs[r].exitcode})")
-            with open(path, "rb") as fh:
-                result, error = pickle.load(fh)
+            result, error = _read(path)
             if error:
                 errors.append(f"rank {r}:\n{error}")
             results.append(result)
         if errors:
             raise RankFailed("\n".join(errors))
         return results
+
+
+def _read(path: str) -> tuple[Any, str]:
+    if not os.path.exists(path):
+        return None, ""
+    with open(path, "rb") as fh:
+        return pickle.load(fh)

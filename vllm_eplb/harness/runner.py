@@ -1,14 +1,14 @@
 """Run the balancer across N processes joined by a real gloo process group.
 
-Each rank drives a ToyMoE through many forward passes and ticks its Balancer the
+Each rank drives the exact SyntheticMoE through many forward passes and ticks its Balancer the
 way vLLM's model runner does: `catch_up()` before every forward pass, the runner's
 pass count advanced as the pass starts (`prepare_forward`'s place), the pass (whose
 first MoE layer advances the model's ForwardCounter, the clock's other count),
 `tick()` after it. The shared rig does the rest: `launcher` starts the ranks,
-`checks.InvariantChecker` checks right before every forward pass (or every
-`check_every`), after `catch_up()`, so with the maps that pass routes with, that maps
-agree across ranks, every slot holds what its map names and probe outputs never
-change; and `faults` injects a failure on one rank.
+`checks.InvariantChecker` checks at every forward pass (or every `check_every`), after
+`catch_up()`, so with the maps that pass routes with, that maps agree across ranks, every
+slot holds what its map names and the outputs of a probe batch (run inside that pass)
+never change; and `faults` injects a failure on one rank.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from vllm_eplb.core.transfer.gpu import P2PBackend
 from . import faults as fault_doubles
 from .checks import InvariantChecker
 from .faults import Faults
-from .launcher import free_port, launch  # noqa: F401 (free_port: benchmarks start their own ranks)
-from .toy_moe import DriftingWorkload, ToyMoE
+from .launcher import launch
+from .synthetic_moe import DriftingWorkload, SyntheticMoE
 
 @dataclass
 class HarnessConfig:
@@ -92,7 +92,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     ranks = list(range(world))
     agreement_group = new_gloo_group(ranks, bcfg.agreement_timeout_s)
     transfer_group = new_gloo_group(ranks, bcfg.transfer_timeout_s)
-    model = ToyMoE(topo, cfg.layers, cfg.dim, cfg.top_k, rank, cfg.seed, cfg.topics)
+    model = SyntheticMoE.exact_model(topo, cfg.layers, cfg.dim, cfg.top_k, rank, cfg.seed, cfg.topics)
     workload = DriftingWorkload(cfg.dim, cfg.tokens, cfg.topics, cfg.zipf, cfg.drift_every, cfg.seed)
 
     policy = fault_doubles.wrap_policy(get_policy(bcfg.policy), f, rank)
@@ -125,7 +125,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     dist.barrier()
     probe = workload.probe()
     # the probe is the rig's instrument, not a pass: it advances no count
-    checker = InvariantChecker(model.maps, model.slot_mismatches, lambda: model.forward(probe, record=False, count=False), world)
+    checker = InvariantChecker(model.maps, model.slot_mismatches, lambda: model.probe(probe), world)
     tick_us: dict[str, list[float]] = {}
     max_wait = 0.0
     for p in range(1, cfg.passes + 1):
@@ -133,13 +133,20 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         t0 = time.perf_counter()
         balancer.catch_up()  # what a missed tick decided is in force before this pass
         spent = time.perf_counter() - t0
-        if p % cfg.check_every == 0:
-            checker.check(p)  # the maps and weights this pass routes with
+        checking = p % cfg.check_every == 0
         if uncounted.fires(balancer):
             events["uncounted_pass"] = p  # a forward path that bypasses the runner's count
         else:
             runner.count += 1
-        model.forward(workload.batch(p))
+        batch = workload.batch(p)
+        if checking:
+            # The probe batch rides in this pass (its rows computed independently, its load not
+            # recorded): its outputs are those of the maps and weights this pass routes with,
+            # at no collective of its own.
+            out = model.forward(torch.cat([batch, probe]), record_rows=len(batch))
+            checker.check(p, probe_out=out[len(batch):])
+        else:
+            model.forward(batch)
         if cfg.pass_sleep_s:
             time.sleep(cfg.pass_sleep_s)
         if slow.fires(balancer):
