@@ -274,3 +274,30 @@ def test_the_checks_see_a_wrong_slot_and_a_map_only_one_rank_has():
     assert r1["slots"] == [(2, 1)] and r0["slots"] == []
     assert r0["outputs"][0] == r1["outputs"][0] == 2
     assert r0["maps"] == r1["maps"] == [3]
+
+
+def _rank_times_ten(rank: int, world: int) -> int:
+    return rank * 10
+
+
+def _rank_one_hangs(rank: int, world: int) -> int:
+    import time
+
+    from vllm_eplb.harness.launcher import checkpoint
+
+    checkpoint({"rank": rank, "done": 1})
+    if rank == 1:
+        time.sleep(60)
+    return rank
+
+
+def test_launcher_deadlines_far_off_and_passed():
+    """A deadline far off (a benchmark's default) is waited for in slices the OS accepts; a
+    rank still running at the deadline is named and what every rank checkpointed comes back."""
+    from vllm_eplb.harness.launcher import TimedOut, launch
+
+    assert launch(_rank_times_ten, 2, timeout_s=1e9) == [0, 10]
+    with pytest.raises(TimedOut) as exc:
+        launch(_rank_one_hangs, 2, timeout_s=8)
+    assert exc.value.hung == [1]
+    assert exc.value.partial == [0, {"rank": 1, "done": 1}]

@@ -89,7 +89,9 @@ def launch(fn: Callable, world: int, args: tuple = (), timeout_s: float = 600) -
             p.start()
         deadline = time.monotonic() + timeout_s
         for p in procs:
-            p.join(max(1.0, deadline - time.monotonic()))
+            while p.is_alive() and time.monotonic() < deadline:
+                # in slices: a wait longer than the OS's poll limit raises OverflowError
+                p.join(min(max(1.0, deadline - time.monotonic()), 3600.0))
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():
