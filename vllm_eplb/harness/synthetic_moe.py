@@ -116,10 +116,11 @@ class SyntheticMoE:
         """The one true weights of a logical expert at a weights version (default: the
         model's), distinct per expert and version."""
         v = self.version if version is None else version
+        seed = self.seed * 1_000_003 + layer * 10_007 + expert + v * 7_919_993
         if self.exact:  # entries in {-1, 0, 1}
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + layer * 10_007 + expert + v * 7_919_993)
+            g = torch.Generator().manual_seed(seed)
             return [torch.randint(-1, 2, (self.hidden, self.hidden), generator=g).to(torch.float64)]
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + layer * 10_007 + expert + v * 7_919_993)
+        g = torch.Generator(device=self.device).manual_seed(seed)
         a = torch.randn((2 * self.inter, self.hidden), generator=g, device=self.device, dtype=torch.float32)
         b = torch.randn((self.hidden, self.inter), generator=g, device=self.device, dtype=torch.float32)
         return [(a * 0.02).to(self.dtype), (b * 0.02).to(self.dtype)]
