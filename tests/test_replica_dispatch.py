@@ -106,6 +106,29 @@ def test_routers_follow_the_selected_dispatch():
         rd.select(rd.DEFAULT)
 
 
+def test_both_routers_advance_the_pass_clock_for_the_first_layer_only():
+    """The pass clock's MoE-layer count: vllm-eplb's CPU router and its GPU wrapper (here
+    around the torch kernel standing in for vLLM's Triton one) advance the watched counter
+    once per call with the first layer's load view, and never for another layer's."""
+    from vllm_eplb.core.pass_clock import ForwardCounter
+
+    maps = maps_for(ROW)
+    ids = torch.tensor([[0, 1], [0, 2]], dtype=torch.int32)
+    load = torch.zeros((2, len(ROW)), dtype=torch.int32)  # (layers, slots): row 0 is the first layer's view
+    counter = ForwardCounter()
+    counter.watch(load[0])
+    gpu = rd.gpu_router(lambda **kw: rd.torch_hash_map_and_record(*kw.values()))
+    try:
+        for router in (rd.torch_map_to_physical_and_record, gpu):
+            before = counter.read()
+            for layer in (0, 1, 0, 1):
+                router(ids, load[layer], maps.log2phy[0], maps.replica_count[0], torch.tensor(True))
+            assert counter.read() - before == 2, router
+        assert int(load.sum()) == 2 * 4 * ids.numel()  # both routers recorded every call's load
+    finally:
+        counter.unwatch()
+
+
 def test_triton_kernel_equals_torch_in_the_interpreter():
     """benchmarks/router_dispatch.py --device cpu: Triton's interpreter runs the kernel on
     CPU tensors and compares ids and load with the torch version at every shape."""

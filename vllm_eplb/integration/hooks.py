@@ -261,11 +261,11 @@ class no_load_recording:
     clock like any pass, so ranks stay in step, but its made-up tokens are no load
     (VllmEplbState.dummy_pass)."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, stepped: bool = True):
         from .runner_state import VllmEplbState
 
         state = getattr(runner, "eplb_state", None)
-        self._ctx = state.dummy_pass() if isinstance(state, VllmEplbState) else contextlib.nullcontext()
+        self._ctx = state.dummy_pass(stepped) if isinstance(state, VllmEplbState) else contextlib.nullcontext()
 
     def __enter__(self):
         return self._ctx.__enter__()
@@ -284,7 +284,8 @@ def _wrap_dummy_run(runner_class) -> None:
     @_mark
     @functools.wraps(original)
     def _dummy_run(self, *args, **kwargs):
-        with no_load_recording(self):
+        # skip_eplb=True (compile warm-up, graph capture): vLLM steps no EPLB after it
+        with no_load_recording(self, stepped=not kwargs.get("skip_eplb", False)):
             return original(self, *args, **kwargs)
 
     _replace(runner_class, "_dummy_run", _dummy_run)

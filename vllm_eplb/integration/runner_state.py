@@ -14,10 +14,11 @@ the V1 runner, generate, pooling and every pipeline stage alike) and `dummy_pass
 first balanced layer's router advances a ForwardCounter every time it runs
 (`advance_if_first_layer`, called by vllm-eplb's torch map-and-record). The MoE
 collectives pair the k-th forward pass of every rank of the EP group, so the layers'
-count is the same on every rank at the same pass whatever path ran it. Where that
-router runs (CPU) the layers' count is the schedule and the runner's checks it;
-where vLLM's Triton kernel routes (GPU), nothing advances the counter yet, and the
-runner's count is the schedule, unchecked. Before each pass the balancer catches up
+count is the same on every rank at the same pass whatever path ran it. On CPU
+(vllm-eplb's torch router, host memory) the layers' count is the schedule and the
+runner's checks it; on GPU (vllm-eplb's wrapper around vLLM's Triton kernel advances a
+device counter, recorded into CUDA graphs) the runner's count is the schedule and the
+device count checks it, one vote late. Before each pass the balancer catches up
 on passes whose `step` never came (pooling models and non-last pipeline stages never
 call it), so what was decided for pass p is in force before pass p + 1 on every rank.
 
@@ -210,13 +211,16 @@ class VllmEplbState:
         )
 
     def _pass_clock(self, pass_load: torch.Tensor, ubatches: int) -> PassClock:
-        """The runner's count, checked by (on CPU: checking) the first MoE layer's, where
-        vllm-eplb's router runs; vLLM's own (Triton) router advances no counter."""
+        """The runner's count, checked by (on CPU: checking) the first MoE layer's. Both of
+        vllm-eplb's routers advance that count: the torch one (CPU) and the GPU one around
+        vLLM's Triton kernel (hook gpu_router). A router that is neither (the hook not
+        installed) advances nothing: the runner's count is then unchecked."""
         from vllm.model_executor.layers.fused_moe.router import base_router
 
         from vllm_eplb.kernels.replica_dispatch import torch_map_to_physical_and_record
 
-        if base_router.eplb_map_to_physical_and_record is torch_map_to_physical_and_record:
+        router = base_router.eplb_map_to_physical_and_record
+        if router is torch_map_to_physical_and_record or getattr(router, "upstream", None) is not None:
             self.layer_counter = ForwardCounter(self.device)
             self.layer_counter.watch(pass_load[0])
         return PassClock(lambda: self.forwards, self.layer_counter, layer_runs_per_pass=ubatches)
@@ -251,11 +255,15 @@ class VllmEplbState:
         self.forwards += 1
 
     @contextlib.contextmanager
-    def dummy_pass(self):
+    def dummy_pass(self, stepped: bool = True):
         """Around a dummy forward pass (DP padding, warm-up): it counts on the pass clock,
         like any pass every rank runs in step, but its made-up tokens are no load. The
         suppression is its own bit of the record gate, so a tick inside the dummy pass
-        that opens or closes the window is not undone when the pass ends."""
+        that opens or closes the window is not undone when the pass ends.
+
+        stepped=False: the runner will not step this pass (vLLM's compile warm-up and graph
+        capture call `_dummy_run(skip_eplb=True)`): it is ticked here once it ran, so a
+        pass every rank runs alike is not reported as a missed tick."""
         gate = self.balancer.window.gate if self.balancer is not None else None
         if gate is not None:
             gate.suppress()
@@ -269,6 +277,8 @@ class VllmEplbState:
             self._dummy_counted = False
             if gate is not None:
                 gate.release()
+        if not stepped:
+            self.step(is_dummy=True)
 
     def prepare_forward(self, model_config, num_unpadded_tokens: int, ubatch_slices=None) -> None:
         if self._dummy_counted:
@@ -285,8 +295,10 @@ class VllmEplbState:
             t.fill_(max(0, min(num_unpadded_tokens, ts.stop) - ts.start))
 
     def step(self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False) -> None:
-        # The profiling pass at start-up is not a serving pass; every rank skips it alike.
-        if self.balancer is None or is_profile:
+        # The profiling pass at start-up ran the MoE layers on every rank like any dummy pass
+        # and was counted where it started: it is ticked too, or the next pass would report
+        # its tick as missed.
+        if self.balancer is None:
             return
         if not self._counts_forwards:
             # This runner reports no forward passes (a path without prepare_forward or a

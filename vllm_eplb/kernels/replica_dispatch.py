@@ -172,12 +172,16 @@ def torch_map_to_physical_and_record(
 def gpu_router(upstream):
     """The router's map-and-record on a GPU: upstream's kernel (`upstream`) for "hash", the
     Triton kernel of replica_dispatch_triton for "balanced". Read per call, one Python
-    branch: CUDA graphs capture whichever was selected when they were captured."""
+    branch: CUDA graphs capture whichever was selected when they were captured. It also
+    advances the pass clock's count of MoE-layer passes (one `add_` on the device for the
+    first balanced layer): recorded into CUDA graphs with the kernel, so a replayed pass
+    counts too, where no Python runs."""
 
     def eplb_map_to_physical_and_record(
         topk_ids, expert_load_view, logical_to_physical_map, logical_replica_count, record_enabled,
         num_unpadded_tokens=None,
     ):
+        advance_if_first_layer(expert_load_view)
         if _mode == "balanced":
             from .replica_dispatch_triton import triton_balanced_map_and_record
 
