@@ -21,7 +21,7 @@ While vllm-eplb balances, the model loader's `initialize_model` goes through `bu
    it through `get_mixture_of_experts_model`, the seam it already uses: nothing else of a
    runner changes.
 3. Around weight loading, with redundant slots, for every MoE model (with the interface or
-   adapted): every expert slot is filled with NaN first and checked after; a loader that
+   adapted): every expert slot is marked first (NaN's bytes in its format) and checked after; a loader that
    fails on the redundant slots' shape, or leaves them unfilled (one written for the
    logical experts only), refuses the model instead of serving garbage from them.
 
@@ -172,13 +172,19 @@ def _no_elastic_ep(self, num_physical_experts: int, num_local_physical_experts: 
 
 
 def _check_slots_loaded(model, arch: str, layers: list) -> None:
-    """Wrap the model's load_weights for its first call (the model loading): NaN in every
-    expert slot before, none left after. A loader written for the logical experts only
-    either leaves the redundant slots unfilled or fails on their shape; both refuse the
-    model on every rank alike, with the same line (what each rank found is gathered over the
-    expert-parallel group, so a rank whose own slots were all filled refuses with the others
-    instead of waiting for them). Later calls are weight updates, which may bring some
-    weights only: they load as the model's own load_weights does."""
+    """Wrap the model's load_weights for its first call (the model loading): every expert
+    slot marked with a sentinel before, none left after (core/slot_fill.py: NaN's bytes in
+    the tensor's own format, fp8 and scales included, so a quantized model is checked as
+    bytes). A loader written for the logical experts only either leaves the redundant slots
+    unfilled or fails on their shape; both refuse the model on every rank alike, with the
+    same line (what each rank found is gathered over the expert-parallel group, so a rank
+    whose own slots were all filled refuses with the others instead of waiting for them).
+    Tensors that online quantization builds on the meta device and replaces while loading
+    cannot be marked: they are not checked (and logged), never refused. Later calls are
+    weight updates, which may bring some weights only: they load as the model's own
+    load_weights does."""
+    from vllm_eplb.core.slot_fill import Marks
+
     original = model.load_weights
 
     def load_weights(weights, *args, **kwargs):
@@ -186,29 +192,42 @@ def _check_slots_loaded(model, arch: str, layers: list) -> None:
 
         model.load_weights = original  # the first load only
 
-        tensors = [[w for w in r.get_expert_weights() if w.is_floating_point()] for r in layers]
-        for ws in tensors:
-            for w in ws:
-                w.fill_(float("nan"))
-        loaded, failure = None, None
+        marks = _guarded(lambda: Marks.mark([list(r.get_expert_weights()) for r in layers]), arch)
+        loaded, failure, unwritten, unchecked = None, None, 0, 0
         try:
             loaded = original(weights, *args, **kwargs)
-            unfilled = sum(int(torch.stack([w.isnan().any(dim=1) for w in ws]).any(dim=0).sum()) for ws in tensors if ws)
         except (RuntimeError, ValueError, IndexError, AssertionError) as exc:  # a shape the loader did not expect
-            failure, unfilled = exc, 0
+            failure = exc
+        if failure is None and marks is not None:
+            # after loading: the tensors the model uses now (online quantization replaced some)
+            found_here = _guarded(lambda: marks.unwritten([list(r.get_expert_weights()) for r in layers]), arch)
+            unwritten, unchecked = found_here or (0, 0)
         group = get_ep_group()
         found: list = [None] * group.world_size
         torch.distributed.all_gather_object(
-            found, (unfilled, f"{type(failure).__name__}: {failure}" if failure else None), group=group.cpu_group
+            found, (unwritten, f"{type(failure).__name__}: {failure}" if failure else None), group=group.cpu_group
         )
-        unfilled = sum(n for n, _ in found)
+        unwritten = sum(n for n, _ in found)
         causes = [c for _, c in found if c]
         fix = 'set "num_redundant_experts": 0 in --eplb-config, or serve it without --eplb-config'
         if causes:  # the same line on every rank: the first rank's failure
             raise refuse(arch, f"its weight loader fails with redundant expert slots ({causes[0]})", fix) from failure
-        if unfilled:
+        if unwritten:
             slots = layers[0].moe_config.num_experts * len(layers)
-            raise refuse(arch, f"its weight loader left {unfilled} of {slots} expert slots unfilled (it loads no redundant experts)", fix)
+            raise refuse(arch, f"its weight loader left {unwritten} of {slots} expert slots unfilled (it loads no redundant experts)", fix)
+        if unchecked:
+            log.info("vllm-eplb: %d expert tensor(s) of %s were built while loading (online quantization): "
+                     "the check that every slot was loaded covers the others", unchecked, arch)
         return loaded
 
     model.load_weights = load_weights
+
+
+def _guarded(fn, arch: str):
+    """The slot-load check's own work: a tensor it cannot read (a layout no release had yet)
+    leaves the model unchecked, never refused and never a dead engine."""
+    try:
+        return fn()
+    except Exception:
+        log.warning("vllm-eplb: could not check that %s's weight loader fills every expert slot", arch, exc_info=True)
+        return None
