@@ -134,6 +134,13 @@ class _Families:
         self.STALLED = Gauge(
             _PREFIX + "stalled", "1 while windows_without_cycle exceeds stall_warning_windows: rebalancing makes no progress.", ["rank"], **_GAUGE
         )
+        self.RELAYED = Gauge(
+            _PREFIX + "relayed_pass",
+            "For a rank of another host (its series reach this /metrics through EP rank 0's relay, "
+            "metrics_relay.py): the pass its figures here were taken at. Absent for ranks that write here themselves.",
+            ["rank"],
+            **_GAUGE,
+        )
 
 
 README_BEGIN, README_END = "<!-- BEGIN METRICS -->", "<!-- END METRICS -->"
@@ -174,7 +181,10 @@ PASS_EVERY = 16  # refresh the pass gauge every N passes; everything else on tra
 
 
 class BalancerMetrics:
-    def __init__(self, rank: int, owner=None):
+    """One rank's series. `logs`: this process logs the rank's stall warning (not for a rank
+    another host relays here: that rank logs its own)."""
+
+    def __init__(self, rank: int, owner=None, logs: bool = True):
         global _families
         use_multiprocess_values()
         if _families is None:
@@ -192,6 +202,7 @@ class BalancerMetrics:
         self._progress = 0  # cycles completed + skipped, at the last update
         self._progress_pass: int | None = None  # pass at which that count last rose (or the first update)
         self._stall_warned = False
+        self._logs = logs
 
     def _delta(self, key, value) -> float:
         prev = self._seen.get(key, 0)
@@ -297,7 +308,7 @@ class BalancerMetrics:
         stalled = since > limit and balancer.enabled  # disabling logs its own line
         self.m.WINDOWS_WITHOUT_CYCLE.labels(r).set(since)
         self.m.STALLED.labels(r).set(1 if stalled else 0)
-        if stalled and not self._stall_warned:
+        if stalled and not self._stall_warned and self._logs:
             self._stall_warned = True
             aborted = ", ".join(f"{k} x{v}" for k, v in sorted(s.cycles_aborted.items())) or "none"
             log.warning(
@@ -305,6 +316,69 @@ class BalancerMetrics:
                 "(%d passes; stall_warning_windows=%d); aborted cycles so far: %s",
                 r, balancer.pass_no, since, balancer.pass_no - self._progress_pass, limit, aborted,
             )
+
+
+# ---------------------------------------------------------------- ranks of other hosts
+
+
+def snapshot(balancer, owner) -> dict:
+    """What BalancerMetrics.update reads of a rank, as plain data for metrics_relay."""
+    from .metrics_relay import _cut_histories, identity
+
+    verifier = getattr(owner, "verifier", None)
+    return dict(
+        identity=identity(),
+        stats=_cut_histories(balancer.stats),
+        pass_no=balancer.pass_no,
+        transitions_total=balancer.transitions_total,
+        state=balancer.state,
+        layer=balancer.layer,
+        num_layers=balancer.layout.num_layers,
+        enabled=balancer.enabled,
+        disabled_reason=balancer.disabled_reason,
+        wait=balancer.agreement.stats.wait_seconds_total,
+        step_interval=balancer.config.step_interval,
+        stall_warning_windows=balancer.config.stall_warning_windows,
+        step_ns=getattr(owner, "step_ns", 0),
+        verifier=(verifier.checked, len(verifier.mismatches)) if verifier is not None else None,
+    )
+
+
+class _Relayed:
+    """A snapshot with the attributes BalancerMetrics.update reads of a balancer and its owner."""
+
+    def __init__(self, snap: dict):
+        from types import SimpleNamespace as NS
+
+        self.__dict__.update({k: v for k, v in snap.items() if k not in ("wait", "num_layers", "verifier")})
+        self.layout = NS(num_layers=snap["num_layers"])
+        self.agreement = NS(stats=NS(wait_seconds_total=snap["wait"]))
+        self.config = NS(step_interval=snap["step_interval"], stall_warning_windows=snap["stall_warning_windows"])
+        checked = snap["verifier"]
+        self.verifier = None if checked is None else NS(checked=checked[0], mismatches=[None] * checked[1])
+
+
+class RelayedRanks:
+    """On EP rank 0: the series of the ranks whose own series do not reach this /metrics."""
+
+    def __init__(self):
+        self._ranks: dict[int, BalancerMetrics] = {}
+        self._here = None  # this process's identity (rank 0's)
+
+    def apply(self, rank: int, snap: dict) -> None:
+        from .metrics_relay import identity
+
+        if self._here is None:
+            self._here = identity()
+        if tuple(snap["identity"]) == self._here:
+            return  # its own series are read by this /metrics already
+        view = _Relayed(snap)
+        m = self._ranks.get(rank)
+        if m is None:
+            m = self._ranks[rank] = BalancerMetrics(rank, logs=False)
+        m.owner = view
+        m.update(view, transitioned=True)
+        m.m.RELAYED.labels(str(rank)).set(snap["pass_no"])
 
 
 def _newest(history, n: int) -> list:

@@ -103,6 +103,7 @@ class VllmEplbState:
         self.verifier: SlotVerifier | None = None  # verify_slots: every committed layer checked
         self._verified: np.ndarray | None = None  # the placement the verifier last checked
         self.layer_counter: ForwardCounter | None = None
+        self.relay = None  # MetricsRelay: every rank's metrics to the front end (rank 0)
         self.placed: weight_updates.PlacedModel | None = None  # how weight updates reach the slots
 
     # ---- called by the runner once the weights are loaded
@@ -115,7 +116,10 @@ class VllmEplbState:
         cfg = self.config = self._resolve_config()
         bcfg = cfg.balancer_config()
         # Each group times out on its own bound: a round wait is agreement_timeout_s at most.
-        ep, (agreement_group, transfer_group) = _ep_subgroups([bcfg.agreement_timeout_s, bcfg.transfer_timeout_s])
+        # The third carries every rank's metrics to rank 0 (metrics_relay.py): never waited on.
+        ep, (agreement_group, transfer_group, relay_group) = _ep_subgroups(
+            [bcfg.agreement_timeout_s, bcfg.transfer_timeout_s, bcfg.agreement_timeout_s]
+        )
         layers = model.num_moe_layers
         topo = Topology(ep.world_size, model.num_logical_experts, model.num_physical_experts, _ranks_per_node(ep))
         placement = default_placement(topo, layers)
@@ -174,11 +178,21 @@ class VllmEplbState:
             if self.verifier is not None:
                 self._verify_commits()
         self._model_hash = model_config.compute_hash() if model_config is not None else None
-        if cfg.metrics:
-            from .metrics import BalancerMetrics
+        # prometheus_client is imported here, in the worker, not when the hooks load: its
+        # multiprocess mode is chosen at import (metrics.py)
+        from .metrics import BalancerMetrics, RelayedRanks, snapshot
+        from .metrics_relay import MetricsRelay
 
+        if cfg.metrics:
             self.metrics = BalancerMetrics(ep.rank_in_group, self)
             self.metrics.update(self.balancer)
+        # every rank posts the relay's gathers (whether or not it exports metrics itself);
+        # rank 0 writes there the series of ranks whose host's /metrics is another
+        relayed = RelayedRanks() if self.metrics is not None and ep.rank_in_group == 0 else None
+        self.relay = MetricsRelay(
+            ep.rank_in_group, ep.world_size, relay_group, lambda: snapshot(balancer, self),
+            relayed.apply if relayed is not None else (lambda rank, snap: None),
+        )
         log.info(
             "vllm-eplb: EP rank %d/%d, %d MoE layers, %d logical experts in %d slots (%d per rank), policy %s, "
             "window %d passes every %d, backend %s, replica dispatch %s, pass clock %s",
@@ -319,6 +333,8 @@ class VllmEplbState:
                 if self._metrics_failures == 1:
                     log.exception("vllm-eplb: metrics update failed")
                 self.balancer.report_fault(Fault.METRICS_ERROR, exc)
+        if self.relay is not None:
+            self.relay.step(self.balancer.pass_no)
         self.step_ns += (t1 - t0) + (time.perf_counter_ns() - t2)
 
     # ---- called by the worker's weight-update RPCs (weight_updates.weight_update)

@@ -110,7 +110,8 @@ class Server:
         cmd = serve_cmd(self.model, self.port, self.eplb_config, self.extra, self.tp)
         return (self.launcher + cmd[3:]) if self.launcher else cmd
 
-    def start(self, timeout: float = 300) -> "Server":
+    def launch(self) -> None:
+        """Start the process; `start` also waits until it serves."""
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             self.cmd,
@@ -121,10 +122,18 @@ class Server:
             env={**{k: v for k, v in os.environ.items() if k != CONFIG_ENV_VAR}, **cpu_env(), **self.env},
             start_new_session=True,
         )
+
+    def start(self, timeout: float = 300, companions: list["Server"] = ()) -> "Server":
+        """Launch and wait for /health. `companions`: processes already launched that this
+        server needs (the headless hosts of a multi-host deployment): one that exits fails
+        the start with its log."""
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.failure()}")
+            for c in (self, *companions):
+                if c.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"vllm serve ({c.log_path}) exited with {c.proc.returncode}:\n{c.failure()}")
             try:
                 http_get(self.url + "/health", 2)
                 return self
@@ -185,6 +194,74 @@ class Server:
 
     def metrics(self, prefix: str = "vllm:eplb_") -> dict[tuple, float]:
         return parse_metrics(http_get(self.url + "/metrics"), prefix)
+
+
+# --------------------------------------------------------------------------- several hosts
+
+
+def dp_host_args(hosts: int, host: int, rpc_port: int, address: str = "127.0.0.1") -> list[str]:
+    """vLLM's multi-node data-parallel launch, one engine per host: host 0 is the front end
+    (API server, DP coordinator), the others run `--headless` and join it."""
+    args = ["--data-parallel-size", str(hosts), "--data-parallel-size-local", "1",
+            "--data-parallel-address", address, "--data-parallel-rpc-port", str(rpc_port)]
+    return args + (["--headless", "--data-parallel-start-rank", str(host)] if host else [])
+
+
+@dataclass
+class Hosts:
+    """N `vllm serve` processes on this machine as the N hosts of one data-parallel +
+    expert-parallel deployment (one engine each). `argv`: the serve command of `model`
+    without port or data-parallel flags; `env_of(host)`: what each host's process gets on top (on one GPU:
+    the same device and a `NCCL_HOSTID` of its own, so NCCL takes the engines for hosts).
+    `servers[0]` is the front end: requests and /metrics go to it."""
+
+    model: str
+    argv: list[str]
+    hosts: int
+    port: int
+    rpc_port: int
+    log_dir: str
+    env_of: object = None  # Callable[[int], dict[str, str]]
+    tag: str = "host"
+    servers: list[Server] = field(default_factory=list)
+
+    def __post_init__(self):
+        for h in range(self.hosts):
+            argv = self.argv + dp_host_args(self.hosts, h, self.rpc_port) + (["--port", str(self.port)] if h == 0 else [])
+            env = dict(self.env_of(h)) if self.env_of else {}
+            log = os.path.join(self.log_dir, f"{self.tag}{h}.log")
+            self.servers.append(Server(self.model, self.port, log_path=log, argv=argv, env=env))
+
+    @property
+    def front(self) -> Server:
+        return self.servers[0]
+
+    @property
+    def url(self) -> str:
+        return self.front.url
+
+    def start(self, timeout: float = 600) -> "Hosts":
+        for s in self.servers[1:]:
+            s.launch()
+        try:
+            self.front.start(timeout, companions=self.servers[1:])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+    def failure(self) -> str:
+        return "\n".join(f"== {s.log_path}\n{s.failure()}" for s in self.servers)
+
+    def __enter__(self) -> "Hosts":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 class Load:

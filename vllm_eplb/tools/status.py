@@ -120,6 +120,8 @@ def render_rank(r: Rank) -> list[str]:
     head = f"rank {r.rank}  {state.upper():<13}"
     head += f" pass {pass_no:.0f}" if pass_no is not None else ""
     head += f", since pass {entered:.0f}" if entered is not None else ""
+    relayed = r.get("vllm:eplb_relayed_pass")
+    head += f"  (another host: relayed by rank 0, as of pass {relayed:.0f})" if relayed is not None else ""
     lines = [head]
     if r.get("vllm:eplb_enabled") == 0:
         why = next(((ls.get("reason", "?"), ls.get("detail", "")) for ls, v in r.each("vllm:eplb_disabled_info") if v == 1), None)
