@@ -1,4 +1,5 @@
-"""Where declared vLLM releases differ, declared once: the guards. No vLLM import here.
+"""Where declared vLLM releases differ, declared once: the guards. No vLLM import (the
+running release is read from the vLLM its callers imported).
 
 vllm-eplb reads vLLM names that not every declared release has (`get_mixture_of_experts_model`
 came in 0.30.0; 0.26.0 names the MoE layer factory `FusedMoE`) and runs code paths only one
@@ -21,7 +22,7 @@ fails the check until it is guarded here.
 
 from __future__ import annotations
 
-import functools
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -70,12 +71,13 @@ GUARDS: dict[str, Guard] = {
 }
 
 
-@functools.cache
 def running_release() -> str:
-    """The imported vLLM's release ('0.26.0' for '0.26.0+cu130')."""
-    from vllm import __version__
-
-    return base_version(__version__)
+    """The release of the vLLM imported in this process ('0.26.0' for '0.26.0+cu130'):
+    `holds` is asked by code that runs inside vLLM, after it is imported."""
+    vllm = sys.modules.get("vllm")
+    if vllm is None:
+        raise RuntimeError("vllm_eplb.compat.guards.holds() was asked before vLLM was imported")
+    return base_version(vllm.__version__)
 
 
 def holds(guard: str) -> bool:

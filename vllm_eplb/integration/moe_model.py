@@ -3,7 +3,7 @@ own runners find it (vLLM is imported when called, not at import)."""
 
 from __future__ import annotations
 
-from .guards import holds
+from vllm_eplb.compat.guards import holds
 
 
 def mixture_of_experts_model(model):
