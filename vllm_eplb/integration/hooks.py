@@ -206,7 +206,7 @@ def hook_runner_state_v2() -> None:
 
 def attach_eplb_state(runner) -> None:
     """What GPUModelRunner.load_model does for EPLB and the CPU runner's load_model lacks."""
-    from vllm_eplb.integration.moe_model import mixture_of_experts_model
+    from .moe_model import mixture_of_experts_model
 
     from .runner_state import VllmEplbState
 

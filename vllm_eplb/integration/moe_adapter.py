@@ -97,7 +97,7 @@ def build_model(initialize_model, vllm_config, **kwargs):
         return initialize_model(vllm_config, **kwargs)
     from vllm.model_executor.model_loader.utils import get_model_architecture
 
-    from vllm_eplb.integration.moe_model import mixture_of_experts_model as get_mixture_of_experts_model  # 0.26.0 lacks vLLM's
+    from .moe_model import mixture_of_experts_model as get_mixture_of_experts_model  # 0.26.0 lacks vLLM's
 
     model_config = kwargs.get("model_config") or vllm_config.model_config
     if kwargs.get("model_class") is None:

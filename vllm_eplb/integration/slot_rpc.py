@@ -21,11 +21,11 @@ import numpy as np
 def slot_fingerprints(worker) -> dict:
     from vllm.distributed.parallel_state import get_ep_group
 
-    from vllm_eplb.integration.moe_model import mixture_of_experts_model
     from vllm_eplb.core.placement import Topology, default_placement
     from vllm_eplb.core.slot_check import fingerprints
 
     from . import weight_updates
+    from .moe_model import mixture_of_experts_model
 
     state = weight_updates._state
     balancer = state.balancer if state is not None else None
