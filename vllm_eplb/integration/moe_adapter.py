@@ -67,7 +67,9 @@ def eplb_layer_defaults(num_redundant_experts: int):
     Model construction runs on one thread per process, so nothing else builds meanwhile."""
     from vllm.model_executor.layers.fused_moe import layer
 
-    fn = getattr(layer, "FusedMoEFactory", None) or layer.FusedMoE  # vLLM 0.26 names it FusedMoE
+    from vllm_eplb.compat.guards import holds
+
+    fn = layer.FusedMoEFactory if holds("FusedMoEFactory") else layer.FusedMoE  # vLLM 0.26 names it FusedMoE
     old_pos, old_kw = fn.__defaults__, fn.__kwdefaults__
     want = {"enable_eplb": True, "num_redundant_experts": num_redundant_experts}
     code = fn.__code__
@@ -94,7 +96,8 @@ def build_model(initialize_model, vllm_config, **kwargs):
     if cfg is None or not vllm_config.parallel_config.enable_eplb:
         return initialize_model(vllm_config, **kwargs)
     from vllm.model_executor.model_loader.utils import get_model_architecture
-    from vllm.model_executor.models.interfaces import get_mixture_of_experts_model
+
+    from .moe_model import mixture_of_experts_model as get_mixture_of_experts_model  # 0.26.0 lacks vLLM's
 
     model_config = kwargs.get("model_config") or vllm_config.model_config
     if kwargs.get("model_class") is None:

@@ -20,12 +20,12 @@ import numpy as np
 
 def slot_fingerprints(worker) -> dict:
     from vllm.distributed.parallel_state import get_ep_group
-    from vllm.model_executor.models.interfaces import get_mixture_of_experts_model
 
     from vllm_eplb.core.placement import Topology, default_placement
     from vllm_eplb.core.slot_check import fingerprints
 
     from . import weight_updates
+    from .moe_model import mixture_of_experts_model
 
     state = weight_updates._state
     balancer = state.balancer if state is not None else None
@@ -33,7 +33,7 @@ def slot_fingerprints(worker) -> dict:
         rank, topo, placement = balancer.comm.rank, balancer.topo, balancer.placement
         weights = [balancer.layout.weights_of(layer) for layer in range(balancer.layout.num_layers)]
     else:  # EPLB off: vLLM's start-up layout
-        model = get_mixture_of_experts_model(worker.model_runner.get_model())
+        model = mixture_of_experts_model(worker.model_runner.get_model())
         ep = get_ep_group()
         rank = ep.rank_in_group
         layers = list(model.moe_layers)

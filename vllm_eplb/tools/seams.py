@@ -21,7 +21,9 @@ the plugin is known to fit, or the exact missing seam is named. Checked:
   reads from a layer's EPLB state is set by the model (`set_eplb_state`) or by VllmEplbState;
 - the model interface (`MixtureOfExperts`) has every attribute VllmEplbState.add_model uses;
 - EPLBConfig: every field is honoured or refused by eplb.json (integration/config.UPSTREAM),
-  every communicator name is known.
+  every communicator name is known;
+- every vLLM name vllm-eplb's code imports or reads (tools/vllm_names.py), against each release
+  its line runs on (the guards of compat/guards.py): `file:line: module:name is missing in vLLM V`.
 
 Gaps already known and owned elsewhere are listed in KNOWN_GAPS with the reason; they are
 printed, not failed on, and a gap that disappears must be removed from the list.
@@ -39,6 +41,7 @@ from types import SimpleNamespace
 from vllm_eplb.compat.sdist import fetch_sdist
 from vllm_eplb.compat.source import bindings
 from vllm_eplb.compat.versions import RELEASES, SEAM_CHECKED, platforms_of
+from vllm_eplb.tools.vllm_names import check_names
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -271,7 +274,8 @@ def check_state_api(t: Tree) -> list[str]:
     problems = []
     for rel in STATE_USERS:
         tree = t.module(rel)
-        if tree is None:
+        if tree is None:  # moved: the calls it made are somewhere this list does not look
+            problems.append(f"EplbState API: {rel} is missing (STATE_USERS names every file that uses the EPLB state)")
             continue
         for attr, call in sorted(set(_state_uses(tree, rel)), key=lambda x: (x[0], id(x[1]))):
             if not hasattr(instance, attr):
@@ -391,7 +395,7 @@ def _literal_values(annotation) -> list:
 # --------------------------------------------------------------------------- all
 
 
-CHECKS = (check_hooks, check_state_api, check_router, check_model_interface, check_eplb_config)
+CHECKS = (check_hooks, check_state_api, check_router, check_model_interface, check_eplb_config, check_names)
 
 
 def check(root: Path, version: str) -> tuple[list[str], list[str]]:
