@@ -13,7 +13,10 @@ the LM head keeps a topic's generations in the topic. The load walks through the
 run (`--phases`), so the hot experts drift: a placement that suits one phase is wrong for the next.
 
 Configurations (`--configs`), each on each deployment (`--deployments`: tp = TP=N + EP, dp = DP=N
-+ EP, N = the GPUs), each run `--reps` times, interleaved (rep r in an order rotated by r):
++ EP, N = the GPUs; hosts = N `vllm serve` processes as the N hosts of one DP=N + EP deployment,
+`--ranks N` of them on however many GPUs there are, several engines to a GPU where there are
+fewer: benchmarks/serving/deploy.py says what such a run can and cannot show), each run `--reps`
+times, interleaved (rep r in an order rotated by r):
 
   off              vLLM, EPLB off, the plugin disabled (EPLB_PLUGIN_DISABLE=1; on CPU loaded without
                    --eplb-config, since vLLM's CPU expert parallelism needs its kernel fixes)
@@ -38,8 +41,11 @@ sent over and over while the balancer cycles quickly, compared with EPLB off; an
 its map names, weights and scales (`vllm:eplb_slot_checks_total`), in float32 and with
 `--quantization fp8`.
 
-On one GPU vLLM refuses EPLB (it needs TP, DP or PCP > 1) and so does vllm-eplb; the command then
-runs `--single-gpu` checks instead: the plugin with EPLB off against the plugin absent (tokens/s,
+On one GPU, `--deployments hosts --ranks 2` (or 4) puts that many engines on it as hosts: a real
+expert-parallel group of vLLM engines, so every configuration runs there (the correctness checks
+included). TP and DP deployments need a GPU per rank: with one GPU and no `hosts`, vLLM refuses
+EPLB (it needs TP, DP or PCP > 1) and so does vllm-eplb, and the command runs `--single-gpu`
+checks instead: the plugin with EPLB off against the plugin absent (tokens/s,
 interleaved), one expert-parallel rank refused in one line by vLLM's own CLI, and a slot swap in a
 live engine (CUDA graphs and torch.compile on): two experts' slots exchanged in every layer, every
 tensor get_expert_weights() lists (weights and scales) and the router's two columns, must leave
@@ -49,288 +55,28 @@ greedy outputs unchanged, while exchanging weights without their scales must cha
 from __future__ import annotations
 
 import argparse
-import http.client
 import inspect
 import json
 import os
-import random
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_eplb.integration.server import Server, metric, parse_metrics, vllm_bin  # noqa: E402
+from benchmarks.serving.deploy import DEPLOYMENTS, start_server  # noqa: E402
+from benchmarks.serving.load import PROBES, Load, LogWatch, greedy, pct, probe_prompts, windows_of  # noqa: E402
+from benchmarks.serving.model import build_model  # noqa: E402
+from benchmarks.serving.report import report  # noqa: E402
+from vllm_eplb.integration.server import metric  # noqa: E402
 
 CONFIGS = ("off", "vllm-sync", "vllm-async", "vllm-eplb")
-MARKERS = {  # (start, end) of a rebalance in the server log, rank 0
-    "vllm-eplb": (re.compile(r"EPLB rank 0 pass \d+: syncing -> transferring"), re.compile(r"EPLB rank 0 pass \d+: transferring -> idle")),
-    "vllm": (re.compile(r"Rearranging experts (sync|\(async)"), re.compile(r"Rearranged experts\s+in")),
-}
-
-
-# --------------------------------------------------------------------------- the model
-
-
-def build_model(out_dir: str, a) -> str:
-    """A Qwen3-MoE with topic-skewed routers (see the module docstring); reused if present."""
-    stamp = os.path.join(out_dir, "built.json")
-    spec = {k: getattr(a, k) for k in ("layers", "experts", "top_k", "hidden", "moe_intermediate", "groups", "hot", "seed", "dtype")}
-    if os.path.exists(stamp) and json.load(open(stamp)) == spec:
-        return out_dir
-    import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    from vllm_eplb.integration.tiny_model import build_tokenizer
-
-    os.makedirs(out_dir, exist_ok=True)
-    build_tokenizer(out_dir, a.vocab)
-    vocab = max(a.vocab, len(json.load(open(os.path.join(out_dir, "tokenizer_config.json"))).get("added_tokens_decoder", {})))
-    heads = max(4, a.hidden // 128)
-    cfg = Qwen3MoeConfig(
-        vocab_size=vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 2, moe_intermediate_size=a.moe_intermediate,
-        num_hidden_layers=a.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-        head_dim=a.hidden // heads, num_experts=a.experts, num_local_experts=a.experts, num_experts_per_tok=a.top_k,
-        norm_topk_prob=True, decoder_sparse_step=1, max_position_embeddings=4096, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.3 if a.hidden <= 256 else 0.05,
-    )
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(a.seed)
-    with torch.device(dev):
-        model = Qwen3MoeForCausalLM(cfg).to(torch.float32)
-    skew_topics(model, a.groups, a.hot, vocab, a.seed)
-    model.config.architectures = ["Qwen3MoeForCausalLM"]
-    model.to(getattr(torch, a.dtype)).save_pretrained(out_dir, safe_serialization=True)
-    conf = json.load(open(os.path.join(out_dir, "config.json")))
-    conf.update(num_experts=a.experts, num_local_experts=a.experts)  # vLLM reads num_experts
-    json.dump(conf, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
-    json.dump(spec, open(stamp, "w"))
-    return out_dir
-
-
-def topic_range(vocab: int, groups: int, g: int) -> tuple[int, int]:
-    """Token ids of topic g: the vocabulary past the 4 special tokens, in equal parts."""
-    size = (vocab - 4) // groups
-    return 4 + g * size, 4 + (g + 1) * size
-
-
-def skew_topics(model, groups: int, hot: int, vocab: int, seed: int, strength: float = 3.0) -> None:
-    """Topic g's tokens get direction v_g in their embeddings; the LM head rows of its tokens
-    lean towards v_g (generations stay in the topic); per layer, the router rows of `hot`
-    experts of each topic (different experts per topic) are pulled towards the mean input
-    direction of that topic's tokens at that layer, scaled as the router's logits are."""
-    import torch
-
-    g = torch.Generator(device="cpu").manual_seed(seed + 1)
-    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
-    dirs = torch.linalg.qr(torch.randn(emb.shape[1], groups, generator=g))[0].T.to(emb.device)  # orthonormal
-    with torch.no_grad():
-        scale = emb.norm(dim=1).mean()
-        for t in range(groups):
-            lo, hi = topic_range(vocab, groups, t)
-            emb[lo:hi] += dirs[t] * scale
-            head[lo:hi] += dirs[t] * head.norm(dim=1).mean()
-    experts = model.config.num_experts
-    perm = torch.randperm(experts, generator=g).tolist()
-    calib = {t: torch.randint(*topic_range(vocab, groups, t), (8, 32), generator=g).to(emb.device) for t in range(groups)}
-    for layer in model.model.layers:
-        seen: dict[int, list] = {}
-        for t in range(groups):
-            rows = []
-            h = layer.mlp.register_forward_hook(lambda mod, args, out: rows.append(args[0].detach().reshape(-1, args[0].shape[-1])))
-            with torch.no_grad():
-                model(calib[t])
-            h.remove()
-            seen[t] = torch.cat(rows)
-        with torch.no_grad():
-            gate = layer.mlp.gate.weight
-            for t in range(groups):
-                x = seen[t]
-                u = x.mean(dim=0)
-                u = u / u.norm()
-                reach = (x @ u).mean().abs().clamp(min=1e-3)
-                logit_scale = (x @ gate.T).std()
-                for i in range(hot):
-                    e = perm[(t * hot + i) % experts]
-                    gate[e] += u * (strength * logit_scale / reach) / (i + 1)
-
-
-# --------------------------------------------------------------------------- load
-
-
-@dataclass
-class Request:
-    start: float
-    first: float = 0.0
-    times: list[float] = field(default_factory=list)  # arrival of each streamed chunk
-    tokens: int = 0  # a chunk can carry several tokens (the server batches what it has)
-    error: str = ""
-
-
-def stream_completion(port: int, model: str, prompt: list[int], max_tokens: int, timeout: float = 300) -> Request:
-    """One streamed completion; every chunk's arrival time on the client. Inter-token latency
-    is counted per chunk, as vLLM's own serving benchmark does."""
-    req = Request(time.monotonic())
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                       "stream": True, "return_token_ids": True}).encode()
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-        r = conn.getresponse()
-        if r.status != 200:
-            req.error = f"HTTP {r.status}: {r.read()[:200]!r}"
-            return req
-        for line in r:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            t = time.monotonic()
-            chunk = json.loads(line[6:])
-            choice = (chunk.get("choices") or [{}])[0]
-            n = len(choice.get("token_ids") or []) or (1 if choice.get("text") else 0)
-            if n:
-                req.times.append(t)
-                req.tokens += n
-        conn.close()
-        req.first = req.times[0] if req.times else 0.0
-        if req.tokens < max_tokens:
-            req.error = f"{req.tokens} of {max_tokens} tokens"
-    except Exception as exc:  # counted as a failed request
-        req.error = f"{type(exc).__name__}: {exc}"
-    return req
-
-
-class Load:
-    """`clients` closed-loop clients; prompts from topic `phase(t)` of the run."""
-
-    def __init__(self, port: int, model: str, a, vocab: int, seconds: float):
-        self.port, self.model, self.a, self.vocab, self.seconds = port, model, a, vocab, seconds
-        self.requests: list[Request] = []
-        self.lock = threading.Lock()
-
-    def _client(self, i: int, t0: float) -> None:
-        rng = random.Random(self.a.seed * 1000 + i)
-        while (now := time.monotonic()) < t0 + self.seconds:
-            phase = int((now - t0) / self.seconds * self.a.phases) % self.a.groups
-            lo, hi = topic_range(self.vocab, self.a.groups, phase)
-            prompt = [rng.randrange(lo, hi) for _ in range(rng.randint(self.a.prompt_len // 2, self.a.prompt_len))]
-            r = stream_completion(self.port, self.model, prompt, self.a.max_tokens)
-            with self.lock:
-                self.requests.append(r)
-
-    def run(self) -> tuple[float, float]:
-        t0 = time.monotonic()
-        threads = [threading.Thread(target=self._client, args=(i, t0), daemon=True) for i in range(self.a.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return t0, time.monotonic()
-
-
-class LogWatch:
-    """Timestamps rebalance markers as they appear in the server log (polled every 10 ms)."""
-
-    def __init__(self, path: str, kind: str):
-        self.path, (self.start_re, self.end_re) = path, MARKERS[kind]
-        self.events: list[tuple[str, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        pos = 0
-        while not self._stop.is_set():
-            try:
-                with open(self.path) as fh:
-                    fh.seek(pos)
-                    chunk = fh.read()
-                    pos = fh.tell()
-            except OSError:
-                chunk = ""
-            now = time.monotonic()
-            for line in chunk.splitlines():
-                if self.start_re.search(line):
-                    self.events.append(("start", now))
-                elif self.end_re.search(line):
-                    self.events.append(("end", now))
-            time.sleep(0.01)
-
-    def stop(self) -> list[tuple[str, float]]:
-        self._stop.set()
-        self._thread.join(2)
-        return self.events
 
 
 # --------------------------------------------------------------------------- one run
-
-
-def server_argv(a, model: str, port: int, deployment: str, config: str, eplb_path: str | None, dtype: str, quant: str | None) -> list[str]:
-    n = a.ranks
-    cmd = [vllm_bin(), "serve"] if a.device == "cpu" else [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
-    cmd += [model, "--port", str(port), "--dtype", dtype, "--max-model-len", str(a.max_model_len), "--seed", "0",
-            "--no-enable-prefix-caching", "--enable-expert-parallel"]
-    cmd += ["-tp", str(n)] if deployment == "tp" else ["-tp", "1", "--data-parallel-size", str(n)]
-    if a.device == "cpu":
-        cmd += ["--enforce-eager"]
-    else:
-        cmd += ["--gpu-memory-utilization", str(a.gpu_memory_utilization)]
-    if quant:
-        cmd += ["--quantization", quant]
-    if config.startswith("vllm-sync") or config.startswith("vllm-async"):
-        up = {"window_size": a.window, "step_interval": a.interval, "num_redundant_experts": a.redundant,
-              "use_async": config.startswith("vllm-async")}
-        cmd += ["--enable-eplb", "--eplb-config", json.dumps(up)]
-    elif eplb_path:
-        cmd += ["--eplb-config", eplb_path]
-    return cmd
-
-
-def eplb_json(a, config: str, path: str, verify: bool, window: int | None = None, interval: int | None = None) -> str | None:
-    if not config.startswith("vllm-eplb"):
-        return None
-    cfg = {"window_size": window or a.window, "step_interval": interval or a.interval, "num_redundant_experts": a.redundant,
-           "verify_slots": verify}
-    if ":" in config:
-        cfg["transfer_backend"] = config.split(":", 1)[1]
-    json.dump(cfg, open(path, "w"))
-    return path
-
-
-def start_server(a, workdir: str, model: str, deployment: str, config: str, tag: str, verify=False, dtype=None, quant=None,
-                 window=None, interval=None) -> Server:
-    port = 8300 + random.randrange(600)
-    path = eplb_json(a, config, os.path.join(workdir, f"{tag}.eplb.json"), verify, window, interval)
-    argv = server_argv(a, model, port, deployment, config, path, dtype or a.serve_dtype, quant)
-    env = {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
-    if not config.startswith("vllm-eplb") and a.device == "cuda":
-        # EPLB off and vLLM's own EPLB: vLLM as shipped. On CPU the plugin stays loaded without
-        # --eplb-config: vLLM's CPU expert parallelism crashes without its CPU kernel fixes.
-        env["EPLB_PLUGIN_DISABLE"] = "1"
-    if dtype == "float32" and a.device == "cuda":
-        env["VLLM_ATTENTION_BACKEND"] = "TRITON_ATTN"  # FlashAttention serves no float32
-    s = Server(model, port, log_path=os.path.join(workdir, f"{tag}.log"), argv=argv, env=env)
-    return s.start(timeout=a.start_timeout)
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
-
-
-def windows_of(events, kind: str, steady_itl: float, layers: int) -> list[tuple[float, float]]:
-    """(start, end) of each rebalance; vLLM's async worker logs no end: num_layers + 8 passes."""
-    starts = [t for what, t in events if what == "start"]
-    if kind == "vllm-async":
-        return [(t, t + (layers + 8) * steady_itl) for t in starts]
-    ends = [t for what, t in events if what == "end"]
-    return [(b, next((e for e in ends if e >= b), b)) for b in starts]
 
 
 def timed_run(a, workdir: str, model: str, vocab: int, deployment: str, config: str, rep: int) -> dict:
@@ -393,27 +139,8 @@ def timed_run(a, workdir: str, model: str, vocab: int, deployment: str, config: 
 # --------------------------------------------------------------------------- correctness
 
 
-PROBES = 8
-
-
-def probe_prompts(a, vocab: int) -> list[list[int]]:
-    rng = random.Random(7)
-    out = []
-    for i in range(PROBES):
-        lo, hi = topic_range(vocab, a.groups, i % a.groups)
-        out.append([rng.randrange(lo, hi) for _ in range(12)])
-    return out
-
-
-def greedy(s: Server, model: str, prompts: list[list[int]], tokens: int) -> list[list[int]]:
-    from vllm_eplb.integration.server import http_post
-
-    body = {"model": model, "prompt": prompts, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-    choices = sorted(http_post(s.url + "/v1/completions", body)["choices"], key=lambda c: c["index"])
-    return [c.get("token_ids") or c["text"] for c in choices]
-
-
-def correctness(a, workdir: str, model: str, vocab: int, deployment: str, config: str, dtype: str, quant: str | None) -> dict:
+def correctness(a, workdir: str, model: str, vocab: int, deployment: str, config: str, dtype: str, quant: str | None,
+                kind: str = "") -> dict:
     """Greedy outputs against EPLB off (same dtype and quantization) while the balancer cycles
     fast, and every slot's bytes checked after every commit.
 
@@ -423,7 +150,7 @@ def correctness(a, workdir: str, model: str, vocab: int, deployment: str, config
     greedy sequences and bf16 127-128 of 128), the balancer's share of identical probes must be
     within one probe of EPLB off's own. The exact check is verify_slots: bytes, not numerics."""
     prompts = probe_prompts(a, vocab)
-    tag = f"check-{deployment}-{dtype}-{quant or 'none'}"
+    tag = f"check-{deployment}-{kind or dtype}-{quant or 'none'}"
     s = start_server(a, workdir, model, deployment, "off", tag + "-off", dtype=dtype, quant=quant)
     try:
         ref = greedy(s, model, prompts, a.check_tokens)
@@ -431,7 +158,8 @@ def correctness(a, workdir: str, model: str, vocab: int, deployment: str, config
     finally:
         s.stop()
     off_same = sum(x == y for out in repeats for x, y in zip(out, ref)) / (2 * len(prompts))
-    res = {"deployment": deployment, "config": config, "dtype": dtype, "quant": quant or "none", "kind": "correctness"}
+    res = {"deployment": deployment, "config": config, "dtype": dtype, "quant": quant or ("fp8 checkpoint" if "fp8" in kind else "none"),
+           "kind": "correctness", "check": kind or dtype}
     s = start_server(a, workdir, model, deployment, config, tag + "-eplb", verify=True, dtype=dtype, quant=quant,
                      window=a.check_window, interval=2 * a.check_window)
     try:
@@ -575,85 +303,18 @@ print("RESULT " + json.dumps(res))
 '''
 
 
-# --------------------------------------------------------------------------- the table
-
-
-def _mr(xs: list[float], fmt: str = "{:.2f}") -> str:
-    xs = [x for x in xs if x == x]
-    if not xs:
-        return "n/a"
-    m = statistics.median(xs)
-    return fmt.format(m) + (f" [{fmt.format(min(xs))}-{fmt.format(max(xs))}]" if len(xs) > 1 else "")
-
-
-def report(rows: list[dict]) -> str:
-    lines = []
-    timed = [r for r in rows if "tokens_per_s" in r and "deployment" in r]
-    for dep in sorted({r["deployment"] for r in timed}):
-        runs = [r for r in timed if r["deployment"] == dep]
-        n = runs[0]["ranks"]
-        lines += [f"\n{dep.upper()}={n} + EP ({runs[0]['device']}), median [min-max] over reps; ratios against that rep's 'off'",
-                  "| config | tok/s | tok/s vs off | ITL p50 ms | ITL p99 ms | TTFT p99 ms | ITL p99 in rebalances / steady | "
-                  "rebalances | balancedness | cycles | layers moved | failed |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        off = {r["rep"]: r for r in runs if r["config"] == "off"}
-        for cfg in [c for c in dict.fromkeys(r["config"] for r in runs)]:
-            rs = [r for r in runs if r["config"] == cfg]
-            vs = [r["tokens_per_s"] / off[r["rep"]]["tokens_per_s"] for r in rs if r["rep"] in off]
-            stall = [r["itl_p99_rebalance_ms"] / r["itl_p99_steady_ms"] for r in rs if r["rebalances"] and r["itl_p99_steady_ms"]]
-            lines.append(
-                f"| {cfg} | {_mr([r['tokens_per_s'] for r in rs], '{:.0f}')} | {_mr(vs, '{:.3f}')} | {_mr([r['itl_p50_ms'] for r in rs])} "
-                f"| {_mr([r['itl_p99_ms'] for r in rs])} | {_mr([r['ttft_p99_ms'] for r in rs], '{:.0f}')} | {_mr(stall)} "
-                f"| {_mr([r['rebalances'] for r in rs], '{:.0f}')} | {_mr([r['balancedness'] for r in rs], '{:.3f}')} "
-                f"| {_mr([r['cycles'] or 0 for r in rs], '{:.0f}')} | {_mr([r['layers_moved'] or 0 for r in rs], '{:.0f}')} "
-                f"| {sum(r['failed'] for r in rs)} of {sum(r['requests'] for r in rs)} |"
-            )
-    checks = [r for r in rows if r.get("kind") == "correctness"]
-    if checks:
-        lines += ["\ncorrectness (greedy vs EPLB off, same dtype/quantization; slots checked after every commit)",
-                  "| deployment | config | dtype | quant | outputs identical | EPLB off's own repeats identical | pass | cycles "
-                  "| slot checks ok | mismatches |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in checks:
-            lines.append(f"| {r['deployment']} | {r['config']} | {r['dtype']} | {r['quant']} | {r['outputs_identical']} "
-                         f"| {r['off_repeat_identical']:.3f} | {'yes' if r['identical'] else 'NO'} | {r['cycles']:.0f} "
-                         f"| {r['slot_checks_ok']:.0f} | {r['slot_checks_mismatch']:.0f} |")
-    single = [r for r in rows if r.get("kind", "").startswith(("llm_", "tp1"))]
-    if single:
-        lines.append("\none GPU")
-        timing = [r for r in single if r["kind"] == "llm_timing" and "tokens_per_s" in r]
-        by_rep = {}
-        for r in timing:
-            by_rep.setdefault(r["rep"], {})[r["plugin"]] = r["tokens_per_s"]
-        ratios = [d["loaded"] / d["absent"] for d in by_rep.values() if len(d) == 2]
-        if ratios:
-            lines.append(f"- plugin loaded, EPLB off / plugin absent, tokens/s: {_mr(ratios, '{:.3f}')} over {len(ratios)} interleaved pairs")
-        for r in single:
-            if r["kind"] == "tp1_refused":
-                lines.append(f"- TP=1 with --eplb-config, vLLM's own CLI: exit {r['rc']}, last line: {r['last_line']!r}, traceback: {r['traceback']}")
-            elif r["kind"] != "llm_timing":
-                if "error" in r:
-                    lines.append(f"- {r['kind']}: error {r['error'][-300:]!r}")
-                    continue
-                n = r["prompts"]
-                lines.append(f"- slot swap {r['kind'][4:]}: repeat {r['repeat_identical']}/{n}, all tensors swapped "
-                             f"{r['after_swap_identical']}/{n}, swapped back {r['after_swap_back_identical']}/{n}, weights without "
-                             f"scales {r['weights_without_scales_identical']}/{n} identical; expert tensors {r['swap']['expert_tensors']}")
-                if "repeat_drift" in r:  # teacher-forced: the largest |log-prob change| of any prompt token
-                    lines.append(f"  max |prompt log-prob change|: repeat {r['repeat_drift']:.4f}, all tensors swapped "
-                                 f"{r['after_swap_drift']:.4f}, swapped back {r['after_swap_back_drift']:.4f}, weights without "
-                                 f"scales {r['weights_without_scales_drift']:.4f}")
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with what the machine decides filled in: gpus, ranks, redundant, serve_dtype."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, short runs: the CPU check of the whole path")
-    ap.add_argument("--ranks", type=int, default=0, help="expert-parallel ranks (default: every GPU; CPU: 2)")
-    ap.add_argument("--deployments", default="tp,dp")
+    ap.add_argument("--ranks", type=int, default=0, help="expert-parallel ranks (default: every GPU, 2 on one GPU or CPU)")
+    ap.add_argument("--deployments", default=None,
+                    help=f"of {','.join(DEPLOYMENTS)} (default: tp,dp; on one GPU: hosts)")
+    ap.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache per engine where engines share a GPU")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=60.0, help="measured load per run")
@@ -678,11 +339,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     ap.add_argument("--start-timeout", type=float, default=900)
-    ap.add_argument("--correctness", default="float32,fp8", help="checks after the timed runs ('' for none)")
+    ap.add_argument("--correctness", default="float32,fp8-checkpoint",
+                    help="checks after the timed runs, of float32, bfloat16, fp8 (online --quantization fp8), "
+                         "fp8-checkpoint (the model quantized ahead of time, 128x128 block scales) ('' for none)")
     ap.add_argument("--check-seconds", type=float, default=60.0)
     ap.add_argument("--check-window", type=int, default=40)
     ap.add_argument("--check-tokens", type=int, default=48)
-    ap.add_argument("--single-gpu", action="store_true", help="the one-GPU checks (default when one GPU is seen)")
+    ap.add_argument("--single-gpu", action="store_true", help="the one-GPU checks (default on one GPU without hosts)")
     ap.add_argument("--single-modes", default="timing,float32,bfloat16,fp8",
                     help="which one-GPU checks run: timing (plugin cost), and slot swaps in float32, bfloat16, fp8")
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "eplb-serve-model"))
@@ -690,22 +353,49 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="append each run's figures as a JSON line")
     ap.add_argument("--report", default=None, help="print the table from a --out file and exit")
     a = ap.parse_args(argv)
-    if a.report:
-        print(report([json.loads(x) for x in open(a.report)]))
-        return 0
     if a.smoke:
         a.layers, a.experts, a.top_k, a.hidden, a.moe_intermediate, a.vocab = 4, 16, 2, 128, 64, 512
         a.groups, a.hot, a.reps, a.seconds, a.warmup, a.clients = 2, 2, 1, 20.0, 5.0, 4
         a.prompt_len, a.max_tokens, a.window, a.interval, a.check_seconds, a.check_window = 16, 16, 16, 32, 25.0, 16
         a.check_tokens, a.dtype = 12, "float32"
-    gpus = 0
-    if a.device == "cuda":
+    a.gpus = 0
+    if a.device == "cuda" and not a.report:
         import torch
 
-        gpus = torch.cuda.device_count()
-    a.ranks = a.ranks or (gpus if a.device == "cuda" else 2)
+        a.gpus = torch.cuda.device_count()
+    if a.deployments is None:
+        a.deployments = "hosts" if a.device == "cuda" and a.gpus == 1 else "tp,dp"
+    unknown = set(a.deployments.split(",")) - set(DEPLOYMENTS)
+    if unknown:
+        ap.error(f"--deployments: unknown {', '.join(sorted(unknown))}; choose from {', '.join(DEPLOYMENTS)}")
+    a.ranks = a.ranks or (a.gpus if a.device == "cuda" and a.gpus > 1 else 2)
     a.redundant = a.redundant or a.ranks
     a.serve_dtype = "float32" if a.device == "cpu" else "bfloat16"
+    return a
+
+
+def correctness_models(a, model: str) -> dict[str, tuple[str, str, str | None]]:
+    """{check: (model dir, dtype, --quantization)} of each --correctness kind."""
+    from benchmarks.serving.model import quantize_fp8
+
+    out = {}
+    for kind in [k for k in a.correctness.split(",") if k]:
+        if kind in ("float32", "bfloat16"):
+            out[kind] = (model, kind, None)
+        elif kind == "fp8":
+            out[kind] = (model, a.serve_dtype, "fp8")
+        elif kind == "fp8-checkpoint":
+            out[kind] = (quantize_fp8(model, model.rstrip("/") + "-fp8"), a.serve_dtype, None)
+        else:
+            raise SystemExit(f"--correctness: unknown check {kind!r}")
+    return out
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.report:
+        print(report([json.loads(x) for x in open(a.report)]))
+        return 0
     workdir = a.workdir or tempfile.mkdtemp(prefix="eplb-serve-")
     os.makedirs(workdir, exist_ok=True)
     model = build_model(a.model_dir, a)
@@ -725,23 +415,23 @@ def main(argv=None) -> int:
         configs = [c for c in configs if c not in skipped]
         if skipped:
             print(f"on CPU vLLM's own EPLB does not run: {', '.join(skipped)} skipped")
-    if a.device == "cuda" and gpus < 2 or a.single_gpu:
-        print(f"{gpus} GPU(s): vLLM refuses EPLB on one expert-parallel rank; running the one-GPU checks")
+    deployments = a.deployments.split(",")
+    if a.single_gpu or a.device == "cuda" and a.gpus < 2 and "hosts" not in deployments:
+        print(f"{a.gpus} GPU(s): vLLM refuses EPLB on one expert-parallel rank; running the one-GPU checks")
         for row in single_gpu_checks(a, workdir, model, vocab):
             keep(row)
     else:
         for rep in range(a.reps):
             order = configs[rep % len(configs):] + configs[: rep % len(configs)]
-            for dep in a.deployments.split(","):
+            for dep in deployments:
                 for cfg in order:
                     keep(timed_run(a, workdir, model, vocab, dep, cfg, rep))
         eplb = next((c for c in configs if c.startswith("vllm-eplb")), None)
-        for kind in [k for k in a.correctness.split(",") if k and eplb]:
-            dtype, quant = ("float32", None) if kind == "float32" else (a.serve_dtype, kind)
-            if a.device == "cpu" and quant:
-                print(f"correctness with --quantization {quant}: vLLM's CPU fp8 MoE kernel needs AMX; skipped on CPU")
+        for kind, (checked, dtype, quant) in (correctness_models(a, model) if eplb else {}).items():
+            if a.device == "cpu" and kind.startswith("fp8"):
+                print(f"correctness {kind}: vLLM's CPU fp8 MoE kernel needs AMX; skipped on CPU")
                 continue
-            keep(correctness(a, workdir, model, vocab, a.deployments.split(",")[0], eplb, dtype, quant))
+            keep(correctness(a, workdir, checked, vocab, deployments[0], eplb, dtype, quant, kind))
     print(report(rows))
     bad = [r for r in rows if r.get("failed") or r.get("slot_checks_mismatch") or r.get("identical") is False
            or (r.get("kind") == "tp1_refused" and not r["ok"])]

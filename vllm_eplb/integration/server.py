@@ -240,6 +240,17 @@ class Hosts:
     def url(self) -> str:
         return self.front.url
 
+    @property
+    def log_path(self) -> str:
+        """The front end's log: EP rank 0's balancer logs there."""
+        return self.front.log_path
+
+    def metrics(self, prefix: str = "vllm:eplb_") -> dict[tuple, float]:
+        return self.front.metrics(prefix)
+
+    def complete(self, prompt: str, max_tokens: int = 24, ignore_eos: bool = True) -> list[int]:
+        return self.front.complete(prompt, max_tokens, ignore_eos)
+
     def start(self, timeout: float = 600) -> "Hosts":
         for s in self.servers[1:]:
             s.launch()
