@@ -48,11 +48,29 @@ def slot_fingerprints(worker) -> dict:
     }
 
 
+def every_rank_slot_fingerprints(worker) -> list[dict]:
+    """`slot_fingerprints` of every rank of this worker's expert-parallel group, gathered over
+    vLLM's EP CPU group: collective, so every engine of the group must run it (vLLM's
+    collective_rpc does, data-parallel engines included, but returns the first engine's answer
+    only: this is how a data-parallel or multi-host deployment's ranks are all read over HTTP).
+    Run between forward passes (no request in flight), when no other collective of that group runs."""
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import get_ep_group
+
+    ep = get_ep_group()
+    answers: list = [None] * ep.world_size
+    dist.all_gather_object(answers, slot_fingerprints(worker), group=ep.cpu_group)
+    return answers
+
+
 class SlotRpc:
     """Worker extension (--worker-extension-cls): `slot_fingerprints` as an RPC by name."""
 
     def eplb_slot_fingerprints(self) -> dict:
         return slot_fingerprints(self)
+
+    def eplb_every_rank_slot_fingerprints(self) -> list[dict]:
+        return every_rank_slot_fingerprints(self)
 
 
 def expert_fingerprints(answers: list[dict]) -> dict[tuple[int, int], list[int]]:

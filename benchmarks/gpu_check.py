@@ -1,0 +1,366 @@
+"""The GPU check: vllm-eplb inside real vLLM on this machine's GPU, in at most 8 minutes on one
+H200. Run it whenever code that runs on GPU changes.
+
+    python benchmarks/gpu_check.py --json docs/data/gpu_check/$(date +%F).json [--commit HASH]
+    python benchmarks/gpu_check.py --device cpu          # the same path on CPU (float32, no fp8)
+
+With the offline install of ../shared/gpu/wheelhouse.sh assembled (vLLM 0.26.0 on torch 2.11), it
+runs, and writes as one JSON (naming the commit, vLLM, torch and the GPU) with `ok` per check:
+
+  start-up    the plugin installs on this vLLM's runner classes (`preflight()` empty); every seam
+              and every vLLM name vllm-eplb's code reads exists in the installed vLLM (the static
+              seam check of tools/seams.py, run against the installed package instead of an sdist);
+              one expert-parallel rank with --eplb-config is refused in one line by vLLM's CLI.
+  bf16        two engines on the GPU as two hosts of one DP=2 + EP deployment (front end + headless,
+              NCCL_HOSTID each: benchmarks/serving/deploy.py), the balancer cycling fast
+              (window 32, interval 64 passes, 2 redundant experts, verify_slots), under load:
+              cycles complete on both ranks, every committed slot holds the bytes of the expert its
+              map names (verify_slots on every rank, 0 mismatches), the headless host's rank on the
+              front end's /metrics and in `vllm-eplb status`, the pass clock checked by the MoE
+              layers' device counter under CUDA-graph replay with no clock_mismatch and no missed-tick
+              alarm in any host's log; greedy probes within EPLB off's own repeat noise (EPLB off
+              served beside it on the same GPU, the same probes); then a weight reload (vLLM's
+              reload_weights) while a transfer is in flight: the cycle ends on both ranks with reason
+              weight_update, every slot of every rank holds the new weights (replicas agree, each
+              expert's bytes differ from before), the next cycles move the new weights with 0 slot
+              mismatches, and reloading the first checkpoint brings every slot back to its bytes.
+  fp8         the same deployment on a checkpoint quantized ahead of time (fp8 e4m3 weights, 128 x 128
+              block scales: benchmarks/serving/model.py): cycles complete, weights and scales move,
+              0 slot mismatches on every rank.
+
+The three deployments start together (six engines share the GPU; start-up is torch.compile and
+CUDA-graph capture, mostly CPU) and each runs its phase in its own thread. Outputs of vLLM's fp8 MoE
+are not reproducible run to run on this GPU (docs/benchmarks.md, 2026-12-01), so fp8 is checked by
+bytes only. Exit status 0 when every check is ok.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks.gpu_vllm_serve import parse_args  # noqa: E402
+from benchmarks.serving.deploy import start_server  # noqa: E402
+from benchmarks.serving.load import Load, greedy, probe_prompts  # noqa: E402
+from benchmarks.serving.model import build_model, quantize_fp8, redrawn_experts  # noqa: E402
+from vllm_eplb.integration.server import http_post, metric  # noqa: E402
+from vllm_eplb.integration.slot_rpc import check_slots, expert_fingerprints  # noqa: E402
+
+RANKS = (0, 1)
+EPLB = {"improvement_threshold": 0.0, "agreement_lag": 2}  # every plan that moves a slot is applied
+RPC = {"extra": ["--worker-extension-cls", "vllm_eplb.integration.slot_rpc.SlotRpc"], "env": {"VLLM_SERVER_DEV_MODE": "1"}}
+
+
+# --------------------------------------------------------------------------- reading a deployment
+
+
+def rpc(server, method: str, **kwargs):
+    return http_post(server.url + "/collective_rpc", {"method": method, "kwargs": kwargs}, timeout=600)["results"]
+
+
+def every_slot(server) -> list[dict]:
+    """Every rank's slots and fingerprints (the first worker's answer: it gathered them all)."""
+    return rpc(server, "eplb_every_rank_slot_fingerprints")[0]
+
+
+def state_of(ms: dict, rank: int = 0) -> str | None:
+    return next((dict(ls)["state"] for (n, ls), v in ms.items()
+                 if n == "vllm:eplb_state" and v == 1 and ("rank", str(rank)) in ls), None)
+
+
+def counts(ms: dict, rank: int) -> dict:
+    g = lambda name, **kw: metric(ms, name, rank=rank, **kw) or 0  # noqa: E731
+    return {
+        "cycles_completed": g("vllm:eplb_cycles_total", outcome="completed"),
+        "aborted_weight_update": g("vllm:eplb_cycles_total", outcome="aborted", reason="weight_update"),
+        "layers_committed": g("vllm:eplb_committed_layers_total"),
+        "slot_checks_ok": g("vllm:eplb_slot_checks_total", result="ok"),
+        "slot_checks_mismatch": g("vllm:eplb_slot_checks_total", result="mismatch"),
+        "enabled": metric(ms, "vllm:eplb_enabled", rank=rank),
+        "relayed_pass": metric(ms, "vllm:eplb_relayed_pass", rank=rank),
+        "balancedness_observed": metric(ms, "vllm:eplb_balancedness", rank=rank, kind="observed"),
+        "balancedness_initial": metric(ms, "vllm:eplb_balancedness", rank=rank, kind="initial"),
+    }
+
+
+def settled_metrics(server, timeout_s: float = 60.0) -> dict:
+    """The front end's metrics once the relayed ranks' figures are newer than rank 0's last
+    transition (one-token requests move the passes on), or as they are at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ms = server.metrics()
+        state = state_of(ms)
+        entered = metric(ms, "vllm:eplb_state_entered_pass", rank=0, state=state) if state else None
+        relayed = [metric(ms, "vllm:eplb_relayed_pass", rank=r) for r in RANKS[1:]]
+        if entered is not None and all(p is not None and p > entered + 2 for p in relayed) and state in ("idle", "collecting"):
+            return ms
+        if time.monotonic() > deadline:
+            return ms
+        server.complete("the model of the expert", max_tokens=8)
+
+
+def log_findings(server) -> dict:
+    """What every host's log says about the pass clock and faults."""
+    hosts = getattr(server, "servers", [server])
+    out = {"clock": [], "clock_mismatch": 0, "missed_tick_alarms": 0, "tracebacks": 0, "refresh_mismatch_lines": 0}
+    for s in hosts:
+        text = open(s.log_path, errors="replace").read()
+        out["clock"] += sorted({line.split("pass clock ", 1)[1].strip() for line in text.splitlines() if "pass clock " in line})
+        out["clock_mismatch"] += text.count("clock_mismatch")
+        out["missed_tick_alarms"] += text.count("ticked out of step")
+        out["tracebacks"] += text.count("Traceback")
+        out["refresh_mismatch_lines"] += text.count("after a weight update")
+    out["clock"] = sorted(set(out["clock"]))
+    return out
+
+
+def status_shows_every_rank(server) -> bool:
+    r = subprocess.run([sys.executable, "-m", "vllm_eplb.tools.status", server.url, "--once"], capture_output=True, text=True)
+    return r.returncode == 0 and all(f"rank {k} " in r.stdout for k in RANKS)
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def step_until(server, done, limit: int = 2000) -> dict:
+    """One-token requests, one at a time (a forward pass each, nothing else in flight), until
+    done(metrics of the front end)."""
+    for _ in range(limit):
+        ms = server.metrics()
+        if done(ms):
+            return ms
+        server.complete("the model of the expert rank", max_tokens=1)
+    raise AssertionError(f"not reached in {limit} passes")
+
+
+def reload_during_transfer(server, new_ckpt: str, old_ckpt: str, reference: dict, load) -> dict:
+    """vLLM's reload_weights while a transfer is in flight (a layer committed, later steps
+    staged), then cycles on the new weights, then the old checkpoint back. `reference`: each
+    (layer, expert)'s fingerprint under `old_ckpt`. `load(seconds)` drives traffic."""
+    res: dict = {}
+    before = server.metrics()
+    aborted_before = [counts(before, r)["aborted_weight_update"] for r in RANKS]
+    ms = step_until(server, lambda m: state_of(m) == "transferring" and (metric(m, "vllm:eplb_transfer_layer", rank=0) or 0) >= 1)
+    res["reloaded_at_layer"] = metric(ms, "vllm:eplb_transfer_layer", rank=0)
+    rpc(server, "reload_weights", weights_path=new_ckpt)
+    after = every_slot(server)
+    res["ranks_read"] = sorted(a["rank"] for a in after)
+    new = expert_fingerprints(after)
+    res["new_weights_every_slot"] = not check_slots(after, new)  # every replica of an expert holds its bytes
+    res["new_differs_from_old"] = all(new[k] != reference[k] for k in new if k in reference) and bool(new)
+    load(15.0)  # the next cycles move the new weights
+    ms = settled_metrics(server)
+    res["after"] = {r: counts(ms, r) for r in RANKS}
+    res["aborted_weight_update"] = [res["after"][r]["aborted_weight_update"] - aborted_before[r] for r in RANKS]
+    rpc(server, "reload_weights", weights_path=old_ckpt)
+    back = every_slot(server)
+    res["old_weights_back_every_slot"] = not check_slots(back, reference)
+    res["ok"] = bool(
+        res["ranks_read"] == list(RANKS) and res["new_weights_every_slot"] and res["new_differs_from_old"]
+        and all(n >= 1 for n in res["aborted_weight_update"]) and res["old_weights_back_every_slot"]
+        and all(res["after"][r]["slot_checks_mismatch"] == 0 for r in RANKS)
+    )
+    return res
+
+
+def probe_rounds(server, model: str, prompts, tokens: int, ref: list, seconds: float) -> tuple[int, int]:
+    """(identical, probes) over rounds of the probes sent for `seconds` while traffic runs."""
+    same = total = 0
+    t0 = time.monotonic()
+    while time.monotonic() < t0 + seconds or total < 3 * len(prompts):
+        out = greedy(server, model, prompts, tokens)
+        same += sum(x == y for x, y in zip(out, ref))
+        total += len(prompts)
+    return same, total
+
+
+def deployment_phase(a, wd: str, name: str, model: str, vocab: int, eplb: bool, seconds: float, refs: dict,
+                     ref_ready: threading.Event, reload_to: str | None = None) -> dict:
+    """Start one deployment, run its phase, stop it: a row of the check."""
+    res: dict = {"deployment": name, "model": os.path.basename(model.rstrip("/"))}
+    t0 = time.monotonic()
+    s = start_server(a, wd, model, "hosts", "vllm-eplb" if eplb else "off", name, verify=eplb,
+                     window=a.window, interval=a.interval, eplb_more=EPLB if eplb else None, **(RPC if eplb else {}))
+    res["start_s"] = round(time.monotonic() - t0, 1)
+    prompts = probe_prompts(a, vocab)
+    try:
+        if not eplb:
+            # The reference: EPLB off's probes, alone; then how reproducible they are under the
+            # same traffic as the balancer's run (in bf16 a batch's composition changes sums)
+            refs[name] = greedy(s, model, prompts, a.check_tokens)
+            ref_ready.set()
+            traffic = threading.Thread(target=Load(s.port, model, a, vocab, seconds).run, daemon=True)
+            traffic.start()
+            same, total = probe_rounds(s, model, prompts, a.check_tokens, refs[name], seconds)
+            traffic.join()
+            res["repeat_identical"] = same / total
+            res["repeats"] = f"{same}/{total}"
+            return res
+        reference = expert_fingerprints(every_slot(s))  # before anything moved: the checkpoint's bytes
+        res["ranks_read_at_start"] = len({a_["rank"] for a_ in every_slot(s)})
+        traffic = threading.Thread(target=Load(s.port, model, a, vocab, seconds).run, daemon=True)
+        traffic.start()
+        if reload_to is not None and ref_ready.wait(600) and "off-bf16" in refs:
+            same, total = probe_rounds(s, model, prompts, a.check_tokens, refs["off-bf16"], seconds)
+            res["probes_identical"] = f"{same}/{total}"
+            res["probes_share"] = same / total
+        traffic.join()
+        ms = settled_metrics(s)
+        res["ranks"] = {r: counts(ms, r) for r in RANKS}
+        res["status_shows_every_rank"] = status_shows_every_rank(s)
+        if reload_to is not None:
+            res["reload"] = reload_during_transfer(
+                s, reload_to, model, reference, lambda sec: Load(s.port, model, a, vocab, sec).run())
+        res["final_slots_hold_their_experts"] = not check_slots(every_slot(s), reference)
+        res["logs"] = log_findings(s)
+    finally:
+        s.stop()
+    return res
+
+
+# --------------------------------------------------------------------------- start-up checks
+
+
+def startup_checks(a, wd: str, model: str) -> dict:
+    res: dict = {}
+    from vllm_eplb.integration.hooks import preflight, vllm_version
+
+    res["vllm"] = vllm_version()
+    res["preflight"] = preflight()
+    import vllm
+
+    from vllm_eplb.tools.seams import check
+    from pathlib import Path
+
+    problems, known = check(Path(vllm.__file__).resolve().parents[1], res["vllm"])
+    res["seams_and_names_missing"], res["known_gaps"] = problems, len(known)
+    path = os.path.join(wd, "tp1.eplb.json")
+    json.dump({"window_size": 10, "step_interval": 20}, open(path, "w"))
+    cli = [sys.executable, "-m", "vllm.entrypoints.cli.main"] if a.device == "cuda" else [os.path.join(os.path.dirname(sys.executable), "vllm")]
+    r = subprocess.run(cli + ["serve", model, "-tp", "1", "--enable-expert-parallel", "--eplb-config", path],
+                       capture_output=True, text=True, timeout=300)
+    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+    res["tp1_refused"] = {"rc": r.returncode, "last_line": last, "traceback": "Traceback" in r.stderr}
+    res["ok"] = (not res["preflight"] and not problems and r.returncode == 2 and "nothing to balance" in last
+                 and "Traceback" not in r.stderr)
+    return res
+
+
+def verdict(row: dict, off_share: float | None, probes: int) -> bool:
+    """A deployment row's ok: what the module docstring lists for its kind."""
+    ranks = row.get("ranks", {})
+    logs = row.get("logs", {})
+    ok = (
+        all(ranks[r]["cycles_completed"] >= 1 and ranks[r]["slot_checks_ok"] > 0 and ranks[r]["slot_checks_mismatch"] == 0
+            and ranks[r]["enabled"] == 1 for r in RANKS)
+        and ranks[1]["relayed_pass"] is not None and row["status_shows_every_rank"]
+        and ranks[0]["cycles_completed"] == ranks[1]["cycles_completed"]
+        and row["final_slots_hold_their_experts"] and row["ranks_read_at_start"] == len(RANKS)
+        and logs["clock_mismatch"] == 0 and logs["missed_tick_alarms"] == 0 and logs["tracebacks"] == 0
+        and logs["refresh_mismatch_lines"] == 0
+        and any("checked by the moe_layers counter" in c or c == "moe_layers" for c in logs["clock"])
+    )
+    if "probes_share" in row and off_share is not None:
+        # within EPLB off's own repeat noise: identical where it is exact, else one probe's worth
+        row["probes_within_off_noise"] = row["probes_share"] == 1.0 if off_share == 1.0 else row["probes_share"] >= off_share - 1 / probes
+        ok = ok and row["probes_within_off_noise"]
+    if "reload" in row:
+        ok = ok and row["reload"]["ok"]
+    return bool(ok)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--json", default=None, help="write the results here (docs/data/gpu_check/DATE.json)")
+    ap.add_argument("--commit", default=None, help="the commit checked (default: git rev-parse HEAD)")
+    ap.add_argument("--seconds", type=float, default=40.0, help="load per deployment")
+    ap.add_argument("--no-fp8", action="store_true")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "eplb-check-model"))
+    o = ap.parse_args(argv)
+    t_start = time.monotonic()
+    shape = ["--layers", "8", "--experts", "16", "--top-k", "2", "--hidden", "512", "--moe-intermediate", "256",
+             "--groups", "2", "--hot", "3", "--vocab", "2048", "--clients", "16", "--prompt-len", "64", "--max-tokens", "64",
+             "--phases", "4", "--window", "32", "--interval", "64", "--ranks", "2", "--deployments", "hosts",
+             "--check-tokens", "32", "--max-model-len", "512", "--start-timeout", "420", "--device", o.device,
+             "--model-dir", o.model_dir]
+    if o.device == "cpu":
+        shape += ["--dtype", "float32", "--hidden", "128", "--moe-intermediate", "128", "--vocab", "512", "--clients", "4",
+                  "--prompt-len", "16", "--max-tokens", "16", "--check-tokens", "12"]
+    a = parse_args(shape)
+    wd = o.workdir or tempfile.mkdtemp(prefix="eplb-check-")
+    os.makedirs(wd, exist_ok=True)
+    model = build_model(a.model_dir, a)
+    vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
+    reload_to = redrawn_experts(model, model.rstrip("/") + "-redrawn")
+    commit = o.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    out: dict = {"date": datetime.date.today().isoformat(), "commit": commit, "command": " ".join(sys.argv),
+                 "python": platform.python_version()}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    except Exception as exc:  # reported, not fatal
+        out["torch"] = repr(exc)
+    out["startup"] = startup_checks(a, wd, model)
+    print(json.dumps({"startup": out["startup"]}), flush=True)
+
+    refs: dict = {}
+    ref_ready = threading.Event()
+    jobs = {
+        "off-bf16": dict(model=model, eplb=False),
+        "eplb-bf16": dict(model=model, eplb=True, reload_to=reload_to),
+    }
+    if not o.no_fp8 and o.device == "cuda":
+        jobs["eplb-fp8"] = dict(model=quantize_fp8(model, model.rstrip("/") + "-fp8"), eplb=True)
+    rows: dict = {}
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(deployment_phase, a, wd, name, vocab=vocab, seconds=o.seconds, refs=refs,
+                                     ref_ready=ref_ready, **kw) for name, kw in jobs.items()}
+        for name, f in futures.items():
+            try:
+                rows[name] = f.result()
+            except Exception:
+                rows[name] = {"deployment": name, "error": traceback.format_exc()[-3000:]}
+                ref_ready.set()
+            print(json.dumps(rows[name], default=str), flush=True)
+    off_share = rows.get("off-bf16", {}).get("repeat_identical")
+    for name, row in rows.items():
+        if name.startswith("eplb"):
+            row["ok"] = "error" not in row and verdict(row, off_share, len(probe_prompts(a, vocab)))
+        else:
+            row["ok"] = "error" not in row
+    out["deployments"] = rows
+    out["seconds"] = round(time.monotonic() - t_start, 1)
+    out["ok"] = bool(out["startup"]["ok"] and all(r["ok"] for r in rows.values()))
+    text = json.dumps(out, indent=2, default=str)
+    if o.json:
+        os.makedirs(os.path.dirname(os.path.abspath(o.json)), exist_ok=True)
+        open(o.json, "w").write(text + "\n")
+    print(text)
+    print(f"gpu_check: {'ok' if out['ok'] else 'FAILED'} in {out['seconds']:.0f} s "
+          + " ".join(f"{k}={'ok' if v['ok'] else 'FAILED'}" for k, v in [("startup", out["startup"]), *rows.items()]))
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
