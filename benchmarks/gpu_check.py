@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import datetime
 import json
 import os
@@ -67,8 +68,23 @@ RPC = {"extra": ["--worker-extension-cls", "vllm_eplb.integration.slot_rpc.SlotR
 # --------------------------------------------------------------------------- reading a deployment
 
 
+@contextlib.contextmanager
+def paused(server):
+    """vLLM's own pause around a call every engine must run at the same point of its passes:
+    data-parallel engines keep running dummy passes for up to 32 steps after their last request
+    (vLLM syncs "unfinished" only every 32 steps), so an RPC reaching one engine while another
+    still steps would apply it passes apart. /pause?mode=wait drains and stops every engine."""
+    http_post(server.url + "/pause?mode=wait", {}, timeout=600)
+    try:
+        yield
+    finally:
+        http_post(server.url + "/resume", {}, timeout=600)
+
+
 def rpc(server, method: str, **kwargs):
-    return http_post(server.url + "/collective_rpc", {"method": method, "kwargs": kwargs}, timeout=600)["results"]
+    """A worker RPC on every engine, between the same two forward passes."""
+    with paused(server):
+        return http_post(server.url + "/collective_rpc", {"method": method, "kwargs": kwargs}, timeout=600)["results"]
 
 
 def every_slot(server) -> list[dict]:
@@ -188,12 +204,13 @@ def probe_rounds(server, model: str, prompts, tokens: int, ref: list, seconds: f
 
 
 def deployment_phase(a, wd: str, name: str, model: str, vocab: int, eplb: bool, seconds: float, refs: dict,
-                     ref_ready: threading.Event, reload_to: str | None = None) -> dict:
+                     ref_ready: threading.Event, reload_to: str | None = None, env: dict | None = None) -> dict:
     """Start one deployment, run its phase, stop it: a row of the check."""
     res: dict = {"deployment": name, "model": os.path.basename(model.rstrip("/"))}
     t0 = time.monotonic()
+    rpc_args = dict(RPC, env={**RPC["env"], **(env or {})}) if eplb else {"env": env}
     s = start_server(a, wd, model, "hosts", "vllm-eplb" if eplb else "off", name, verify=eplb,
-                     window=a.window, interval=a.interval, eplb_more=EPLB if eplb else None, **(RPC if eplb else {}))
+                     window=a.window, interval=a.interval, eplb_more=EPLB if eplb else None, **rpc_args)
     res["start_s"] = round(time.monotonic() - t0, 1)
     prompts = probe_prompts(a, vocab)
     try:
@@ -209,8 +226,9 @@ def deployment_phase(a, wd: str, name: str, model: str, vocab: int, eplb: bool, 
             res["repeat_identical"] = same / total
             res["repeats"] = f"{same}/{total}"
             return res
-        reference = expert_fingerprints(every_slot(s))  # before anything moved: the checkpoint's bytes
-        res["ranks_read_at_start"] = len({a_["rank"] for a_ in every_slot(s)})
+        start = every_slot(s)
+        reference = expert_fingerprints(start)  # before anything moved: the checkpoint's bytes
+        res["ranks_read_at_start"] = len({answer["rank"] for answer in start})
         traffic = threading.Thread(target=Load(s.port, model, a, vocab, seconds).run, daemon=True)
         traffic.start()
         if reload_to is not None and ref_ready.wait(600) and "off-bf16" in refs:
@@ -331,7 +349,10 @@ def main(argv=None) -> int:
         "eplb-bf16": dict(model=model, eplb=True, reload_to=reload_to),
     }
     if not o.no_fp8 and o.device == "cuda":
-        jobs["eplb-fp8"] = dict(model=quantize_fp8(model, model.rstrip("/") + "-fp8"), eplb=True)
+        # DeepGEMM's JIT warm-up of block fp8 takes minutes per engine (measured on one H200,
+        # 2026-12-04): the Triton block-fp8 kernels serve it
+        jobs["eplb-fp8"] = dict(model=quantize_fp8(model, model.rstrip("/") + "-fp8"), eplb=True,
+                                env={"VLLM_USE_DEEP_GEMM": "0"})
     rows: dict = {}
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(deployment_phase, a, wd, name, vocab=vocab, seconds=o.seconds, refs=refs,
