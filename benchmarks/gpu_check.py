@@ -57,7 +57,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.gpu_vllm_serve import parse_args  # noqa: E402
 from benchmarks.serving.deploy import start_server  # noqa: E402
-from benchmarks.serving.load import Load, greedy, probe_prompts  # noqa: E402
+from benchmarks.serving.load import Load  # noqa: E402
+from benchmarks.serving.probes import drift, forced_logprobs, probe_prompts, probe_rounds, reference_probes, within_noise  # noqa: E402
 from benchmarks.serving.model import build_model, quantize_fp8, redrawn_experts  # noqa: E402
 from vllm_eplb.integration.server import http_post, metric  # noqa: E402
 from vllm_eplb.integration.slot_rpc import check_slots, expert_fingerprints  # noqa: E402
@@ -194,40 +195,6 @@ def reload_during_transfer(server, new_ckpt: str, old_ckpt: str, reference: dict
     return res
 
 
-def forced_logprobs(server, model: str, seqs: list[list[int]]) -> list[list[float]]:
-    """Teacher-forced: the log-probability of each token of each sequence given the ones before
-    it (vLLM's prompt_logprobs), so one flipped argmax does not change what the rest is measured on."""
-    body = {"model": model, "prompt": seqs, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
-    choices = sorted(http_post(server.url + "/v1/completions", body)["choices"], key=lambda c: c["index"])
-    return [[d[str(t)]["logprob"] for t, d in zip(seq[1:], c["prompt_logprobs"][1:])] for c, seq in zip(choices, seqs)]
-
-
-def drift(a: list[list[float]], b: list[list[float]]) -> float:
-    """Largest |log-probability change| of any token."""
-    return max(abs(x - y) for u, v in zip(a, b) for x, y in zip(u, v))
-
-
-def probe_rounds(server, model: str, prompts, tokens: int, ref: dict, seconds: float) -> dict:
-    """Rounds of the probes sent for `seconds` while traffic runs: greedy outputs identical to
-    `ref["greedy"]`, and the largest teacher-forced drift from `ref["logprobs"]` (of the
-    sequences `ref["forced"]`)."""
-    same = total = 0
-    worst = 0.0
-    t0 = time.monotonic()
-    while time.monotonic() < t0 + seconds or total < 3 * len(prompts):
-        out = greedy(server, model, prompts, tokens)
-        same += sum(x == y for x, y in zip(out, ref["greedy"]))
-        total += len(prompts)
-        worst = max(worst, drift(forced_logprobs(server, model, ref["forced"]), ref["logprobs"]))
-    return {"identical": f"{same}/{total}", "share": same / total, "drift": worst}
-
-
-def reference_probes(server, model: str, prompts, tokens: int) -> dict:
-    out = greedy(server, model, prompts, tokens)
-    forced = [p + list(o) for p, o in zip(prompts, out)]
-    return {"greedy": out, "forced": forced, "logprobs": forced_logprobs(server, model, forced)}
-
-
 def deployment_phase(a, wd: str, name: str, model: str, vocab: int, eplb: bool, seconds: float, refs: dict,
                      ref_ready: threading.Event, reload_to: str | None = None, env: dict | None = None) -> dict:
     """Start one deployment, run its phase, stop it: a row of the check."""
@@ -304,14 +271,6 @@ def startup_checks(a, wd: str, model: str) -> dict:
     return res
 
 
-# A teacher-forced log-probability may move by this much, or by DRIFT_FACTOR x what a placement
-# change alone moves it (static_placement_drift) or what EPLB off's own repeats move it, whichever is
-# larger. In bf16 the sum of a token's expert outputs across ranks depends on where each expert is
-# (DESIGN, invariant 5): outputs can flip greedy choices at near ties, so greedy identity is
-# reported, not required. A slot holding the wrong expert moves log-probabilities by nats.
-DRIFT_FLOOR, DRIFT_FACTOR = 0.05, 4.0
-
-
 def verdict(row: dict, off: dict | None) -> bool:
     """A deployment row's ok: what the module docstring lists for its kind."""
     ranks = row.get("ranks", {})
@@ -327,11 +286,7 @@ def verdict(row: dict, off: dict | None) -> bool:
         and any("checked by the moe_layers counter" in c or c == "moe_layers" for c in logs["clock"])
     )
     if "probes" in row and off is not None:
-        bound = max(DRIFT_FLOOR, DRIFT_FACTOR * max(row["static_placement_drift"], off["drift"]))
-        exact = off["share"] == 1.0 and row["static_placement_drift"] == 0.0  # float32 on CPU: nothing may differ
-        row["probes_bound"] = 0.0 if exact else bound
-        row["probes_within_noise"] = (row["probes"]["share"] == 1.0 and row["probes"]["drift"] == 0.0) if exact \
-            else row["probes"]["drift"] <= bound
+        row["probes_within_noise"], row["probes_bound"] = within_noise(row["probes"], row["static_placement_drift"], off)
         ok = ok and row["probes_within_noise"]
     if "reload" in row:
         ok = ok and row["reload"]["ok"]

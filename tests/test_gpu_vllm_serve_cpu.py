@@ -50,6 +50,8 @@ def test_the_comparison_runs_on_cpu(tmp_path):
     assert eplb["cycles"] >= 1 and eplb["layers_moved"] >= 1 and eplb["rebalances"] >= 1, eplb
     assert 0 < eplb["balancedness"] <= 1
     check = next(x for x in rows if x.get("kind") == "correctness")
-    assert check["off_repeat_identical"] == 1.0 and check["identical"] and check["probe_rounds"] >= 3, check  # CPU float32 is exact
+    # CPU float32: greedy identical, log-probs within the last bits a placement's summation order moves
+    assert check["off_repeats"]["share"] == 1.0 and check["within_noise"], check
+    assert check["outputs_identical"].split("/")[0] == check["outputs_identical"].split("/")[1], check
     assert check["cycles"] >= 1 and check["slot_checks_ok"] > 0 and check["slot_checks_mismatch"] == 0, check
     assert "| vllm-eplb |" in r.stdout and "correctness" in r.stdout

@@ -142,21 +142,3 @@ def windows_of(events, kind: str, steady_itl: float, layers: int) -> list[tuple[
         return [(t, t + (layers + 8) * steady_itl) for t in starts]
     ends = [t for what, t in events if what == "end"]
     return [(b, next((e for e in ends if e >= b), b)) for b in starts]
-
-
-PROBES = 8
-
-
-def probe_prompts(a, vocab: int) -> list[list[int]]:
-    rng = random.Random(7)
-    out = []
-    for i in range(PROBES):
-        lo, hi = topic_range(vocab, a.groups, i % a.groups)
-        out.append([rng.randrange(lo, hi) for _ in range(12)])
-    return out
-
-
-def greedy(s, model: str, prompts: list[list[int]], tokens: int) -> list[list[int]]:
-    body = {"model": model, "prompt": prompts, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-    choices = sorted(http_post(s.url + "/v1/completions", body)["choices"], key=lambda c: c["index"])
-    return [c.get("token_ids") or c["text"] for c in choices]

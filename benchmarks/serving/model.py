@@ -130,7 +130,9 @@ def quantize_fp8(src_dir: str, out_dir: str) -> str:
                 out[key] = w
                 continue
             rows, cols = w.shape
-            assert rows % FP8_BLOCK == 0 and cols % FP8_BLOCK == 0, (key, w.shape)
+            if rows % FP8_BLOCK or cols % FP8_BLOCK:
+                raise SystemExit(f"quantize_fp8: {key} is {tuple(w.shape)}; 128 x 128 block scales need every linear "
+                                 "layer's sides in multiples of 128 (--hidden, --moe-intermediate)")
             blocks = w.float().reshape(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
             scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / fmax
             q = (blocks / scale[:, None, :, None]).clamp(-fmax, fmax).reshape(rows, cols).to(torch.float8_e4m3fn)

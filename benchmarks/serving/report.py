@@ -36,12 +36,16 @@ def report(rows: list[dict]) -> str:
             )
     checks = [r for r in rows if r.get("kind") == "correctness"]
     if checks:
-        lines += ["\ncorrectness (greedy vs EPLB off, same dtype/quantization; slots checked after every commit)",
-                  "| deployment | config | dtype | quant | outputs identical | EPLB off's own repeats identical | pass | cycles "
-                  "| slot checks ok | mismatches |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["\ncorrectness against EPLB off, same dtype/quantization (greedy identical; teacher-forced: largest "
+                  "log-prob change of any token, nats); slots checked after every commit",
+                  "| deployment | config | dtype | quant | greedy identical | drift | start-up placement's drift | EPLB off's repeats "
+                  "(identical, drift) | bound | pass | cycles | slot checks ok | mismatches |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in checks:
+            off = r["off_repeats"]
             lines.append(f"| {r['deployment']} | {r['config']} | {r['dtype']} | {r['quant']} | {r['outputs_identical']} "
-                         f"| {r['off_repeat_identical']:.3f} | {'yes' if r['identical'] else 'NO'} | {r['cycles']:.0f} "
+                         f"| {r['drift']:.2g} | {r['static_placement_drift']:.2g} | {off['identical']}, {off['drift']:.2g} "
+                         f"| {r['bound']:.2g} | {'yes' if r['within_noise'] else 'NO'} | {r['cycles']:.0f} "
                          f"| {r['slot_checks_ok']:.0f} | {r['slot_checks_mismatch']:.0f} |")
     single = [r for r in rows if r.get("kind", "").startswith(("llm_", "tp1"))]
     if single:
