@@ -23,7 +23,7 @@ guard, in one of two forms that the release check (tools/vllm_names.py) reads:
         ...  # checked against every other declared release
 
     @only_where("cpu")
-    def hook_cpu_router(): ...   # the whole body: the guard's releases only
+    def _prepacked_after_reload(setup_kernel): ...   # the whole body: the guard's releases only
 
 Nothing else exempts a name: a `getattr(x, "a", None)` or `hasattr` fallback is a plain
 read of `x.a`, checked against every release it may run on, so a name one release lacks
