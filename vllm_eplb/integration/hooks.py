@@ -84,10 +84,6 @@ class Hook:
         place = self.changes or (self.target if self.target.module.split(".")[0] == "vllm" else None)
         return None if place is None else (place.file, place.qualname_in(version))
 
-    def required_for(self, platforms: tuple[str, ...]) -> bool:
-        """Must a release declared for these platforms declare this hook?"""
-        return self.platform == "any" or self.platform in platforms
-
     def _owner(self) -> tuple[object, str]:
         """(the object holding the target, the attribute's name); raises if either is missing."""
         obj = importlib.import_module(self.target.module)
