@@ -19,7 +19,7 @@ EXPERTS, HIDDEN, INTER, TOKENS = 4, 32, 32, 12
 
 @pytest.fixture
 def hooked_apply():
-    hooks.hook_cpu_fused_moe()
+    hooks.named("cpu_fused_moe").install()
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
     yield CPUUnquantizedExperts

@@ -3,6 +3,7 @@ one log line when they cannot be installed (real vLLM, in this process)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -28,8 +29,9 @@ def test_every_hook_names_target_versions_and_reason():
     names = [h.name for h in hooks.HOOKS]
     assert len(names) == len(set(names))
     for h in hooks.HOOKS:
-        assert ":" in h.target and h.why and set(h.versions) <= set(KNOWN), h
-        assert (h.install is None) == bool(h.applied_by), h  # applied here, or says where
+        assert h.target.module and h.target.qualname and h.why and set(h.versions) <= set(KNOWN), h
+        # one way of making the change: wrapped, swapped or run here, or says where it is made
+        assert [bool(h.wrap), bool(h.swap), bool(h.run), bool(h.applied_by)].count(True) == 1, h
 
 
 def test_installed_release_passes_preflight_and_installs_everything(fresh):
@@ -86,10 +88,12 @@ def test_failure_half_way_undoes_what_was_installed(fresh, monkeypatch, caplog):
 
     before = (arg_utils.get_kwargs, v1.EplbState)
 
-    def broken():
+    def broken(original):
         raise RuntimeError("simulated")
 
-    monkeypatch.setattr(hooks, "hook_dummy_runs_v2", broken)  # after cli, engine, gate, runner state
+    # after cli, engine, gate, runner state
+    with_broken = tuple(dataclasses.replace(h, wrap=broken) if h.name == "v2_dummy_runs" else h for h in hooks.HOOKS)
+    monkeypatch.setattr(hooks, "HOOKS", with_broken)
     with caplog.at_level(logging.ERROR, logger="vllm.eplb"):
         assert hooks.install_all() is False
     assert (arg_utils.get_kwargs, v1.EplbState) == before

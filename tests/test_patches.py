@@ -1,7 +1,9 @@
-"""patches/vllm/<release>/: the integration as patch files against each supported vLLM source.
+"""patches/vllm/: the integration as patch files against each supported vLLM source, one
+series (patches/vllm/series) with a release's own copy of a patch where its source differs.
 
 1. They apply cleanly to that release's sdist fetched from PyPI, and the patched files compile
-   (patches/tests/<release>/ to its tests/ likewise).
+   (patches/tests/ to its tests/ likewise); a release's own copy is there only where the
+   series' patch does not apply.
 2. They change exactly the vLLM definitions the hooks change (integration/hooks.HOOKS), so
    the plugin and a fork carrying the patches are the same integration.
 3. A "fork": the installed vLLM with its release's patches applied (a tree of symlinks, the
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,8 +31,13 @@ from vllm_eplb.tools import upstream
 pytestmark = pytest.mark.vllm
 
 
-def test_every_patched_release_is_supported():
-    assert upstream.patched_versions("vllm") == upstream.patched_versions("tests") == sorted(PATCHED)
+@pytest.mark.parametrize("kind", upstream.KINDS)
+def test_the_series_and_the_folders_agree(kind):
+    """Every patch is in its series once, every release's own copy is of a patch of the series,
+    under a release declared patched; each patched release takes patches of both kinds."""
+    assert upstream.layout_problems(kind) == []
+    for version in PATCHED:
+        assert upstream.patch_files(kind, version), version
 
 
 @pytest.mark.parametrize("version", PATCHED)
@@ -40,9 +48,20 @@ def test_patches_apply_to_vllm_sdist(version):
     assert len(lines) == len(upstream.patch_files("vllm", version)) >= 4
 
 
+def test_an_own_copy_the_series_would_do_is_refused(tmp_path, monkeypatch):
+    patches = tmp_path / "patches"
+    shutil.copytree(upstream.PATCHES, patches)
+    monkeypatch.setattr(upstream, "PATCHES", patches)
+    name = upstream.series("vllm")[0][0]
+    (patches / "vllm" / "0.32.0").mkdir(exist_ok=True)
+    shutil.copy(patches / "vllm" / name, patches / "vllm" / "0.32.0" / name)
+    with pytest.raises(SystemExit, match=f"patches/vllm/0.32.0/{name} is not needed: patches/vllm/{name} applies"):
+        upstream.check(upstream.fetch_sdist("0.32.0"), "0.32.0")
+
+
 @pytest.mark.parametrize("version", PATCHED)
 def test_test_patches_apply_to_the_sdists_tests(version):
-    """patches/tests/<release>/ apply to that release's tests/ and the files compile (the
+    """The release's test patches apply to its tests/ and the files compile (the
     upstream_tests tool runs them; this catches a patch that no longer applies in seconds)."""
     src = upstream.fetch_sdist(version)
     lines = upstream.check(src, version, kind="tests", subdir="tests")

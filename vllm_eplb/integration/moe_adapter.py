@@ -67,9 +67,10 @@ def eplb_layer_defaults(num_redundant_experts: int):
     Model construction runs on one thread per process, so nothing else builds meanwhile."""
     from vllm.model_executor.layers.fused_moe import layer
 
-    from vllm_eplb.compat.guards import holds
+    from vllm_eplb.compat.guards import running_release
+    from vllm_eplb.compat.places import FUSED_MOE_FACTORY
 
-    fn = layer.FusedMoEFactory if holds("FusedMoEFactory") else layer.FusedMoE  # vLLM 0.26 names it FusedMoE
+    fn = getattr(layer, FUSED_MOE_FACTORY.qualname_in(running_release()))  # 0.26 names it FusedMoE
     old_pos, old_kw = fn.__defaults__, fn.__kwdefaults__
     want = {"enable_eplb": True, "num_redundant_experts": num_redundant_experts}
     code = fn.__code__

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vllm_eplb.compat.guards import only_where
 from vllm_eplb.core import (
     Balancer, Comm, ForwardCounter, MoELayout, PassClock, RoutingMaps, Topology, default_placement, new_gloo_group,
 )
@@ -108,8 +109,9 @@ class VllmEplbState:
 
     # ---- called by the runner once the weights are loaded
     def add_model(self, model, model_config, model_name: str | None = None, **_) -> None:
-        """model_name (0.32+): set for a speculative-decoding draft MoE model, which comes
-        second; only the first (main) model is balanced."""
+        """model_name (where guard add_model_name holds, compat/guards.py): set for a
+        speculative-decoding draft MoE model, which comes second; only the first (main)
+        model is balanced."""
         if self.balancer is not None:
             log.warning("vllm-eplb balances the main model only; %s is served without rebalancing", type(model).__name__)
             return
@@ -253,6 +255,7 @@ class VllmEplbState:
         return ubatches
 
     @property
+    @only_where("should_record_tensor")
     def should_record_tensor(self):
         """0.33's EPLBController.suppress() (V2 warm-up) reads the record flag by this name."""
         return self.should_record

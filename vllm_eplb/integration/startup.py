@@ -3,7 +3,7 @@ before any model loads. A bad value is one line naming the key and how to fix it
 `vllm` command: on stderr, exit status 2; from the Python API: `EplbConfigError`).
 
 Called by the hooks (integration/hooks.py: `cli_config`, `engine_config`) and by the patch
-files that make the same changes to vLLM's source (patches/vllm/<release>/).
+files that make the same changes to vLLM's source (patches/vllm/series).
 """
 
 from __future__ import annotations

@@ -23,7 +23,11 @@ the plugin is known to fit, or the exact missing seam is named. Checked:
 - EPLBConfig: every field is honoured or refused by eplb.json (integration/config.UPSTREAM),
   every communicator name is known;
 - every vLLM name vllm-eplb's code imports or reads (tools/vllm_names.py), against each release
-  its line runs on (the guards of compat/guards.py): `file:line: module:name is missing in vLLM V`.
+  its line runs on (the guards of compat/guards.py): `file:line: module:name is missing in vLLM V`;
+- every guard holds where its difference shows in the source, and only there.
+
+Every vLLM module and qualname checked here comes from the one table the hooks read too
+(compat/places.py), under the name each release gives it.
 
 Gaps already known and owned elsewhere are listed in KNOWN_GAPS with the reason; they are
 printed, not failed on, and a gap that disappears must be removed from the list.
@@ -38,9 +42,12 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+from vllm_eplb.compat import places as at
+from vllm_eplb.compat.guards import GUARDS
+from vllm_eplb.compat.places import Place
 from vllm_eplb.compat.sdist import fetch_sdist
 from vllm_eplb.compat.source import bindings
-from vllm_eplb.compat.versions import RELEASES, SEAM_CHECKED, platforms_of
+from vllm_eplb.compat.versions import RELEASES, SEAM_CHECKED
 from vllm_eplb.tools.vllm_names import check_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,11 +78,6 @@ class Tree:
 
     def text(self, node) -> str:
         return ast.unparse(node)
-
-
-def module_file(module: str) -> str:
-    rel = module.replace(".", "/")
-    return rel + ".py"
 
 
 def find(tree: ast.Module | None, qualname: str):
@@ -111,15 +113,11 @@ def check_hooks(t: Tree) -> list[str]:
     from vllm_eplb.integration.hooks import HOOKS
 
     problems = []
-    platforms = platforms_of(t.version)
     for h in HOOKS:
         if t.version not in h.versions:
-            if h.required_for(platforms):
-                problems.append(f"hook {h.name} does not declare vLLM {t.version}")
             continue  # a CPU-only hook on a GPU-only release: nothing of it runs there
-        module, qualname = h.target.split(":")
-        if module.split(".")[0] == "vllm":
-            rel = module_file(module)
+        if h.target.module.split(".")[0] == "vllm":
+            rel, qualname = h.target.file, h.target.qualname_in(t.version)
             if t.module(rel) is None:
                 problems.append(f"hook {h.name}: module {rel} is missing")
                 continue
@@ -137,6 +135,11 @@ def _one(t: Tree, rel: str, qualname: str):
     return nodes[-1] if nodes else None
 
 
+def _at(t: Tree, place: Place):
+    """The definition of `place` in release t (its last binding), or None."""
+    return _one(t, place.file, place.qualname_in(t.version))
+
+
 def check_hook_assumptions(t: Tree) -> list[str]:
     """How each hook takes effect; a change here would make a hook a silent no-op."""
     problems = []
@@ -145,35 +148,31 @@ def check_hook_assumptions(t: Tree) -> list[str]:
         if not ok:
             problems.append(what)
 
-    add = _one(t, "vllm/engine/arg_utils.py", "EngineArgs.add_cli_args")
+    add = _at(t, at.ADD_CLI_ARGS)
     if add is not None:
         src = t.text(add)
         need(
             "get_kwargs(ParallelConfig)" in src and "'--eplb-config'" in src and "parallel_kwargs['eplb_config']" in src,
             "hook cli_config: EngineArgs.add_cli_args no longer builds --eplb-config from get_kwargs(ParallelConfig)",
         )
-    gate = _one(t, "vllm/config/parallel.py", "ParallelConfig._validate_parallel_config")
+    gate = _at(t, at.VALIDATE_PARALLEL)
     if gate is not None:
         src = t.text(gate)
         need(
             "self.enable_eplb" in src and "current_platform.is_cuda_alike()" in src,
             "hook platform_gate: ParallelConfig._validate_parallel_config no longer gates EPLB on current_platform.is_cuda_alike()",
         )
-    for rel in ("vllm/v1/worker/gpu_model_runner.py", "vllm/v1/worker/gpu/eplb_utils.py"):
-        tree = t.module(rel)
+    upstream = at.UPSTREAM_EPLB_STATE
+    for global_ in (at.V1_EPLB_STATE, at.V2_EPLB_STATE):
+        rel, tree = global_.file, t.module(global_.file)
         if tree is None:
             continue
-        imported = any(
-            isinstance(n, ast.ImportFrom) and n.module == "vllm.distributed.eplb.eplb_state"
-            and any(a.name == "EplbState" and a.asname is None for a in n.names)
-            for n in tree.body
-        )
-        need(imported, f"hook runner_state: {rel} no longer imports EplbState from vllm.distributed.eplb.eplb_state at module level")
-        need(_calls(tree, "EplbState"), f"hook runner_state: {rel} no longer builds EplbState(...)")
-    v1 = _one(t, "vllm/v1/worker/gpu_model_runner.py", "GPUModelRunner._dummy_run")
+        need(_imports(tree, upstream), f"hook runner_state: {rel} no longer imports {upstream.qualname} from {upstream.module} at module level")
+        need(_calls(tree, global_.qualname), f"hook runner_state: {rel} no longer builds {global_.qualname}(...)")
+    v1 = _at(t, at.V1_DUMMY_RUN)
     if v1 is not None:
         need(_calls(v1, "eplb_step"), "hook v1_dummy_runs: GPUModelRunner._dummy_run (V1) no longer calls eplb_step")
-    v2 = _one(t, "vllm/v1/worker/gpu/model_runner.py", "GPUModelRunner._dummy_run")
+    v2 = _at(t, at.V2_DUMMY_RUN)
     if v2 is not None:
         decorators = [t.text(d) for d in v2.decorator_list]
         need(
@@ -182,6 +181,15 @@ def check_hook_assumptions(t: Tree) -> list[str]:
         )
     problems += check_moe_adapter(t)
     return problems
+
+
+def _imports(tree: ast.Module, place: Place) -> bool:
+    """Does the module import place's name from its module, under that name, at its top level?"""
+    return any(
+        isinstance(n, ast.ImportFrom) and n.module == place.module
+        and any(a.name == place.qualname and a.asname is None for a in n.names)
+        for n in tree.body
+    )
 
 
 def _params(fn) -> dict[str, str | None]:
@@ -202,33 +210,29 @@ def check_moe_adapter(t: Tree) -> list[str]:
         if not ok:
             problems.append(what)
 
-    loader = "vllm/model_executor/model_loader/base_loader.py"
+    loader, init_global = at.BASE_MODEL_LOADER.file, at.LOADER_INITIALIZE_MODEL.qualname
     tree = t.module(loader)
     if tree is not None:
-        imported = any(
-            isinstance(n, ast.ImportFrom) and n.module == "vllm.model_executor.model_loader.utils"
-            and any(a.name == "initialize_model" and a.asname is None for a in n.names)
-            for n in tree.body
-        )
-        need(imported, f"hook model_builder: {loader} no longer imports initialize_model from model_loader.utils")
-        base = _one(t, loader, "BaseModelLoader")  # from create_model (0.30+) or load_model (0.26)
+        need(_imports(tree, at.INITIALIZE_MODEL),
+             f"hook model_builder: {loader} no longer imports {init_global} from model_loader.utils")
+        base = _at(t, at.BASE_MODEL_LOADER)  # from create_model (0.30+) or load_model (0.26)
         need(base is not None and any(
-            isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "initialize_model" for n in ast.walk(base)
-        ), "hook model_builder: BaseModelLoader no longer calls initialize_model by its module-global name")
-    init = _one(t, "vllm/model_executor/model_loader/utils.py", "initialize_model")
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == init_global for n in ast.walk(base)
+        ), f"hook model_builder: BaseModelLoader no longer calls {init_global} by its module-global name")
+    init = _at(t, at.INITIALIZE_MODEL)
     need(init is not None and {"model_class", "model_config"} <= set(_params(init)),
          "moe_adapter: model_loader.utils.initialize_model no longer takes model_class and model_config")
-    layer = "vllm/model_executor/layers/fused_moe/layer.py"
-    factory = _one(t, layer, "FusedMoEFactory") or _one(t, layer, "FusedMoE")  # 0.26 names it FusedMoE
+    factory_name = at.FUSED_MOE_FACTORY.qualname_in(t.version)
+    factory = _at(t, at.FUSED_MOE_FACTORY)
     params = _params(factory) if isinstance(factory, ast.FunctionDef) else {}
     need(params.get("enable_eplb") == "False" and params.get("num_redundant_experts") == "0",
-         "moe_adapter: fused_moe/layer.py FusedMoEFactory no longer has enable_eplb=False and num_redundant_experts=0")
-    runner = "vllm/model_executor/layers/fused_moe/runner/moe_runner.py"
+         f"moe_adapter: fused_moe/layer.py {factory_name} no longer has enable_eplb=False and num_redundant_experts=0")
+    runner = at.MOE_RUNNER.file
     for member in ("get_expert_weights", "eplb_state", "set_eplb_state"):
-        need(bool(find(t.module(runner), f"MoERunner.{member}")), f"moe_adapter: {runner} MoERunner has no {member}")
-    need(bool(find(t.module("vllm/model_executor/models/interfaces.py"), "MixtureOfExperts.set_eplb_state")),
+        need(_at(t, at.MOE_RUNNER.member(member)) is not None, f"moe_adapter: {runner} MoERunner has no {member}")
+    need(_at(t, at.MOE_INTERFACE.member("set_eplb_state")) is not None,
          "moe_adapter: MixtureOfExperts has no set_eplb_state to give an adapted model")
-    apply = _one(t, "vllm/model_executor/layers/fused_moe/experts/cpu_moe.py", "CPUUnquantizedExperts.apply")
+    apply = _at(t, at.CPU_EXPERTS_APPLY)
     if apply is not None:
         need(list(_params(apply))[-1] == "apply_router_weight_on_input",
              "hook cpu_fused_moe: CPUUnquantizedExperts.apply no longer ends with apply_router_weight_on_input")
@@ -236,17 +240,6 @@ def check_moe_adapter(t: Tree) -> list[str]:
 
 
 # --------------------------------------------------------------------------- EplbState API
-
-STATE_USERS = (
-    "vllm/v1/worker/gpu_model_runner.py",
-    "vllm/v1/worker/gpu/eplb_utils.py",
-    "vllm/v1/worker/gpu/model_runner.py",
-    "vllm/v1/worker/cpu_model_runner.py",
-    "vllm/v1/spec_decode/llm_base_proposer.py",
-    "vllm/v1/spec_decode/extract_hidden_states.py",
-    "vllm/v1/worker/gpu/spec_decode/speculator.py",
-)
-
 
 def _state_uses(tree: ast.Module, rel: str):
     """(attribute, Call node or None) for every use of the runner's EPLB state:
@@ -259,7 +252,7 @@ def _state_uses(tree: ast.Module, rel: str):
         v = n.value
         is_state = (isinstance(v, ast.Name) and v.id == "eplb_state") or (
             isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name) and v.value.id == "self"
-            and (v.attr == "eplb_state" or (v.attr == "state" and rel.endswith("eplb_utils.py")))
+            and (v.attr == "eplb_state" or (v.attr == "state" and rel == at.V2_EPLB_STATE.file))
         )
         if is_state and isinstance(n.ctx, ast.Load):
             yield n.attr, calls.get(id(n))
@@ -272,10 +265,10 @@ def check_state_api(t: Tree) -> list[str]:
 
     instance = VllmEplbState(SimpleNamespace(), torch.device("cpu"))
     problems = []
-    for rel in STATE_USERS:
+    for rel in (p.file for p in at.STATE_USERS):
         tree = t.module(rel)
         if tree is None:  # moved: the calls it made are somewhere this list does not look
-            problems.append(f"EplbState API: {rel} is missing (STATE_USERS names every file that uses the EPLB state)")
+            problems.append(f"EplbState API: {rel} is missing (places.STATE_USERS names every file that uses the EPLB state)")
             continue
         for attr, call in sorted(set(_state_uses(tree, rel)), key=lambda x: (x[0], id(x[1]))):
             if not hasattr(instance, attr):
@@ -299,7 +292,6 @@ def check_state_api(t: Tree) -> list[str]:
 # --------------------------------------------------------------------------- router and model interface
 
 MODEL_SET = {"expert_load_view", "logical_to_physical_map", "logical_replica_count"}  # by model.set_eplb_state
-ROUTER = "vllm/model_executor/layers/fused_moe/router/base_router.py"
 
 
 def _runner_state_tree() -> ast.Module:
@@ -310,20 +302,21 @@ def check_router(t: Tree) -> list[str]:
     from vllm_eplb.kernels.replica_dispatch import torch_map_to_physical_and_record
 
     problems = []
-    tree = t.module(ROUTER)
+    router_file, map_and_record = at.MAP_AND_RECORD.file, at.MAP_AND_RECORD.qualname
+    tree = t.module(router_file)
     if tree is None:
-        return [f"router: {ROUTER} is missing"]
-    defs = [n for n in find(tree, "eplb_map_to_physical_and_record") if isinstance(n, ast.FunctionDef)]
+        return [f"router: {router_file} is missing"]
+    defs = [n for n in find(tree, map_and_record) if isinstance(n, ast.FunctionDef)]
     if not defs:
-        return [f"router: {ROUTER} defines no module-level eplb_map_to_physical_and_record"]
+        return [f"router: {router_file} defines no module-level {map_and_record}"]
     ours = list(inspect.signature(torch_map_to_physical_and_record).parameters)
     for d in defs:
         theirs = [a.arg for a in d.args.args]
         if theirs != ours:
-            problems.append(f"router: eplb_map_to_physical_and_record takes {theirs}; vllm-eplb's torch version takes {ours}")
-    router = _one(t, ROUTER, "BaseRouter")
-    if router is None or not _calls(router, "eplb_map_to_physical_and_record"):
-        problems.append("router: BaseRouter no longer calls eplb_map_to_physical_and_record by its module-global name")
+            problems.append(f"router: {map_and_record} takes {theirs}; vllm-eplb's torch version takes {ours}")
+    router = _at(t, at.BASE_ROUTER_CLASS)
+    if router is None or not _calls(router, map_and_record):
+        problems.append(f"router: BaseRouter no longer calls {map_and_record} by its module-global name")
     # what the router reads from a layer's EPLB state must be set by the model or by us
     ours_set = {
         n.attr for n in ast.walk(_runner_state_tree())
@@ -339,10 +332,9 @@ def check_router(t: Tree) -> list[str]:
 
 
 def check_model_interface(t: Tree) -> list[str]:
-    rel = "vllm/model_executor/models/interfaces.py"
-    moe = _one(t, rel, "MixtureOfExperts")
+    moe = _at(t, at.MOE_INTERFACE)
     if moe is None:
-        return [f"model interface: {rel} has no MixtureOfExperts"]
+        return [f"model interface: {at.MOE_INTERFACE.file} has no MixtureOfExperts"]
     have = set(bindings(moe.body))
     add_model = _one_local(_runner_state_tree(), "VllmEplbState.add_model")
     used = {
@@ -365,16 +357,15 @@ def _one_local(tree: ast.Module, qualname: str):
 def check_eplb_config(t: Tree) -> list[str]:
     from vllm_eplb.integration.config import UPSTREAM, EplbConfig
 
-    rel = "vllm/config/parallel.py"
-    cls = _one(t, rel, "EPLBConfig")
+    cls = _at(t, at.EPLB_CONFIG)
     if cls is None:
-        return [f"EPLBConfig: {rel} has no EPLBConfig"]
+        return [f"EPLBConfig: {at.EPLB_CONFIG.file} has no EPLBConfig"]
     fields = [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
     problems = [
         f"EPLBConfig: vLLM {t.version}'s field {f!r} is neither honoured nor refused by eplb.json (integration/config.UPSTREAM)"
         for f in fields if f not in UPSTREAM or f not in EplbConfig.model_fields
     ]
-    lit = _one(t, rel, "EPLBCommunicatorBackend")
+    lit = _at(t, at.EPLB_COMMUNICATORS)
     if lit is not None:
         theirs = {n.value for n in ast.walk(lit) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         ours = set(str(a) for a in _literal_values(EplbConfig.model_fields["communicator"].annotation))
@@ -392,10 +383,30 @@ def _literal_values(annotation) -> list:
     return out
 
 
+# --------------------------------------------------------------------------- guards
+
+
+def check_guards(t: Tree) -> list[str]:
+    """Each guard's `seen` text is in this release's source exactly where the guard holds
+    (compat/guards.py): a rule that misjudges a release is named before code runs on it."""
+    problems = []
+    for key, guard in GUARDS.items():
+        if guard.seen is None:
+            continue
+        rel, text = guard.seen
+        tree = t.module(rel)
+        found = tree is not None and text in t.text(tree)
+        holds = t.version in guard.releases()
+        if found != holds:
+            problems.append(f"guard {key}: {rel} {'has' if found else 'lacks'} {text!r}, "
+                            f"but the guard {'holds' if holds else 'does not hold'} for vLLM {t.version}")
+    return problems
+
+
 # --------------------------------------------------------------------------- all
 
 
-CHECKS = (check_hooks, check_state_api, check_router, check_model_interface, check_eplb_config, check_names)
+CHECKS = (check_hooks, check_state_api, check_router, check_model_interface, check_eplb_config, check_guards, check_names)
 
 
 def check(root: Path, version: str) -> tuple[list[str], list[str]]:

@@ -1,13 +1,16 @@
 """Upstream vLLM source: fetch a release's sdist, check and apply vllm-eplb's patches.
 
-    python -m vllm_eplb.tools.upstream check [--version V]          # patches/vllm/V/ apply to V's sdist, patched files compile
-    python -m vllm_eplb.tools.upstream check --all                  # every release in patches/vllm/
-    python -m vllm_eplb.tools.upstream check --kind tests [--src DIR] # patches/tests/V/ against V's tests/
-    python -m vllm_eplb.tools.upstream apply SRC_DIR [--version V]  # apply patches/vllm/V/*.patch to a vLLM V tree
+    python -m vllm_eplb.tools.upstream check [--version V]          # V's patches apply to V's sdist, patched files compile
+    python -m vllm_eplb.tools.upstream check --all                  # every patched release
+    python -m vllm_eplb.tools.upstream check --kind tests [--src DIR] # the test patches against V's tests/
+    python -m vllm_eplb.tools.upstream apply SRC_DIR [--version V]  # apply V's patches to a vLLM V tree
     python -m vllm_eplb.tools.upstream fetch [--version V]          # print the path of the extracted sdist
 
-V defaults to the installed vLLM's release if it has patches, else the primary one
-(vllm_eplb/compat/versions.py); sdists are fetched by vllm_eplb/compat/sdist.py.
+The patches of a kind (vllm: vLLM's source, tests: its tests) are one series,
+patches/<kind>/series; a release takes each patch its platforms need, its own copy
+(patches/<kind>/<release>/) where it has one. V defaults to the installed vLLM's release if
+it has patches, else the primary one (vllm_eplb/compat/versions.py); sdists are fetched by
+vllm_eplb/compat/sdist.py.
 """
 
 from __future__ import annotations
@@ -23,17 +26,56 @@ from pathlib import Path
 
 from vllm_eplb.compat.sdist import ROOT, default_version, fetch_sdist
 from vllm_eplb.compat.source import bindings
+from vllm_eplb.compat.versions import PATCHED, platforms_of
 
 PATCHES = ROOT / "patches"
+KINDS = ("vllm", "tests")
+
+
+def series(kind: str) -> list[tuple[str, str]]:
+    """(patch file name, platform or "any") of patches/<kind>/series, in the order they apply."""
+    out = []
+    for line in (PATCHES / kind / "series").read_text().splitlines():
+        words = line.split("#", 1)[0].split()
+        if words:
+            out.append((words[0], words[1] if len(words) > 1 else "any"))
+    return out
 
 
 def patch_files(kind: str, version: str | None = None) -> list[Path]:
-    """patches/<kind>/<version>/*.patch in order (kind: vllm or tests)."""
-    return sorted((PATCHES / kind / (version or default_version())).glob("*.patch"))
+    """The series of `kind` (vllm or tests) for a release, in order: every patch its platforms
+    take, its own copy where it has one. Empty for a release not declared patched."""
+    version = version or default_version()
+    if version not in PATCHED:
+        return []
+    platforms = platforms_of(version)
+    own = PATCHES / kind / version
+    return [
+        own / name if (own / name).exists() else PATCHES / kind / name
+        for name, platform in series(kind)
+        if platform == "any" or platform in platforms
+    ]
 
 
-def patched_versions(kind: str = "vllm") -> list[str]:
-    return sorted(p.name for p in (PATCHES / kind).iterdir() if p.is_dir())
+def is_own_copy(patch: Path) -> bool:
+    """Is this a release's own copy of a patch of the series (patches/<kind>/<release>/)?"""
+    return patch.parent.parent.parent == PATCHES
+
+
+def layout_problems(kind: str) -> list[str]:
+    """How patches/<kind>/ disagrees with its series and the declared releases (empty: it agrees)."""
+    folder = PATCHES / kind
+    names = [name for name, _ in series(kind)]
+    problems = [f"patches/{kind}/series names {n} twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    problems += [f"patches/{kind}/series names {n}, which is not in patches/{kind}/" for n in names if not (folder / n).exists()]
+    problems += [f"patches/{kind}/{p.name} is not in patches/{kind}/series" for p in sorted(folder.glob("*.patch"))
+                 if p.name not in names]
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if sub.name not in PATCHED:
+            problems.append(f"patches/{kind}/{sub.name}/ is no release declared patched ({', '.join(PATCHED)})")
+        problems += [f"patches/{kind}/{sub.name}/{p.name} is no patch of patches/{kind}/series"
+                     for p in sorted(sub.iterdir()) if p.name not in names]
+    return problems
 
 
 def touched_files(patch: Path) -> list[str]:
@@ -52,31 +94,47 @@ def apply(patches: list[Path], tree: Path, check_only: bool = False) -> None:
         cmd = ["git", "apply", "--check" if check_only else "--whitespace=nowarn", str(p)]
         r = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
         if r.returncode != 0:
-            raise SystemExit(f"{p.relative_to(ROOT)} does not apply to {tree}: {r.stderr.strip()}")
+            raise SystemExit(f"{_shown(p)} does not apply to {tree}: {r.stderr.strip()}")
         if not check_only:
             unchanged = [f for f, text in before.items() if _read(tree / f) == text]
             if unchanged:
-                raise SystemExit(f"{p.relative_to(ROOT)} left {unchanged} unchanged in {tree}")
+                raise SystemExit(f"{_shown(p)} left {unchanged} unchanged in {tree}")
+
+
+def _shown(patch: Path) -> str:
+    """patches/<kind>/..., as the series names it."""
+    return str(patch.relative_to(PATCHES.parent))
 
 
 def _read(path: Path) -> str | None:
     return path.read_text() if path.exists() else None
 
 
+def _applies(patch: Path, tree: Path) -> bool:
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(Path(tree).resolve().parent)}
+    return subprocess.run(["git", "apply", "--check", str(patch)], cwd=tree, capture_output=True, env=env).returncode == 0
+
+
 def check(src: Path, version: str, kind: str = "vllm", subdir: str = "vllm") -> list[str]:
-    """Apply every patch of `kind` for `version` to a scratch copy of src/subdir; compile what changed."""
+    """Apply the series of `kind` for `version` to a scratch copy of src/subdir, in order;
+    compile what changed. A release's own copy of a patch is refused where the series' one
+    would do (an override no longer needed)."""
     patches = patch_files(kind, version)
     if not patches:
-        raise SystemExit(f"no patches in {PATCHES / kind / version}")
+        raise SystemExit(f"vLLM {version} has no patches in patches/{kind}/series (patched: {', '.join(PATCHED)})")
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp)
         shutil.copytree(src / subdir, tree / subdir)
-        apply(patches, tree)
+        for p in patches:
+            shared = PATCHES / kind / p.name
+            if is_own_copy(p) and _applies(shared, tree):
+                raise SystemExit(f"{_shown(p)} is not needed: {_shown(shared)} applies to vLLM {version}; remove the copy")
+            apply([p], tree)
         lines = []
         for p in patches:
             for f in touched_files(p):
                 py_compile.compile(str(tree / f), doraise=True)
-            lines.append(f"ok  {p.name}: {', '.join(touched_files(p))}")
+            lines.append(f"ok  {p.relative_to(PATCHES / kind)}: {', '.join(touched_files(p))}")
         return lines
 
 
@@ -117,7 +175,7 @@ def main(argv=None) -> int:
     f = sub.add_parser("fetch")
     c = sub.add_parser("check")
     c.add_argument("--src", type=Path, help="an extracted vLLM source tree of that release (default: fetch the sdist)")
-    c.add_argument("--all", action="store_true", help="every release in patches/<kind>/")
+    c.add_argument("--all", action="store_true", help="every release declared patched")
     c.add_argument(
         "--kind", choices=("vllm", "tests"), default="vllm", help="patches/vllm/ (vLLM's source) or patches/tests/ (its tests)"
     )
@@ -131,13 +189,18 @@ def main(argv=None) -> int:
         print(fetch_sdist(version))
     elif args.cmd == "check":
         kind, subdir = args.kind, "vllm" if args.kind == "vllm" else "tests"
-        for v in (patched_versions(kind) if args.all else [version]):
+        problems = layout_problems(kind)
+        if problems:
+            raise SystemExit("\n".join(problems))
+        for v in (PATCHED if args.all else [version]):
             src = args.src or fetch_sdist(v)
             if not (src / subdir).is_dir():
                 raise SystemExit(f"--src {src}: no {subdir}/ there; give vLLM {v}'s extracted sdist")
             for line in check(src, v, kind=kind, subdir=subdir):
                 print(line)
-            print(f"all {len(patch_files(kind, v))} patches in patches/{kind}/{v} apply cleanly to vLLM {v} ({src})")
+            patches = patch_files(kind, v)
+            print(f"all {len(patches)} patches of patches/{kind}/series for vLLM {v} apply cleanly "
+                  f"({sum(map(is_own_copy, patches))} of them its own copy) to {src}")
     else:
         apply(patch_files("vllm", version), args.tree)
         print(f"applied {len(patch_files('vllm', version))} patches for vLLM {version} to {args.tree}")

@@ -22,8 +22,9 @@ instead of at a user's start-up. Read with `ast` from the code of vllm_eplb/ and
 
 A name is checked against the releases its line can run on: all declared releases, narrowed
 by the guards of vllm_eplb/compat/guards.py around it (`if holds(...)`, `@only_where(...)`).
-The qualnames the hooks table names as strings are checked by tools/seams.check_hooks, for
-the releases each hook declares.
+The places the hooks and the seam checks name as strings (compat/places.py: modules and
+qualnames, under each release's name for them) are checked by tools/seams.py, for the
+releases each hook declares.
 """
 
 from __future__ import annotations
