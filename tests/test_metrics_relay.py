@@ -82,9 +82,12 @@ def test_a_snapshot_of_real_stats_fits_with_its_histories_cut():
     assert len(back["disabled_reason"]) == 200
 
 
-def test_rank0_writes_a_relayed_rank_through_the_same_families():
+def test_rank0_writes_a_relayed_rank_through_the_same_families(tmp_path, monkeypatch):
     from vllm_eplb.core.stats import BalancerStats
     from vllm_eplb.integration import metrics
+
+    # values live in files where an earlier test in this process switched to multiprocess mode
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
 
     stats = BalancerStats(cycles_completed=3, layers_committed=12, balancedness_observed=0.93)
     snap = dict(
