@@ -225,6 +225,7 @@ class Balancer:
             config, self.topo, self.agreement, self.window, comm.rank, comm.world_size, self.stats,
             lambda: self.clock.offset(), self._read_round,
         )
+        self.trigger.load_copies = layout.load_copies
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
         self._weights_pass = -1  # the pass clock when the last weight update came

@@ -6,17 +6,21 @@ in the traffic mix waits for the next scheduled cycle. With it, the balancer wat
 idle, after a cycle that decided (completed, or skipped as not worth moving): its promise is
 the balancedness the plan predicted for the placement it left in force (the plan's when
 completed, the placement kept when skipped). Watch windows of `watch_passes(config)` passes
-(a quarter of window_size) follow one another; for each:
+(a quarter of window_size) follow one another; each verdict judges the last four (as many passes
+as the plan's window) and the last one alone (sooner, with more noise); for each:
 
   w          the window opens: load buffer cleared, record gate on
   w+V        it closes (V passes recorded), its sum copied to host
   w+V+1      watch round posted: the window's (layers, slots) load, SUM over ranks
   w+V+1+L    read (the same reduced load on every rank): this rank's verdict, the placement in
-             force predicted on that load as the plan predicted (tokens split evenly over an
-             expert's replicas) falls short of the promise by more than trigger_margin; the
-             verdict vote posted (TRIGGER, any); the next watch window opens
+             force predicted on that window's load, or on the last four's, as the plan predicted
+             (tokens split evenly over an expert's replicas) falls short of the promise by more than
+             trigger_margin plus the sampling noise of that load (`sampling_noise`: what a
+             fresh window of unchanged traffic can lose by chance); the verdict vote posted
+             (TRIGGER, any)
   w+V+1+2L   the vote read: some rank's verdict, and trigger_min_spacing passes since the last
-             cycle started -> a cycle starts at this pass, on every rank
+             cycle started -> a cycle starts at this pass, on every rank; else the next watch
+             window opens
 
 Invariant 1: the cycle's start is decided from the vote, a value every rank reads at the same
 pass; the verdicts themselves are rank-local news (floats computed on each rank) and only
@@ -34,6 +38,8 @@ ever triggering (the observed balancedness between cycles, for /metrics and benc
 from __future__ import annotations
 
 import logging
+import math
+from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -49,10 +55,24 @@ from .stats import BalancerStats
 log = logging.getLogger("vllm.eplb")
 
 
+JUDGED = 4  # watch windows summed for a verdict: four quarters, the planning window's length
+
+
 def watch_passes(config: BalancerConfig) -> int:
-    """Passes per watch window: a quarter of the planning window (a shift shows within a
-    quarter window, and the cycle it starts still plans on a full window)."""
-    return max(1, config.window_size // 4)
+    """Passes per watch window: a quarter of the planning window. A verdict judges the last four
+    (as many passes as a plan's window, so as little sampling noise), one every quarter."""
+    return max(1, config.window_size // JUDGED)
+
+
+def sampling_noise(physical: np.ndarray, num_ranks: int, load_copies: int = 1) -> float:
+    """How far balancedness can fall on a fresh window of the same traffic by chance alone: the
+    expected excess of the most loaded of R ranks over the mean, sqrt(2 ln R / n) for Poisson
+    token counts of n per rank and layer: a verdict allows it on top of trigger_margin (measured
+    on the rig, a placement's balancedness on a fresh window of unchanged traffic fell below its
+    promise by about half of it)."""
+    layers = physical.shape[0]
+    n = physical.sum() / (load_copies * num_ranks * layers)
+    return math.sqrt(2 * math.log(max(num_ranks, 2)) / n) if n > 0 else math.inf
 
 
 class LoadTrigger:
@@ -73,6 +93,8 @@ class LoadTrigger:
         self.open_at = 0  # the next watch window opens at or after this pass
         self.opened = -1  # pass the current watch window opened, -1: none open
         self.snapshot: HostSnapshot | None = None
+        self.recent: deque = deque(maxlen=JUDGED)  # the last watch windows' reduced loads (every rank alike)
+        self.load_copies = 1  # ranks recording each token (MoELayout.load_copies)
         self.load_round: Round | None = None
         self.vote: Round | None = None
 
@@ -91,6 +113,7 @@ class LoadTrigger:
         if self.opened >= 0:
             self.window.gate.set_window(False)
         self.promise, self.opened, self.snapshot, self.load_round, self.vote = None, -1, None, None, None
+        self.recent.clear()
 
     def due(self, p: int, placement: np.ndarray, next_cycle_at: int) -> bool:
         """Idle pass p: advance the watch; True when the vote read now starts a cycle."""
@@ -152,18 +175,26 @@ class LoadTrigger:
         self.snapshot, self.opened, self.open_at = None, -1, p + 1
 
     def _verdict(self, v, placement: np.ndarray) -> bool:
-        """This rank's verdict on the watch window's load (rank-local: it only travels in the vote)."""
+        """This rank's verdict (rank-local: it only travels in the vote): short when the placement
+        in force, predicted on the last watch window's load, or on the last JUDGED windows' (a
+        plan window's worth: less noise, later), falls below the promise by more than
+        trigger_margin plus the sampling noise of that much load."""
         try:
-            physical = v.load.numpy().astype(np.float64)
-            if physical.sum() <= 0:
+            quarter = v.load.numpy().astype(np.float64)
+            if quarter.sum() <= 0:
                 return False  # no traffic: nothing to judge
-            observed = balancedness_of(observed_rank_loads(physical, self.topo))
+            observed = balancedness_of(observed_rank_loads(quarter, self.topo))
             self.stats.balancedness_observed = observed
             self.stats.observed_history.append((v.pass_no[0], observed))
-            logical = physical_to_logical_load(physical, placement, self.topo.num_logical)
-            in_force = predicted_balancedness(placement, logical, self.topo)
+            self.recent.append(quarter)
+            short = False
+            for physical in (quarter, np.sum(self.recent, axis=0)) if len(self.recent) == JUDGED else (quarter,):
+                logical = physical_to_logical_load(physical, placement, self.topo.num_logical)
+                in_force = predicted_balancedness(placement, logical, self.topo)
+                noise = sampling_noise(physical, self.topo.num_ranks, self.load_copies)
+                short |= self.promise - in_force > self.config.trigger_margin + noise
             self.stats.balancedness_watch = in_force
-            return self.promise - in_force > self.config.trigger_margin
+            return short
         except Exception:  # a verdict that cannot be formed is no verdict; the vote still goes out
             log.warning("EPLB rank %d: load trigger verdict failed", self.rank, exc_info=True)
             return False
