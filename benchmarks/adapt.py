@@ -14,20 +14,28 @@ the same router), its balancedness measured the same way on the same passes. Tim
 from the shift to the first pass from which the observed balancedness stays within 0.02 of the
 fresh plan's until the run ends. Fixed interval: trigger_margin 0; trigger: the default margin.
 
-serve: `vllm serve` TP=2 + EP on CPU with the tiny Qwen3-MoE of tiny_model.py (skewed routers),
-clients send prompts of one mix, then of another (`--shift-after` seconds in). The observed
-balancedness is the balancer's own, read from /metrics (vllm:eplb_balancedness{kind="observed"}
-at every window: with trigger_margin 1 the watch reports it between cycles without ever
-triggering, so both servers are measured alike); the pass numbers from vllm:eplb_pass. Time to
-adapt: from the pass the mix changed to the first window end whose observed balancedness is
-within 0.02 of the best observed after the shift... (see `serve` for what stands for the fresh plan).
+serve: `vllm serve` TP=2 + EP on CPU with a tiny Qwen3-MoE (tiny_model.py's, 16 experts + 4
+redundant) whose routers send two word mixes to different hot experts (`two_mix_model`): clients
+send prompts of mix A, then, at pass `--shift` (read from /metrics), of mix B. The observed
+balancedness is the balancer's own, read from /metrics (vllm:eplb_balancedness{kind="observed"},
+refreshed at every watch window: the fixed-interval server runs with trigger_margin 1, which
+watches without ever triggering, so both servers are measured alike), averaged over the last
+four watch windows (a window's worth of passes). The fresh plan's balancedness stands for the
+level each server reaches once its placement is planned on mix B: the mean over its run's last
+`--tail` watch windows. Time to adapt: from the shift to the first watch window from which the
+averaged observed balancedness stays within 0.02 of that level.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import sys
+import tempfile
+import threading
+import time
 
 import numpy as np
 import torch
@@ -134,6 +142,137 @@ def rig(args) -> None:
         ]) + " |", flush=True)
 
 
+def two_mix_model(out_dir: str, hot: int = 3, pull: float = 3.0, seed: int = 0) -> tuple[str, list, list]:
+    """tiny_model.py's Qwen3-MoE (16 experts, no shared skew), then per MoE layer `hot` experts
+    pulled towards the inputs of word mix A and `hot` others towards mix B's: the direction
+    that separates the two mixes' mean router inputs (with no component along their midpoint,
+    so A's tokens score it above 0 and B's below). Returns (model dir, words of A, words of B)."""
+    import transformers
+
+    from vllm_eplb.integration.tiny_model import WORDS, build, moe_routers
+
+    mixes = (WORDS[: len(WORDS) // 2], WORDS[len(WORDS) // 2 :])
+    build(out_dir, hot=0, skew=0.0, seed=seed)
+    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32)
+    experts = model.config.num_experts
+    seqs = [[torch.tensor([tok(p)["input_ids"]]) for p in prompts(words, 32, random.Random(1))] for words in mixes]
+    g = torch.Generator().manual_seed(seed + 5)
+    for layer in model.model.layers:
+        for block, gate in moe_routers(layer, experts):
+            means = []
+            for mix in seqs:
+                seen = []
+                handle = block.register_forward_hook(lambda mod, a, out: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+                with torch.no_grad():
+                    for ids in mix:
+                        model(ids)
+                handle.remove()
+                means.append(torch.cat(seen))
+            a, b = means[0].mean(0), means[1].mean(0)
+            mid = (a + b) / 2
+            d = (a - b) - ((a - b) @ mid) / (mid @ mid) * mid
+            d = d / d.norm()
+            reach = ((means[0] @ d).mean() - (means[1] @ d).mean()).abs().clamp(min=1e-3)
+            scale = (torch.cat(means) @ gate.T).std()
+            order = torch.randperm(experts, generator=g).tolist()
+            with torch.no_grad():
+                for rank in range(hot):
+                    gate[order[rank]] += d * (pull * scale / reach) / (rank + 1)
+                    gate[order[hot + rank]] -= d * (pull * scale / reach) / (rank + 1)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir, list(mixes[0]), list(mixes[1])
+
+
+def prompts(words: list, n: int, rng: random.Random) -> list[str]:
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(8, 16))) for _ in range(n)]
+
+
+class MixedLoad:
+    """Clients sending prompts of the current mix until stopped."""
+
+    def __init__(self, server, mix: list, clients: int, max_tokens: int):
+        self.server, self.mix, self.max_tokens = server, mix, max_tokens
+        self.stop_flag, self.errors = threading.Event(), []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self.stop_flag.is_set():
+            try:
+                self.server.complete(prompts(self.mix, 1, rng)[0], max_tokens=self.max_tokens)
+            except Exception as exc:  # counted in the table
+                self.errors.append(exc)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(120)
+
+
+def serve(args) -> None:
+    from vllm_eplb.integration.server import Server, metric
+
+    work = tempfile.mkdtemp(prefix="eplb-adapt-")
+    model, mix_a, mix_b = two_mix_model(os.path.join(work, "tiny-two-mix"))
+    rows = []
+    for i, (mode, margin) in enumerate((("fixed interval", 1.0), ("load trigger", args.margin))):
+        cfg = os.path.join(work, f"eplb-{i}.json")
+        with open(cfg, "w") as fh:
+            json.dump({"window_size": args.window, "step_interval": args.interval, "num_redundant_experts": 4,
+                       "agreement_lag": 2, "policy": "min-move", "trigger_margin": margin}, fh)
+        series, cycles = [], []  # (pass, observed) at each watch window; (pass, completed, triggers)
+        with Server(model, args.port + i, cfg, log_path=os.path.join(work, f"serve-{i}.log")) as s:
+            load = MixedLoad(s, mix_a, args.clients, args.max_tokens)
+            shift = None
+            with load:
+                last = None
+                while True:
+                    try:
+                        ms = s.metrics()
+                    except OSError:
+                        time.sleep(0.1)
+                        continue
+                    p = metric(ms, "vllm:eplb_pass", rank=0) or 0
+                    obs = metric(ms, "vllm:eplb_balancedness", rank=0, kind="observed")
+                    if obs is not None and obs != last:
+                        series.append((p, obs))
+                        last = obs
+                    cycles.append((p, metric(ms, "vllm:eplb_cycles_total", rank=0, outcome="completed") or 0,
+                                   metric(ms, "vllm:eplb_load_triggers_total", rank=0) or 0))
+                    if shift is None and p >= args.shift:
+                        load.mix, shift = mix_b, p
+                    if p >= args.passes:
+                        break
+                    time.sleep(0.1)
+        ps = np.array([x[0] for x in series], dtype=float)
+        obs = np.array([x[1] for x in series])
+        smooth = np.array([obs[max(0, k - 3) : k + 1].mean() for k in range(len(obs))])
+        level = obs[-args.tail:].mean()
+        after = np.nonzero(ps >= shift)[0]
+        bad = [k for k in after if smooth[k] < level - WITHIN]
+        at = ps[after[0]] if not bad else (ps[bad[-1] + 1] if bad[-1] + 1 < len(ps) else None)
+        before = smooth[after[0] - 1] if len(after) and after[0] > 0 else float("nan")
+        rows.append((mode, shift, int(max(c[2] for c in cycles)), before, level, at, len(load.errors)))
+    print(f"\nvllm serve TP=2+EP on CPU, tiny Qwen3-MoE with two word mixes (16 experts + 4 redundant, top-2), "
+          f"{args.clients} clients x {args.max_tokens} tokens; window {args.window}, interval {args.interval}, "
+          f"policy min-move; the mix changes at pass {args.shift}")
+    hdr = ("mode", "shift at pass", "load triggers", "observed before shift", "level after (last windows)",
+           "adapted at pass", "time to adapt (passes)", "(windows)", "failed requests")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for mode, shift, trig, before, level, at, errors in rows:
+        took = "never" if at is None else f"{int(at - shift)}"
+        print("| " + " | ".join([mode, str(int(shift)), str(trig), f"{before:.3f}", f"{level:.3f}",
+                                 "" if at is None else str(int(at)), took,
+                                 "" if at is None else f"{(at - shift) / args.window:.2f}", str(errors)]) + " |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="where", required=True)
@@ -145,9 +284,21 @@ def main() -> int:
     r.add_argument("--passes", type=int, default=3300)
     r.add_argument("--span", type=int, default=50)
     r.add_argument("--tokens", type=int, default=64)
+    v = sub.add_parser("serve")
+    v.add_argument("--window", type=int, default=200)
+    v.add_argument("--interval", type=int, default=1200)
+    v.add_argument("--shift", type=int, default=1700)
+    v.add_argument("--passes", type=int, default=3400)
+    v.add_argument("--margin", type=float, default=0.02, help="trigger_margin of the trigger server")
+    v.add_argument("--clients", type=int, default=16)
+    v.add_argument("--max-tokens", type=int, default=32)
+    v.add_argument("--tail", type=int, default=8, help="watch windows at the end whose mean is the level after")
+    v.add_argument("--port", type=int, default=8360)
     args = ap.parse_args()
     if args.where == "rig":
         rig(args)
+    else:
+        serve(args)
     return 0
 
 

@@ -50,7 +50,7 @@ class BalancerConfig(BaseModel):
         description="min-move: the slowest rank a plan aims for, relative to a lower bound on any packing's.",
     )
     trigger_margin: float = Field(
-        0.05,
+        0.02,
         ge=0.0,
         le=1.0,
         description="Load trigger: a cycle starts early when the placement in force, predicted on the last watch window "
