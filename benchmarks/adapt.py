@@ -22,8 +22,9 @@ refreshed at every watch window: the fixed-interval server runs with trigger_mar
 watches without ever triggering, so both servers are measured alike), averaged over the last
 four watch windows (a window's worth of passes). The fresh plan's balancedness stands for the
 level each server reaches once its placement is planned on mix B: the mean over its run's last
-`--tail` watch windows. Time to adapt: from the shift to the first watch window from which the
-averaged observed balancedness stays within 0.02 of that level.
+`--tail` watch windows. Time to adapt: from the shift to the first watch window, a window or more
+after it (the averaged figure must hold post-shift traffic only), whose averaged observed
+balancedness is back within 0.02 of that level.
 """
 
 from __future__ import annotations
@@ -226,10 +227,10 @@ def serve(args) -> None:
         with open(cfg, "w") as fh:
             json.dump({"window_size": args.window, "step_interval": args.interval, "num_redundant_experts": 4,
                        "agreement_lag": 2, "policy": "min-move", "trigger_margin": margin}, fh)
-        series, cycles = [], []  # (pass, observed) at each watch window; (pass, completed, triggers)
+        series, starts = [], []  # (pass, observed) at each watch window; passes cycles started at
         with Server(model, args.port + i, cfg, log_path=os.path.join(work, f"serve-{i}.log")) as s:
             load = MixedLoad(s, mix_a, args.clients, args.max_tokens)
-            shift = None
+            shift, triggers = None, 0
             with load:
                 last = None
                 while True:
@@ -243,32 +244,38 @@ def serve(args) -> None:
                     if obs is not None and obs != last:
                         series.append((p, obs))
                         last = obs
-                    cycles.append((p, metric(ms, "vllm:eplb_cycles_total", rank=0, outcome="completed") or 0,
-                                   metric(ms, "vllm:eplb_load_triggers_total", rank=0) or 0))
+                    began = metric(ms, "vllm:eplb_state_entered_pass", rank=0, state="collecting")
+                    if began is not None and began not in starts:
+                        starts.append(began)
+                    triggers = metric(ms, "vllm:eplb_load_triggers_total", rank=0) or 0
                     if shift is None and p >= args.shift:
                         load.mix, shift = mix_b, p
                     if p >= args.passes:
                         break
                     time.sleep(0.1)
+        with open(os.path.join(work, f"series-{i}.json"), "w") as fh:
+            json.dump({"shift": shift, "series": series, "starts": starts}, fh)
         ps = np.array([x[0] for x in series], dtype=float)
         obs = np.array([x[1] for x in series])
-        smooth = np.array([obs[max(0, k - 3) : k + 1].mean() for k in range(len(obs))])
+        smooth = np.array([obs[max(0, k - 3) : k + 1].mean() for k in range(len(obs))])  # a window's worth
         level = obs[-args.tail:].mean()
         after = np.nonzero(ps >= shift)[0]
-        bad = [k for k in after if smooth[k] < level - WITHIN]
-        at = ps[after[0]] if not bad else (ps[bad[-1] + 1] if bad[-1] + 1 < len(ps) else None)
+        back = [k for k in after if smooth[k] >= level - WITHIN and ps[k] >= shift + args.window]
+        at = ps[back[0]] if back else None
         before = smooth[after[0] - 1] if len(after) and after[0] > 0 else float("nan")
-        rows.append((mode, shift, int(max(c[2] for c in cycles)), before, level, at, len(load.errors)))
+        cycles = ", ".join(str(int(b)) for b in starts if b >= shift)
+        rows.append((mode, shift, cycles, int(triggers), before, level, at, len(load.errors)))
+        print(f"  {mode}: done ({work}/series-{i}.json)", flush=True)
     print(f"\nvllm serve TP=2+EP on CPU, tiny Qwen3-MoE with two word mixes (16 experts + 4 redundant, top-2), "
           f"{args.clients} clients x {args.max_tokens} tokens; window {args.window}, interval {args.interval}, "
           f"policy min-move; the mix changes at pass {args.shift}")
-    hdr = ("mode", "shift at pass", "load triggers", "observed before shift", "level after (last windows)",
-           "adapted at pass", "time to adapt (passes)", "(windows)", "failed requests")
+    hdr = ("mode", "shift at pass", "cycles started after it", "load triggers", "observed before shift",
+           "level after (last windows)", "back within 0.02 at pass", "time to adapt (passes)", "(windows)", "failed requests")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
-    for mode, shift, trig, before, level, at, errors in rows:
+    for mode, shift, cycles, trig, before, level, at, errors in rows:
         took = "never" if at is None else f"{int(at - shift)}"
-        print("| " + " | ".join([mode, str(int(shift)), str(trig), f"{before:.3f}", f"{level:.3f}",
+        print("| " + " | ".join([mode, str(int(shift)), cycles, str(trig), f"{before:.3f}", f"{level:.3f}",
                                  "" if at is None else str(int(at)), took,
                                  "" if at is None else f"{(at - shift) / args.window:.2f}", str(errors)]) + " |")
 
@@ -285,12 +292,12 @@ def main() -> int:
     r.add_argument("--span", type=int, default=50)
     r.add_argument("--tokens", type=int, default=64)
     v = sub.add_parser("serve")
-    v.add_argument("--window", type=int, default=200)
-    v.add_argument("--interval", type=int, default=1200)
-    v.add_argument("--shift", type=int, default=1700)
-    v.add_argument("--passes", type=int, default=3400)
+    v.add_argument("--window", type=int, default=300)
+    v.add_argument("--interval", type=int, default=1800)
+    v.add_argument("--shift", type=int, default=2500)
+    v.add_argument("--passes", type=int, default=4900)
     v.add_argument("--margin", type=float, default=0.02, help="trigger_margin of the trigger server")
-    v.add_argument("--clients", type=int, default=16)
+    v.add_argument("--clients", type=int, default=32)
     v.add_argument("--max-tokens", type=int, default=32)
     v.add_argument("--tail", type=int, default=8, help="watch windows at the end whose mean is the level after")
     v.add_argument("--port", type=int, default=8360)

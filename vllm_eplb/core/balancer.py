@@ -675,6 +675,7 @@ class Balancer:
         self.disabled_reason = reason.label + (f": {detail}" if detail else "")
         if self.state in ACTIVE:
             self._abort(reason, rank, detail)
+        self.trigger.disarm()  # a watch in progress: recording stops with it
         self.disable(reason=reason.label)
         log.warning(
             "EPLB rank %d pass %d: rebalancing disabled (%s); serving continues on the placement in force",

@@ -43,10 +43,9 @@ PAIRS = 8  # rank pairs swapped per layer and round
 
 
 def _counts(placement: np.ndarray, num_logical: int) -> np.ndarray:
-    layers, slots = placement.shape
-    counts = np.zeros((layers, num_logical), dtype=np.int64)
-    np.add.at(counts, (np.repeat(np.arange(layers), slots), placement.reshape(-1)), 1)
-    return counts
+    layers = placement.shape[0]
+    flat = (placement + num_logical * np.arange(layers)[:, None]).reshape(-1)
+    return np.bincount(flat, minlength=layers * num_logical).reshape(layers, num_logical)
 
 
 def replicate(load: np.ndarray, num_physical: int, cost) -> np.ndarray:
@@ -271,12 +270,16 @@ def min_move_placement(
         penalty = DEFAULT_MOVE_SHARE * load.sum(axis=1) / num_ranks
     target_counts = replicate(load, slots, weigh)
     cap = weigh(load, target_counts).max(axis=1)
-    need = np.ones_like(target_counts)
-    while True:  # the fewest replicas each expert needs to cost at most `cap` (counts are small)
-        over = weigh(load, need) > cap[:, None] * (1 + 1e-12)
-        if not over.any():
-            break
-        need += over
+    # the fewest replicas each expert needs to cost at most `cap`
+    if cost is None or passes <= 0:
+        need = np.maximum(np.ceil(load / cap[:, None] * (1 - 1e-12)), 1).astype(np.int64)
+    else:
+        need = np.ones_like(target_counts)
+        while True:  # counts are small
+            over = weigh(load, need) > cap[:, None] * (1 + 1e-12)
+            if not over.any():
+                break
+            need += over
     out = _fix_counts(load, current, num_ranks, need, weigh)
     w = np.take_along_axis(weigh(load, _counts(out, num_logical)), out, axis=1)
     target = np.maximum(pack_bound(w, num_ranks, per_rank), w.sum(axis=1) / num_ranks) * (1 + tolerance)
