@@ -143,11 +143,13 @@ def rig(args) -> None:
         ]) + " |", flush=True)
 
 
-def two_mix_model(out_dir: str, hot: int = 3, pull: float = 3.0, seed: int = 0) -> tuple[str, list, list]:
+def two_mix_model(out_dir: str, hot: int = 3, pull: float = 4.0, seed: int = 0) -> tuple[str, list, list]:
     """tiny_model.py's Qwen3-MoE (16 experts, no shared skew), then per MoE layer `hot` experts
     pulled towards the inputs of word mix A and `hot` others towards mix B's: the direction
     that separates the two mixes' mean router inputs (with no component along their midpoint,
-    so A's tokens score it above 0 and B's below). Returns (model dir, words of A, words of B)."""
+    so A's tokens score it above 0 and B's below). A's hot experts are the last ids (rank 1 in
+    vLLM's initial layout), B's those after the first redundant ones (rank 0): cold while A
+    is served, B's stay where they were, together. Returns (model dir, words of A, words of B)."""
     import transformers
 
     from vllm_eplb.integration.tiny_model import WORDS, build, moe_routers
@@ -158,7 +160,6 @@ def two_mix_model(out_dir: str, hot: int = 3, pull: float = 3.0, seed: int = 0) 
     model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32)
     experts = model.config.num_experts
     seqs = [[torch.tensor([tok(p)["input_ids"]]) for p in prompts(words, 32, random.Random(1))] for words in mixes]
-    g = torch.Generator().manual_seed(seed + 5)
     for layer in model.model.layers:
         for block, gate in moe_routers(layer, experts):
             means = []
@@ -176,11 +177,11 @@ def two_mix_model(out_dir: str, hot: int = 3, pull: float = 3.0, seed: int = 0) 
             d = d / d.norm()
             reach = ((means[0] @ d).mean() - (means[1] @ d).mean()).abs().clamp(min=1e-3)
             scale = (torch.cat(means) @ gate.T).std()
-            order = torch.randperm(experts, generator=g).tolist()
+            hot_a, hot_b = range(experts - hot, experts), range(experts // 4, experts // 4 + hot)
             with torch.no_grad():
-                for rank in range(hot):
-                    gate[order[rank]] += d * (pull * scale / reach) / (rank + 1)
-                    gate[order[hot + rank]] -= d * (pull * scale / reach) / (rank + 1)
+                for rank, (a_e, b_e) in enumerate(zip(hot_a, hot_b)):
+                    gate[a_e] += d * (pull * scale / reach) / (rank + 1)
+                    gate[b_e] -= d * (pull * scale / reach) / (rank + 1)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir, list(mixes[0]), list(mixes[1])
 
@@ -263,19 +264,20 @@ def serve(args) -> None:
         back = [k for k in after if smooth[k] >= level - WITHIN and ps[k] >= shift + args.window]
         at = ps[back[0]] if back else None
         before = smooth[after[0] - 1] if len(after) and after[0] > 0 else float("nan")
+        low = smooth[after].min() if len(after) else float("nan")
         cycles = ", ".join(str(int(b)) for b in starts if b >= shift)
-        rows.append((mode, shift, cycles, int(triggers), before, level, at, len(load.errors)))
+        rows.append((mode, shift, cycles, int(triggers), before, low, level, at, len(load.errors)))
         print(f"  {mode}: done ({work}/series-{i}.json)", flush=True)
     print(f"\nvllm serve TP=2+EP on CPU, tiny Qwen3-MoE with two word mixes (16 experts + 4 redundant, top-2), "
           f"{args.clients} clients x {args.max_tokens} tokens; window {args.window}, interval {args.interval}, "
           f"policy min-move; the mix changes at pass {args.shift}")
     hdr = ("mode", "shift at pass", "cycles started after it", "load triggers", "observed before shift",
-           "level after (last windows)", "back within 0.02 at pass", "time to adapt (passes)", "(windows)", "failed requests")
+           "lowest after", "level after (last windows)", "back within 0.02 at pass", "time to adapt (passes)", "(windows)", "failed requests")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
-    for mode, shift, cycles, trig, before, level, at, errors in rows:
+    for mode, shift, cycles, trig, before, low, level, at, errors in rows:
         took = "never" if at is None else f"{int(at - shift)}"
-        print("| " + " | ".join([mode, str(int(shift)), cycles, str(trig), f"{before:.3f}", f"{level:.3f}",
+        print("| " + " | ".join([mode, str(int(shift)), cycles, str(trig), f"{before:.3f}", f"{low:.3f}", f"{level:.3f}",
                                  "" if at is None else str(int(at)), took,
                                  "" if at is None else f"{(at - shift) / args.window:.2f}", str(errors)]) + " |")
 

@@ -88,7 +88,8 @@ def pack_bound(w: np.ndarray, num_ranks: int, slots_per_rank: int) -> np.ndarray
 def _fix_counts(load, current, num_ranks, need, cost):
     """Give every expert at least `need` replicas, changing one slot per replica gained. The
     slots come from experts with more than they need; those whose ranks end lightest first.
-    New replicas go heaviest first to the lightest rank with such a slot (not holding it)."""
+    New replicas go heaviest first to the freed slots of the lightest ranks (one at a time,
+    never to a rank holding the expert, in a layer where that would double one)."""
     layers, slots = current.shape
     num_logical = load.shape[1]
     per_rank = slots // num_ranks
@@ -118,34 +119,53 @@ def _fix_counts(load, current, num_ranks, need, cost):
     freed = np.zeros((layers, slots), dtype=bool)
     np.put_along_axis(freed, order, taken, axis=1)
 
-    out = current.copy()
     counts = c0 + deficit
     np.subtract.at(counts, (np.nonzero(freed)[0], current[freed]), 1)
     w_new = cost(load, counts)
     loads -= np.where(freed, w0, 0.0).reshape(layers, num_ranks, per_rank).sum(axis=2)
-    holds = np.zeros((layers, num_ranks, num_logical), dtype=bool)
-    kept_l, kept_s = np.nonzero(~freed)
-    holds[kept_l, slot_rank[kept_s], current[kept_l, kept_s]] = True
-    free_count = freed.reshape(layers, num_ranks, per_rank).sum(axis=2)
     # the replicas to add, per layer heaviest first, padded with -1
     by_weight = np.argsort(np.where(deficit > 0, -w_new, np.inf), axis=1, kind="stable")
     reps = np.repeat(by_weight.reshape(-1), np.take_along_axis(deficit, by_weight, axis=1).reshape(-1))
-    layer_of = np.repeat(rows, wanted)
     todo = np.full((layers, int(wanted.max())), -1, dtype=np.int64)
-    todo[layer_of, np.arange(len(reps)) - np.repeat(np.cumsum(wanted) - wanted, wanted)] = reps
-    for j in range(todo.shape[1]):
-        act = np.nonzero(todo[:, j] >= 0)[0]
-        e = todo[act, j]
-        ok = (free_count[act] > 0) & ~holds[act, :, e]
-        ok = np.where(ok.any(axis=1, keepdims=True), ok, free_count[act] > 0)
-        r = np.argmin(np.where(ok, loads[act], np.inf), axis=1)
-        s = r * per_rank + freed[act].reshape(-1, num_ranks, per_rank)[np.arange(len(act)), r].argmax(axis=1)
-        out[act, s] = e
-        freed[act, s] = False
-        free_count[act, r] -= 1
-        holds[act, r, e] = True
-        loads[act, r] += w_new[act, e]
+    todo[np.repeat(rows, wanted), np.arange(len(reps)) - np.repeat(np.cumsum(wanted) - wanted, wanted)] = reps
+    # the k-th heaviest into the k-th freed slot, freed slots ordered by their rank's load (a
+    # rank's second freed slot as if the mean new replica had filled its first)
+    nth = (np.cumsum(freed.reshape(layers, num_ranks, per_rank), axis=2) - 1).reshape(layers, slots)
+    mean_new = np.where(todo >= 0, np.take_along_axis(w_new, np.maximum(todo, 0), axis=1), 0).sum(axis=1) / wanted.clip(1)
+    key = np.where(freed, loads[:, slot_rank] + nth * mean_new[:, None], np.inf)
+    into = np.argsort(key, axis=1, kind="stable")[:, : todo.shape[1]]
+    out = current.copy()
+    valid = todo >= 0
+    out[np.nonzero(valid)[0], into[valid]] = todo[valid]
+    # where that put an expert twice on a rank, place those layers' replicas one at a time
+    twice = _doubles(out, num_ranks) > _doubles(current, num_ranks)
+    again = np.nonzero(twice)[0]
+    if len(again):
+        out[again] = current[again]
+        freed_a, loads_a = freed[again], loads[again]
+        holds = np.zeros((len(again), num_ranks, num_logical), dtype=bool)
+        kept_l, kept_s = np.nonzero(~freed_a)
+        holds[kept_l, slot_rank[kept_s], current[again][kept_l, kept_s]] = True
+        free_count = freed_a.reshape(len(again), num_ranks, per_rank).sum(axis=2)
+        for j in range(todo.shape[1]):
+            act = np.nonzero(todo[again, j] >= 0)[0]
+            e = todo[again[act], j]
+            ok = (free_count[act] > 0) & ~holds[act, :, e]
+            ok = np.where(ok.any(axis=1, keepdims=True), ok, free_count[act] > 0)
+            r = np.argmin(np.where(ok, loads_a[act], np.inf), axis=1)
+            s = r * per_rank + freed_a[act].reshape(-1, num_ranks, per_rank)[np.arange(len(act)), r].argmax(axis=1)
+            out[again[act], s] = e
+            freed_a[act, s] = False
+            free_count[act, r] -= 1
+            holds[act, r, e] = True
+            loads_a[act, r] += w_new[again[act], e]
     return out
+
+
+def _doubles(placement: np.ndarray, num_ranks: int) -> np.ndarray:
+    """(layers,) slots holding an expert their rank already holds in another slot."""
+    by_rank = np.sort(placement.reshape(placement.shape[0], num_ranks, -1), axis=2)
+    return (by_rank[:, :, 1:] == by_rank[:, :, :-1]).sum(axis=(1, 2))
 
 
 def _swap_down(placement, w, num_ranks, penalty, floor, rounds=SWAP_ROUNDS, pairs=PAIRS):
