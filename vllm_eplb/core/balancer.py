@@ -51,6 +51,9 @@ only), and rebalancing stops on every rank.
 The placement of record is the routing maps' host copy (`RoutingMaps.placement`): what
 the balancer plans from, moves from and records is what the model routes with.
 
+A cycle starts every step_interval passes, or earlier when the load trigger's vote says the
+traffic shifted (core/load_trigger.py: its watch rounds run while idle).
+
 Pass timeline of one cycle (L = agreement lag, W = window, all relative):
   c            idle -> collecting                    window opened
   c+W          -> planning_reducing                  window closed, copy to host started
@@ -223,9 +226,8 @@ class Balancer:
         self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag, config.agreement_timeout_s)
         self.trigger = LoadTrigger(
             config, self.topo, self.agreement, self.window, comm.rank, comm.world_size, self.stats,
-            lambda: self.clock.offset(), self._read_round,
+            lambda: self.clock.offset(), self._read_round, layout.load_copies,
         )
-        self.trigger.load_copies = layout.load_copies
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
         self._weights_pass = -1  # the pass clock when the last weight update came

@@ -82,6 +82,7 @@ class LoadTrigger:
     def __init__(
         self, config: BalancerConfig, topo: Topology, agreement: Agreement, window: LoadWindow, rank: int, world_size: int,
         stats: BalancerStats, clock_offset: Callable[[], int], read_round: Callable[[Round, int], object],
+        load_copies: int = 1,
     ):
         self.config, self.topo, self.agreement, self.window = config, topo, agreement, window
         self.rank, self.stats = rank, stats
@@ -94,7 +95,7 @@ class LoadTrigger:
         self.opened = -1  # pass the current watch window opened, -1: none open
         self.snapshot: HostSnapshot | None = None
         self.recent: deque = deque(maxlen=JUDGED)  # the last watch windows' reduced loads (every rank alike)
-        self.load_copies = 1  # ranks recording each token (MoELayout.load_copies)
+        self.load_copies = load_copies  # ranks recording each token (MoELayout.load_copies)
         self.load_round: Round | None = None
         self.vote: Round | None = None
 

@@ -35,8 +35,8 @@ from .base import PlanInput, Policy, keep_in_place, register_policy
 from .greedy import pack
 
 DEFAULT_MOVE_SHARE = 5e-4  # token model: a moved slot must save this share of the mean rank load
-BIG_SHARE = 0.25  # a replica is large above this share of the mean rank load (step 3)
-FAR = 0.05  # step 3 runs on layers whose slowest rank is this far above the target
+BIG_SHARE = 0.1  # a replica is large above this share of the mean rank load (step 3)
+FAR = 0.02  # step 3 runs on layers whose slowest rank is this far above the target
 SWAP_ROUNDS = 24
 FRESH = 1.1  # step 4: layers whose slowest rank is this far above the target
 PAIRS = 8  # rank pairs swapped per layer and round
