@@ -190,13 +190,32 @@ class LoadLayout:
 
 class WatchLayout(LoadLayout):
     """The load trigger's watch round (core/load_trigger.py), reduced with SUM: a watch window's
-    (layers, slots) load, then every rank's fault (always 0: faults belong to cycles), pass and
-    clock offset at its own index. No sampled passes."""
+    (layers, slots) load, then per rank, at its own index: its fault (always 0: faults belong to
+    cycles), the pass it posted at, its clock offset, and 1 if its window's load is spoiled (a
+    local failure: the window cannot be judged). No sampled passes."""
 
     name = "watch"
+    TAIL = 4  # per rank: fault, pass number, clock offset, spoiled
 
     def __init__(self, load_shape: tuple, world_size: int):
         super().__init__(load_shape, (0,), world_size)
+
+    def encode(self, load: torch.Tensor, rank: int, pass_no: int, clock: int, spoiled: bool) -> torch.Tensor:
+        n = self.world_size
+        tail = torch.zeros(self.TAIL * n, dtype=torch.int64)
+        tail[n + rank], tail[2 * n + rank], tail[3 * n + rank] = pass_no, clock, int(spoiled)
+        return torch.cat([load.reshape(-1), tail])
+
+    def decode(self, value: torch.Tensor) -> SimpleNamespace:
+        n = self.world_size
+        faults, passes, clocks, spoiled = value[-self.TAIL * n:].reshape(self.TAIL, n)
+        p_lo, p_hi, c_lo, c_hi = int(passes.min()), int(passes.max()), int(clocks.min()), int(clocks.max())
+        return SimpleNamespace(
+            load=value[: -self.TAIL * n].reshape(self.load_shape), spoiled=bool(spoiled.any()),
+            passes=passes.tolist(), clocks=clocks.tolist(),
+            pass_no=(p_lo, p_lo == p_hi, p_hi), clock=(c_lo, c_lo == c_hi, c_hi),
+            fault=int(faults.max()), skew=False, weights=(0, True, 0),
+        )
 
 
 READINESS = VoteLayout("readiness", ("ready", "all"), ("expired", "any"))

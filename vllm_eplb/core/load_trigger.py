@@ -28,6 +28,8 @@ travel in the vote. A watch window opens only if its vote is read before the sch
 start, so the schedule keeps its passes. Faults belong to cycles: the watch rounds carry none
 (they stay for the next cycle's first round); they carry the pass and the clock offset like
 every round, so a rank off the schedule or a drifted clock stops rebalancing as in a cycle. A
+rank whose window failed locally (a device error clearing, recording or copying it) keeps the
+schedule and marks its load spoiled in the round: no rank judges that window. A
 watch round that fails (a rank lagged past agreement_timeout_s) fails on every rank at the
 same pass: the watch stops until the next cycle, the agreement group is rebuilt for it.
 
@@ -93,6 +95,8 @@ class LoadTrigger:
         self.last_start = 0  # pass the last cycle started
         self.open_at = 0  # the next watch window opens at or after this pass
         self.opened = -1  # pass the current watch window opened, -1: none open
+        self.filled = 0  # passes of it recorded
+        self.spoiled = False  # a local failure: this rank's load for the window is not the window's
         self.snapshot: HostSnapshot | None = None
         self.recent: deque = deque(maxlen=JUDGED)  # the last watch windows' reduced loads (every rank alike)
         self.load_copies = load_copies  # ranks recording each token (MoELayout.load_copies)
@@ -147,30 +151,46 @@ class LoadTrigger:
         if self.load_round is not None and p >= self.load_round.due_at:
             r, self.load_round = self.load_round, None
             v = self.read_round(r, p)
-            short = self._verdict(v, placement) if v is not None else False
+            if v is not None and v.spoiled:
+                self.recent.clear()  # a window some rank could not record: no verdict on it or with it
+            short = self._verdict(v, placement) if v is not None and not v.spoiled else False
             self.vote = self.agreement.vote(TRIGGER, dict(start=short, fault=0, skew=False, clock=self.clock_offset(),
                                                           weights=self.stats.weight_updates), p)
+        # the schedule below is pass arithmetic only; local work that fails (the device) costs this
+        # rank its load in the round, never its place in the schedule
         if self.opened >= 0:
-            self.window.record_pass()
-            if self.window.filled >= self.passes and self.snapshot is None:
-                self.snapshot = self.window.snapshot_to_host()
-            elif self.snapshot is not None:  # a pass later the device->host copy is long done
+            if self.filled >= self.passes:  # a pass after the window closed: its copy is long done
                 self._post_load(p)
+            else:
+                self.filled += 1
+                self._local(self.window.record_pass)
+                if self.filled >= self.passes:
+                    self.snapshot = self._local(self.window.snapshot_to_host)
         elif self.vote is None and self.load_round is None and p >= self.open_at \
                 and p + self.passes + 1 + 2 * lag < next_cycle_at:
-            self.window.reset()
-            self.opened = p
+            self.opened, self.filled, self.spoiled = p, 0, False
+            self._local(self.window.reset)
         return False
+
+    def _local(self, work):
+        """Local work on the window; a failure spoils this window (every rank skips its verdict)."""
+        try:
+            return work()
+        except Exception:
+            self.spoiled = True
+            log.warning("EPLB rank %d: load trigger: %s failed", self.rank, getattr(work, "__name__", work), exc_info=True)
+            return None
 
     def _post_load(self, p: int) -> None:
         load = None
         try:
-            load, _ = self.snapshot.wait()
+            if self.snapshot is not None and not self.spoiled:
+                load, _ = self.snapshot.wait()
         except Exception:  # this rank contributes no load; the round still pairs on every rank
             log.warning("EPLB rank %d pass %d: load trigger: window copy failed", self.rank, p, exc_info=True)
         if load is None:
-            load = torch.zeros(self.layout.load_shape, dtype=torch.int64)
-        sent = self.layout.encode(load, torch.zeros(0, dtype=torch.int64), self.rank, 0, p, self.clock_offset())
+            load, self.spoiled = torch.zeros(self.layout.load_shape, dtype=torch.int64), True
+        sent = self.layout.encode(load, self.rank, p, self.clock_offset(), self.spoiled)
         self.load_round = self.agreement.post(sent, p, op=dist.ReduceOp.SUM, layout=self.layout)
         self.load_round.sent = {"clock": self.clock_offset()}
         self.snapshot, self.opened, self.open_at = None, -1, p + 1
