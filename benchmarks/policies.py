@@ -21,8 +21,10 @@ Reported per policy and scenario:
 - the predicted MoE time per pass (core/cost_model.py: the slowest rank's token work plus one
   weight read per activated replica, summed over layers), on the planning and the next window;
 - plan time, median and max over every plan of `--reps` interleaved repetitions, measured in
-  the planner process (`Planner`, as the balancer runs it: the policy and the plan's validation);
+  the planner process (`Planner`, as the balancer runs it: the policy and the plan's validation),
+  wall time and the process's CPU time (on a shared box the wall time carries other jobs);
   vLLM's own policy runs in this process (its plans equal `deepseek`'s: tests/test_policies.py).
+The load average when the run starts and ends is printed: compare times within one run.
 Targets (issue 32), checked per row for the default policy (min-move): balancedness within 0.01
 of the best any policy reaches (rows whose deployment keeps expert groups within nodes are
 compared with the best global packer too, labelled); at most 10% of vllm-default's slots moved;
@@ -167,11 +169,12 @@ class Runner:
         topo, shape = self.shape.topo, self.shape
         current = default_placement(topo, shape.layers)
         self.plan(loads[0], current)  # warm-up: the planner process lives on while serving
-        bal, bal_next, moved, times, secs, secs_next = [], [], [], [], [], []
+        bal, bal_next, moved, times, cpus, secs, secs_next = [], [], [], [], [], [], []
         for i, load in enumerate(loads):
             plan = self.plan(load, current)
             new = plan.placement
             times.append(plan.plan_seconds)
+            cpus.append(plan.plan_cpu_seconds)
             bal.append(plan.predicted_balancedness)
             secs.append(plan.predicted_seconds)
             if i + 1 < len(loads):
@@ -182,7 +185,7 @@ class Runner:
             current = new
         return dict(
             bal=statistics.mean(bal), bal_next=statistics.mean(bal_next), moved=statistics.mean(moved),
-            gb=statistics.mean(moved) * shape.expert_bytes / 1e9, times=times,
+            gb=statistics.mean(moved) * shape.expert_bytes / 1e9, times=times, cpus=cpus,
             ms=statistics.mean(secs) * 1e3, ms_next=statistics.mean(secs_next) * 1e3,
         )
 
@@ -202,7 +205,7 @@ def quality_table(quick: bool, reps: int, window: int) -> bool:
     print(f"targets for min-move: balance >= best - {BALANCE_GAP}, slots moved <= {MOVED_SHARE:.0%} of vllm-default's, "
           f"DeepSeek-V3 plan median <= {PLAN_MS:g} ms")
     hdr = ("shape", "load", "policy", "balance", "next window", "slots moved", "GB moved", "vs default",
-           "pass ms (plan / next)", "plan ms median", "max", "targets")
+           "pass ms (plan / next)", "plan ms median", "max", "CPU ms median", "targets")
     print("\n| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for shape in SHAPES:
@@ -215,6 +218,7 @@ def quality_table(quick: bool, reps: int, window: int) -> bool:
                     res = r.run(loads)
                     if r.policy.name in results:
                         results[r.policy.name]["times"] += res["times"]
+                        results[r.policy.name]["cpus"] += res["cpus"]
                     else:
                         results[r.policy.name] = res
             base = results.get("vllm-default") or results["deepseek"]
@@ -225,6 +229,7 @@ def quality_table(quick: bool, reps: int, window: int) -> bool:
             for name, r in results.items():
                 fewer = r["moved"] / base["moved"] - 1 if base["moved"] else 0.0
                 med, top = statistics.median(r["times"]) * 1e3, max(r["times"]) * 1e3
+                cpu = statistics.median(r["cpus"]) * 1e3
                 verdict = ""
                 if name == "min-move":
                     checks = [
@@ -239,7 +244,7 @@ def quality_table(quick: bool, reps: int, window: int) -> bool:
                 print("| " + " | ".join([
                     shape.name, label, who, f"{r['bal']:.4f}", f"{r['bal_next']:.4f}", f"{r['moved']:.0f}",
                     f"{r['gb']:.2f}", f"{fewer:+.0%}", f"{r['ms']:.2f} / {r['ms_next']:.2f}", f"{med:.1f}", f"{top:.1f}",
-                    verdict,
+                    f"{cpu:.1f}", verdict,
                 ]) + " |", flush=True)
         for r in runners:
             r.close()
@@ -310,10 +315,12 @@ def main() -> None:
     ap.add_argument("--gil-seconds", type=float, default=6.0)
     ap.add_argument("--no-gil", action="store_true", help="skip the GIL table")
     args = ap.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
     met = quality_table(args.quick, 1 if args.quick else args.reps, args.window)
     if not args.no_gil:
         met &= gil_table(args.gil_seconds, args.window)
-    print(f"\ntargets {'met' if met else 'NOT all met'}")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    print(f"targets {'met' if met else 'NOT all met'}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class Plan:
     # expert seconds) for the placement in force and for the plan; 0 without a cost model
     current_seconds: float = 0.0
     predicted_seconds: float = 0.0
+    plan_cpu_seconds: float = 0.0  # the planning process's CPU time for it (plan_seconds is wall time)
 
     @property
     def improvement(self) -> float:
@@ -58,10 +59,10 @@ def make_plan(
 ) -> Plan:
     """The policy's plan and what it predicts. `passes`: the forward passes logical_load was
     summed over (0: unknown); with a cost model, the predicted straggler times too."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     new = np.ascontiguousarray(policy.place(PlanInput(logical_load, current, topo, passes)), dtype=np.int64)
     validate_placement(new, topo)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     seconds = (0.0, 0.0)
     if cost is not None and passes > 0:
         seconds = tuple(cost.straggler_seconds(p, logical_load, passes, topo.num_ranks) for p in (current, new))
@@ -74,6 +75,7 @@ def make_plan(
         digest=placement_digest(new),
         current_seconds=seconds[0],
         predicted_seconds=seconds[1],
+        plan_cpu_seconds=cpu,
     )
 
 
