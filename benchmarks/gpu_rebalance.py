@@ -254,7 +254,9 @@ class Rank:
             agreement_lag=args.agreement_lag,
             planner=args.planner,
         )
-        layout = MoELayout(self.topo, args.layers, model.pass_load, model.maps, model.weights_of, model.record_flag)
+        # every rank routes (and records) the whole batch: the window counts a token once per rank
+        layout = MoELayout(self.topo, args.layers, model.pass_load, model.maps, model.weights_of, model.record_flag,
+                           load_copies=self.world)
         runner = RunnerCount()
         balancer = Balancer(cfg, layout, Comm(self.rank, self.world, self.cpu_group, rec), get_policy(args.policy),
                             clock=PassClock(runner, model.pass_counter))

@@ -34,6 +34,8 @@ The balancer's rounds (one layout each, defined here):
   DIGEST      every rank holds the same plan, and it is worth moving
   COMMIT      which of the steps in flight (up to MAX_IN_FLIGHT) this rank has ready, and
               a digest of their layers (a step is never committed as different layers)
+  WatchLayout while idle, the load trigger's watch window load (SUM; core/load_trigger.py)
+  TRIGGER     some rank found the placement in force short of the last plan's promise
 
 A slow rank is not a broken one. gloo times a collective out `timeout_s` after it
 was posted on this rank: that is how far one rank may lag its peers (a long pass, a
@@ -179,11 +181,41 @@ class LoadLayout:
         )
 
     def pass_mismatch(self, v, posted_at: int) -> str:
-        return (f"load round posted at pass {posted_at} here was posted at passes {v.passes} "
+        return (f"{self.name} round posted at pass {posted_at} here was posted at passes {v.passes} "
                 f"by ranks 0..{self.world_size - 1}")
 
     def clock_spread(self, v) -> str:
         return f"by ranks 0..{self.world_size - 1}: {v.clocks}"
+
+
+class WatchLayout(LoadLayout):
+    """The load trigger's watch round (core/load_trigger.py), reduced with SUM: a watch window's
+    (layers, slots) load, then per rank, at its own index: its fault (always 0: faults belong to
+    cycles), the pass it posted at, its clock offset, and 1 if its window's load is spoiled (a
+    local failure: the window cannot be judged). No sampled passes."""
+
+    name = "watch"
+    TAIL = 4  # per rank: fault, pass number, clock offset, spoiled
+
+    def __init__(self, load_shape: tuple, world_size: int):
+        super().__init__(load_shape, (0,), world_size)
+
+    def encode(self, load: torch.Tensor, rank: int, pass_no: int, clock: int, spoiled: bool) -> torch.Tensor:
+        n = self.world_size
+        tail = torch.zeros(self.TAIL * n, dtype=torch.int64)
+        tail[n + rank], tail[2 * n + rank], tail[3 * n + rank] = pass_no, clock, int(spoiled)
+        return torch.cat([load.reshape(-1), tail])
+
+    def decode(self, value: torch.Tensor) -> SimpleNamespace:
+        n = self.world_size
+        faults, passes, clocks, spoiled = value[-self.TAIL * n:].reshape(self.TAIL, n)
+        p_lo, p_hi, c_lo, c_hi = int(passes.min()), int(passes.max()), int(clocks.min()), int(clocks.max())
+        return SimpleNamespace(
+            load=value[: -self.TAIL * n].reshape(self.load_shape), spoiled=bool(spoiled.any()),
+            passes=passes.tolist(), clocks=clocks.tolist(),
+            pass_no=(p_lo, p_lo == p_hi, p_hi), clock=(c_lo, c_lo == c_hi, c_hi),
+            fault=int(faults.max()), skew=False, weights=(0, True, 0),
+        )
 
 
 READINESS = VoteLayout("readiness", ("ready", "all"), ("expired", "any"))
@@ -194,9 +226,11 @@ MAX_IN_FLIGHT = 6  # steps a commit vote can name (its layout's width)
 COMMIT = VoteLayout(
     "commit", ("first_seq", "equal"), ("layers", "equal"), *((f"ready{i}", "all") for i in range(MAX_IN_FLIGHT))
 )
+# the load trigger's verdict: some rank found the placement in force short of its promise
+TRIGGER = VoteLayout("trigger", ("start", "any"))
 # What the ranks' rounds mean: equal on every rank (compared at start-up) or no round pairs.
 PROTOCOL = short_digest(repr((VOTE_WIDTH, FAULT_RANKS, [(f.name, f.value) for f in Fault],
-                              [(v.name, v.fields) for v in (READINESS, DIGEST, COMMIT)])).encode())
+                              [(v.name, v.fields) for v in (READINESS, DIGEST, COMMIT, TRIGGER)])).encode())
 
 
 def layers_digest(steps: list[tuple[int, list[int]]]) -> int:

@@ -51,6 +51,9 @@ only), and rebalancing stops on every rank.
 The placement of record is the routing maps' host copy (`RoutingMaps.placement`): what
 the balancer plans from, moves from and records is what the model routes with.
 
+A cycle starts every step_interval passes, or earlier when the load trigger's vote says the
+traffic shifted (core/load_trigger.py: its watch rounds run while idle).
+
 Pass timeline of one cycle (L = agreement lag, W = window, all relative):
   c            idle -> collecting                    window opened
   c+W          -> planning_reducing                  window closed, copy to host started
@@ -77,7 +80,9 @@ import torch.distributed as dist
 
 from .agreement import DIGEST, PROTOCOL, READINESS, Agreement, AgreementError, LoadLayout, Round, VoteLayout
 from .config import BalancerConfig
+from .cost_model import CostModel, expert_size
 from .faults import Fault, LocalFaults, ProtocolMismatch, Reason, decode, describe, fault_of
+from .load_trigger import LoadTrigger
 from .load_window import HostSnapshot, LoadWindow
 from .pass_balance import pass_figures
 from .pass_clock import PassClock
@@ -115,6 +120,9 @@ class MoELayout:
     weights_of: Callable[[int], list[torch.Tensor]]  # layer -> this rank's expert tensors (local slots, ...)
     record_flag: torch.Tensor | None = None  # bool scalar the router checks before recording load
     max_pass_tokens: int = 0  # most tokens one pass can route (0: unknown), for the overflow check
+    # ranks that record each token (every tensor-parallel rank routes the whole batch): the
+    # window's summed load counts a token this many times; the cost model needs tokens per pass
+    load_copies: int = 1
 
 
 @dataclass
@@ -204,13 +212,22 @@ class Balancer:
         self._load_layout = LoadLayout(
             tuple(layout.pass_load.shape), (sampler.samples, sampler.layers, sampler.ranks), comm.world_size
         )
+        nbytes, params = expert_size(layout.weights_of(0))
+        self.cost = CostModel.for_expert(
+            nbytes, params, config.step_interval, config.cost_tflops, config.cost_read_gbps, config.cost_move_gbps
+        ) if params else None
         self.planner = Planner(
-            policy or get_policy(config.policy, tolerance=config.min_move_tolerance),
+            policy or get_policy(config.policy, tolerance=config.min_move_tolerance, cost=self.cost),
             self.topo,
             config.planner,
             max_restarts=config.planner_max_restarts,
+            cost=self.cost,
         )
         self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag, config.agreement_timeout_s)
+        self.trigger = LoadTrigger(
+            config, self.topo, self.agreement, self.window, comm.rank, comm.world_size, self.stats,
+            lambda: self.clock.offset(), self._read_round, layout.load_copies,
+        )
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
         self._weights_pass = -1  # the pass clock when the last weight update came
@@ -383,7 +400,9 @@ class Balancer:
         """Rebalancing stopped: serving goes on on the placement in force."""
 
     def _tick_idle(self, p: int) -> None:
-        if p >= self.next_cycle_at:
+        load = p < self.next_cycle_at and self.trigger.due(p, self.placement, self.next_cycle_at)
+        if load or p >= self.next_cycle_at:
+            self.trigger.disarm()
             try:
                 self.agreement.wait_rebuilt()  # after a failed round: the new group, before any round
             except AgreementError as exc:
@@ -392,7 +411,7 @@ class Balancer:
             self._cycles += 1
             self.cycle = Cycle(self._cycles, p)
             self.faults.clear()
-            self.start_collecting()
+            self.start_collecting(reason="load trigger" if load else "")
             try:
                 self.window.reset()  # load recorded while idle is not part of the window
             except Exception as exc:
@@ -476,7 +495,7 @@ class Balancer:
             self.stats.balancedness_initial = predicted_balancedness(self.initial_placement, logical, self.topo)
             restarts = self.planner.restarts
             try:
-                self.planner.submit(logical, self.placement)
+                self.planner.submit(logical, self.placement, self.config.window_size * self.layout.load_copies)
             finally:
                 self.stats.planner_restarts += self.planner.restarts - restarts
         except PlannerDead as exc:
@@ -527,6 +546,8 @@ class Balancer:
         plan = c.plan  # every rank voted ready with this digest: the plan is here
         self.stats.balancedness_current = plan.current_balancedness
         self.stats.balancedness_predicted = plan.predicted_balancedness
+        self.stats.pass_seconds_current = plan.current_seconds
+        self.stats.pass_seconds_predicted = plan.predicted_seconds
         self.stats.last_plan_moved_slots = plan.moved_slots
         log.info(
             "EPLB rank %d pass %d: plan (%s, %.1f ms) balancedness %.3f -> %.3f predicted, %d slots to move",
@@ -656,6 +677,7 @@ class Balancer:
         self.disabled_reason = reason.label + (f": {detail}" if detail else "")
         if self.state in ACTIVE:
             self._abort(reason, rank, detail)
+        self.trigger.disarm()  # a watch in progress: recording stops with it
         self.disable(reason=reason.label)
         log.warning(
             "EPLB rank %d pass %d: rebalancing disabled (%s); serving continues on the placement in force",
@@ -672,6 +694,12 @@ class Balancer:
             return
         self.pipeline.end()
         self.planner.discard()
+        # a decided cycle leaves a promise the load trigger holds the load to (core/load_trigger.py)
+        promise = {"finish": "predicted_balancedness", "skip": "current_balancedness"}.get(event.event.name)
+        if promise and c.plan is not None:
+            self.trigger.arm(getattr(c.plan, promise), c.started_at, self.pass_no)
+        else:
+            self.trigger.disarm()
         self.cycle = None
         self.next_cycle_at = max(c.started_at + self.config.step_interval, self.pass_no + 1)
 

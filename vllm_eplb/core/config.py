@@ -47,7 +47,42 @@ class BalancerConfig(BaseModel):
         0.01,
         ge=0.0,
         le=1.0,
-        description="min-move: accepted balancedness shortfall against the deepseek policy's plan, relative.",
+        description="min-move: the slowest rank a plan aims for, relative to a lower bound on any packing's.",
+    )
+    trigger_margin: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="Load trigger: a cycle starts early when the placement in force, predicted on the last watch window "
+        "(window_size/4 passes, watched while idle), balances worse than the last plan promised by more than this "
+        "(balancedness); 0 turns it and its rounds off, 1 watches without triggering.",
+    )
+    trigger_min_spacing: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_PASSES,
+        description="Load trigger: fewest forward passes from the start of one cycle to a cycle the trigger starts "
+        "(null: window_size); at most step_interval.",
+    )
+    cost_tflops: float = Field(
+        100.0,
+        gt=0,
+        le=1e6,
+        description="Cost model: effective expert GEMM rate (TFLOPS) of one token through one expert; the default is "
+        "measured on one H200 (docs/benchmarks.md, section 5).",
+    )
+    cost_read_gbps: float = Field(
+        4800.0,
+        gt=0,
+        le=1e6,
+        description="Cost model: rate (GB/s) at which an activated expert replica's weights are read (H200 HBM).",
+    )
+    cost_move_gbps: float = Field(
+        1300.0,
+        gt=0,
+        le=1e6,
+        description="Cost model: pass time a moved expert slot costs, as bytes at this rate (a peer copy's 250 GB/s "
+        "over the 19% it slows the forward pass); a slot moves when it saves more over step_interval passes.",
     )
     planner: Literal["process", "thread"] = Field(
         "process", description="Where plans are computed: a child process (no GIL contention) or a thread."
@@ -90,12 +125,23 @@ class BalancerConfig(BaseModel):
         None, min_length=1, description="Write the placement in force and the load it was planned from to this JSON file after every plan decision (rank 0)."
     )
 
+    @property
+    def trigger_spacing(self) -> int:
+        """trigger_min_spacing, its default resolved."""
+        return self.trigger_min_spacing if self.trigger_min_spacing is not None else self.window_size
+
     @model_validator(mode="after")
     def _window_fits_interval(self) -> "BalancerConfig":
         if self.window_size > self.step_interval:
             raise ValueError(
                 f"window_size ({self.window_size}) must not exceed step_interval "
                 f"({self.step_interval}): the load window is collected inside each cycle"
+            )
+        if self.trigger_min_spacing is not None and self.trigger_min_spacing > self.step_interval:
+            raise ValueError(
+                f"trigger_min_spacing ({self.trigger_min_spacing}) must not exceed step_interval ({self.step_interval}): "
+                "the schedule starts a cycle every step_interval passes anyway; lower it, or set trigger_margin 0 to "
+                "turn the load trigger off"
             )
         if self.agreement_lag >= self.step_interval:
             raise ValueError(
@@ -122,6 +168,11 @@ PROTOCOL_KEYS = (
     "planning_timeout_s",
     "transfer_timeout_s",
     "planner_max_restarts",
+    "trigger_margin",
+    "trigger_min_spacing",
+    "cost_tflops",
+    "cost_read_gbps",
+    "cost_move_gbps",
 )
 LOCAL_KEYS = (
     "planner",  # where this rank computes the plan (the plan is the same)

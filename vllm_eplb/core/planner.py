@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cost_model import CostModel
 from .placement import Topology, moved_slots, placement_digest, predicted_balancedness, validate_placement
 from .planner_process import ChildProcessExecutor
 from .policies import PlanInput, Policy
@@ -38,6 +39,11 @@ class Plan:
     moved_slots: int
     plan_seconds: float
     digest: tuple[int, int]
+    # the cost model's predicted straggler time per pass (sum over layers of the slowest rank's
+    # expert seconds) for the placement in force and for the plan; 0 without a cost model
+    current_seconds: float = 0.0
+    predicted_seconds: float = 0.0
+    plan_cpu_seconds: float = 0.0  # the planning process's CPU time for it (plan_seconds is wall time)
 
     @property
     def improvement(self) -> float:
@@ -47,11 +53,19 @@ class Plan:
         return self.predicted_balancedness / self.current_balancedness - 1.0
 
 
-def make_plan(policy: Policy, logical_load: np.ndarray, current: np.ndarray, topo: Topology) -> Plan:
-    t0 = time.perf_counter()
-    new = np.ascontiguousarray(policy.place(PlanInput(logical_load, current, topo)), dtype=np.int64)
+def make_plan(
+    policy: Policy, logical_load: np.ndarray, current: np.ndarray, topo: Topology, passes: float = 0.0,
+    cost: CostModel | None = None,
+) -> Plan:
+    """The policy's plan and what it predicts. `passes`: the forward passes logical_load was
+    summed over (0: unknown); with a cost model, the predicted straggler times too."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    new = np.ascontiguousarray(policy.place(PlanInput(logical_load, current, topo, passes)), dtype=np.int64)
     validate_placement(new, topo)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    seconds = (0.0, 0.0)
+    if cost is not None and passes > 0:
+        seconds = tuple(cost.straggler_seconds(p, logical_load, passes, topo.num_ranks) for p in (current, new))
     return Plan(
         placement=new,
         current_balancedness=predicted_balancedness(current, logical_load, topo),
@@ -59,6 +73,9 @@ def make_plan(policy: Policy, logical_load: np.ndarray, current: np.ndarray, top
         moved_slots=moved_slots(current, new),
         plan_seconds=elapsed,
         digest=placement_digest(new),
+        current_seconds=seconds[0],
+        predicted_seconds=seconds[1],
+        plan_cpu_seconds=cpu,
     )
 
 
@@ -79,9 +96,12 @@ class Planner:
     that timed out is cancelled: the process computing it is stopped and a fresh one
     started, so a stuck policy cannot hold every later cycle behind it."""
 
-    def __init__(self, policy: Policy, topo: Topology, mode: str = "process", max_restarts: int = 3):
+    def __init__(
+        self, policy: Policy, topo: Topology, mode: str = "process", max_restarts: int = 3, cost: CostModel | None = None
+    ):
         self.policy = policy
         self.topo = topo
+        self.cost = cost
         self.mode = mode
         self.max_restarts = max_restarts
         self.restarts = 0  # after an unexpected death
@@ -119,13 +139,13 @@ class Planner:
     def alive(self) -> bool:
         return self.mode != "process" or self._pool.alive
 
-    def submit(self, logical_load: np.ndarray, current: np.ndarray) -> None:
-        """Queue a plan; never blocks the caller."""
+    def submit(self, logical_load: np.ndarray, current: np.ndarray, passes: float = 0.0) -> None:
+        """Queue a plan for load summed over `passes` forward passes; never blocks the caller."""
         if self._job is not None and not self._job.done():
             raise RuntimeError("a plan is already in flight")
         self.ensure_alive()
         self.submitted_at = time.monotonic()
-        self._job = self._pool.submit(make_plan, self.policy, logical_load, current.copy(), self.topo)
+        self._job = self._pool.submit(make_plan, self.policy, logical_load, current.copy(), self.topo, passes, self.cost)
 
     def done(self) -> bool:
         return self._job is not None and self._job.done()

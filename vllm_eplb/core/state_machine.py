@@ -62,7 +62,7 @@ TRANSITIONS = [
 ]
 
 DECIDED_BY = {
-    "start_collecting": "pass clock: the cycle's start",
+    "start_collecting": "pass clock: the cycle's start; or, while idle, the load trigger's vote (the placement in force fell short of its promise)",
     "window_full": "pass clock: window_size passes collected; load all-reduce posted",
     "load_reduced": "load round read: plan submitted, readiness round posted",
     "plan_agreed": "readiness round: every rank has its plan; digest round posted (else: vote again, no transition)",

@@ -45,6 +45,14 @@ class BalancerStats:
     # predicted for the placement the server started with, on the last window's load:
     # what the same traffic would give without rebalancing
     balancedness_initial: float = float("nan")
+    # the load trigger (core/load_trigger.py): predicted for the placement in force on the last
+    # watch window's load, and the cycles it started
+    balancedness_watch: float = float("nan")
+    load_triggers: int = 0
+    # the cost model's predicted MoE expert seconds per pass (core/cost_model.py), on the last
+    # plan's window: for the placement in force and for the plan
+    pass_seconds_current: float = float("nan")
+    pass_seconds_predicted: float = float("nan")
     last_plan_moved_slots: int = 0
     layers_committed: int = 0
     experts_moved: int = 0  # experts this rank received

@@ -54,6 +54,7 @@ class HarnessConfig:
     balancer: dict = field(default_factory=dict)  # BalancerConfig fields
     faults: Faults = field(default_factory=Faults)
     verbose: bool = False
+    record_pass_load: bool = False  # report this rank's routed load of every pass, per layer (benchmarks/adapt.py)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class RankReport:
     placement: np.ndarray
     max_wait_s: float = 0.0  # longest the forward loop spent in the balancer on one pass
     events: dict = field(default_factory=dict)  # what the fault doubles did
+    pass_load: np.ndarray | None = None  # (passes, layers) this rank's own slots' tokens per pass, if recorded
 
 
 class RunnerCount:
@@ -128,6 +130,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     checker = InvariantChecker(model.maps, model.slot_mismatches, lambda: model.probe(probe), world)
     tick_us: dict[str, list[float]] = {}
     max_wait = 0.0
+    pass_load = np.zeros((cfg.passes, cfg.layers), dtype=np.int64) if cfg.record_pass_load else None
     for p in range(1, cfg.passes + 1):
         state = balancer.state
         t0 = time.perf_counter()
@@ -139,6 +142,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         else:
             runner.count += 1
         batch = workload.batch(p)
+        before = model.pass_load.sum(dim=1) if pass_load is not None else None  # the window may reset in a tick
         if checking:
             # The probe batch rides in this pass (its rows computed independently, its load not
             # recorded): its outputs are those of the maps and weights this pass routes with,
@@ -147,6 +151,8 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
             checker.check(p, probe_out=out[len(batch):])
         else:
             model.forward(batch)
+        if pass_load is not None:
+            pass_load[p - 1] = (model.pass_load.sum(dim=1) - before).numpy()
         if cfg.pass_sleep_s:
             time.sleep(cfg.pass_sleep_s)
         if slow.fires(balancer):
@@ -200,6 +206,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         balancer.placement.copy(),
         max_wait,
         events,
+        pass_load,
     )
     balancer.shutdown()
     dist.barrier()

@@ -133,6 +133,11 @@ class EplbConfig(BaseModel):
     # ---- vllm-eplb's own keys
     layers_per_pass: int = _core("layers_per_pass")
     min_move_tolerance: float = _core("min_move_tolerance")
+    trigger_margin: float = _core("trigger_margin")
+    trigger_min_spacing: int | None = _core("trigger_min_spacing")
+    cost_tflops: float = _core("cost_tflops")
+    cost_read_gbps: float = _core("cost_read_gbps")
+    cost_move_gbps: float = _core("cost_move_gbps")
     planner: Literal["process", "thread"] = Field("process", description=BalancerConfig.model_fields["planner"].description)
     improvement_threshold: float = _core("improvement_threshold")
     agreement_lag: int = _core("agreement_lag")

@@ -62,9 +62,10 @@ class _Families:
         self.ENABLED = Gauge(_PREFIX + "enabled", "1 while rebalancing is on; 0 after the balancer stopped itself.", ["rank"], **_GAUGE)
         self.BALANCEDNESS = Gauge(
             _PREFIX + "balancedness",
-            "mean/max tokens per rank: observed over the last window; mean over that window's sampled passes of "
-            "each pass's (pass); predicted on the window's load for the placement in force (current), for the last "
-            "plan (planned) and for the start-up placement (initial).",
+            "mean/max tokens per rank: observed over the last window (a cycle's, or the load trigger's while idle); "
+            "mean over a cycle window's sampled passes of each pass's (pass); predicted on the window's load for the "
+            "placement in force (current), for the last plan (planned) and for the start-up placement (initial); "
+            "predicted for the placement in force on the load trigger's last watch window (watch).",
             ["rank", "kind"],
             **_GAUGE,
         )
@@ -74,6 +75,20 @@ class _Families:
             "layer's time follows its most loaded rank's tokens: 1 - sum(mean)/sum(max) of per-pass rank loads.",
             ["rank"],
             **_GAUGE,
+        )
+        self.PASS_SECONDS = Gauge(
+            _PREFIX + "pass_seconds",
+            "Predicted MoE expert seconds per forward pass, summed over layers of the slowest rank's (token work plus "
+            "one weight read per activated replica: the cost model), on the last plan's window: for the placement in "
+            "force (current) and for the plan (planned).",
+            ["rank", "kind"],
+            **_GAUGE,
+        )
+        self.LOAD_TRIGGERS = Counter(
+            _PREFIX + "load_triggers",
+            "Cycles started early by the load trigger (the placement in force fell short of its plan's promise).",
+            ["rank"],
+            **_OTHER,
         )
         self.CYCLES = Counter(
             _PREFIX + "cycles", "Rebalancing cycles by outcome (completed, skipped, aborted) and reason.", ["rank", "outcome", "reason"], **_OTHER
@@ -218,6 +233,10 @@ class BalancerMetrics:
                 m.STEP_SECONDS.labels(r).inc((self.owner.step_ns - self._step_ns) / 1e9)
                 self._step_ns = self.owner.step_ns
             self._watch_stall(balancer)
+            s = balancer.stats
+            if s.observed_history and s.observed_history[-1] != self._seen.get("observed"):
+                self._seen["observed"] = s.observed_history[-1]  # a watch window while idle: refresh balance
+                self._balance(s)
         if not transitioned:
             return
         s = balancer.stats
@@ -232,15 +251,10 @@ class BalancerMetrics:
         m.ENABLED.labels(r).set(1 if balancer.enabled else 0)
         if s.straggler_share == s.straggler_share:  # not NaN
             m.STRAGGLER_SHARE.labels(r).set(s.straggler_share)
-        for kind, v in (
-            ("observed", s.balancedness_observed),
-            ("pass", s.balancedness_pass),
-            ("current", s.balancedness_current),
-            ("planned", s.balancedness_predicted),
-            ("initial", s.balancedness_initial),
-        ):
-            if v == v:  # not NaN
-                m.BALANCEDNESS.labels(r, kind).set(v)
+        self._balance(s)
+        for kind, v in (("current", s.pass_seconds_current), ("planned", s.pass_seconds_predicted)):
+            if v == v and v > 0:  # not NaN, and a cost model
+                m.PASS_SECONDS.labels(r, kind).set(v)
         d = self._delta("completed", s.cycles_completed)
         if d:
             m.CYCLES.labels(r, "completed", "").inc(d)
@@ -275,6 +289,7 @@ class BalancerMetrics:
             (m.EXPERTS, "experts", s.experts_moved),
             (m.LAYERS, "layers", s.layers_committed),
             (m.WEIGHT_UPDATES, "weight_updates", s.weight_updates),
+            (m.LOAD_TRIGGERS, "load_triggers", s.load_triggers),
         ):
             d = self._delta(key, value)
             if d:
@@ -291,6 +306,18 @@ class BalancerMetrics:
                 d = self._delta(("slot_checks", result), value)
                 if d:
                     m.SLOT_CHECKS.labels(r, result).inc(d)
+
+    def _balance(self, s) -> None:
+        for kind, v in (
+            ("observed", s.balancedness_observed),
+            ("pass", s.balancedness_pass),
+            ("current", s.balancedness_current),
+            ("planned", s.balancedness_predicted),
+            ("initial", s.balancedness_initial),
+            ("watch", s.balancedness_watch),
+        ):
+            if v == v:  # not NaN
+                self.m.BALANCEDNESS.labels(self.rank, kind).set(v)
 
     def _watch_stall(self, balancer) -> None:
         """vLLM's own async EPLB can stop rebalancing with no sign. Here the pass clock

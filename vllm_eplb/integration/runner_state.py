@@ -135,6 +135,7 @@ class VllmEplbState:
         layout = MoELayout(
             topo, layers, pass_load, maps, lambda layer: list(weights[layer]),
             record_flag=self.should_record, max_pass_tokens=_max_pass_tokens(model_config),
+            load_copies=_tensor_parallel_size(),
         )
         # built by the balancer once every rank agreed on it: its set-up is collective
         backend = DeferredBackend(cfg.resolved_backend(), lambda: make_backend(
@@ -412,6 +413,13 @@ def _dummy_load() -> bool:
         return str(getattr(fmt, "value", fmt)) == "dummy"
     except Exception:
         return False
+
+
+def _tensor_parallel_size() -> int:
+    """Ranks that route (and record) each token: every tensor-parallel rank sees the whole batch."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_world_size()
 
 
 def _ranks_per_node(ep) -> int:

@@ -16,6 +16,9 @@ class PlanInput:
     logical_load: np.ndarray  # (layers, logical) tokens per expert over the window, all ranks summed
     current: np.ndarray  # (layers, physical) placement in force now
     topo: Topology
+    # forward passes logical_load was summed over (counting each token once): tokens per pass are
+    # logical_load / passes, which a pass-time cost model needs; 0 when unknown
+    passes: float = 0.0
 
 
 class Policy(ABC):
