@@ -5,6 +5,7 @@ showing the headless host's rank, is tests/test_e2e_hosts.py.)"""
 
 from __future__ import annotations
 
+import datetime
 import time
 
 import torch.distributed as dist
@@ -45,21 +46,24 @@ def test_rank0_reads_every_rank_and_ranks_post_alike_whatever_their_ticks():
 
 
 def _peer_gone_rank(rank: int, world: int) -> dict:
-    """Rank 1 stops serving after 50 passes; rank 0 goes on: it stops relaying after
-    MAX_PENDING unfinished gathers, and no step of it waits."""
-    group = dist.new_group(list(range(world)), backend="gloo", timeout=__import__("datetime").timedelta(seconds=30))
+    """Rank 1 stops serving after 50 passes and leaves; rank 0 goes on passing: its gathers
+    fail once the group's timeout (2 s here) ends them, and it stops relaying; no step waits."""
+    group = dist.new_group(list(range(world)), backend="gloo", timeout=datetime.timedelta(seconds=2))
     relay = mr.MetricsRelay(rank, world, group, lambda: {"rank": rank}, lambda r, snap: None)
-    slowest = 0.0
-    for p in range(1, 51 if rank else 50 + (mr.MAX_PENDING + 2) * mr.EVERY):
+    slowest, p = 0.0, 0
+    deadline = time.monotonic() + (0 if rank else 20)
+    while p < 50 or (time.monotonic() < deadline and not relay.stopped):
+        p += 1
         t = time.perf_counter()
         relay.step(p)
         slowest = max(slowest, time.perf_counter() - t)
-    return {"stopped": relay.stopped, "slowest_step_s": slowest}
+        time.sleep(0.001 if rank else 0.01)
+    return {"stopped": relay.stopped, "slowest_step_s": slowest, "passes": p}
 
 
 def test_a_rank_that_stops_serving_stops_the_relay_without_a_wait():
     r0, _ = launch(_peer_gone_rank, 2, timeout_s=120)
-    assert "unfinished" in r0["stopped"], r0
+    assert r0["stopped"], r0  # a failed gather (the peer's timeout), not a hang
     assert r0["slowest_step_s"] < 0.5, r0
 
 

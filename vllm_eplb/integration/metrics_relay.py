@@ -15,10 +15,10 @@ balancer already has:
   of every rank whose series do not reach its /metrics on their own (another host, or another
   metrics directory), with `vllm:eplb_relayed_pass{rank}` saying how fresh they are.
 
-Nothing waits: a gather still running is looked at again at the next pass; posts stop, on
-the ranks that see it, when a gather is still unfinished `MAX_PENDING` gathers later (the
-ranks run their passes in step, so a peer has stopped), or one failed (a peer gone), and
-serving goes on. A rank posts once for every multiple of `EVERY` its pass count crosses, so
+Nothing waits: a gather still running is looked at again at the next pass (a slow moment of a
+loaded host only delays the figures). Posts stop, on the ranks that see it, when a gather fails
+(a peer gone: gloo ends it after the group's timeout, `agreement_timeout_s`) or the gathers in
+flight would hold more than MAX_PENDING_BYTES, and serving goes on. A rank posts once for every multiple of `EVERY` its pass count crosses, so
 all ranks post the same gathers in the same order even when a tick was missed. Relayed
 figures lag the rank's own by at most 2 x EVERY passes of serving.
 """
@@ -40,7 +40,7 @@ import torch.distributed as dist
 log = logging.getLogger("vllm.eplb")
 
 EVERY = 16  # passes between gathers
-MAX_PENDING = 4  # a gather still unfinished this many gathers later: a rank stopped relaying
+MAX_PENDING_BYTES = 64 << 20  # gathers in flight hold SIZE x world bytes each: at most this much
 SIZE = 32768  # bytes per rank and gather: a snapshot is a few KB
 KEEP = 32  # newest entries of each history a snapshot carries
 
@@ -99,7 +99,7 @@ class MetricsRelay:
         self.rank, self.world, self.group = rank, world, group
         self._snapshot, self._apply = snapshot, apply
         self._posted = 0  # gathers posted: one per multiple of EVERY the pass count crossed
-        self._pending: collections.deque = collections.deque()  # (number, work, outputs), oldest first
+        self._pending: collections.deque = collections.deque()  # (work, outputs), oldest first
         self.stopped = ""  # why this rank stopped relaying, if it did
         self.applied = 0  # snapshots of other ranks written here (rank 0)
 
@@ -117,8 +117,8 @@ class MetricsRelay:
             self._stop(f"{type(exc).__name__}: {exc}")
 
     def _read_finished(self) -> None:
-        while self._pending and self._pending[0][1].is_completed():
-            _, work, outputs = self._pending.popleft()
+        while self._pending and self._pending[0][0].is_completed():
+            work, outputs = self._pending.popleft()
             work.wait()  # finished: returns at once, or raises what failed it
             if self.rank != 0:
                 continue
@@ -129,11 +129,11 @@ class MetricsRelay:
                     self.applied += 1
 
     def _post(self) -> None:
-        if self._pending and self._posted - self._pending[0][0] > MAX_PENDING:
-            return self._stop(f"a gather still unfinished {MAX_PENDING * EVERY} passes later (a rank stopped serving or relaying)")
+        if len(self._pending) >= max(4, MAX_PENDING_BYTES // (SIZE * self.world)):
+            return self._stop(f"{len(self._pending)} gathers unfinished (a rank stopped serving or relaying)")
         buf = pack(self._snapshot())
         outputs = [torch.empty_like(buf) for _ in range(self.world)]
-        self._pending.append((self._posted, dist.all_gather(outputs, buf, group=self.group, async_op=True), outputs))
+        self._pending.append((dist.all_gather(outputs, buf, group=self.group, async_op=True), outputs))
 
     def _stop(self, why: str) -> None:
         self.stopped = why
