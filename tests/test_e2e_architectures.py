@@ -172,7 +172,7 @@ def test_refused_at_load_in_one_line(tmp_path):
     cfg = tmp_path / "eplb.json"
     cfg.write_text(json.dumps({"window_size": 16, "step_interval": 24, "num_redundant_experts": 2}))
     s = Server(model, 8274, str(cfg), log_path=str(tmp_path / "serve.log"))
-    with pytest.raises(RuntimeError, match="vllm serve exited with 2"):
+    with pytest.raises(RuntimeError, match=r"vllm serve \(.*serve.log\) exited with 2"):
         s.start()  # polls /health every second until the process exits
     s.stop()
     lines = [ln for ln in s.tail(400).splitlines() if ln.strip() and "resource_tracker" not in ln and "warnings.warn(" not in ln]
