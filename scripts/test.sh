@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
-.venv/bin/python -m pytest -q -ra --durations=25 "$@"
+.venv/bin/python -m pytest -q -ra --durations=60 "$@"
 .venv/bin/python -m vllm_eplb.tools.upstream_tests
 
 if [ "${EPLB_TEST_PRIMARY_ONLY:-0}" != 1 ]; then
