@@ -45,7 +45,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_eplb.core.placement import RoutingMaps, Topology, default_placement  # noqa: E402
+from vllm_eplb.core.placement import Topology, default_placement  # noqa: E402
+from vllm_eplb.core.routing_maps import RoutingMaps  # noqa: E402
 from vllm_eplb.core.policies import PlanInput, get_policy  # noqa: E402
 from vllm_eplb.harness.runner import HarnessConfig, run_scenarios  # noqa: E402
 from vllm_eplb.harness.synthetic_moe import DriftingWorkload, SyntheticMoE  # noqa: E402

@@ -110,7 +110,8 @@ def router_cost_us(tokens: int, layers: int = 4, experts: int = 16, slots: int =
     """Per-pass CPU cost of the router's logical->physical map (+ load record), micro-benchmarked."""
     import torch
 
-    from vllm_eplb.core.placement import RoutingMaps, Topology, default_placement
+    from vllm_eplb.core.placement import Topology, default_placement
+    from vllm_eplb.core.routing_maps import RoutingMaps
     from vllm_eplb.kernels.replica_dispatch import torch_hash_map_and_record as torch_map_to_physical_and_record
 
     topo = Topology(2, experts, slots)

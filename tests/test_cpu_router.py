@@ -2,7 +2,8 @@
 
 import torch
 
-from vllm_eplb.core.placement import RoutingMaps, Topology
+from vllm_eplb.core.placement import Topology
+from vllm_eplb.core.routing_maps import RoutingMaps
 from vllm_eplb.kernels.replica_dispatch import torch_hash_map_and_record as torch_map_to_physical_and_record
 
 import numpy as np

@@ -298,6 +298,6 @@ def test_launcher_deadlines_far_off_and_passed():
 
     assert launch(_rank_times_ten, 2, timeout_s=1e9) == [0, 10]
     with pytest.raises(TimedOut) as exc:
-        launch(_rank_one_hangs, 2, timeout_s=8)
+        launch(_rank_one_hangs, 2, timeout_s=20)  # rank 0 starts, imports torch and returns well within it, even on a loaded box
     assert exc.value.hung == [1]
     assert exc.value.partial == [0, {"rank": 1, "done": 1}]

@@ -1,10 +1,15 @@
 """The package's import graph (every import, at module level or inside a function, read
-with `ast`): no import circle but the ones listed, and the core imports nothing of vLLM."""
+with `ast`): no import circle but the ones listed, and the core imports nothing of vLLM; the
+planner process loads no PyTorch."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vllm_eplb"
+ROOT = str(PACKAGE.parent)
 
 # Circles still in the house, each with why; a circle not listed fails, a listed one that
 # is gone must be removed from here.
@@ -91,3 +96,18 @@ def test_core_and_release_wing_import_no_vllm():
         if name.startswith(("vllm_eplb.core", "vllm_eplb.compat")):
             bad = {m for m in _imports(name, path, {}) if m == "vllm" or m.startswith("vllm.")}
             assert not bad, f"{path}: imports {sorted(bad)}"
+
+
+def test_the_planner_process_runs_without_pytorch():
+    """A planner process unpickles its jobs (core.planner, the policies, the cost model,
+    a Topology) and nothing of that loads PyTorch: each rank's planner process starts in
+    a fraction of a second and holds no PyTorch memory."""
+    code = (
+        "import sys\n"
+        "from vllm_eplb.core.planner_process import child\n"
+        "import vllm_eplb.core.planner, vllm_eplb.core.policies, vllm_eplb.core.cost_model, vllm_eplb.core.placement\n"
+        "sys.exit('torch' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, "the planner process imports torch" + r.stderr[-2000:]

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from vllm_eplb.core.placement import (
-    RoutingMaps,
     Topology,
     balancedness_of,
     default_placement,
@@ -15,6 +14,7 @@ from vllm_eplb.core.placement import (
     replica_counts,
     validate_placement,
 )
+from vllm_eplb.core.routing_maps import RoutingMaps
 from vllm_eplb.core.policies import PlanInput, get_policy, keep_in_place, policy_names
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_eplb.core.placement import RoutingMaps, Topology
+from vllm_eplb.core.placement import Topology
+from vllm_eplb.core.routing_maps import RoutingMaps
 from vllm_eplb.kernels import replica_dispatch as rd
 
 ROOT = Path(__file__).resolve().parents[1]

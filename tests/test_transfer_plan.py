@@ -127,7 +127,8 @@ def test_pack_rows_and_copy_rows():
 
 def test_routing_maps_stage_then_apply():
     """stage_layer computes (and may fail) without touching the maps; apply copies in place."""
-    from vllm_eplb.core.placement import RoutingMaps, default_placement
+    from vllm_eplb.core.placement import default_placement
+    from vllm_eplb.core.routing_maps import RoutingMaps
 
     topo = Topology(2, 4, 6)
     maps = RoutingMaps.allocate(default_placement(topo, 2), topo)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vllm_eplb.core.placement import RoutingMaps, Topology, load_stats, logical_to_physical, replica_counts
+from vllm_eplb.core.placement import Topology, load_stats, logical_to_physical, replica_counts
+from vllm_eplb.core.routing_maps import RoutingMaps
 from vllm_eplb.core.policies import keep_in_place
 from vllm_eplb.core.policies.deepseek import deepseek_placement
 from vllm_eplb.core.transfer import GlooBackend, InFlightStep, TransferBackend, TransferEngine, plan_layer

@@ -1,26 +1,35 @@
 """The balancer core. Imports nothing from vLLM: it runs under a test harness, a
-synthetic benchmark, or vLLM through `vllm_eplb.integration`."""
+synthetic benchmark, or vLLM through `vllm_eplb.integration`.
 
-from .agreement import Agreement, AgreementError, new_gloo_group
-from .balancer import Balancer, Comm, MoELayout
-from .config import BalancerConfig
-from .pass_clock import ForwardCounter, PassClock
-from .placement import RoutingMaps, Topology, default_placement
-from .state_machine import STATES, TRANSITIONS
+The names below load on first use (PEP 562), not with the package: the planner process
+imports only `core.planner` and its policies (numpy), and an eager package import would
+load PyTorch there too (about 1.5 s of CPU and 300 MB for every planner process)."""
 
-__all__ = [
-    "Agreement",
-    "AgreementError",
-    "Balancer",
-    "BalancerConfig",
-    "Comm",
-    "ForwardCounter",
-    "MoELayout",
-    "PassClock",
-    "RoutingMaps",
-    "STATES",
-    "TRANSITIONS",
-    "Topology",
-    "default_placement",
-    "new_gloo_group",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "Agreement": "agreement",
+    "AgreementError": "agreement",
+    "new_gloo_group": "agreement",
+    "Balancer": "balancer",
+    "Comm": "balancer",
+    "MoELayout": "balancer",
+    "BalancerConfig": "config",
+    "ForwardCounter": "pass_clock",
+    "PassClock": "pass_clock",
+    "RoutingMaps": "routing_maps",
+    "Topology": "placement",
+    "default_placement": "placement",
+    "STATES": "state_machine",
+    "TRANSITIONS": "state_machine",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

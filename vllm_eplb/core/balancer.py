@@ -88,7 +88,6 @@ from .pass_balance import pass_figures
 from .pass_clock import PassClock
 from .pipeline import CommitFailed, TransferPipeline
 from .placement import (
-    RoutingMaps,
     Topology,
     balancedness_of,
     observed_rank_loads,
@@ -100,6 +99,7 @@ from .planner_process import PlannerExited
 from .policies import Policy, get_policy
 from .protocol import differences, exchange, protocol_fields, short_digest
 from .records import PlacementRecord, save
+from .routing_maps import RoutingMaps
 from .state_machine import ACTIVE, PHASES, attach_machine, top_state
 from .stats import BalancerStats, TransitionRecord
 from .transfer import TransferBackend, TransferEngine
@@ -293,7 +293,7 @@ class Balancer:
 
     @property
     def placement(self) -> np.ndarray:
-        """The placement of record: the host copy of the routing maps (core/placement.py)."""
+        """The placement of record: the host copy of the routing maps (core/routing_maps.py)."""
         return self.layout.maps.placement
 
     @property

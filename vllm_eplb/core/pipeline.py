@@ -45,7 +45,8 @@ import torch.distributed as dist
 from .agreement import COMMIT, MAX_IN_FLIGHT, Round, layers_digest
 from .config import BalancerConfig
 from .faults import Fault, LocalFaults, ProtocolMismatch, Reason, fault_of
-from .placement import RoutingMaps, StagedLayer, Topology
+from .placement import Topology
+from .routing_maps import RoutingMaps, StagedLayer
 from .stats import BalancerStats
 from .transfer import InFlightStep, TransferEngine, TransferError, plan_layer
 from .transfer.backend import padded

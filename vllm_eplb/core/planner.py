@@ -79,8 +79,11 @@ def make_plan(
     )
 
 
-def _warm_up() -> None:
-    """Runs once in a new planner process: imports numpy and the policies there."""
+def _warm_up(policy: Policy, cost: CostModel | None) -> None:
+    """Runs once in a new planner process, before it counts as ready: numpy and the
+    policies are imported there, and so is whatever the policy's own module imports (the
+    policy and the cost model arrive pickled, as every job carries them), so a plugin's
+    imports are not paid inside the first plan's planning_timeout_s."""
     from . import policies  # noqa: F401
 
 
@@ -117,7 +120,7 @@ class Planner:
             self._pool = ChildProcessExecutor()
         else:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-planner")
-        self.ready = self._pool.submit(_warm_up)  # start it now, not when the first window ends
+        self.ready = self._pool.submit(_warm_up, self.policy, self.cost)  # now, not when the first window ends
         self._ready_at = float("inf")
         self.ready.add_done_callback(lambda _: setattr(self, "_ready_at", time.monotonic()))
 

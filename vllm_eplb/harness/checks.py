@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from vllm_eplb.core.placement import RoutingMaps
+from vllm_eplb.core.routing_maps import RoutingMaps
 
 
 def map_digest(maps: RoutingMaps) -> torch.Tensor:

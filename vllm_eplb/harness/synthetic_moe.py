@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from vllm_eplb.core.pass_clock import ForwardCounter
-from vllm_eplb.core.placement import RoutingMaps, Topology, default_placement
+from vllm_eplb.core.placement import Topology, default_placement
+from vllm_eplb.core.routing_maps import RoutingMaps
 
 MOD = 17  # exact model: activations live in [-8, 8]
 
