@@ -22,7 +22,7 @@ def build_model(out_dir: str, a) -> str:
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from vllm_eplb.integration.tiny_model import build_tokenizer
+    from vllm_eplb.harness.tiny_model import build_tokenizer
 
     os.makedirs(out_dir, exist_ok=True)
     build_tokenizer(out_dir, a.vocab)
@@ -149,7 +149,7 @@ def quantize_fp8(src_dir: str, out_dir: str) -> str:
 
 def redrawn_experts(src_dir: str, out_dir: str, seed: int = 1) -> str:
     """The checkpoint with its routed experts drawn anew (a trainer's next step), for reloads."""
-    from vllm_eplb.integration.tiny_model import new_experts
+    from vllm_eplb.harness.tiny_model import new_experts
 
     if not os.path.exists(os.path.join(out_dir, "config.json")):
         new_experts(src_dir, out_dir, seed)

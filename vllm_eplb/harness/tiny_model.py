@@ -3,7 +3,7 @@ a few experts per layer are hot, a tokenizer built with `tokenizers`. The Qwen3-
 the default model of the README's serve command and of the end-to-end tests; the others
 (ARCHITECTURES) make the architecture matrix (tests/test_e2e_architectures.py).
 
-    python -m vllm_eplb.integration.tiny_model OUT_DIR [--arch qwen3_moe] [--experts 16 --layers 4 --hot 3]
+    python -m vllm_eplb.harness.tiny_model OUT_DIR [--arch qwen3_moe] [--experts 16 --layers 4 --hot 3]
 
 How the skew is made: see `skew_routers` (the router rows of a few experts per layer
 are pulled towards the direction every token's hidden state shares).
