@@ -148,12 +148,13 @@ def test_synthetic_moe_side_by_side_on_cpu():
     """benchmarks/dispatch_balance.py in its logic-check shape: the rig's gated synthetic MoE
     routed by both dispatches on the same batches, a row of figures for each."""
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "dispatch_balance.py"), "--device", "cpu", "--tiny", "--passes", "3"],
+        [sys.executable, str(ROOT / "benchmarks" / "dispatch_balance.py"), "--device", "cpu", "--tiny", "--passes", "3",
+         "--dispatch", "hash,balanced", "--plans", "token"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split(" | ") for line in r.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [(row[0], row[1]) for row in rows] == [("| 4", "hash"), ("| 4", "balanced"), ("| 32", "hash"), ("| 32", "balanced")]
+    assert [(row[0], row[2]) for row in rows] == [("| 4", "hash"), ("| 4", "balanced"), ("| 32", "hash"), ("| 32", "balanced")]
     for row in rows:  # 4 ranks: balancedness lies in [1/4, 1], the straggler share in [0, 3/4]
-        assert 0.25 <= float(row[2]) <= 1 and 0.25 <= float(row[3]) <= 1, row
-        assert 0 <= float(row[4].rstrip("%")) <= 75, row
+        assert 0.25 <= float(row[3]) <= 1 and 0.25 <= float(row[4]) <= 1, row
+        assert 0 <= float(row[5].rstrip("%")) <= 75, row
