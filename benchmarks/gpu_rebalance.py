@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group  # noqa: E402
 from vllm_eplb.core.policies import get_policy  # noqa: E402
-from vllm_eplb.core.transfer import TransferBackend  # noqa: E402
+from vllm_eplb.core.transfer import DelegatingBackend, TransferBackend  # noqa: E402
 from vllm_eplb.core.transfer.backend import expert_nbytes  # noqa: E402
 from vllm_eplb.core.transfer.select import make_backend  # noqa: E402
 from vllm_eplb.harness import stop_the_world  # noqa: E402
@@ -79,22 +79,16 @@ STRATEGIES = ["stop-the-world", "gloo", "cuda_ipc", "nccl"]
 # --------------------------------------------------------------------------- ranks
 
 
-class RecordingBackend(TransferBackend):
+class RecordingBackend(DelegatingBackend):
     """Keeps every step's handle and jobs, for per-step bytes and device time. With
     `order="sorted"` it hands the inner backend each rank's transfers in (src, dst)
     order, as plans were before peers were rotated (an A/B of the transfer order)."""
 
     def __init__(self, inner: TransferBackend, order: str = "plan"):
-        self.inner, self.name, self.order = inner, inner.name, order
+        super().__init__(inner)
+        self.order = order
         self.rows: list[dict] = []
         self._open: list = []  # (row, handle) of steps whose device time is not read yet
-
-    def prepare(self, weights, max_step_bytes, steps=1):
-        self.inner.prepare(weights, max_step_bytes, steps)
-
-    @property
-    def reserved_bytes(self):
-        return self.inner.reserved_bytes
 
     def start(self, jobs, rank):
         if self.order == "sorted":
@@ -110,6 +104,10 @@ class RecordingBackend(TransferBackend):
         self.rows.append(row)
         self._open.append((row, handle))
         return handle
+
+    def close(self) -> None:
+        """The balancer's shutdown after a run closes nothing: the inner backend serves every
+        run of this rank (one set-up: IPC handles mapped, NCCL pairs connected)."""
 
     def _close(self) -> None:
         # keep figures, not handles: a handle holds its step's staging (hundreds of MB)
