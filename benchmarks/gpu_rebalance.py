@@ -5,7 +5,7 @@ layer routes a skewed batch of tokens (top-k of E logical experts) through the
 routing maps, and each rank computes its local slots' tokens with one grouped GEMM
 (DeepSeek-V3 expert shapes in bf16: hidden 7168, expert intermediate 2048, 88 MB per
 expert; `--depth` layers of compute per pass cycle over the resident layers). The
-vllm-eplb balancer is driven as vLLM's model runner drives it: `catch_up()` before each
+vllm-eplb balancer is driven as vLLM's model runner drives it (harness/driver.py): `catch_up()` before each
 pass, the runner's pass count advanced as the pass starts, the pass (its first MoE layer
 advances the model's ForwardCounter on the device, the pass clock's check), `tick()`
 after the pass's tokens reached the CPU.
@@ -62,7 +62,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group  # noqa: E402
+from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, Topology, new_gloo_group  # noqa: E402
 from vllm_eplb.core.policies import get_policy  # noqa: E402
 from vllm_eplb.core.transfer import DelegatingBackend, TransferBackend  # noqa: E402
 from vllm_eplb.core.transfer.backend import expert_nbytes  # noqa: E402
@@ -70,7 +70,7 @@ from vllm_eplb.core.transfer.select import make_backend  # noqa: E402
 from vllm_eplb.harness import stop_the_world  # noqa: E402
 from vllm_eplb.harness.checks import InvariantChecker  # noqa: E402
 from vllm_eplb.harness.launcher import RankFailed, TimedOut, checkpoint, launch  # noqa: E402
-from vllm_eplb.harness.runner import RunnerCount  # noqa: E402
+from vllm_eplb.harness.driver import Driver  # noqa: E402
 from vllm_eplb.harness.synthetic_moe import SyntheticMoE, skewed_routing  # noqa: E402
 
 STRATEGIES = ["stop-the-world", "gloo", "cuda_ipc", "nccl"]
@@ -255,9 +255,9 @@ class Rank:
         # every rank routes (and records) the whole batch: the window counts a token once per rank
         layout = MoELayout(self.topo, args.layers, model.pass_load, model.maps, model.weights_of, model.record_flag,
                            load_copies=self.world)
-        runner = RunnerCount()
-        balancer = Balancer(cfg, layout, Comm(self.rank, self.world, self.cpu_group, rec), get_policy(args.policy),
-                            clock=PassClock(runner, model.pass_counter))
+        driver = Driver()
+        balancer = driver.balancer = Balancer(cfg, layout, Comm(self.rank, self.world, self.cpu_group, rec),
+                                              get_policy(args.policy), clock=driver.clock(model.pass_counter))
         balancer.planner.ready.result()  # the planner process starts with the server, not in the loop
         dist.barrier(group=self.cpu_group)
         setup_s = time.perf_counter() - t_run
@@ -270,6 +270,13 @@ class Rank:
         if stw:
             model.record_flag.fill_(True)
         combine = self.combine if self.model_group is not None else None
+
+        def stop_the_world_rebalance() -> None:
+            # stop the world: load all-reduce, plan, every layer moved, in this pass's EPLB step
+            stop_the_world.rebalance(balancer, get_policy(args.policy), self.cpu_group)
+            if cuda:
+                torch.cuda.current_stream().synchronize()
+
         prof = None
         limit = window_end_at + args.max_stall_passes + args.after_passes
         p = 0
@@ -283,27 +290,18 @@ class Rank:
                 prof.start()
             t0 = time.perf_counter()
             with torch.profiler.record_function(f"pass {p}") if prof else _null():
-                with torch.profiler.record_function("eplb.catch_up") if prof else _null():
-                    balancer.catch_up()  # before the pass: what a missed tick decided is in force
-                caught_up = time.perf_counter() - t0
-                runner.count += 1  # the pass starts (vLLM: prepare_forward)
-                model.forward(self.x0, self.routing[p % self.routing.shape[0]], combine, args.depth)
-                if cuda:
-                    # the pass's sampled tokens reach the CPU, then vLLM steps EPLB
-                    torch.cuda.current_stream().synchronize()
-                t1 = time.perf_counter()
-                with torch.profiler.record_function("eplb.tick") if prof else _null():
+                # catch_up() before the pass, the pass counted as it starts (vLLM: prepare_forward), tick() after
+                with driver.forward_pass(profile=bool(prof)):
+                    model.forward(self.x0, self.routing[p % self.routing.shape[0]], combine, args.depth)
+                    if cuda:
+                        # the pass's sampled tokens reach the CPU, then vLLM steps EPLB
+                        torch.cuda.current_stream().synchronize()
                     if stw and p == window_end_at:
-                        # stop the world: load all-reduce, plan, every layer moved, in this pass
-                        stop_the_world.rebalance(balancer, get_policy(args.policy), self.cpu_group)
-                        if cuda:
-                            torch.cuda.current_stream().synchronize()
-                    balancer.tick()
-                t2 = time.perf_counter()
+                        driver.before_tick(stop_the_world_rebalance)
                 if self.world > 1 and combine is None:
                     dist.barrier(group=self.cpu_group)  # ranks advance in lock-step, as EP's all-to-all makes them
             times.append(time.perf_counter() - t0)
-            ticks.append(t2 - t1 + caught_up)
+            ticks.append(driver.spent_ns / 1e9)
             state = balancer.state
             states.append(state)
             committed = balancer.stats.layers_committed
