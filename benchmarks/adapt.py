@@ -155,7 +155,7 @@ def two_mix_model(out_dir: str, hot: int = 3, pull: float = 4.0, seed: int = 0) 
     is served, B's stay where they were, together. Returns (model dir, words of A, words of B)."""
     import transformers
 
-    from vllm_eplb.integration.tiny_model import WORDS, build, moe_routers
+    from vllm_eplb.harness.tiny_model import WORDS, build, moe_routers
 
     mixes = (WORDS[: len(WORDS) // 2], WORDS[len(WORDS) // 2 :])
     build(out_dir, hot=0, skew=0.0, seed=seed)
@@ -221,7 +221,7 @@ class MixedLoad:
 
 
 def serve(args) -> None:
-    from vllm_eplb.integration.server import Server, metric
+    from vllm_eplb.harness.server import Server, metric
 
     work = tempfile.mkdtemp(prefix="eplb-adapt-")
     model, mix_a, mix_b = two_mix_model(os.path.join(work, "tiny-two-mix"))

@@ -60,7 +60,7 @@ from benchmarks.serving.deploy import start_server  # noqa: E402
 from benchmarks.serving.load import Load  # noqa: E402
 from benchmarks.serving.probes import drift, forced_logprobs, probe_prompts, probe_rounds, reference_probes, within_noise  # noqa: E402
 from benchmarks.serving.model import build_model, quantize_fp8, redrawn_experts  # noqa: E402
-from vllm_eplb.integration.server import http_post, metric  # noqa: E402
+from vllm_eplb.harness.server import http_post, metric  # noqa: E402
 from vllm_eplb.integration.slot_rpc import check_slots, expert_fingerprints  # noqa: E402
 
 RANKS = (0, 1)

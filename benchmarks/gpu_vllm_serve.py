@@ -72,7 +72,7 @@ from benchmarks.serving.load import Load, LogWatch, pct, windows_of  # noqa: E40
 from benchmarks.serving.probes import drift, forced_logprobs, probe_prompts, probe_rounds, reference_probes, within_noise  # noqa: E402
 from benchmarks.serving.model import build_model  # noqa: E402
 from benchmarks.serving.report import report  # noqa: E402
-from vllm_eplb.integration.server import metric  # noqa: E402
+from vllm_eplb.harness.server import metric  # noqa: E402
 
 CONFIGS = ("off", "vllm-sync", "vllm-async", "vllm-eplb")
 

@@ -159,19 +159,19 @@ def main() -> int:
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU (Triton interpreter)'}")
     print(f"# upstream: {where}" if upstream else f"# upstream kernel NOT timed: {where}")
 
-    from vllm_eplb.kernels import replica_dispatch as rd
+    from vllm_eplb.kernels import tiles
 
     kernels = {"balanced": lambda *a: tk.triton_balanced_map_and_record(*a)}
     if args.variants and args.device == "cuda":
-        default_tile = rd.MAX_TILE
+        default_tile = tiles.MAX_TILE
 
         def variant(tile, warps):
             def call(*a):
-                rd.MAX_TILE = tile  # read when the call picks its tile (at capture, under a graph)
+                tiles.MAX_TILE = tile  # read when the call picks its tile (at capture, under a graph)
                 try:
                     return tk.triton_balanced_map_and_record(*a, num_warps=warps)
                 finally:
-                    rd.MAX_TILE = default_tile
+                    tiles.MAX_TILE = default_tile
             return call
 
         for tile, warps in ((32, 4), (128, 4), (128, 8), (256, 8)):

@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_eplb.integration.server import Server, metric  # noqa: E402
-from vllm_eplb.integration.tiny_model import WORDS, build  # noqa: E402
+from vllm_eplb.harness.server import Server, metric  # noqa: E402
+from vllm_eplb.harness.tiny_model import WORDS, build  # noqa: E402
 from vllm_eplb.kernels.replica_dispatch import DISPATCHES  # noqa: E402
 
 

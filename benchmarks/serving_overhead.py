@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_eplb.integration.server import Server, metric  # noqa: E402
-from vllm_eplb.integration.tiny_model import WORDS, build  # noqa: E402
+from vllm_eplb.harness.server import Server, metric  # noqa: E402
+from vllm_eplb.harness.tiny_model import WORDS, build  # noqa: E402
 
 NEVER = 10**9
 LONG = 100_000  # passes: longer than any run here

@@ -2,10 +2,11 @@
 
 Two (or --ranks) processes joined by gloo run the real balancer through several
 full cycles on the rig's synthetic MoE (vllm_eplb/harness/synthetic_moe.py) of a given
-shape, driven as vLLM's runner drives it: `catch_up()` before the pass, the runner's pass
-count advanced as the pass starts, the pass (untimed, and not computed: its first MoE
-layer advances the model's ForwardCounter and its router adds a skewed load), `tick()`
-after. catch_up() + tick() is timed. Prints median /
+shape, driven as vLLM's runner drives it, by the rigs' one driver (harness/driver.py):
+`catch_up()` before the pass, the runner's pass count advanced as the pass starts, the pass
+(untimed, and not computed: its first MoE layer advances the model's ForwardCounter and its
+router adds a skewed load), `tick()` after. catch_up() + tick() is timed (the driver's
+`spent_ns`: read right around those two calls). Prints median /
 p99 / max in microseconds per state, next to a baseline measured in the same run: the
 cost of calling an empty Python method, the floor any per-pass hook pays.
 
@@ -30,11 +31,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group  # noqa: E402
+from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, Topology, new_gloo_group  # noqa: E402
 from vllm_eplb.core.state_machine import LIVE_STATES  # noqa: E402
 from vllm_eplb.core.transfer import GlooBackend  # noqa: E402
 from vllm_eplb.harness.launcher import launch  # noqa: E402
-from vllm_eplb.harness.runner import RunnerCount  # noqa: E402
+from vllm_eplb.harness.driver import Driver  # noqa: E402
 from vllm_eplb.harness.synthetic_moe import SyntheticMoE  # noqa: E402
 
 SHAPES = {
@@ -62,8 +63,8 @@ def _rank(rank, world, shape, passes):
     pass_load, first_layer = model.pass_load, model.pass_counter
     g = [new_gloo_group(list(range(world)), 60) for _ in range(2)]
     layout = MoELayout(topo, layers, pass_load, model.maps, model.weights_of)
-    runner = RunnerCount()
-    bal = Balancer(cfg, layout, Comm(rank, world, g[0], GlooBackend(g[1])), clock=PassClock(runner, first_layer))
+    driver = Driver()
+    bal = driver.balancer = Balancer(cfg, layout, Comm(rank, world, g[0], GlooBackend(g[1])), clock=driver.clock(first_layer))
     bal.planner.ready.result()  # the planner process starts with the server: not part of the loop
     dist.barrier()
 
@@ -74,22 +75,17 @@ def _rank(rank, world, shape, passes):
     times: dict[str, list[float]] = {"baseline (empty method call)": []}
     for p in range(passes):
         state, n_transitions = bal.state, bal.transitions_total
-        t0 = time.perf_counter_ns()
-        bal.catch_up()
-        ta = time.perf_counter_ns()
-        runner.count += 1  # the pass starts
-        first_layer.advance()  # its first MoE layer runs
-        dist.all_reduce(torch.zeros(1))  # the ranks' lockstep, as the pass's MoE collectives impose
-        pass_load += loads[p % 16]  # its router records load
-        tb = time.perf_counter_ns()
-        bal.tick()
+        with driver.forward_pass():
+            first_layer.advance()  # its first MoE layer runs
+            dist.all_reduce(torch.zeros(1))  # the ranks' lockstep, as the pass's MoE collectives impose
+            pass_load += loads[p % 16]  # its router records load
         t1 = time.perf_counter_ns()
         empty.tick()
         t2 = time.perf_counter_ns()
         # A pass that fires a transition does that state's once-per-cycle work (reset the
         # window, post a round, start a step...): reported on a row of its own.
         key = state if bal.transitions_total == n_transitions else f"{state}, transition pass"
-        times.setdefault(key, []).append(((ta - t0) + (t1 - tb)) / 1e3)
+        times.setdefault(key, []).append(driver.spent_ns / 1e3)
         times["baseline (empty method call)"].append((t2 - t1) / 1e3)
     stats = bal.stats
     result = (times, stats.cycles_completed, dict(stats.cycles_skipped))

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m vllm_eplb.integration.serve_demo "$@"
+exec .venv/bin/python -m vllm_eplb.harness.serve_demo "$@"

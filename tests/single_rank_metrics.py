@@ -15,10 +15,10 @@ import sys
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry, generate_latest
 
-from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group
+from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, Topology, new_gloo_group
 from vllm_eplb.core.policies import Policy, get_policy
 from vllm_eplb.core.transfer import GlooBackend
-from vllm_eplb.harness.runner import RunnerCount
+from vllm_eplb.harness.driver import Driver
 from vllm_eplb.harness.synthetic_moe import DriftingWorkload, SyntheticMoE
 from vllm_eplb.integration import metrics
 
@@ -41,9 +41,9 @@ def main(mode: str, passes: int = 130) -> None:
     work = DriftingWorkload(16, 64, 16, 1.2, 0, 0)
     comm = Comm(0, 1, new_gloo_group([0], cfg.agreement_timeout_s), GlooBackend(new_gloo_group([0], 30)))
     policy = NeverPlans() if mode == "stall" else get_policy("greedy")
-    runner = RunnerCount()
+    driver = Driver()
     layout = MoELayout(topo, 4, model.pass_load, model.maps, model.weights_of)
-    b = Balancer(cfg, layout, comm, policy, clock=PassClock(runner, model.pass_counter))
+    b = driver.balancer = Balancer(cfg, layout, comm, policy, clock=driver.clock(model.pass_counter))
     b.planner.ready.result()
     m = metrics.BalancerMetrics(0)
     m.update(b)  # as the integration does when the balancer starts
@@ -56,11 +56,9 @@ def main(mode: str, passes: int = 130) -> None:
             # from the next planning phase on, every phase tick raises: a bug that the
             # retry of the pass meets again, so the balancer stops itself
             b._tick_round = broken
-        b.catch_up()  # the runner's contract: catch up, count the pass as it starts, run it, tick
-        runner.count += 1
-        model.forward(work.batch(p))
-        n = b.transitions_total
-        b.tick()
+        with driver.forward_pass():  # the runner's contract: catch up, count the pass as it starts, run it, tick
+            model.forward(work.batch(p))
+            n = b.transitions_total
         m.update(b, b.transitions_total != n)
     reg = CollectorRegistry()
     for family in vars(metrics._families).values():
@@ -79,7 +77,7 @@ def mismatch_rank(rank: int, world: int) -> str:
     group = new_gloo_group(list(range(world)), cfg.agreement_timeout_s)
     comm = Comm(rank, world, group, GlooBackend(new_gloo_group(list(range(world)), 30)))
     layout = MoELayout(topo, 4, model.pass_load, model.maps, model.weights_of)
-    b = Balancer(cfg, layout, comm, get_policy("greedy"), clock=PassClock(RunnerCount(), model.pass_counter))
+    b = Balancer(cfg, layout, comm, get_policy("greedy"), clock=Driver().clock(model.pass_counter))
     m = metrics.BalancerMetrics(rank)
     m.update(b)
     reg = CollectorRegistry()

@@ -1,5 +1,5 @@
 """The architecture matrix: a tiny checkpoint of each MoE architecture, built locally
-(vllm_eplb/integration/tiny_model.py), served once with `vllm serve -tp 2
+(vllm_eplb/harness/tiny_model.py), served once with `vllm serve -tp 2
 --enable-expert-parallel --eplb-config` (float32, CPU) under 4 concurrent clients until the
 balancer has completed two cycles. Checked on that one server: no request failed, every
 rank completed the cycles and committed layers, the MoE layers placed are the model's MoE
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from vllm_eplb.integration.server import Load, Server, metric
-from vllm_eplb.integration.tiny_model import build
+from vllm_eplb.harness.server import Load, Server, metric
+from vllm_eplb.harness.tiny_model import build
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -31,8 +31,8 @@ import time
 import pytest
 
 from vllm_eplb.harness.launcher import launch
-from vllm_eplb.integration.server import Server, metric
-from vllm_eplb.integration.tiny_model import WORDS, build
+from vllm_eplb.harness.server import Server, metric
+from vllm_eplb.harness.tiny_model import WORDS, build
 
 pytestmark = pytest.mark.vllm
 

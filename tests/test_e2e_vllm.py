@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_eplb.integration.tiny_model import build
-from vllm_eplb.integration.server import Load, Server, metric, serve_cmd, vllm_bin
+from vllm_eplb.harness.tiny_model import build
+from vllm_eplb.harness.server import Load, Server, metric, serve_cmd, vllm_bin
 
 pytestmark = pytest.mark.vllm
 

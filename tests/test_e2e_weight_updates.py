@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from vllm_eplb.integration.server import Load, Server, http_post, metric
+from vllm_eplb.harness.server import Load, Server, http_post, metric
 from vllm_eplb.integration.slot_rpc import check_slots, expert_fingerprints
-from vllm_eplb.integration.tiny_model import WORDS, build, new_experts
+from vllm_eplb.harness.tiny_model import WORDS, build, new_experts
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -108,8 +108,8 @@ def test_absent_policy_is_said_at_start_up(tmp_path):
     (exit 2, one line) instead of loading the model."""
     import subprocess
 
-    from vllm_eplb.integration.server import serve_cmd
-    from vllm_eplb.integration.tiny_model import build
+    from vllm_eplb.harness.server import serve_cmd
+    from vllm_eplb.harness.tiny_model import build
 
     model = build(str(tmp_path / "model"))
     cmd = serve_cmd(model, 8241, '{"window_size": 10, "step_interval": 20, "num_redundant_experts": 3}', max_model_len=256)

@@ -13,11 +13,7 @@ ROOT = str(PACKAGE.parent)
 
 # Circles still in the house, each with why; a circle not listed fails, a listed one that
 # is gone must be removed from here.
-KNOWN_CIRCLES = {
-    # the Triton kernel reads the tile rule of the torch path it must match; the torch path
-    # loads the kernel lazily, on CUDA only
-    ("vllm_eplb.kernels.replica_dispatch", "vllm_eplb.kernels.replica_dispatch_triton"),
-}
+KNOWN_CIRCLES: set[tuple[str, ...]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from vllm_eplb.core import (
-    Balancer, BalancerConfig, Comm, MoELayout, PassClock, RoutingMaps, Topology, default_placement, new_gloo_group,
+    Balancer, BalancerConfig, Comm, MoELayout, RoutingMaps, Topology, default_placement, new_gloo_group,
 )
 from vllm_eplb.core.load_window import PASS_SAMPLES, LoadWindow
 from vllm_eplb.core.pass_balance import pass_figures
 from vllm_eplb.core.placement import balancedness_of
 from vllm_eplb.core.transfer import GlooBackend
+from vllm_eplb.harness.driver import Driver
 from vllm_eplb.harness.launcher import launch
-from vllm_eplb.harness.runner import RunnerCount
 
 
 def test_figures_by_hand():
@@ -66,17 +66,15 @@ def _rank(rank, world, loads):
     cfg = BalancerConfig(window_size=loads.shape[1], step_interval=loads.shape[1] + 1, agreement_lag=2, planner="thread",
                          improvement_threshold=1.0)
     comm = Comm(rank, world, new_gloo_group(list(range(world)), 60), GlooBackend(new_gloo_group(list(range(world)), 60)))
-    runner = RunnerCount()
-    b = Balancer(cfg, MoELayout(topo, layers, pass_load, maps, lambda layer: weights[layer]), comm, clock=PassClock(runner))
+    driver = Driver()
+    b = driver.balancer = Balancer(cfg, MoELayout(topo, layers, pass_load, maps, lambda layer: weights[layer]), comm, clock=driver.clock())
     b.planner.ready.result()
     p = 0
     try:
         while b.state in ("idle", "collecting") or not b.stats.balancedness_pass == b.stats.balancedness_pass:
-            b.catch_up()  # the runner's contract: catch up, count the pass, run it, tick
-            runner.count += 1
-            if b.window.gate.recording and b.window.filled < loads.shape[1]:
-                pass_load += torch.tensor(loads[rank, b.window.filled], dtype=torch.int32)
-            b.tick()
+            with driver.forward_pass():  # the runner's contract: catch up, count the pass, run it, tick
+                if b.window.gate.recording and b.window.filled < loads.shape[1]:
+                    pass_load += torch.tensor(loads[rank, b.window.filled], dtype=torch.int32)
             p += 1
             assert p < 10 * loads.shape[1], "no window measured"
         return b.stats.balancedness_pass, b.stats.straggler_share, b.stats.balancedness_observed

@@ -24,8 +24,8 @@ import pytest
 
 from vllm_eplb.compat.versions import PATCHED
 from vllm_eplb.integration.hooks import HOOKS
-from vllm_eplb.integration.server import Server, metric
-from vllm_eplb.integration.tiny_model import build
+from vllm_eplb.harness.server import Server, metric
+from vllm_eplb.harness.tiny_model import build
 from vllm_eplb.tools import upstream
 
 pytestmark = pytest.mark.vllm

@@ -135,7 +135,7 @@ class Load:
     """Concurrent clients sending random prompts until stopped: passes only run with traffic."""
 
     def __init__(self, server, clients: int = 6):
-        from vllm_eplb.integration.tiny_model import WORDS
+        from vllm_eplb.harness.tiny_model import WORDS
 
         self.stop_flag, self.errors = threading.Event(), []
 
@@ -172,7 +172,7 @@ def wait_for(server, done, timeout: float = 480) -> dict:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from vllm_eplb.integration.tiny_model import build
+    from vllm_eplb.harness.tiny_model import build
 
     return build(str(tmp_path_factory.mktemp("tiny-moe")))
 
@@ -188,7 +188,7 @@ def round_robin_run(model, example_installed, tmp_path_factory):
     shown a layer being moved (a transfer lasts a few passes: on a loaded machine a
     refresh can miss the first ones; the run ends on what was seen, the deadline only
     bounds a broken run)."""
-    from vllm_eplb.integration.server import Server, metric
+    from vllm_eplb.harness.server import Server, metric
 
     d = tmp_path_factory.mktemp("plugin")
     cfg = d / "eplb.json"
@@ -218,7 +218,7 @@ def round_robin_run(model, example_installed, tmp_path_factory):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_serving_with_the_plugin_policy_rebalances(round_robin_run):
-    from vllm_eplb.integration.server import metric
+    from vllm_eplb.harness.server import metric
 
     ms, pace = round_robin_run["metrics"], round_robin_run["pace"]
     assert not round_robin_run["load_errors"], round_robin_run["load_errors"][:3]
@@ -234,7 +234,7 @@ def test_serving_with_the_plugin_policy_rebalances(round_robin_run):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_status_tool_against_a_rebalancing_server(round_robin_run):
-    from vllm_eplb.integration.server import metric
+    from vllm_eplb.harness.server import metric
 
     assert round_robin_run["watcher_rc"] == 0  # Ctrl-C ends the refreshing view cleanly
     snaps = round_robin_run["snapshots"]
@@ -270,7 +270,7 @@ class AlwaysFails(Policy):
 @pytest.mark.slow
 def test_failing_cycles_are_loud_in_log_metrics_and_status(model, tmp_path):
     from vllm_eplb.integration.metrics import STALL_WARNING_WINDOWS
-    from vllm_eplb.integration.server import Server, metric
+    from vllm_eplb.harness.server import Server, metric
 
     path = plugin_dir(tmp_path, "always-fails", "always_fails", FAILING, "always_fails:AlwaysFails")
     cfg = tmp_path / "eplb.json"

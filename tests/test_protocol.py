@@ -72,3 +72,13 @@ def test_router_advances_the_counter_of_the_first_layer_only():
         counter.unwatch()
     advance_if_first_layer(load[0])  # no longer watched
     assert counter.read() == 1
+
+
+def test_balancer_without_a_clock_is_refused_before_anything_starts():
+    """No clock: one clear error at once, before the planner, the rounds or a group exist."""
+    import pytest
+
+    from vllm_eplb.core import Balancer
+
+    with pytest.raises(TypeError, match="PassClock"):
+        Balancer(BalancerConfig(), None, None, clock=None)

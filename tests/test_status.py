@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_eplb.integration.server import metric, parse_metrics
+from vllm_eplb.harness.server import metric, parse_metrics
 from vllm_eplb.tools import status
 
 DATA = Path(__file__).resolve().parent / "data" / "status"

@@ -196,22 +196,37 @@ def test_loader_writing_the_start_up_layout_refused_once_moved():
     assert placed_model(START.copy(), placeable=False).refusal("reload") == ""
 
 
-class _State:
+class _Guard:
     def __init__(self, problem: str):
-        self.balancer, self.problem, self.begun = object(), problem, 0
+        self.problem, self.begun = problem, 0
 
-    def begin_weight_update(self, kind, checkpoint_format=True, engine=None):
+    def begin(self, kind, checkpoint_format=True, engine=None):
         if self.problem:
             raise wu.WeightUpdateRefused(self.problem)
         self.begun += 1
+
+
+def worker_of(guard, **fields) -> SimpleNamespace:
+    """A worker whose model runner's EPLB state holds `guard`, as VllmEplbState does."""
+    runner = SimpleNamespace(eplb_state=SimpleNamespace(guard=guard))
+    return SimpleNamespace(model_runner=runner, **fields)
+
+
+def test_the_guard_is_found_from_the_runner_state_only():
+    """No module global: a worker without vllm-eplb's state (upstream's, or none) has no guard."""
+    assert not hasattr(wu, "_state")
+    guard = _Guard("")
+    assert wu.guard_of(worker_of(guard)) is guard
+    assert wu.guard_of(SimpleNamespace(model_runner=SimpleNamespace(eplb_state=object()))) is None
+    assert wu.guard_of(SimpleNamespace()) is None
+    assert wu.weight_update_begins(SimpleNamespace(rank=0), "start") is True  # nothing balanced here: it goes ahead
 
 
 @pytest.mark.parametrize("rank, raises", [(0, False), (1, True)])
 def test_a_refusal_is_raised_by_the_last_worker_only(monkeypatch, rank, raises):
     """vLLM's multiprocess executor reads the workers' replies in rank order and stops at the
     first failure: one failing reply, the last, keeps the next RPC's replies paired."""
-    monkeypatch.setattr(wu, "_state", _State("vllm-eplb: refused"))
-    worker = SimpleNamespace(rank=rank, parallel_config=SimpleNamespace(world_size=2))
+    worker = worker_of(_Guard("vllm-eplb: refused"), rank=rank, parallel_config=SimpleNamespace(world_size=2))
     if raises:
         with pytest.raises(wu.WeightUpdateRefused):
             wu.weight_update_begins(worker, "start")
@@ -219,10 +234,9 @@ def test_a_refusal_is_raised_by_the_last_worker_only(monkeypatch, rank, raises):
         assert wu.weight_update_begins(worker, "start") is False
 
 
-def test_an_update_that_can_be_placed_goes_ahead(monkeypatch):
-    state = _State("")
-    monkeypatch.setattr(wu, "_state", state)
-    worker = SimpleNamespace(rank=0, parallel_config=SimpleNamespace(world_size=2), _weight_update_is_draft=True)
+def test_an_update_that_can_be_placed_goes_ahead():
+    state = _Guard("")
+    worker = worker_of(state, rank=0, parallel_config=SimpleNamespace(world_size=2), _weight_update_is_draft=True)
     assert wu.weight_update_begins(worker, "update") is True and state.begun == 0  # a draft model's update
     assert wu.weight_update_begins(worker, "start") is True and state.begun == 1
 
@@ -290,22 +304,36 @@ def test_checkpoint_format_as_the_runner_binds_it(args, kwargs, expected):
 
 class _Ends:
     def __init__(self):
-        self.balancer, self.ended = object(), 0
+        self.ended = 0
 
-    def end_weight_update(self):
+    def end(self):
         self.ended += 1
 
 
-def test_the_reference_is_taken_again_once_the_new_weights_are_in(monkeypatch):
+def test_the_reference_is_taken_again_once_the_new_weights_are_in():
     """After a reload, or the last chunk's finish; not after start or a chunk; not for a draft model."""
     state = _Ends()
-    monkeypatch.setattr(wu, "_state", state)
-    worker = SimpleNamespace(rank=0, parallel_config=SimpleNamespace(world_size=2))
+    worker = worker_of(state, rank=0, parallel_config=SimpleNamespace(world_size=2))
     for kind in ("start", "update"):
         wu.weight_update_ends(worker, kind)
     assert state.ended == 0
     wu.weight_update_ends(worker, "reload")
     wu.weight_update_ends(worker, "finish")
     assert state.ended == 2
-    wu.weight_update_ends(SimpleNamespace(rank=0, _weight_update_is_draft=True), "finish")
+    wu.weight_update_ends(worker_of(state, rank=0, _weight_update_is_draft=True), "finish")
     assert state.ended == 2
+
+
+def test_the_guard_refuses_before_the_balancer_hears_and_refreshes_after():
+    """UpdateGuard.begin: a refused update never reaches the balancer; one that can be placed
+    does. end: verify_slots' reference taken again (only with a verifier)."""
+    heard, refreshed = [], []
+    verifier = SimpleNamespace(refresh=lambda placement: refreshed.append(placement.copy()) or [])
+    moved = wu.UpdateGuard(placed_model(moved_row()), lambda: heard.append(1), lambda: np.stack([moved_row()]), verifier)
+    with pytest.raises(wu.WeightUpdateRefused):
+        moved.begin("reload", checkpoint_format=False)
+    assert heard == []
+    moved.begin("reload")
+    moved.end()
+    assert heard == [1] and len(refreshed) == 1 and np.array_equal(refreshed[0][0], moved_row())
+    wu.UpdateGuard(placed_model(START.copy()), lambda: None, lambda: np.stack([START])).end()  # no verifier: nothing

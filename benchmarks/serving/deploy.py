@@ -22,7 +22,7 @@ import os
 import random
 import sys
 
-from vllm_eplb.integration.server import Hosts, Server, vllm_bin
+from vllm_eplb.harness.server import Hosts, Server, vllm_bin
 
 DEPLOYMENTS = ("tp", "dp", "hosts")
 

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from vllm_eplb.integration.server import http_post
+from vllm_eplb.harness.server import http_post
 
 from .model import topic_range
 

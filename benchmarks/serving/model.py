@@ -20,31 +20,19 @@ def build_model(out_dir: str, a) -> str:
     if os.path.exists(stamp) and json.load(open(stamp)) == spec:
         return out_dir
     import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from vllm_eplb.integration.tiny_model import build_tokenizer
+    from vllm_eplb.harness.tiny_model import build
 
-    os.makedirs(out_dir, exist_ok=True)
-    build_tokenizer(out_dir, a.vocab)
-    vocab = max(a.vocab, len(json.load(open(os.path.join(out_dir, "tokenizer_config.json"))).get("added_tokens_decoder", {})))
+    # tiny_model's Qwen3-MoE (tokenizer, config, checkpoint as vLLM reads it), wider: more
+    # heads, longer positions, and the topic skew instead of tiny_model's hot experts
     heads = max(4, a.hidden // 128)
-    cfg = Qwen3MoeConfig(
-        vocab_size=vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 2, moe_intermediate_size=a.moe_intermediate,
-        num_hidden_layers=a.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-        head_dim=a.hidden // heads, num_experts=a.experts, num_local_experts=a.experts, num_experts_per_tok=a.top_k,
-        norm_topk_prob=True, decoder_sparse_step=1, max_position_embeddings=4096, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.3 if a.hidden <= 256 else 0.05,
+    build(
+        out_dir, a.layers, a.experts, a.top_k, a.hidden, a.moe_intermediate, vocab=a.vocab, seed=a.seed,
+        config=dict(num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), head_dim=a.hidden // heads,
+                    max_position_embeddings=4096, initializer_range=0.3 if a.hidden <= 256 else 0.05),
+        skew_model=lambda model, vocab: skew_topics(model, a.groups, a.hot, vocab, a.seed),
+        dtype=a.dtype, device="cuda" if torch.cuda.is_available() else "cpu",
     )
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(a.seed)
-    with torch.device(dev):
-        model = Qwen3MoeForCausalLM(cfg).to(torch.float32)
-    skew_topics(model, a.groups, a.hot, vocab, a.seed)
-    model.config.architectures = ["Qwen3MoeForCausalLM"]
-    model.to(getattr(torch, a.dtype)).save_pretrained(out_dir, safe_serialization=True)
-    conf = json.load(open(os.path.join(out_dir, "config.json")))
-    conf.update(num_experts=a.experts, num_local_experts=a.experts)  # vLLM reads num_experts
-    json.dump(conf, open(os.path.join(out_dir, "config.json"), "w"), indent=2)
     json.dump(spec, open(stamp, "w"))
     return out_dir
 
@@ -149,7 +137,7 @@ def quantize_fp8(src_dir: str, out_dir: str) -> str:
 
 def redrawn_experts(src_dir: str, out_dir: str, seed: int = 1) -> str:
     """The checkpoint with its routed experts drawn anew (a trainer's next step), for reloads."""
-    from vllm_eplb.integration.tiny_model import new_experts
+    from vllm_eplb.harness.tiny_model import new_experts
 
     if not os.path.exists(os.path.join(out_dir, "config.json")):
         new_experts(src_dir, out_dir, seed)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import time
 
-from vllm_eplb.integration.server import http_post
+from vllm_eplb.harness.server import http_post
 
 from .model import topic_range
 

@@ -193,6 +193,8 @@ class Balancer:
         balancer at the same point. `clock`: this rank's pass clock, whose runner count the
         driver advances as each forward pass starts. `shared`: more fields every rank must
         hold alike (the integration's keys), compared with the rest at start-up."""
+        if not isinstance(clock, PassClock):  # before anything starts (planner, rounds, groups)
+            raise TypeError(f"Balancer(clock=...) needs this rank's PassClock (core/pass_clock.py), not {clock!r}")
         self.config = config
         self.layout = layout
         self.comm = comm

@@ -35,7 +35,7 @@ class BalancerConfig(BaseModel):
         description="Forward passes from the start of one cycle to the start of the next.",
     )
     layers_per_pass: int = Field(
-        1, ge=1, le=64, description="MoE layers moved per transfer step; a step goes live 1 + agreement_lag passes after it starts, and up to agreement_lag + 1 steps are in flight at once."
+        1, ge=1, le=64, description="MoE layers moved per transfer step; a step goes live 1 + agreement_lag passes after it starts, and up to agreement_lag + 1 steps, 6 at the most (a commit vote's width), are in flight at once."
     )
     improvement_threshold: float = Field(
         0.05,

@@ -5,7 +5,9 @@ A step moves `layers_per_pass` layers. While the balancer is transferring, every
 `read` the commit vote posted `agreement_lag` passes ago and commit every step all ranks voted
 ready; `start` a step while fewer than `max_in_flight` are in flight; `poll` the steps in
 flight; `vote` which of them this rank has ready. A step goes live 1 + agreement_lag passes
-after it started at the earliest, and with agreement_lag + 1 in flight one starts every pass.
+after it started at the earliest, and with agreement_lag + 1 in flight one starts every pass;
+`max_in_flight` caps that at MAX_IN_FLIGHT (6, the width of a commit vote), so from
+agreement_lag 6 on a step starts on fewer than every pass.
 
 A step on this rank is in one of these states (`StepState`):
 

@@ -19,7 +19,7 @@ import torch
 
 from vllm_eplb.core import Balancer
 from vllm_eplb.core.policies import PlanInput, Policy
-from vllm_eplb.core.transfer import TransferBackend, TransferError, TransferHandle
+from vllm_eplb.core.transfer import DelegatingBackend, TransferBackend, TransferError, TransferHandle
 
 # Where an exception can be raised, and the state or phase it hits.
 RAISE_POINTS = {
@@ -227,22 +227,13 @@ class SlowHandle(TransferHandle):
         self.inner.release()
 
 
-class WrappedBackend(TransferBackend):
+class WrappedBackend(DelegatingBackend):
     def __init__(self, inner: TransferBackend, wrap_handle):
-        self.inner, self.wrap_handle, self.name = inner, wrap_handle, inner.name
-
-    def prepare(self, weights, max_step_bytes, steps=1):
-        self.inner.prepare(weights, max_step_bytes, steps)
-
-    @property
-    def reserved_bytes(self):
-        return self.inner.reserved_bytes
+        super().__init__(inner)
+        self.wrap_handle = wrap_handle
 
     def start(self, jobs, rank):
         return self.wrap_handle(self.inner.start(jobs, rank))
-
-    def close(self):
-        self.inner.close()
 
 
 class StepLog(WrappedBackend):

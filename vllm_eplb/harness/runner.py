@@ -1,10 +1,10 @@
 """Run the balancer across N processes joined by a real gloo process group.
 
 Each rank drives the exact SyntheticMoE through many forward passes and ticks its Balancer the
-way vLLM's model runner does: `catch_up()` before every forward pass, the runner's
-pass count advanced as the pass starts (`prepare_forward`'s place), the pass (whose
-first MoE layer advances the model's ForwardCounter, the clock's other count),
-`tick()` after it. The shared rig does the rest: `launcher` starts the ranks,
+way vLLM's model runner does (`driver.Driver`, the rigs' one driver): `catch_up()` before
+every forward pass, the runner's pass count advanced as the pass starts (`prepare_forward`'s
+place), the pass (whose first MoE layer advances the model's ForwardCounter, the clock's other
+count), `tick()` after it. The shared rig does the rest: `launcher` starts the ranks,
 `checks.InvariantChecker` checks at every forward pass (or every `check_every`), after
 `catch_up()`, so with the maps that pass routes with, that maps agree across ranks, every
 slot holds what its map names and the outputs of a probe batch (run inside that pass)
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, PassClock, Topology, new_gloo_group
+from vllm_eplb.core import Balancer, BalancerConfig, Comm, MoELayout, Topology, new_gloo_group
 from vllm_eplb.core.faults import Fault
 from vllm_eplb.core.policies import get_policy
 from vllm_eplb.core.transfer import DeferredBackend, GlooBackend, TransferBackend
@@ -28,6 +28,7 @@ from vllm_eplb.core.transfer.gpu import P2PBackend
 
 from . import faults as fault_doubles
 from .checks import InvariantChecker
+from .driver import Driver
 from .faults import Faults
 from .launcher import launch
 from .synthetic_moe import DriftingWorkload, SyntheticMoE
@@ -73,16 +74,6 @@ class RankReport:
     pass_load: np.ndarray | None = None  # (passes, layers) this rank's own slots' tokens per pass, if recorded
 
 
-class RunnerCount:
-    """Forward passes this rank's driver started: the runner's count of the pass clock."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self) -> int:
-        return self.count
-
-
 def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     started = time.monotonic()
     f = cfg.faults
@@ -114,9 +105,10 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     uncounted = fault_doubles.PhaseTrigger(f.uncounted_pass, rank)
     slow = fault_doubles.PhaseTrigger(f.slow_pass, rank)
     weight_update = fault_doubles.WeightUpdateTrigger(f.weight_update, rank)
-    runner = RunnerCount()
+    driver = Driver()
     layout = MoELayout(topo, cfg.layers, model.pass_load, model.maps, model.weights_of)
-    balancer = Balancer(bcfg, layout, Comm(rank, world, agreement_group, backend), policy, clock=PassClock(runner, model.pass_counter))
+    balancer = Balancer(bcfg, layout, Comm(rank, world, agreement_group, backend), policy, clock=driver.clock(model.pass_counter))
+    driver.balancer = balancer
     balancer_ref.append(balancer)
     fault_doubles.install(balancer, f, rank)
     events: dict = {}
@@ -131,37 +123,34 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     tick_us: dict[str, list[float]] = {}
     max_wait = 0.0
     pass_load = np.zeros((cfg.passes, cfg.layers), dtype=np.int64) if cfg.record_pass_load else None
-    for p in range(1, cfg.passes + 1):
-        state = balancer.state
-        t0 = time.perf_counter()
-        balancer.catch_up()  # what a missed tick decided is in force before this pass
-        spent = time.perf_counter() - t0
-        checking = p % cfg.check_every == 0
+    def counted() -> bool:  # asked after catch_up(), as the pass starts
         if uncounted.fires(balancer):
             events["uncounted_pass"] = p  # a forward path that bypasses the runner's count
-        else:
-            runner.count += 1
-        batch = workload.batch(p)
-        before = model.pass_load.sum(dim=1) if pass_load is not None else None  # the window may reset in a tick
-        if checking:
-            # The probe batch rides in this pass (its rows computed independently, its load not
-            # recorded): its outputs are those of the maps and weights this pass routes with,
-            # at no collective of its own.
-            out = model.forward(torch.cat([batch, probe]), record_rows=len(batch))
-            checker.check(p, probe_out=out[len(batch):])
-        else:
-            model.forward(batch)
-        if pass_load is not None:
-            pass_load[p - 1] = (model.pass_load.sum(dim=1) - before).numpy()
-        if cfg.pass_sleep_s:
-            time.sleep(cfg.pass_sleep_s)
-        if slow.fires(balancer):
-            events["slow_pass"] = p
-            time.sleep(f.slow_pass[2])
-        t0 = time.perf_counter()
-        for _ in range(ticks.ticks(balancer)):
-            balancer.tick()
-        spent += time.perf_counter() - t0
+            return False
+        return True
+
+    for p in range(1, cfg.passes + 1):
+        state = balancer.state
+        checking = p % cfg.check_every == 0
+        with driver.forward_pass(counted=counted, ticks=lambda: ticks.ticks(balancer)):
+            batch = workload.batch(p)
+            before = model.pass_load.sum(dim=1) if pass_load is not None else None  # the window may reset in a tick
+            if checking:
+                # The probe batch rides in this pass (its rows computed independently, its load not
+                # recorded): its outputs are those of the maps and weights this pass routes with,
+                # at no collective of its own.
+                out = model.forward(torch.cat([batch, probe]), record_rows=len(batch))
+                checker.check(p, probe_out=out[len(batch):])
+            else:
+                model.forward(batch)
+            if pass_load is not None:
+                pass_load[p - 1] = (model.pass_load.sum(dim=1) - before).numpy()
+            if cfg.pass_sleep_s:
+                time.sleep(cfg.pass_sleep_s)
+            if slow.fires(balancer):
+                events["slow_pass"] = p
+                time.sleep(f.slow_pass[2])
+        spent = driver.spent_ns / 1e9
         tick_us.setdefault(state, []).append(spent * 1e6)
         max_wait = max(max_wait, spent)
         if kill.fires(balancer):

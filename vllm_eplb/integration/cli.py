@@ -15,7 +15,8 @@ build and a multi-process server need before anything is imported:
 
 Both are process-wide changes, declared with the others in integration/hooks.HOOKS
 (`cli_version`, `cli_metrics_dir`); the patch for a fork does the same in vLLM's
-`vllm/entrypoints/cli/main.py` (patches/vllm/0001-*).
+`vllm/entrypoints/cli/main.py` (patches/vllm/0001-*, in patches/vllm/series; 0.26.0 applies
+its own copy, patches/vllm/0.26.0/0001-*).
 
 vllm-eplb ships no `vllm` console script: on a GPU install it would replace vLLM's own
 (and take it away on uninstall). vLLM's own `vllm serve` works with the plugin there: the

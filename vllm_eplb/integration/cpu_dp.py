@@ -10,16 +10,18 @@ vLLM 0.30's `CpuCommunicator` does not define either method: the base class's ra
 NotImplementedError (vllm/distributed/device_communicators/base_device_communicator.py,
 `all_gatherv` and `reduce_scatterv`), and the first request kills every worker.
 
-`install()` gives `CpuCommunicator` both methods, built on the collectives it has
-over its gloo group:
+`install_cpu_dp_collectives()` (the hook `cpu_dp_collectives`) gives `CpuCommunicator` both
+methods, built on the collectives it has over its gloo group:
   all_gatherv     pad each tensor to the largest rank's size, all_gather_into_tensor,
                   drop each rank's padding (one collective per tensor)
   reduce_scatterv all_reduce the whole (sum(sizes), ...) tensor, keep this rank's rows
                   (the sum every rank computes is the reduce-scatter's; gloo's own
                   reduce_scatter is not used: not every torch build has it for gloo)
 It installs nothing where the class already defines its own (a later vLLM), so the
-same call is safe on every version. Mirrored by
-patches/vllm/0008-cpu-communicator-all-gatherv-reduce-scatterv.patch.
+same call is safe on every version. Mirrored for a fork by the series' patch
+0008-cpu-communicator-all-gatherv-reduce-scatterv.patch (patches/vllm/series, marked cpu:
+every CPU release applies patches/vllm/0008-...patch, no release folder patches/vllm/<release>/
+holds its own copy).
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ import logging
 import time
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -101,11 +100,9 @@ class VllmEplbState:
         self._counts_forwards = False  # set by the first prepare_forward/dummy_pass
         self._dummy_counted = False  # inside a dummy pass, already on the clock
         self._metrics_failures = 0
-        self.verifier: SlotVerifier | None = None  # verify_slots: every committed layer checked
-        self._verified: np.ndarray | None = None  # the placement the verifier last checked
         self.layer_counter: ForwardCounter | None = None
         self.relay = None  # MetricsRelay: every rank's metrics to the front end (rank 0)
-        self.placed: weight_updates.PlacedModel | None = None  # how weight updates reach the slots
+        self.guard: weight_updates.UpdateGuard | None = None  # weight updates into the slots; verify_slots
 
     # ---- called by the runner once the weights are loaded
     def add_model(self, model, model_config, model_name: str | None = None, **_) -> None:
@@ -160,26 +157,26 @@ class VllmEplbState:
         )
         atexit.register(self.shutdown)  # the planner process and the backend's threads
         balancer = self.balancer
-        self.placed = weight_updates.attach(
+        placed = weight_updates.attach(
             model, type(model).__name__, topo, ep.rank_in_group, lambda: balancer.placement, placement,
             balancer.weights_changed, _dummy_load(),
         )
-        weight_updates.register(self)
         # Before the first forward pass (and any graph capture). Every rank must route a token to
         # the same replica: where the start-up check found configs that differ, every rank (it
         # fails alike everywhere) keeps vLLM's own hash dispatch.
         replica_dispatch.select(cfg.replica_dispatch if self.balancer.enabled else "hash")
+        verifier = None
         if cfg.verify_slots and self.balancer.enabled:  # enabled alike on every rank: the start-up check passed
-            self.verifier = SlotVerifier(layout.weights_of, layers, self.balancer.placement, topo, ep.rank_in_group, agreement_group)
-            self._verified = self.balancer.placement.copy()
-            if self.verifier.replicas_disagreeing:
+            verifier = SlotVerifier(layout.weights_of, layers, self.balancer.placement, topo, ep.rank_in_group, agreement_group)
+            if verifier.replicas_disagreeing:
                 log.error("vllm-eplb: verify_slots: replicas already differ at start-up (layer, expert): %s",
-                          self.verifier.replicas_disagreeing[:8])
+                          verifier.replicas_disagreeing[:8])
+        self.guard = weight_updates.UpdateGuard(placed, balancer.weights_changed, lambda: balancer.placement, verifier)
         if rec is not None and self.balancer.enabled:  # every rank holds the same record (checked above)
             moved = self.balancer.rebalance_now(rec.placement)
             log.info("vllm-eplb: started on the placement of %s (%d layers moved)", cfg.initial_placement_path, moved)
-            if self.verifier is not None:
-                self._verify_commits()
+            if verifier is not None:
+                self.guard.check_commits(self.balancer.pass_no)
         self._model_hash = model_config.compute_hash() if model_config is not None else None
         # prometheus_client is imported here, in the worker, not when the hooks load: its
         # multiprocess mode is chosen at import (metrics.py)
@@ -326,8 +323,8 @@ class VllmEplbState:
         t0 = time.perf_counter_ns()
         self.balancer.tick()
         t1 = time.perf_counter_ns()
-        if self.verifier is not None:
-            self._verify_commits()  # a test instrument, not the balancer's cost: not in step_ns
+        if self.guard.verifier is not None:
+            self.guard.check_commits(self.balancer.pass_no)  # a test instrument, not the balancer's cost: not in step_ns
         t2 = time.perf_counter_ns()
         if self.metrics is not None:
             try:
@@ -341,36 +338,10 @@ class VllmEplbState:
             self.relay.step(self.balancer.pass_no)
         self.step_ns += (t1 - t0) + (time.perf_counter_ns() - t2)
 
-    # ---- called by the worker's weight-update RPCs (weight_updates.weight_update)
-    def begin_weight_update(self, kind: str, checkpoint_format: bool = True, engine: str | None = None) -> None:
-        """Before an update writes anything: refuse it if it cannot be placed (the same line
-        on every rank: the placement is the same everywhere), else tell the balancer."""
-        problem = self.placed.refusal(kind, checkpoint_format, engine) if self.placed is not None else ""
-        if problem:
-            log.error("%s", problem)
-            raise weight_updates.WeightUpdateRefused(problem)
-        self.balancer.weights_changed()
-
-    def end_weight_update(self) -> None:
-        """The new weights are in: verify_slots' reference fingerprints are theirs from now on."""
-        if self.verifier is None:
-            return
-        bad = self.verifier.refresh(self.balancer.placement)
-        self._verified = self.balancer.placement.copy()
-        if bad:
-            log.error("vllm-eplb: verify_slots: after a weight update, %d slot(s) hold other bytes than the other "
-                      "replicas of their expert (layer, slot, expert): %s", len(bad), bad[:8])
-
-    def _verify_commits(self) -> None:
-        """verify_slots: every layer whose placement changed since the last check (a commit)
-        holds, slot by slot, the bytes of the experts its map names."""
-        placement = self.balancer.placement
-        for layer in np.nonzero((placement != self._verified).any(axis=1))[0]:
-            bad = self.verifier.check(int(layer), placement[layer])
-            if bad:
-                log.error("vllm-eplb: verify_slots: pass %d layer %d: %d slot(s) hold other bytes than the expert "
-                          "their map names (layer, slot, expert): %s", self.balancer.pass_no, layer, len(bad), bad[:8])
-            self._verified[layer] = placement[layer]
+    @property
+    def verifier(self):
+        """verify_slots' SlotVerifier (its counts on /metrics), held by the guard; None without it."""
+        return self.guard.verifier if self.guard is not None else None
 
     # ---- parts of upstream's interface vllm-eplb has no use for
     def start_async_loop(self, *args, **kwargs) -> None:

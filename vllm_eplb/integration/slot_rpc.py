@@ -24,11 +24,11 @@ def slot_fingerprints(worker) -> dict:
     from vllm_eplb.core.placement import Topology, default_placement
     from vllm_eplb.core.slot_check import fingerprints
 
-    from . import weight_updates
     from .moe_model import mixture_of_experts_model
+    from .runner_state import VllmEplbState
 
-    state = weight_updates._state
-    balancer = state.balancer if state is not None else None
+    state = getattr(worker.model_runner, "eplb_state", None)  # the runner state balancing this worker's model
+    balancer = state.balancer if isinstance(state, VllmEplbState) else None
     if balancer is not None:
         rank, topo, placement = balancer.comm.rank, balancer.topo, balancer.placement
         weights = [balancer.layout.weights_of(layer) for layer in range(balancer.layout.num_layers)]

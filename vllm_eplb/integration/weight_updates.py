@@ -17,11 +17,12 @@ hooks):
   first visit (its logical id) writes every slot of it, the others write nothing, so each
   slot is written once per update, as vLLM's layerwise reload counts on. At start-up
   placement it loads as vLLM does.
-- The worker's update RPCs: before an update writes anything, the balancer is told
-  (`Balancer.weights_changed`: a cycle in flight ends on every rank at the same pass and
-  commits nothing more), or the update is refused in one line when it cannot be placed
-  (below); after a reload or the last chunk, `verify_slots` takes its reference
-  fingerprints again, from the new weights.
+- The worker's update RPCs (`weight_update_begins` / `weight_update_ends`, through the
+  `UpdateGuard` the worker's runner state owns: no module state): before an update writes
+  anything, the balancer is told (`Balancer.weights_changed`: a cycle in flight ends on
+  every rank at the same pass and commits nothing more), or the update is refused in one
+  line when it cannot be placed (below); after a reload or the last chunk, `verify_slots`
+  takes its reference fingerprints again, from the new weights.
 
 Refused once experts moved from the start-up layout (before anything is written; nothing
 is refused while the placement is the start-up one): a kernel-format reload
@@ -206,14 +207,64 @@ def attach(model, arch: str, topo, rank: int, placement: Callable[[], np.ndarray
     return placed
 
 
+# ---- one owner: the guard of the slots, held by the runner state
+
+class UpdateGuard:
+    """What keeps the expert slots right while weights change, in one object the runner state
+    owns (`VllmEplbState.guard`): the placed model (where an update's tensors go, and what
+    cannot be placed), the balancer's `weights_changed` (a cycle in flight ends on every rank)
+    and, with verify_slots, the slot verifier (core/slot_check.py: its reference bytes taken
+    again once an update is in, every commit checked against them). A worker's update RPCs
+    find it through the worker's model runner (`guard_of`)."""
+
+    def __init__(self, placed: PlacedModel, weights_changed: Callable[[], None], placement: Callable[[], np.ndarray],
+                 verifier=None):
+        self.placed = placed
+        self.weights_changed = weights_changed
+        self.placement = placement  # the balancer's (layers, physical) placement in force
+        self.verifier = verifier  # SlotVerifier, or None without verify_slots
+        self._verified = placement().copy() if verifier is not None else None  # the placement last checked
+
+    def begin(self, kind: str, checkpoint_format: bool = True, engine: str | None = None) -> None:
+        """Before an update writes anything: refuse it if it cannot be placed (the same line
+        on every rank: the placement is the same everywhere), else tell the balancer."""
+        problem = self.placed.refusal(kind, checkpoint_format, engine)
+        if problem:
+            log.error("%s", problem)
+            raise WeightUpdateRefused(problem)
+        self.weights_changed()
+
+    def end(self) -> None:
+        """The new weights are in: verify_slots' reference fingerprints are theirs from now on."""
+        if self.verifier is None:
+            return
+        placement = self.placement()
+        bad = self.verifier.refresh(placement)
+        self._verified = placement.copy()
+        if bad:
+            log.error("vllm-eplb: verify_slots: after a weight update, %d slot(s) hold other bytes than the other "
+                      "replicas of their expert (layer, slot, expert): %s", len(bad), bad[:8])
+
+    def check_commits(self, pass_no: int) -> None:
+        """verify_slots: every layer whose placement changed since the last check (a commit)
+        holds, slot by slot, the bytes of the experts its map names."""
+        placement = self.placement()
+        for layer in np.nonzero((placement != self._verified).any(axis=1))[0]:
+            bad = self.verifier.check(int(layer), placement[layer])
+            if bad:
+                log.error("vllm-eplb: verify_slots: pass %d layer %d: %d slot(s) hold other bytes than the expert "
+                          "their map names (layer, slot, expert): %s", pass_no, layer, len(bad), bad[:8])
+            self._verified[layer] = placement[layer]
+
+
+def guard_of(worker) -> UpdateGuard | None:
+    """The guard of the runner state balancing this worker's model (None: nothing balanced
+    here, or upstream's own EPLB state). Every runner keeps its EPLB state as `eplb_state`."""
+    state = getattr(getattr(worker, "model_runner", None), "eplb_state", None)
+    return getattr(state, "guard", None)
+
+
 # ---- the worker's update RPCs (hooks weight_update_*)
-
-_state = None  # the VllmEplbState balancing this worker's model
-
-
-def register(state) -> None:
-    global _state
-    _state = state
 
 
 def _checkpoint_format(worker, args, kwargs) -> bool:
@@ -234,13 +285,13 @@ def weight_update_begins(worker, kind: str, args=(), kwargs=None) -> bool:
     everywhere), but only the executor's last worker raises: vLLM's multiprocess executor
     stops reading replies at the first failure and would read the others' as the replies
     of the next RPC. The others log the same line and skip the update."""
-    state = _state
+    guard = guard_of(worker)
     draft = getattr(worker, "_weight_update_is_draft", False) and kind in ("update", "finish")
-    if state is None or state.balancer is None or draft:  # a draft model is not balanced
+    if guard is None or draft:  # a draft model is not balanced
         return True
     engine = getattr(worker, "weight_transfer_engine", None) if kind in ("start", "update") else None
     try:
-        state.begin_weight_update(
+        guard.begin(
             kind, _checkpoint_format(worker, args, kwargs) if kind == "reload" else True,
             type(engine).__name__ if engine is not None else None,
         )
@@ -253,9 +304,9 @@ def weight_update_begins(worker, kind: str, args=(), kwargs=None) -> bool:
 
 def weight_update_ends(worker, kind: str) -> None:
     """After a reload, or the last chunk's finish: the new weights are in."""
-    state = _state
-    if state is None or state.balancer is None or kind not in ("reload", "finish"):
+    guard = guard_of(worker)
+    if guard is None or kind not in ("reload", "finish"):
         return
     if kind == "finish" and getattr(worker, "_weight_update_is_draft", False):
         return
-    state.end_weight_update()
+    guard.end()

@@ -38,9 +38,10 @@ import torch
 
 from vllm_eplb.core.pass_clock import advance_if_first_layer
 
+from .tiles import tile_size
+
 DISPATCHES = ("hash", "balanced")
 DEFAULT = "hash"  # what the figures favour (docs/benchmarks.md, "Replica dispatch")
-MAX_TILE = 64  # elements dealt together (8 tokens at top-8): benchmarks/router_dispatch.py
 _mode = DEFAULT
 
 
@@ -105,11 +106,6 @@ def torch_hash_map_and_record(
     physical = logical_to_physical_map[ids, replica]
     _record(physical, expert_load_view, record_enabled, num_unpadded_tokens, ones)
     return physical.to(topk_ids.dtype)
-
-
-def tile_size(numel: int) -> int:
-    """TILE for a batch of numel elements: the whole batch up to MAX_TILE (a power of 2)."""
-    return max(16, min(MAX_TILE, 1 << max(0, numel - 1).bit_length()))
 
 
 def balanced_replicas(ids: torch.Tensor, replica_count: torch.Tensor, recorded: int) -> torch.Tensor:

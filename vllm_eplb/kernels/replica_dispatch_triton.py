@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .replica_dispatch import tile_size
+from .tiles import tile_size
 
 
 @triton.jit

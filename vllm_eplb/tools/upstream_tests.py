@@ -208,13 +208,6 @@ def tests_from(src: Path) -> Path:
     return src
 
 
-def file_of(test_id: str) -> TestFile | None:
-    for f in FILES:
-        if test_id.startswith(f.path):
-            return f
-    return None
-
-
 def render(unpatched: dict, patched: dict) -> list[str]:
     lines = ["| test | upstream, as shipped | against vllm-eplb (patched) |", "| --- | --- | --- |"]
     for tid in sorted(set(unpatched) | set(patched)):

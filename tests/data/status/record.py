@@ -26,8 +26,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT))
 
-from vllm_eplb.integration.server import Server, http_get, metric, parse_metrics  # noqa: E402
-from vllm_eplb.integration.tiny_model import WORDS, build  # noqa: E402
+from vllm_eplb.harness.server import Server, http_get, metric, parse_metrics  # noqa: E402
+from vllm_eplb.harness.tiny_model import WORDS, build  # noqa: E402
 
 FAILING = '''from vllm_eplb.core.policies import Policy
 

@@ -90,6 +90,28 @@ class TransferBackend(ABC):
         return self.staging.reserved_bytes if self.staging is not None else 0
 
 
+class DelegatingBackend(TransferBackend):
+    """A backend that hands every call to `inner` (its name and reserved staging too).
+    Subclass it and override `start` to watch or change what a step does: the harness's fault
+    doubles and step log, the GPU benchmark's per-step record."""
+
+    def __init__(self, inner: TransferBackend):
+        self.inner, self.name = inner, inner.name
+
+    def start(self, jobs: list[LayerJob], rank: int) -> TransferHandle:
+        return self.inner.start(jobs, rank)
+
+    def prepare(self, weights: list[torch.Tensor], max_step_bytes: int, steps: int = 1) -> None:
+        self.inner.prepare(weights, max_step_bytes, steps)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    @property
+    def reserved_bytes(self) -> int:
+        return self.inner.reserved_bytes
+
+
 @dataclass
 class DeferredBackend:
     """A backend to build once the ranks agreed they build the same one: building is

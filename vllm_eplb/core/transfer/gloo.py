@@ -93,7 +93,7 @@ class GlooBackend(TransferBackend):
 
     def __init__(self, group, stage_on_cpu: bool = False):
         """stage_on_cpu: reserve the per-step staging for CPU tensors as well (off by
-        default: on CPU an allocation costs little, and reserving would hold (lag + 1) x 2
+        default: on CPU an allocation costs little, and reserving would hold min(lag + 1, 6) x 2
         steps of host memory for good). The test rig turns it on, so that the staging's
         reuse across commits and aborted cycles runs under its every-pass checks."""
         self.group = group

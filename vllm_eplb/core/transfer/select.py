@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # name -> the device its weights must be on ("" for any). The one list of backend names:
 # eplb.json's choices (integration/config.py), the start-up check that refuses a GPU backend
-# without GPUs (integration/hooks.py) and `make_backend` read it.
+# without GPUs (integration/startup.py) and `make_backend` read it.
 NEEDS: dict[str, str] = {"auto": "", "gloo": "", "nccl": "cuda", "cuda_ipc": "cuda"}
 BACKENDS = tuple(NEEDS)
 CUDA_ONLY = tuple(name for name, device in NEEDS.items() if device == "cuda")

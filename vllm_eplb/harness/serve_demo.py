@@ -1,6 +1,6 @@
 """The README's main job: serve a small MoE model with the balancer on CPU and watch it.
 
-    python -m vllm_eplb.integration.serve_demo [--model DIR] [--eplb-config FILE] [--seconds 90]
+    python -m vllm_eplb.harness.serve_demo [--model DIR] [--eplb-config FILE] [--seconds 90]
 
 1. builds the tiny Qwen3-MoE checkpoint locally if --model is not given (no hub);
 2. runs `vllm serve MODEL --tensor-parallel-size 2 --enable-expert-parallel

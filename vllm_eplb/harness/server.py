@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from .config import ENV_VAR as CONFIG_ENV_VAR
+from vllm_eplb.integration.config import ENV_VAR as CONFIG_ENV_VAR
 
 # Two workers on a small CPU box: one core each (VLLM_CPU_OMP_THREADS_BIND), and
 # threads that sleep instead of spinning while they wait (OMP_WAIT_POLICY): with

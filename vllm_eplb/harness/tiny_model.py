@@ -3,7 +3,7 @@ a few experts per layer are hot, a tokenizer built with `tokenizers`. The Qwen3-
 the default model of the README's serve command and of the end-to-end tests; the others
 (ARCHITECTURES) make the architecture matrix (tests/test_e2e_architectures.py).
 
-    python -m vllm_eplb.integration.tiny_model OUT_DIR [--arch qwen3_moe] [--experts 16 --layers 4 --hot 3]
+    python -m vllm_eplb.harness.tiny_model OUT_DIR [--arch qwen3_moe] [--experts 16 --layers 4 --hot 3]
 
 How the skew is made: see `skew_routers` (the router rows of a few experts per layer
 are pulled towards the direction every token's hidden state shares).
@@ -173,7 +173,18 @@ def build(
     vocab: int = 512,
     seed: int = 0,
     arch: str = "qwen3_moe",
+    *,
+    config: dict | None = None,
+    skew_model=None,
+    dtype: str = "float32",
+    device: str | None = None,
 ) -> str:
+    """A checkpoint of `arch` in out_dir: the tokenizer, the config, random weights whose
+    routers `skew_routers` skews (or `skew_model(model, vocab_size)`, another skew), saved in
+    `dtype`. config: keys of the transformers config set over this module's (the serving
+    benchmarks' model: benchmarks/serving/model.py); device: where the weights are drawn."""
+    import contextlib
+
     import torch
     import transformers
 
@@ -199,18 +210,24 @@ def build(
         # to one repeated token, which would make output comparisons weak.
         initializer_range=0.3,
     )
-    keys.update(arch_keys(hidden, experts, top_k, moe_intermediate))
+    own = arch_keys(hidden, experts, top_k, moe_intermediate)
+    keys.update(own)
+    keys.update(config or {})
     cfg = getattr(transformers, config_class)(**keys)
-    model = getattr(transformers, model_class)(cfg).to(torch.float32)
-    skew_routers(model, experts, hot, skew, vocab_size, seed)
+    with torch.device(device) if device else contextlib.nullcontext():
+        model = getattr(transformers, model_class)(cfg).to(torch.float32)
+    if skew_model is None:
+        skew_routers(model, experts, hot, skew, vocab_size, seed)
+    else:
+        skew_model(model, vocab_size)
     model.config.architectures = [model_class]
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
     # transformers 5 may drop keys it renamed (num_experts for num_local_experts); vLLM
     # reads the model's own names: write them back as given.
     path = os.path.join(out_dir, "config.json")
     with open(path) as fh:
         conf = json.load(fh)
-    conf.update({k: v for k, v in arch_keys(hidden, experts, top_k, moe_intermediate).items() if k not in conf})
+    conf.update({k: keys[k] for k in own if k not in conf})
     with open(path, "w") as fh:
         json.dump(conf, fh, indent=2)
     return out_dir
