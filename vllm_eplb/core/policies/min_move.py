@@ -46,6 +46,8 @@ FRESH = 1.1  # step 4: layers whose slowest rank is this far above the target
 HEAVY = 4  # step 2: heavy ranks per layer that swap in one round
 LIGHT = 3  # each with its own LIGHT of the lightest ranks
 SHED_ITERS = 24  # rounds at most
+LARGE_CAP = 0.85  # step 1, layers bound by large replicas: replicas up to this share of a mean rank may stay
+BOUND_GAP = 0.02  # step 1: layers whose packing bound is this far above the mean rank
 
 
 def _counts(placement: np.ndarray, num_logical: int) -> np.ndarray:
@@ -150,10 +152,9 @@ def _fix_counts(load, current, num_ranks, need, cost):
 
 
 def _replica_counts(load, num_physical, weigh):
-    """(counts, cap): `replicate`'s counts in one shot, and the largest per-replica cost under
-    them. Each redundant slot goes to the expert whose replicas cost most at that moment; as a
-    replica's cost falls with its count, that is the `redundant` largest of weigh(e, k) over
-    experts e and k >= 1 replicas (k the count before the slot is added)."""
+    """(counts, cap): the replica counts `greedy` gives (each redundant slot to the expert whose
+    replicas cost most at that moment), and the largest per-replica cost under them. Only the
+    `redundant` most loaded experts can win a slot; each step re-weighs only the winners."""
     layers, num_logical = load.shape
     extra = num_physical - num_logical
     counts = np.ones((layers, num_logical), dtype=np.int64)
@@ -165,13 +166,12 @@ def _replica_counts(load, num_physical, weigh):
     else:
         cand = np.tile(np.arange(num_logical), (layers, 1))
     cand_load = np.take_along_axis(load, cand, axis=1)
-    k = np.arange(1, extra + 1)
-    values = weigh(cand_load[:, :, None], k[None, None, :])  # (layers, cand, k): decreasing in k
-    flat = values.reshape(layers, -1)
-    top = np.argpartition(-flat, extra - 1, axis=1)[:, :extra] if extra < flat.shape[1] else np.tile(np.arange(flat.shape[1]), (layers, 1))
-    won = np.zeros(flat.shape, dtype=np.int64)
-    won[rows[:, None], top] = 1
-    cand_counts = 1 + won.reshape(values.shape).sum(axis=2)
+    cand_counts = np.ones_like(cand)
+    value = weigh(cand_load, cand_counts)
+    for _ in range(extra):
+        j = value.argmax(axis=1)
+        cand_counts[rows, j] += 1
+        value[rows, j] = weigh(cand_load[rows, j], cand_counts[rows, j])
     counts[rows[:, None], cand] = cand_counts
     cap = np.maximum(weigh(load, counts).max(axis=1), 0.0)
     return counts, cap
@@ -237,11 +237,16 @@ def _shed(placement, w, current, num_ranks, target, penalty, iters=SHED_ITERS):
         y = ((T[:, None] - loads[lay2, rb]) * inv[:, None]).astype(np.float32)[:, None, :, None]
         # axes: (pair, slot a, light rank, slot b)
         d = (wa * inv[:, None]).astype(np.float32)[:, :, None, None] - (W[lay2, rb] * inv[:, None, None]).astype(np.float32)[:, None]
-        gain = x - np.maximum(x - d, 0) - np.maximum(d - y, 0)
+        over_b = np.maximum(d - y, 0)
+        gain = np.minimum(x, d) - over_b  # the load above the target the swap removes
         # slots moved by the swap beyond those moved already (a swap back is not credited)
-        dm = 2 - (pa != ca).astype(np.int8)[:, :, None, None] - (pb != cb)[:, None]
+        # fa, fb: 1 where the slot moved already in this plan
+        fa = (pa != ca).astype(np.float32)[:, :, None, None]
+        fb = (pb != cb).astype(np.float32)[:, None]
+        dm = 2 - fa - fb
         pen = (penalty[lay] * inv).astype(np.float32)[:, None, None, None]
-        score = np.where(gain >= x, 10.0 - dm - 1e-3 * d, gain / np.maximum(dm, 0.5))  # gain == x: both within
+        full = (d >= x) & (over_b == 0)
+        score = np.where(full, 10.0 - dm - 1e-3 * d, gain * (1 / np.maximum(dm, 0.5)))
         score[gain <= pen * dm] = -np.inf
         score = score.reshape(len(lay), -1)
         rows = np.arange(len(lay))
@@ -345,7 +350,20 @@ def min_move_placement(
     out = _fix_counts(load, current, num_ranks, need, weigh)
     w = np.take_along_axis(weigh(load, _counts(out, num_logical)), out, axis=1)
     mean = w.sum(axis=1) / num_ranks
-    target = np.maximum(pack_bound(w, num_ranks, per_rank), mean) + tolerance * np.maximum(mean - fixed, 0.0)
+    bound = pack_bound(w, num_ranks, per_rank)
+    # layers whose large replicas bound the slowest rank well above the mean: try leaving the
+    # experts whose replicas cost up to LARGE_CAP of a mean rank with the replicas they have
+    # (fewer, larger replicas that pack with the small ones), where that lowers the bound
+    tight = np.nonzero(bound > mean * (1 + BOUND_GAP))[0]
+    if len(tight) and LARGE_CAP > 0:
+        need_b = _needed(load[tight], target_counts[tight], np.maximum(cap[tight], LARGE_CAP * mean[tight]), weigh)
+        out_b = _fix_counts(load[tight], current[tight], num_ranks, need_b, weigh)
+        w_b = np.take_along_axis(weigh(load[tight], _counts(out_b, num_logical)), out_b, axis=1)
+        bound_b = pack_bound(w_b, num_ranks, per_rank)
+        lower = np.maximum(bound_b, w_b.sum(axis=1) / num_ranks) < np.maximum(bound[tight], mean[tight])
+        rows = tight[lower]
+        out[rows], w[rows], bound[rows] = out_b[lower], w_b[lower], bound_b[lower]
+    target = np.maximum(bound, mean) + tolerance * np.maximum(mean - fixed, 0.0)
     out, w = _shed(out, w, current, num_ranks, target, penalty)
 
     def peak_of(w_):
