@@ -41,8 +41,8 @@ from .greedy import pack
 
 DEFAULT_MOVE_SHARE = 5e-4  # token model: a moved slot must save this share of the mean rank load
 BIG_SHARE = 0.1  # a replica is large above this share of the mean rank load (step 3)
-FAR = 0.02  # step 3 runs on layers whose slowest rank is this far above the target
-FRESH = 1.1  # step 4: layers whose slowest rank is this far above the target
+FAR = 0.05  # step 3 runs on layers whose slowest rank is this far above the target
+FRESH = 1.3  # step 4: layers whose slowest rank is this far above the target
 HEAVY = 4  # step 2: heavy ranks per layer that swap in one round
 LIGHT = 3  # each with its own LIGHT of the lightest ranks
 SHED_ITERS = 24  # rounds at most
@@ -261,6 +261,11 @@ def _shed(placement, w, current, num_ranks, target, penalty, iters=SHED_ITERS):
             if not bad.any():
                 break
             score[rows[bad], best[bad]] = -np.inf
+        # a layer whose slowest rank finds no swap is done: swaps elsewhere would not lower its
+        # slowest rank, only move slots
+        stuck = np.zeros(layers, dtype=bool)
+        stuck[lay[(hi == 0) & ~take]] = True
+        take &= ~stuck[lay]
         if not take.any():
             break
         best, lay, ra, rb, a, j, b = best[take], lay[take], ra[take], rb[take], a[take], j[take], b[take]
@@ -346,23 +351,19 @@ def min_move_placement(
         penalty = DEFAULT_MOVE_SHARE * load.sum(axis=1) / num_ranks
         fixed = 0.0
     target_counts, cap = _replica_counts(load, slots, weigh)
+    # layers whose large replicas (at `greedy`'s counts) bound the slowest rank well above the
+    # mean rank: experts whose replicas cost up to LARGE_CAP of a mean rank keep the replicas
+    # they have (fewer, larger replicas, which pack with the small ones where greedy's do not)
+    per_replica = weigh(load, target_counts)
+    w_t = np.repeat(per_replica.reshape(-1), target_counts.reshape(-1)).reshape(layers, slots)
+    mean_t = w_t.sum(axis=1) / num_ranks
+    tight = pack_bound(w_t, num_ranks, per_rank) > mean_t * (1 + BOUND_GAP)
+    cap = np.where(tight, np.maximum(cap, LARGE_CAP * mean_t), cap)
     need = _needed(load, target_counts, cap, weigh)
     out = _fix_counts(load, current, num_ranks, need, weigh)
     w = np.take_along_axis(weigh(load, _counts(out, num_logical)), out, axis=1)
     mean = w.sum(axis=1) / num_ranks
     bound = pack_bound(w, num_ranks, per_rank)
-    # layers whose large replicas bound the slowest rank well above the mean: try leaving the
-    # experts whose replicas cost up to LARGE_CAP of a mean rank with the replicas they have
-    # (fewer, larger replicas that pack with the small ones), where that lowers the bound
-    tight = np.nonzero(bound > mean * (1 + BOUND_GAP))[0]
-    if len(tight) and LARGE_CAP > 0:
-        need_b = _needed(load[tight], target_counts[tight], np.maximum(cap[tight], LARGE_CAP * mean[tight]), weigh)
-        out_b = _fix_counts(load[tight], current[tight], num_ranks, need_b, weigh)
-        w_b = np.take_along_axis(weigh(load[tight], _counts(out_b, num_logical)), out_b, axis=1)
-        bound_b = pack_bound(w_b, num_ranks, per_rank)
-        lower = np.maximum(bound_b, w_b.sum(axis=1) / num_ranks) < np.maximum(bound[tight], mean[tight])
-        rows = tight[lower]
-        out[rows], w[rows], bound[rows] = out_b[lower], w_b[lower], bound_b[lower]
     target = np.maximum(bound, mean) + tolerance * np.maximum(mean - fixed, 0.0)
     out, w = _shed(out, w, current, num_ranks, target, penalty)
 
