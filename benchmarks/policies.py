@@ -296,7 +296,9 @@ def gil_table(seconds: float, window: int) -> bool:
         for name in ("min-move", "deepseek"):
             planner = Planner(get_policy(name, cost=cost_model(shape, window)), topo, mode)
             if mode == "process":
-                time.sleep(3.0)  # the planner process starts with the server, not with the first plan
+                # the planner process starts with the server, not with the first plan (on a loaded
+                # box its start took more than the 3 s this used to sleep: no plan ran at all)
+                planner.ready.result()
             rate, plans = python_heavy(seconds, planner, job)
             planner.shutdown()
             ratio = rate / alone

@@ -74,15 +74,18 @@ class ChildProcessExecutor:
                 return
             try:
                 self._conn.send(item)
-            except (OSError, ValueError):
-                return  # the reader sees the socket close and fails what is pending
+            except (OSError, ValueError, TypeError):
+                # OSError/ValueError: the socket closed; TypeError: shutdown() closed the
+                # connection between its closed-check and the write (its handle became None).
+                # Either way the reader sees the socket end and fails what is pending.
+                return
 
     def _read(self) -> None:
         while True:
             try:
                 ok, value = self._conn.recv()
-            except (EOFError, OSError):
-                break
+            except (EOFError, OSError, TypeError):
+                break  # TypeError: shutdown() closed the connection under a blocked read
             with self._lock:
                 fut = self._pending.pop(0)
             if ok:
@@ -101,6 +104,13 @@ class ChildProcessExecutor:
         with self._lock:
             self._closed = True
         self._outbox.put(None)
+        # end the socket for both threads first (a blocked read returns EOF, a send fails with
+        # OSError), then close it: closing alone races a thread inside send/recv
+        try:
+            with socket.socket(fileno=os.dup(self._conn.fileno())) as dup:
+                dup.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
         try:
             self._conn.close()
         except OSError:

@@ -7,21 +7,30 @@ starts from the placement in force and changes it only where that buys pass time
 1. Replica counts: the counts `greedy` would give (each redundant slot to the expert whose
    replicas cost most per pass). An expert whose replicas would cost more than the largest
    replica of those counts gains replicas, in slots taken from experts with more replicas than
-   they need (those on the ranks that end lightest first): one moved slot per replica.
-2. Swaps: per layer, the heaviest ranks each swap one slot with one of the lightest ranks (the
-   pair whose loads end closest), for as many ranks as the layer's slowest rank drops by more
-   than the swaps cost (`CostModel.move_penalty` per moved slot), until the slowest rank is within
-   `tolerance` of a lower bound on any packing's (`pack_bound`).
-3. A layer still far above the bound (a few large replicas that pairwise swaps cannot sort out)
+   they need (those on the ranks that end lightest first): one moved slot per replica. In a
+   layer whose large replicas at those counts bound the slowest rank more than BOUND_GAP above
+   the mean rank (strong skew), replicas of up to LARGE_CAP of a mean rank are left as they are:
+   fewer, larger replicas that pack with the small ones (DeepSeek-V3 at Zipf 1.4: balance 0.97,
+   where `greedy`'s counts reach 0.88).
+2. Shedding: per layer, each rank above the target (`tolerance` of the token work above a lower
+   bound on any packing's slowest rank, `pack_bound`) swaps one slot with one of the lightest
+   ranks: the swap that brings both within the target with the fewest moved slots, else the one
+   that cuts the most load above the target per moved slot. A slot moved already in this plan
+   costs nothing more to move again, so swaps chain: a light rank passes on what it took, and
+   one light rank takes the excess of several heavy ranks for one more moved slot each. A swap
+   must cut the load above the target by more than it costs (`CostModel.move_penalty` per moved
+   slot: a moved slot's pass time over the passes the plan stays in force).
+3. A layer still far above the target (a few large replicas that swaps cannot sort out)
    re-packs its large replicas heaviest first, each staying on its rank while the rank stays
-   within the target, then swaps again; kept only where that pays for its moves.
+   within the target, then sheds again; kept only where that pays for its moves.
 4. A layer further still (the first plan after start-up, a large shift) is packed afresh as
-   `greedy` packs, aligned with the slots in force, then swapped; kept where it pays.
+   `greedy` packs, aligned with the slots in force, then shed; kept where it pays.
 
 Costs are the cost model's seconds per pass (token work plus one weight read per activated
 replica) when the load's pass count is known, else tokens (a moved slot must then save
-DEFAULT_MOVE_SHARE of the layer's mean rank load). Every step is vectorised over layers: a
-DeepSeek-V3 plan (58 layers x 288 slots on 32 ranks) takes a few milliseconds.
+DEFAULT_MOVE_SHARE of the layer's mean rank load). Every step is vectorised over layers (and the
+shedding over a layer's heavy ranks, in float32): a DeepSeek-V3 plan (58 layers x 288 slots on
+32 ranks) takes 10-30 ms on this project's 2-core box (docs/benchmarks.md section 4).
 Packs globally, as `greedy` does (DeepSeek's EPLB advises global balancing for decode at large
 expert parallelism); `deepseek` keeps expert groups within nodes.
 """
@@ -36,35 +45,19 @@ from .greedy import pack
 
 DEFAULT_MOVE_SHARE = 5e-4  # token model: a moved slot must save this share of the mean rank load
 BIG_SHARE = 0.1  # a replica is large above this share of the mean rank load (step 3)
-FAR = 0.02  # step 3 runs on layers whose slowest rank is this far above the target
-SWAP_ROUNDS = 24
-FRESH = 1.1  # step 4: layers whose slowest rank is this far above the target
-PAIRS = 8  # rank pairs swapped per layer and round
+FAR = 0.05  # step 3 runs on layers whose slowest rank is this far above the target
+FRESH = 1.3  # step 4: layers whose slowest rank is this far above the target
+HEAVY = 4  # step 2: heavy ranks per layer that swap in one round
+LIGHT = 3  # each with its own LIGHT of the lightest ranks
+SHED_ITERS = 24  # rounds at most
+LARGE_CAP = 0.85  # step 1, layers bound by large replicas: replicas up to this share of a mean rank may stay
+BOUND_GAP = 0.02  # step 1: layers whose packing bound is this far above the mean rank
 
 
 def _counts(placement: np.ndarray, num_logical: int) -> np.ndarray:
     layers = placement.shape[0]
     flat = (placement + num_logical * np.arange(layers)[:, None]).reshape(-1)
     return np.bincount(flat, minlength=layers * num_logical).reshape(layers, num_logical)
-
-
-def replicate(load: np.ndarray, num_physical: int, cost) -> np.ndarray:
-    """(layers, logical) replica counts: each redundant slot to the expert whose replicas cost
-    most at that moment (as `greedy` does). Only the `redundant` most loaded experts can win one:
-    an expert wins only while it costs more than every expert loaded above it costs alone."""
-    layers, num_logical = load.shape
-    extra = num_physical - num_logical
-    counts = np.ones((layers, num_logical), dtype=np.int64)
-    if extra <= 0:
-        return counts
-    rows = np.arange(layers)
-    cand = np.argpartition(-load, extra - 1, axis=1)[:, :extra] if extra < num_logical else np.tile(np.arange(num_logical), (layers, 1))
-    cand_load = np.take_along_axis(load, cand, axis=1)
-    cand_counts = np.ones_like(cand)
-    for _ in range(extra):
-        cand_counts[rows, np.argmax(cost(cand_load, cand_counts), axis=1)] += 1
-    counts[rows[:, None], cand] = cand_counts
-    return counts
 
 
 def pack_bound(w: np.ndarray, num_ranks: int, slots_per_rank: int) -> np.ndarray:
@@ -162,69 +155,140 @@ def _fix_counts(load, current, num_ranks, need, cost):
     return out
 
 
+def _replica_counts(load, num_physical, weigh):
+    """(counts, cap): the replica counts `greedy` gives (each redundant slot to the expert whose
+    replicas cost most at that moment), and the largest per-replica cost under them. Only the
+    `redundant` most loaded experts can win a slot; each step re-weighs only the winners."""
+    layers, num_logical = load.shape
+    extra = num_physical - num_logical
+    counts = np.ones((layers, num_logical), dtype=np.int64)
+    if extra <= 0:
+        return counts, weigh(load, counts).max(axis=1)
+    rows = np.arange(layers)
+    if extra < num_logical:
+        cand = np.argpartition(-load, extra - 1, axis=1)[:, :extra]
+    else:
+        cand = np.tile(np.arange(num_logical), (layers, 1))
+    cand_load = np.take_along_axis(load, cand, axis=1)
+    cand_counts = np.ones_like(cand)
+    value = weigh(cand_load, cand_counts)
+    for _ in range(extra):
+        j = value.argmax(axis=1)
+        cand_counts[rows, j] += 1
+        value[rows, j] = weigh(cand_load[rows, j], cand_counts[rows, j])
+    counts[rows[:, None], cand] = cand_counts
+    cap = np.maximum(weigh(load, counts).max(axis=1), 0.0)
+    return counts, cap
+
+
+def _needed(load, counts, cap, weigh):
+    """The fewest replicas each expert needs for none to cost more than `cap` (at most `counts`)."""
+    need = np.ones_like(counts)
+    hot = counts > 1
+    if not hot.any():
+        return need
+    li, ei = np.nonzero(hot)
+    kmax = int(counts.max())
+    k = np.arange(1, kmax + 1)
+    v = weigh(load[li, ei][:, None], k[None, :])  # (hot, kmax)
+    over = (v > cap[li][:, None] * (1 + 1e-12)) & (k[None, :] < counts[li, ei][:, None])
+    need[li, ei] = 1 + over.sum(axis=1)
+    return need
+
+
+def _shed(placement, w, current, num_ranks, target, penalty, iters=SHED_ITERS):
+    """Per layer, the heaviest ranks above `target` each swap one slot with one of the lightest
+    ranks: each round, each of up to HEAVY heavy ranks still above the target looks at its slots
+    and those of its own LIGHT of the lightest ranks, and takes the swap that brings both ranks
+    within the target with the fewest moved slots (then the smallest transfer: what the light
+    ranks can still take is left to the others), else the one cutting the most load above the
+    target per moved slot. Moved slots count against `current`: a slot moved once already moves
+    no more when swapped again, so swaps chain (a light rank passes on what it took, and one
+    light rank absorbs several heavy ranks' excess for one moved slot each). A swap must cut more
+    than `penalty` per slot it moves. Slot costs `w` travel with their slots (counts stay)."""
+    layers, slots = placement.shape
+    per_rank = slots // num_ranks
+    heavy_n = max(1, min(HEAVY, num_ranks // 4))
+    light_per = max(1, min(LIGHT, (num_ranks - heavy_n) // heavy_n))
+    placement, w = placement.copy(), w.copy()
+    P = placement.reshape(layers, num_ranks, per_rank)  # views: swaps write through
+    W = w.reshape(layers, num_ranks, per_rank)
+    C = current.reshape(layers, num_ranks, per_rank)
+    loads = W.sum(axis=2)
+    target = np.broadcast_to(target, (layers,)).astype(np.float64)
+    penalty = np.broadcast_to(penalty, (layers,)).astype(np.float64)
+    live = np.nonzero(loads.max(axis=1) > target)[0]
+    for _ in range(iters):
+        if not len(live):
+            break
+        ln = loads[live]
+        order = np.argsort(-ln, axis=1, kind="stable")
+        heavy = order[:, :heavy_n]
+        # light rank j of heavy i: the (i + j * heavy_n)-th lightest
+        light = order[:, ::-1][:, : heavy_n * light_per].reshape(-1, light_per, heavy_n).transpose(0, 2, 1)
+        tl = target[live]
+        pi, hi = np.nonzero(np.take_along_axis(ln, heavy, axis=1) > tl[:, None])  # heavy ranks above the target
+        if not len(pi):
+            break
+        lay, ra, rb = live[pi], heavy[pi, hi], light[pi, hi]  # (m,), (m,), (m, lp)
+        T = tl[pi]
+        pa, ca, wa = P[lay, ra], C[lay, ra], W[lay, ra]  # (m, S)
+        lay2 = lay[:, None]
+        pb, cb = P[lay2, rb], C[lay2, rb]  # (m, lp, S)
+        # in units of the target: excess of the heavy rank (> 0), room on the light ones
+        inv = 1.0 / np.maximum(T, 1e-300)
+        x = ((loads[lay, ra] - T) * inv).astype(np.float32)[:, None, None, None]
+        y = ((T[:, None] - loads[lay2, rb]) * inv[:, None]).astype(np.float32)[:, None, :, None]
+        # axes: (pair, slot a, light rank, slot b)
+        d = (wa * inv[:, None]).astype(np.float32)[:, :, None, None] - (W[lay2, rb] * inv[:, None, None]).astype(np.float32)[:, None]
+        over_b = np.maximum(d - y, 0)
+        gain = np.minimum(x, d) - over_b  # the load above the target the swap removes
+        # slots moved by the swap beyond those moved already (a swap back is not credited)
+        # fa, fb: 1 where the slot moved already in this plan
+        fa = (pa != ca).astype(np.float32)[:, :, None, None]
+        fb = (pb != cb).astype(np.float32)[:, None]
+        dm = 2 - fa - fb
+        pen = (penalty[lay] * inv).astype(np.float32)[:, None, None, None]
+        full = (d >= x) & (over_b == 0)
+        score = np.where(full, 10.0 - dm - 1e-3 * d, gain * (1 / np.maximum(dm, 0.5)))
+        score[gain <= pen * dm] = -np.inf
+        score = score.reshape(len(lay), -1)
+        rows = np.arange(len(lay))
+        while True:
+            best = score.argmax(axis=1)
+            take = np.isfinite(score[rows, best])
+            # no rank may end up holding an expert twice: a swap that would is struck off
+            a, rest = np.divmod(best, light_per * per_rank)
+            j, b = np.divmod(rest, per_rank)
+            ea_, eb_ = pa[rows, a], pb[rows, j, b]
+            bad = take & ((pb[rows, j] == ea_[:, None]).any(axis=1) | (pa == eb_[:, None]).any(axis=1))
+            if not bad.any():
+                break
+            score[rows[bad], best[bad]] = -np.inf
+        # a layer whose slowest rank finds no swap is done: swaps elsewhere would not lower its
+        # slowest rank, only move slots
+        stuck = np.zeros(layers, dtype=bool)
+        stuck[lay[(hi == 0) & ~take]] = True
+        take &= ~stuck[lay]
+        if not take.any():
+            break
+        best, lay, ra, rb, a, j, b = best[take], lay[take], ra[take], rb[take], a[take], j[take], b[take]
+        rb = rb[np.arange(len(j)), j]
+        ea_, eb_ = P[lay, ra, a], P[lay, rb, b]
+        P[lay, ra, a], P[lay, rb, b] = eb_, ea_
+        wa_, wb_ = W[lay, ra, a], W[lay, rb, b]
+        W[lay, ra, a], W[lay, rb, b] = wb_, wa_
+        loads[lay, ra] += wb_ - wa_
+        loads[lay, rb] += wa_ - wb_
+        live = np.unique(lay)
+        live = live[loads[live].max(axis=1) > target[live]]
+    return placement, w
+
+
 def _doubles(placement: np.ndarray, num_ranks: int) -> np.ndarray:
     """(layers,) slots holding an expert their rank already holds in another slot."""
     by_rank = np.sort(placement.reshape(placement.shape[0], num_ranks, -1), axis=2)
     return (by_rank[:, :, 1:] == by_rank[:, :, :-1]).sum(axis=(1, 2))
-
-
-def _swap_down(placement, w, num_ranks, penalty, floor, rounds=SWAP_ROUNDS, pairs=PAIRS):
-    """Each round, per layer: the k heaviest ranks swap one slot each with the k lightest (the
-    i-th heaviest with the i-th lightest; per pair the slot pair whose loads end closest, no rank
-    holding an expert twice), k chosen to maximise the drop of the layer's slowest rank minus
-    `penalty` per moved slot. A layer stops at `floor` or when no k pays. w: per-slot costs,
-    unchanged by swaps (counts stay)."""
-    layers, slots = placement.shape
-    per_rank = slots // num_ranks
-    m = min(pairs, num_ranks // 2)
-    if m < 1:
-        return placement, w
-    placement, w = placement.copy(), w.copy()
-    by_rank_p = placement.reshape(layers, num_ranks, per_rank)  # views: swaps write through
-    by_rank_w = w.reshape(layers, num_ranks, per_rank)
-    moves_cost = 2 * np.arange(1, m + 1)[None, :] * np.broadcast_to(penalty, (layers,))[:, None]
-    floor = np.broadcast_to(floor, (layers,))
-    live = np.arange(layers)
-    for _ in range(rounds):
-        loads = by_rank_w[live].sum(axis=2)
-        order = np.argsort(-loads, axis=1, kind="stable")
-        ranked = np.take_along_axis(loads, order, axis=1)
-        keep = ranked[:, 0] > floor[live]
-        live, order, ranked = live[keep], order[keep], ranked[keep]
-        if not len(live):
-            break
-        n = np.arange(len(live))[:, None]
-        heavy, light = order[:, :m], order[:, : -m - 1 : -1]
-        wa, wb = by_rank_w[live[:, None], heavy], by_rank_w[live[:, None], light]  # (n, m, slots per rank)
-        ea, eb = by_rank_p[live[:, None], heavy], by_rank_p[live[:, None], light]
-        delta = wa[..., :, None] - wb[..., None, :]
-        half = ((ranked[:, :m] - ranked[:, : -m - 1 : -1]) / 2)[..., None, None]
-        score = np.abs(delta - half)  # >= half: the pair would not both end below the heavier's load
-        same = ea[..., :, None] == eb[..., None, :]
-        score[same.any(axis=3)[..., :, None] | same.any(axis=2)[..., None, :] | (score >= half)] = np.inf
-        score = score.reshape(len(live), m, -1)
-        best = score.argmin(axis=2)
-        ok = np.isfinite(score[n, np.arange(m), best])
-        d = np.where(ok, delta.reshape(len(live), m, -1)[n, np.arange(m), best], 0.0)
-        # the layer's slowest rank once the k heaviest swapped: their new loads, their partners',
-        # and the (k+1)-th heaviest rank's
-        after = np.maximum(np.maximum.accumulate(ranked[:, :m] - d, axis=1),
-                           np.maximum.accumulate(ranked[:, : -m - 1 : -1] + d, axis=1))
-        after = np.maximum(after, ranked[:, 1 : m + 1])
-        gain = np.where(np.logical_and.accumulate(ok, axis=1), ranked[:, :1] - after - moves_cost[live], -np.inf)
-        k = gain.argmax(axis=1)
-        take = gain[n[:, 0], k] > 0
-        li, pi = np.nonzero((np.arange(m)[None, :] <= k[:, None]) & take[:, None])
-        if not len(li):
-            break
-        i, j = np.divmod(best[li, pi], per_rank)
-        lay, ra, rb = live[li], heavy[li, pi], light[li, pi]
-        ea_, eb_ = by_rank_p[lay, ra, i], by_rank_p[lay, rb, j]
-        by_rank_p[lay, ra, i], by_rank_p[lay, rb, j] = eb_, ea_
-        wa_, wb_ = by_rank_w[lay, ra, i], by_rank_w[lay, rb, j]
-        by_rank_w[lay, ra, i], by_rank_w[lay, rb, j] = wb_, wa_
-        live = live[take]
-    return placement, w
 
 
 def _repack_large(placement, w, num_ranks, target, num_logical):
@@ -283,27 +347,29 @@ def min_move_placement(
             return cost.replica_seconds(x * per_pass, c)
 
         penalty = np.full(layers, cost.move_penalty())
+        fixed = per_rank * cost.read_seconds  # a rank's weight reads: the tolerance is on token work
     else:
         def weigh(x, c):
             return x / c  # counts are >= 1 wherever weighed
 
         penalty = DEFAULT_MOVE_SHARE * load.sum(axis=1) / num_ranks
-    target_counts = replicate(load, slots, weigh)
-    cap = weigh(load, target_counts).max(axis=1)
-    # the fewest replicas each expert needs to cost at most `cap`
-    if cost is None or passes <= 0:
-        need = np.maximum(np.ceil(load / cap[:, None] * (1 - 1e-12)), 1).astype(np.int64)
-    else:
-        need = np.ones_like(target_counts)
-        while True:  # counts are small
-            over = weigh(load, need) > cap[:, None] * (1 + 1e-12)
-            if not over.any():
-                break
-            need += over
+        fixed = 0.0
+    target_counts, cap = _replica_counts(load, slots, weigh)
+    # layers whose large replicas (at `greedy`'s counts) bound the slowest rank well above the
+    # mean rank: experts whose replicas cost up to LARGE_CAP of a mean rank keep the replicas
+    # they have (fewer, larger replicas, which pack with the small ones where greedy's do not)
+    per_replica = weigh(load, target_counts)
+    w_t = np.repeat(per_replica.reshape(-1), target_counts.reshape(-1)).reshape(layers, slots)
+    mean_t = w_t.sum(axis=1) / num_ranks
+    tight = pack_bound(w_t, num_ranks, per_rank) > mean_t * (1 + BOUND_GAP)
+    cap = np.where(tight, np.maximum(cap, LARGE_CAP * mean_t), cap)
+    need = _needed(load, target_counts, cap, weigh)
     out = _fix_counts(load, current, num_ranks, need, weigh)
     w = np.take_along_axis(weigh(load, _counts(out, num_logical)), out, axis=1)
-    target = np.maximum(pack_bound(w, num_ranks, per_rank), w.sum(axis=1) / num_ranks) * (1 + tolerance)
-    out, w = _swap_down(out, w, num_ranks, penalty, target, SWAP_ROUNDS, PAIRS)
+    mean = w.sum(axis=1) / num_ranks
+    bound = pack_bound(w, num_ranks, per_rank)
+    target = np.maximum(bound, mean) + tolerance * np.maximum(mean - fixed, 0.0)
+    out, w = _shed(out, w, current, num_ranks, target, penalty)
 
     def peak_of(w_):
         return w_.reshape(len(w_), num_ranks, per_rank).sum(axis=2).max(axis=1)
@@ -312,7 +378,7 @@ def min_move_placement(
         """Swap `candidate` (for layers `rows`) down too; keep it where its slowest rank's drop
         pays for the slots it moves beyond the plan's."""
         cw = np.take_along_axis(weigh(load[rows], _counts(candidate, num_logical)), candidate, axis=1)
-        candidate, cw = _swap_down(candidate, cw, num_ranks, penalty[rows], target[rows], SWAP_ROUNDS, PAIRS)
+        candidate, cw = _shed(candidate, cw, current[rows], num_ranks, target[rows], penalty[rows])
         extra = (candidate != current[rows]).sum(axis=1) - (out[rows] != current[rows]).sum(axis=1)
         better = peak_of(w[rows]) - peak_of(cw) > penalty[rows] * extra
         out[rows[better]], w[rows[better]] = candidate[better], cw[better]
