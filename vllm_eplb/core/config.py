@@ -143,6 +143,11 @@ class BalancerConfig(BaseModel):
                 "the schedule starts a cycle every step_interval passes anyway; lower it, or set trigger_margin 0 to "
                 "turn the load trigger off"
             )
+        if self.agreement_timeout_s >= self.transfer_timeout_s:
+            raise ValueError(
+                f"agreement_timeout_s ({self.agreement_timeout_s:g}) must be less than transfer_timeout_s "
+                f"({self.transfer_timeout_s:g}): a rank lagging that long would leave steps' messages to time out"
+            )
         if self.agreement_lag >= self.step_interval:
             raise ValueError(
                 f"agreement_lag ({self.agreement_lag}) must be less than step_interval ({self.step_interval}): "

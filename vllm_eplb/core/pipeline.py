@@ -21,9 +21,11 @@ messages with those, so the pipeline stops posting for the rest of the cycle (`p
 a cycle ends, every step still in the pipeline is dropped: its staging is released once its
 messages are done. The transfer group itself is HEALTHY or BROKEN (`GroupHealth`): broken when
 a step's messages failed on the group (gloo tears its pairs down on a timeout or a lost peer)
-or a dropped step's messages are still pending a cycle later (addressed to a rank that never
-posted its side: they would pair with a later step's). Broken is for good: every vote carries
-TRANSFER_GROUP_BROKEN, which stops rebalancing on every rank.
+or a dropped step's messages are still pending past `transfer_timeout_s` (addressed to a rank
+that never posted its side: they would pair with a later step's; a slow step dropped by an
+unrelated abort is only slow, and is released once done). Broken is a standing fault: every
+vote carries TRANSFER_GROUP_BROKEN, which suspends rebalancing on every rank; the group is
+healthy again (`recover`, at the resume vote) once no dropped step is pending.
 
 Every failure is reported through `LocalFaults` (core/faults.py) and travels in the next vote;
 the pipeline never decides a transition itself. It raises only what every rank reads alike
@@ -263,19 +265,53 @@ class TransferPipeline:
 
     def check_health(self) -> None:
         """Before every vote: dropped steps whose messages are done give their staging back;
-        one still pending a whole cycle later breaks the group. A broken group is a standing
-        fault in every vote."""
-        if any(not step.handle.done() for step in self._dropped):
-            self.health = GroupHealth.BROKEN
+        one still pending past transfer_timeout_s breaks the group (a slow step is not a
+        broken one). A broken group is a standing fault in every vote."""
+        timeout = self._config().transfer_timeout_s
+        now = time.perf_counter()
         pending = []
         for step in self._dropped:  # done() read once: a step done now is released, not dropped
             if step.handle.done():
                 step.handle.release()  # nothing writes its staging any more
-            else:
-                pending.append(step)
+                continue
+            pending.append(step)
+            if now - step.started > timeout:
+                self.health = GroupHealth.BROKEN
         self._dropped = pending
         if self.health is GroupHealth.BROKEN:
             self.faults.standing(Fault.TRANSFER_GROUP_BROKEN)
+
+    def recover(self) -> bool:
+        """At a resume vote: healthy again once no dropped step is pending (their messages
+        completed, failed or timed out: nothing left to pair with a later step's)."""
+        pending = []
+        for step in self._dropped:
+            if step.handle.done():
+                step.handle.release()
+            else:
+                pending.append(step)
+        self._dropped = pending
+        if not pending:
+            self.health = GroupHealth.HEALTHY
+        return self.health is GroupHealth.HEALTHY
+
+    def heal(self, target: np.ndarray, held: np.ndarray, seq: int, group, world_size: int) -> int:
+        """Every layer to `target`, blocking (core/heal.py): weights moved from what every slot
+        holds (`held`, the same on every rank) as a transfer step, then the maps written where
+        this rank's differ. Every rank calls it at the same pass. Returns the layers whose
+        weights moved here or elsewhere."""
+        moved = 0
+        for layer in range(target.shape[0]):
+            if (target[layer] != held[layer]).any():
+                step = self.engine.start([plan_layer(layer, held[layer], target[layer], self.topo)], seq=seq)
+                self.engine.finish(step)
+                if world_size > 1:
+                    dist.barrier(group=group)  # every rank's data is in before any slot a peer reads is overwritten
+                self.engine.commit(step)
+                moved += 1
+            if (target[layer] != self.maps.placement[layer]).any():
+                self.maps.write_layer(layer, target[layer], self.topo)
+        return moved
 
     def move_now(self, target: np.ndarray, group, world_size: int) -> int:
         """Every layer to `target` now, blocking (start-up, a stop-the-world rebalance).

@@ -170,6 +170,13 @@ def placement_digest(phy2log: np.ndarray) -> tuple[int, int]:
     return a, b
 
 
+def maps_digest(phy2log: np.ndarray) -> int:
+    """One non-negative 62-bit integer identifying a placement: it travels in every round as an
+    `equal` field (x and -x in an int64 MIN all-reduce), so it stays clear of int64's limits."""
+    h = hashlib.blake2b(np.ascontiguousarray(phy2log, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 2
+
+
 @dataclass
 class RoutingMaps:
     """The three routing tensors a MoE model reads, updated in place only.
@@ -181,6 +188,7 @@ class RoutingMaps:
     log2phy: torch.Tensor  # (layers, logical, max_replicas), -1 padded
     replica_count: torch.Tensor  # (layers, logical)
     _host: np.ndarray | None = field(default=None, init=False, repr=False)
+    version: int = field(default=0, init=False)  # counts `apply`: the maps' digest is recomputed only when it moves
 
     @property
     def placement(self) -> np.ndarray:
@@ -244,6 +252,7 @@ class RoutingMaps:
         self.replica_count[layer].copy_(staged.replica_count, non_blocking=nb)
         if self._host is not None:
             self._host[layer] = staged.row
+        self.version += 1
 
 
 @dataclass(frozen=True)

@@ -344,7 +344,10 @@ class VllmEplbState:
     # ---- called by the worker's weight-update RPCs (weight_updates.weight_update)
     def begin_weight_update(self, kind: str, checkpoint_format: bool = True, engine: str | None = None) -> None:
         """Before an update writes anything: refuse it if it cannot be placed (the same line
-        on every rank: the placement is the same everywhere), else tell the balancer."""
+        on every rank: the placement is the same everywhere), else tell the balancer. The
+        balancer first processes a pass whose tick is late (`settle`): every rank decides
+        from the placement of the pass its clock is at, so none refuses what a peer accepts."""
+        self.balancer.settle()
         problem = self.placed.refusal(kind, checkpoint_format, engine) if self.placed is not None else ""
         if problem:
             log.error("%s", problem)
