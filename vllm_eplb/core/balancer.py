@@ -216,6 +216,7 @@ class Balancer:
         self._timeouts_in_row = 0  # cycles ended by agreement_timeout in a row
         self._weights_base = 0  # weight updates counted before the last weight_update_skew (votes carry the rest)
         self._early = -1  # a pass a weight update processed before its tick came: that tick is no extra one
+        self._draining: list[Round] = []  # an ended cycle's commit votes still in flight: read for their maps digest
         self.initial_placement = self.placement.copy()  # the baseline of the "initial" balancedness
         self.faults = LocalFaults(comm.rank, self.stats.local_faults, self._where, self._in_cycle)
 
@@ -407,6 +408,8 @@ class Balancer:
         cycle ends everywhere there (the timeout path). No rank stops rebalancing alone."""
         self.pass_no = p
         posts = self.agreement.posts
+        if self._draining:
+            self._drain(p)
         try:
             self._tick_phase(p)
         except (AgreementError, ProtocolMismatch) as exc:
@@ -487,6 +490,28 @@ class Balancer:
             log.warning("EPLB rank %d: planner not revived: %s", self.comm.rank, describe(exc))
             ready = False
         return self.pipeline.recover() and ready
+
+    def _drain(self, p: int) -> None:
+        """Read an ended cycle's commit votes when due, for their maps digest only: a commit
+        made on some ranks only in its last passes (a weight update applied at different
+        passes) shows there, and is healed at the same pass on every rank."""
+        if self.phase == "disabled":
+            self._draining = []
+            return
+        while self._draining and p >= self._draining[0].due_at:
+            r = self._draining.pop(0)
+            try:
+                v = r.votes()
+            except AgreementError:
+                continue  # failed on every rank: the cycle already ended on that path
+            if v.maps[1]:
+                self._agreed = r.sent.get("placement", self._agreed)
+            else:
+                try:
+                    self._heal(p)
+                except AgreementError as exc:
+                    log.warning("EPLB rank %d pass %d: %s; the next round checks the maps again", self.comm.rank, p, exc)
+                self._draining = []
 
     def _back_off(self, p: int, why: str) -> None:
         self._suspensions += 1
@@ -671,8 +696,9 @@ class Balancer:
         vote (core/pipeline.py). Decisions come from votes and the pass clock only; local
         failures go into this rank's vote."""
         pipe = self.pipeline
-        r = pipe.due(p)
-        if r is not None:
+        # every vote due: one per pass, or two after a pass whose tick failed (its commits are
+        # made now, one pass late, not one pass later each)
+        while (r := pipe.due(p)) is not None:
             v = self._read_round(r, p)
             if v is None:
                 return
@@ -806,6 +832,8 @@ class Balancer:
         except Exception as exc:
             raise AgreementError(f"healing the maps failed: {describe(exc)}") from exc
         self._agreed = target.copy()
+        # the ended cycle's votes in flight were posted before the heal: what they show is healed
+        self._draining = [r for r in self._draining if r.posted_at > p]
         self.stats.maps_healed += 1
         self.stats.heals.append((p, moved, len(lost)))
         log.warning("EPLB rank %d pass %d: routing maps differed across ranks; healed to the last agreed placement "
@@ -860,6 +888,7 @@ class Balancer:
         c = self.cycle
         if c is None:
             return
+        self._draining += self.pipeline.votes  # paired on every rank: read when due, for their maps digest
         self.pipeline.end()
         self.planner.discard()
         # a decided cycle leaves a promise the load trigger holds the load to (core/load_trigger.py)

@@ -114,11 +114,12 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     uncounted = fault_doubles.PhaseTrigger(f.uncounted_pass, rank)
     slow = fault_doubles.PhaseTrigger(f.slow_pass, rank)
     weight_update = fault_doubles.WeightUpdateTrigger(f.weight_update, rank)
+    corrupt = fault_doubles.PhaseTrigger(f.corrupt_maps, rank)
     runner = RunnerCount()
     layout = MoELayout(topo, cfg.layers, model.pass_load, model.maps, model.weights_of)
     balancer = Balancer(bcfg, layout, Comm(rank, world, agreement_group, backend), policy, clock=PassClock(runner, model.pass_counter))
     balancer_ref.append(balancer)
-    fault_doubles.install(balancer, f, rank)
+    late = fault_doubles.install(balancer, f, rank)
     events: dict = {}
 
     # The planner process starts with the server, long before a window ends; here
@@ -158,8 +159,13 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         if slow.fires(balancer):
             events["slow_pass"] = p
             time.sleep(f.slow_pass[2])
+        if fault_doubles.hits(f.rebuild_pause, rank) and late.get("read_at") == p:
+            events["rebuild_pause"] = p  # the pass whose tick reads the failed round and rebuilds
+            time.sleep(f.rebuild_pause[1])
+        # an update whose pass one rank's driver does not tick: timed before the ticks, alike everywhere
+        update_now = bool(f.update_tick_missed) and weight_update.fires(balancer)
         t0 = time.perf_counter()
-        for _ in range(ticks.ticks(balancer)):
+        for _ in range(0 if update_now and rank in f.update_tick_missed else ticks.ticks(balancer)):
             balancer.tick()
         spent += time.perf_counter() - t0
         tick_us.setdefault(state, []).append(spent * 1e6)
@@ -169,7 +175,9 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         if metrics_error.fires(balancer):
             balancer.report_fault(Fault.METRICS_ERROR, RuntimeError("injected metrics exporter failure"))
             events["metrics_error"] = p
-        if weight_update.fires(balancer):
+        if corrupt.fires(balancer):
+            events["corrupt_maps"] = (p, *fault_doubles.corrupt_maps(balancer, model, rank, f.corrupt_maps[2]))
+        if update_now or (not f.update_tick_missed and weight_update.fires(balancer)):
             # between two passes, as vLLM's workers take an update RPC
             if weight_update.rewrite:
                 model.update_weights()
@@ -194,6 +202,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     if ticks.trigger.fired_at is not None:
         events["tick_offset"] = ticks.trigger.fired_at
     events["steps"] = built["log"].steps if built else []
+    events.update({k: v for k, v in late.items() if k != "read_at"})
     report = RankReport(
         rank,
         list(balancer.stats.history),
