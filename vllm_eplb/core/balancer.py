@@ -87,7 +87,7 @@ from .load_trigger import LoadTrigger
 from .load_window import HostSnapshot, LoadWindow
 from .pass_balance import pass_figures
 from .pass_clock import PassClock
-from .pipeline import STEP_SEQ_PER_CYCLE, CommitFailed, TransferPipeline
+from .pipeline import CommitFailed, TransferPipeline
 from .placement import (
     RoutingMaps,
     maps_digest,
@@ -827,8 +827,7 @@ class Balancer:
             dist.all_gather(everyone, mine, group=group)
             held = composite([t.numpy() for t in everyone], self.topo)
             target, lost = heal_target(self._agreed, held, self.topo)
-            seq = (self._cycles + 1) * STEP_SEQ_PER_CYCLE - 1  # a step number no cycle's step takes
-            moved = self.pipeline.heal(target, held, seq, group, n)
+            moved = self.pipeline.heal(target, held, group, n)
         except Exception as exc:
             raise AgreementError(f"healing the maps failed: {describe(exc)}") from exc
         self._agreed = target.copy()

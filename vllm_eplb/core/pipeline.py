@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from .agreement import COMMIT, MAX_IN_FLIGHT, Round, layers_digest
@@ -295,23 +296,46 @@ class TransferPipeline:
             self.health = GroupHealth.HEALTHY
         return self.health is GroupHealth.HEALTHY
 
-    def heal(self, target: np.ndarray, held: np.ndarray, seq: int, group, world_size: int) -> int:
-        """Every layer to `target`, blocking (core/heal.py): weights moved from what every slot
-        holds (`held`, the same on every rank) as a transfer step, then the maps written where
-        this rank's differ. Every rank calls it at the same pass. Returns the layers whose
-        weights moved here or elsewhere."""
+    def heal(self, target: np.ndarray, held: np.ndarray, group, world_size: int) -> int:
+        """Every layer to `target`, blocking (core/heal.py): the weights every slot lacks, from
+        what every slot holds (`held`, the same on every rank), then the maps written where
+        this rank's differ. Every rank calls it at the same pass. The weights travel over
+        `group` (the agreement group), not the transfer backend: an ended cycle's steps may
+        still be pending there, and a heal must not queue behind them. Returns the layers
+        whose weights moved (here or on a peer)."""
         moved = 0
         for layer in range(target.shape[0]):
             if (target[layer] != held[layer]).any():
-                step = self.engine.start([plan_layer(layer, held[layer], target[layer], self.topo)], seq=seq)
-                self.engine.finish(step)
-                if world_size > 1:
-                    dist.barrier(group=group)  # every rank's data is in before any slot a peer reads is overwritten
-                self.engine.commit(step)
+                self._heal_layer(plan_layer(layer, held[layer], target[layer], self.topo), group, world_size)
                 moved += 1
             if (target[layer] != self.maps.placement[layer]).any():
                 self.maps.write_layer(layer, target[layer], self.topo)
         return moved
+
+    def _heal_layer(self, plan, group, world_size: int) -> None:
+        """One layer's moves as blocking sends and receives, walked in the plan's order by
+        every rank (each waits only on transfers it is part of, in one global order: no cycle),
+        then the writes, once every rank has what it needs."""
+        rank = self.engine.rank
+        weights = self.engine.weights_of(plan.layer)
+        part = plan.part(rank)
+        local = {e: [w[s].clone() for w in weights] for e, s in part.local_sources.items()}
+        received: dict[int, list] = {}
+        for t in plan.transfers:
+            for e, slot in zip(t.experts, t.src_slots):
+                if t.src == rank:
+                    for w in weights:
+                        dist.send(w[slot].contiguous().cpu(), group=group, group_dst=t.dst)
+                elif t.dst == rank:
+                    bufs = [torch.empty(w.shape[1:], dtype=w.dtype) for w in weights]
+                    for buf in bufs:
+                        dist.recv(buf, group=group, group_src=t.src)
+                    received[e] = bufs
+        if world_size > 1:
+            dist.all_reduce(torch.zeros(1), group=group)  # every rank's data in before a source slot is overwritten
+        for slot, e in part.writes.items():
+            for w, src in zip(weights, local.get(e) or received[e]):
+                w[slot].copy_(src)
 
     def move_now(self, target: np.ndarray, group, world_size: int) -> int:
         """Every layer to `target` now, blocking (start-up, a stop-the-world rebalance).

@@ -186,7 +186,7 @@ SCENARIOS = [
     # the update waits for that pass's commit on that rank too, as on its peers
     Scenario("weight update on a pass one rank has not ticked", "transferring",
              Faults(weight_update=(EVERY, "transferring", True, 2), update_tick_missed=(FAULTY,)), "aborts",
-             "weight_update", THREAD, 110, rank=EVERY, fired="weight_update", worlds=TWO),
+             "weight_update", THREAD, 170, rank=EVERY, fired="weight_update", worlds=TWO),
     # a documented misuse (engines not paused): one update two passes apart; a commit in between lands on
     # one rank only, the next round's digests show it, every rank heals and suspends
     Scenario("weight update two passes apart in transferring", "transferring",
@@ -299,9 +299,11 @@ def verdict(s: Scenario, reports) -> list[str]:
             if len(steps) < nth or steps[nth - 1][2] != 0:
                 bad.append(f"rank {r.rank}: step {nth} of cycle {cycle} is not one with nothing to send: {steps}")
     # one history everywhere: the same transitions at the same passes
-    first = [(h.pass_no, h.trigger, h.dest, h.reason) for h in reports[0].history]
+    # (where maps diverge on purpose, a layer committed on some ranks only is the fault itself)
+    seen = lambda r: [(h.pass_no, h.trigger, h.dest, h.reason) for h in r.history if not (s.diverges and h.trigger == "next_layer")]
+    first = seen(reports[0])
     for r in reports[1:]:
-        if [(h.pass_no, h.trigger, h.dest, h.reason) for h in r.history] != first:
+        if seen(r) != first:
             bad.append(f"rank {r.rank} transitioned at other passes or for other reasons than rank 0")
     if s.faults.tick_offset is not None:
         skews = {r.stats["skew_rounds"] for r in reports}

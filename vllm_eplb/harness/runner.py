@@ -178,10 +178,11 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         if corrupt.fires(balancer):
             events["corrupt_maps"] = (p, *fault_doubles.corrupt_maps(balancer, model, rank, f.corrupt_maps[2]))
         if update_now or (not f.update_tick_missed and weight_update.fires(balancer)):
-            # between two passes, as vLLM's workers take an update RPC
+            # between two passes, as vLLM's workers take an update RPC: the balancer hears of it
+            # before anything is written (integration/weight_updates.py)
+            balancer.weights_changed()
             if weight_update.rewrite:
                 model.update_weights()
-            balancer.weights_changed()
             events["weight_update"] = p
             if weight_update.rewrite:
                 checker.new_reference()  # every rank updates at this pass (a collective)
