@@ -825,9 +825,10 @@ class Balancer:
             mine = torch.from_numpy(self.placement.copy())
             everyone = [torch.empty_like(mine) for _ in range(n)]
             dist.all_gather(everyone, mine, group=group)
-            held = composite([t.numpy() for t in everyone], self.topo)
-            target, lost = heal_target(self._agreed, held, self.topo)
-            moved = self.pipeline.heal(target, held, group, n)
+            views = [t.numpy() for t in everyone]
+            held = composite(views, self.topo)
+            target, weights, lost = heal_target(self._agreed, held, views, self.topo)
+            moved = self.pipeline.heal(target, weights, held, group, n)
         except Exception as exc:
             raise AgreementError(f"healing the maps failed: {describe(exc)}") from exc
         self._agreed = target.copy()

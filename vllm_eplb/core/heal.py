@@ -14,12 +14,13 @@ next forward pass must not route with maps that differ), each builds the same co
 (every rank's own slots, as that rank holds them) and the same target, and moves weights
 from composite to target like a transfer step, blocking; then writes the target's maps.
 
-The target is the agreed placement, except where an expert it puts in a slot is held by no
-slot at all any more (a commit on some ranks only can overwrite the last copy): that slot
-keeps what it holds, so the maps name what the weights are. An expert held nowhere cannot be
-fetched back: the target keeps it where the agreed placement had it (the maps stay valid
-and equal) and the heal reports it lost (its slots hold other weights until the next weight
-update writes it).
+The target, per layer, is the agreed placement's row if every expert it names is still held
+somewhere; else the first rank's own row (in rank order) for which that holds (a commit made
+on some ranks only can overwrite the last copy of an expert the agreed row needs, while the
+committed row is whole); else the agreed row with each slot whose expert is held nowhere
+keeping what it holds. An expert held by no slot at all cannot be fetched back: the maps name
+it at its agreed slot (they stay valid and equal), whose weights are another expert's, and
+the heal reports it lost until the next weight update writes it.
 """
 
 from __future__ import annotations
@@ -38,18 +39,23 @@ def composite(placements: list[np.ndarray], topo: Topology) -> np.ndarray:
     return out
 
 
-def heal_target(agreed: np.ndarray, held: np.ndarray, topo: Topology) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """(the placement every rank heals to, [(layer, expert) held by no slot]). `agreed`: the
-    last agreed placement; `held`: the composite."""
-    target = agreed.copy()
-    lost = []
+def heal_target(agreed: np.ndarray, held: np.ndarray, views: list[np.ndarray], topo: Topology):
+    """(the maps every rank heals to, what every slot is to hold, [(layer, expert) held by no
+    slot]). `agreed`: the last agreed placement; `held`: the composite; `views`: every rank's
+    placement, in rank order."""
+    maps, weights, lost = agreed.copy(), agreed.copy(), []
     for layer in range(agreed.shape[0]):
         present = set(held[layer].tolist())
-        for s in np.nonzero(target[layer] != held[layer])[0]:
-            if int(target[layer, s]) not in present:
-                target[layer, s] = held[layer, s]  # nothing to fetch: the slot keeps its expert
-        for e in sorted(set(range(topo.num_logical)) - set(target[layer].tolist())):
+        whole = next((c[layer] for c in [agreed, *views] if set(c[layer].tolist()) <= present), None)
+        if whole is not None:
+            maps[layer] = weights[layer] = whole
+            continue
+        row = weights[layer]
+        for s in np.nonzero(row != held[layer])[0]:
+            if int(row[s]) not in present:
+                row[s] = held[layer, s]  # nothing to fetch: the slot keeps its expert
+        maps[layer] = row
+        for e in sorted(set(range(topo.num_logical)) - set(row.tolist())):
             lost.append((layer, e))
-            s = int(np.nonzero(agreed[layer] == e)[0][0])
-            target[layer, s] = e  # valid, equal maps; the slot's weights are another expert's
-    return target, lost
+            maps[layer, int(np.nonzero(agreed[layer] == e)[0][0])] = e
+    return maps, weights, lost

@@ -296,8 +296,8 @@ class TransferPipeline:
             self.health = GroupHealth.HEALTHY
         return self.health is GroupHealth.HEALTHY
 
-    def heal(self, target: np.ndarray, held: np.ndarray, group, world_size: int) -> int:
-        """Every layer to `target`, blocking (core/heal.py): the weights every slot lacks, from
+    def heal(self, target: np.ndarray, weights: np.ndarray, held: np.ndarray, group, world_size: int) -> int:
+        """Every layer's maps to `target`, its slots to `weights`, blocking (core/heal.py): the weights every slot lacks, from
         what every slot holds (`held`, the same on every rank), then the maps written where
         this rank's differ. Every rank calls it at the same pass. The weights travel over
         `group` (the agreement group), not the transfer backend: an ended cycle's steps may
@@ -305,8 +305,8 @@ class TransferPipeline:
         whose weights moved (here or on a peer)."""
         moved = 0
         for layer in range(target.shape[0]):
-            if (target[layer] != held[layer]).any():
-                self._heal_layer(plan_layer(layer, held[layer], target[layer], self.topo), group, world_size)
+            if (weights[layer] != held[layer]).any():  # `weights`: the target less experts held nowhere
+                self._heal_layer(plan_layer(layer, held[layer], weights[layer], self.topo), group, world_size)
                 moved += 1
             if (target[layer] != self.maps.placement[layer]).any():
                 self.maps.write_layer(layer, target[layer], self.topo)
