@@ -297,7 +297,8 @@ class Round:
         return self._value
 
     def votes(self) -> SimpleNamespace:
-        return self.layout.decode(self.result())
+        value = self.result()  # a failed round raises before its layout is read (a stand-in has none)
+        return self.layout.decode(value)
 
 
 class Agreement:

@@ -429,6 +429,28 @@ class Balancer:
                 why = f"rank {self.comm.rank} stopped voting at pass {p}: its tick failed twice ({describe(again)})"
                 log.error("EPLB %s; the cycle ends on every rank when its next round is read", why)
                 self.agreement.mute(why)
+                self._unposted(p, why)
+
+    def _unposted(self, p: int, why: str) -> None:
+        """The round this rank's schedule owed at pass p (its peers posted it) stands in its
+        place as failed: read `agreement_lag` passes later, at the pass its peers' fails."""
+        if self.phase == "transferring":
+            # the pass's commits and step start are schedule, not votes: done as its peers did
+            # them (a step they started and this rank did not would leave their messages pending)
+            try:
+                self._transfer_work(p, vote=False)
+            except (AgreementError, ProtocolMismatch) as exc:
+                return self._lost_agreement(exc)
+            except Exception as exc:
+                log.error("EPLB rank %d pass %d: %s", self.comm.rank, p, describe(exc))
+        c, phase = self.cycle, self.phase
+        failed = Round(torch.zeros(0), None, p, p + self.agreement.lag, self.agreement, error=AgreementError(why))
+        if phase == "transferring" and self.pipeline.steps:
+            self.pipeline.votes.append(failed)  # a commit vote every pass while steps are in flight
+        elif phase == "suspended" and self._resume_round is None and p >= self.resume_at:
+            self._resume_round = failed
+        elif PHASE_WORK[phase].post and c is not None and c.round is None and p >= c.post_at:
+            c.round = failed
 
     def _lost_agreement(self, exc: Exception) -> None:
         if isinstance(exc, ProtocolMismatch):
@@ -695,6 +717,9 @@ class Balancer:
         the next step if there is room, poll every step in flight and post this pass's
         vote (core/pipeline.py). Decisions come from votes and the pass clock only; local
         failures go into this rank's vote."""
+        self._transfer_work(p)
+
+    def _transfer_work(self, p: int, vote: bool = True) -> None:
         pipe = self.pipeline
         # every vote due: one per pass, or two after a pass whose tick failed (its commits are
         # made now, one pass late, not one pass later each)
@@ -718,7 +743,8 @@ class Balancer:
             pipe.start(p)
         if pipe.steps:
             pipe.poll()
-            pipe.vote(p)
+            if vote:
+                pipe.vote(p)
 
     # ------------------------------------------------------------------ votes and faults
 

@@ -85,8 +85,8 @@ def _warm_up() -> None:
 
 
 # The start-up a planner process gets before its time counts against planning_timeout_s: twice
-# what the first process took here (importing numpy and the policies), at least
-# MIN_STARTUP_S; STARTUP_S while no process has started yet.
+# what the first process took here (importing numpy and the policies), at least MIN_STARTUP_S,
+# STARTUP_S while no process has answered yet.
 MIN_STARTUP_S, STARTUP_S = 1.0, 10.0
 
 
@@ -176,9 +176,10 @@ class Planner:
         return self._job.result()
 
     def seconds_running(self) -> float:
-        """Time the current plan has had a running planner. A process's start-up does not
-        count, up to twice what the first one took: past that its time counts from its spawn,
-        so a process that hangs before its warm-up answers times out like a slow plan."""
+        """Time the current plan has had a running planner. A process still starting (no answer
+        to its warm-up yet) is timed from its spawn, less the start-up a process takes here
+        (twice the first one's): one that hangs before its warm-up answers times out like a
+        slow plan, one that starts normally costs the plan nothing."""
         now = time.monotonic()
         if self._ready_at != float("inf"):
             return max(0.0, now - max(self.submitted_at, self._ready_at))

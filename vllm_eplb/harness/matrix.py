@@ -195,7 +195,7 @@ SCENARIOS = [
     # a bug escaping the tick on the retry too: the rank stops voting, its peers' next round fails everywhere
     Scenario("exception escaping the tick twice", "transferring",
              Faults(raise_at=(FAULTY, "tick_transferring", 1, "error", 2, 2)), "aborts", "agreement_timeout",
-        (*THREAD, ("agreement_timeout_s", SLOW_BOUND_S)), 130, worlds=TWO),
+             (*THREAD, ("agreement_timeout_s", SLOW_BOUND_S)), 170, worlds=TWO),
     # a step slower than a pass (2 s, transfer_timeout_s 120) dropped by an unrelated abort: slow, not broken
     Scenario("slow step (2 s) dropped by an abort", "transferring",
              Faults(slow_step=(FAULTY, 1, 2.0), metrics_error=(FAULTY, "transferring")), "aborts", "metrics_error",
@@ -203,11 +203,11 @@ SCENARIOS = [
     # the rank that reads the failed round pauses 3.5 s first (bound 2 s): the rebuild waits for it
     Scenario("pause (3.5 s) on the rebuild pass after an agreement timeout", "planning_waiting",
              Faults(late_round=(FAULTY, 2, 6.0), rebuild_pause=(FAULTY, SLOW_PAST_S)), "aborts", "agreement_timeout",
-             (*THREAD, ("agreement_timeout_s", SLOW_BOUND_S)), 130, fired="rebuild_pause", worlds=TWO),
+             (*THREAD, ("agreement_timeout_s", SLOW_BOUND_S)), 170, fired="rebuild_pause", worlds=TWO),
     # a replacement planner process (the first was killed while idle) stops before its warm-up answers
     Scenario("replacement planner hangs before its warm-up", "planning_waiting",
              Faults(kill_planner=(FAULTY, "idle"), hang_replacement=FAULTY), "aborts", "planning_timeout",
-             (("planning_timeout_s", 0.5),), 800, fired="hung_planner", worlds=TWO),
+             (("planning_timeout_s", 0.5),), 1000, fired="hung_planner", worlds=TWO),
     # maps changed on one rank with no protocol path: healed within one round, outputs right again
     Scenario("maps corrupted: a slot's weights and map on rank 1", "transferring",
              Faults(corrupt_maps=(FAULTY, "transferring", "own")), "heals", "maps_diverged", THREAD, 190,
