@@ -20,8 +20,9 @@ the peers' messages to and from this rank pending; starting later steps would pa
 messages with those, so the pipeline stops posting for the rest of the cycle (`posting`). When
 a cycle ends, every step still in the pipeline is dropped: its staging is released once its
 messages are done. The transfer group itself is HEALTHY or BROKEN (`GroupHealth`): broken when
-a step's messages failed on the group (gloo tears its pairs down on a timeout or a lost peer)
-or a dropped step's messages are still pending past `transfer_timeout_s` (addressed to a rank
+a step's messages failed on the group (gloo tears its pairs down on a timeout or a lost peer),
+when this rank failed to post a step its peers posted, or a dropped step's messages are still
+pending past `transfer_timeout_s` (addressed to a rank
 that never posted its side: they would pair with a later step's; a slow step dropped by an
 unrelated abort is only slow, and is released once done). Broken is a standing fault: every
 vote carries TRANSFER_GROUP_BROKEN, which suspends rebalancing on every rank; the group is
@@ -201,6 +202,10 @@ class TransferPipeline:
             # more this cycle (it ends at the next vote read), leaving peers' pending.
             self.posting = False
             self.faults.report(fault_of(exc, Fault.TRANSFER_ERROR), exc)
+            # and the peers' side of this step stays pending on the group: broken, now (its
+            # standing fault travels in this very vote), not once they time out
+            self.health = GroupHealth.BROKEN
+            self.faults.standing(Fault.TRANSFER_GROUP_BROKEN)
 
     def poll(self) -> None:
         """Every step whose data is in gets its commit prepared. Never waits on a copy: a step
