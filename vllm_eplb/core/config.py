@@ -108,7 +108,7 @@ class BalancerConfig(BaseModel):
         3,
         ge=0,
         le=1000,
-        description="Times a planner process that died is started again; past that, rebalancing stops on every rank.",
+        description="Times a planner process that died is started again; past that, rebalancing is suspended on every rank (the resume vote starts a fresh one).",
     )
     transfer_timeout_s: float = Field(
         120.0, gt=0, le=MAX_TIMEOUT_S, description="Longest a rank waits for one transfer step's data."
