@@ -853,8 +853,10 @@ class Balancer:
             dist.all_gather(everyone, mine, group=group)
             views = [t.numpy() for t in everyone]
             held = composite(views, self.topo)
-            target, weights, lost = heal_target(self._agreed, held, views, self.topo)
-            moved = self.pipeline.heal(target, weights, held, group, n)
+            staged: list = [None] * n  # what each rank received in steps never committed
+            dist.all_gather_object(staged, set(self.pipeline.staged_experts()), group=group)
+            target, weights, lost = heal_target(self._agreed, held, views, self.topo, set().union(*staged))
+            moved = self.pipeline.heal(target, weights, held, staged, group, n)
         except Exception as exc:
             raise AgreementError(f"healing the maps failed: {describe(exc)}") from exc
         self._agreed = target.copy()

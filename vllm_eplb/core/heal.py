@@ -15,7 +15,8 @@ next forward pass must not route with maps that differ), each builds the same co
 from composite to target like a transfer step, blocking; then writes the target's maps.
 
 The target, per layer, is the agreed placement's row if every expert it names is still held
-somewhere; else the first rank's own row (in rank order) for which that holds (a commit made
+somewhere (in a slot, or received by some rank in a step that was never committed: that
+rank's staging is the source then); else the first rank's own row (in rank order) for which that holds (a commit made
 on some ranks only can overwrite the last copy of an expert the agreed row needs, while the
 committed row is whole); else the agreed row with each slot whose expert is held nowhere
 keeping what it holds. An expert held by no slot at all cannot be fetched back: the maps name
@@ -39,13 +40,16 @@ def composite(placements: list[np.ndarray], topo: Topology) -> np.ndarray:
     return out
 
 
-def heal_target(agreed: np.ndarray, held: np.ndarray, views: list[np.ndarray], topo: Topology):
+def heal_target(agreed: np.ndarray, held: np.ndarray, views: list[np.ndarray], topo: Topology,
+                staged: set | None = None):
     """(the maps every rank heals to, what every slot is to hold, [(layer, expert) held by no
     slot]). `agreed`: the last agreed placement; `held`: the composite; `views`: every rank's
-    placement, in rank order."""
+    placement, in rank order; `staged`: (layer, expert) some rank received in a step never
+    committed (a source too)."""
     maps, weights, lost = agreed.copy(), agreed.copy(), []
+    staged = staged or set()
     for layer in range(agreed.shape[0]):
-        present = set(held[layer].tolist())
+        present = set(held[layer].tolist()) | {e for (lay, e) in staged if lay == layer}
         whole = next((c[layer] for c in [agreed, *views] if set(c[layer].tolist()) <= present), None)
         if whole is not None:
             maps[layer] = weights[layer] = whole

@@ -301,46 +301,74 @@ class TransferPipeline:
             self.health = GroupHealth.HEALTHY
         return self.health is GroupHealth.HEALTHY
 
-    def heal(self, target: np.ndarray, weights: np.ndarray, held: np.ndarray, group, world_size: int) -> int:
-        """Every layer's maps to `target`, its slots to `weights`, blocking (core/heal.py): the weights every slot lacks, from
-        what every slot holds (`held`, the same on every rank), then the maps written where
-        this rank's differ. Every rank calls it at the same pass. The weights travel over
-        `group` (the agreement group), not the transfer backend: an ended cycle's steps may
-        still be pending there, and a heal must not queue behind them. Returns the layers
-        whose weights moved (here or on a peer)."""
+    def staged_experts(self) -> dict[tuple[int, int], list]:
+        """(layer, expert) -> tensors of every expert this rank received in a step that was
+        never committed (an ended cycle's, data in): a heal's last source for an expert a
+        commit made on some ranks only overwrote in every slot."""
+        out: dict = {}
+        for inflight in self._dropped + [s.inflight for s in self.steps if s.inflight is not None]:
+            out.update(inflight.received or {})
+        return out
+
+    def heal(self, target: np.ndarray, weights: np.ndarray, held: np.ndarray, staged: list[set], group,
+             world_size: int) -> int:
+        """Every layer's maps to `target`, its slots to `weights`, blocking (core/heal.py): the
+        weights every slot lacks, from a slot that holds them (`held`, the same on every rank)
+        or else from a rank that has them staged (`staged`: per rank, its (layer, expert)
+        keys), then the maps written where this rank's differ. Every rank calls it at the
+        same pass. The weights travel over `group` (the agreement group), not the transfer
+        backend: an ended cycle's steps may still be pending there, and a heal must not queue
+        behind them. Returns the layers whose weights moved (here or on a peer)."""
         moved = 0
+        mine = self.staged_experts() if any(staged) else {}
         for layer in range(target.shape[0]):
-            if (weights[layer] != held[layer]).any():  # `weights`: the target less experts held nowhere
-                self._heal_layer(plan_layer(layer, held[layer], weights[layer], self.topo), group, world_size)
+            if (weights[layer] != held[layer]).any():
+                self._heal_layer(layer, held[layer], weights[layer], staged, mine, group, world_size)
                 moved += 1
             if (target[layer] != self.maps.placement[layer]).any():
                 self.maps.write_layer(layer, target[layer], self.topo)
         return moved
 
-    def _heal_layer(self, plan, group, world_size: int) -> None:
-        """One layer's moves as blocking sends and receives, walked in the plan's order by
-        every rank (each waits only on transfers it is part of, in one global order: no cycle),
-        then the writes, once every rank has what it needs."""
-        rank = self.engine.rank
-        weights = self.engine.weights_of(plan.layer)
-        part = plan.part(rank)
-        local = {e: [w[s].clone() for w in weights] for e, s in part.local_sources.items()}
+    def _heal_layer(self, layer: int, held: np.ndarray, want: np.ndarray, staged: list[set], mine: dict, group,
+                    world_size: int) -> None:
+        """One layer's moves as blocking sends and receives, in one order every rank computes
+        (slot order; each rank waits only on moves it is part of, in that order: no cycle), then
+        the writes, once every rank has what it needs."""
+        rank, n = self.engine.rank, self.topo.slots_per_rank
+        weights = self.engine.weights_of(layer)
+        local = {}  # expert -> snapshot of a local slot holding it (a slot copied from may be overwritten)
+        moves: list[tuple[int, int]] = []  # (destination rank, expert) to fetch, once each
+        for slot in np.nonzero(want != held)[0]:
+            dst, e = int(slot) // n, int(want[slot])
+            own = np.nonzero(held[dst * n:(dst + 1) * n] == e)[0]
+            if len(own):
+                if dst == rank and e not in local:
+                    local[e] = [w[int(own[0])].clone() for w in weights]
+            elif (dst, e) not in moves:
+                moves.append((dst, e))
         received: dict[int, list] = {}
-        for t in plan.transfers:
-            for e, slot in zip(t.experts, t.src_slots):
-                if t.src == rank:
-                    for w in weights:
-                        dist.send(w[slot].contiguous().cpu(), group=group, group_dst=t.dst)
-                elif t.dst == rank:
-                    bufs = [torch.empty(w.shape[1:], dtype=w.dtype) for w in weights]
-                    for buf in bufs:
-                        dist.recv(buf, group=group, group_src=t.src)
-                    received[e] = bufs
+        for dst, e in moves:
+            holders = np.nonzero(held == e)[0]
+            src = int(holders[0]) // n if len(holders) else next(r for r in range(world_size) if (layer, e) in staged[r])
+            if src == rank:
+                tensors = [w[int(holders[0]) - rank * n] for w in weights] if len(holders) else mine[(layer, e)]
+                if dst == rank:
+                    received[e] = [t.clone() for t in tensors]
+                else:
+                    for t in tensors:
+                        dist.send(t.contiguous().cpu(), group=group, group_dst=dst)
+            elif dst == rank:
+                bufs = [torch.empty(w.shape[1:], dtype=w.dtype) for w in weights]
+                for buf in bufs:
+                    dist.recv(buf, group=group, group_src=src)
+                received[e] = bufs
         if world_size > 1:
             dist.all_reduce(torch.zeros(1), group=group)  # every rank's data in before a source slot is overwritten
-        for slot, e in part.writes.items():
-            for w, src in zip(weights, local.get(e) or received[e]):
-                w[slot].copy_(src)
+        for slot in range(rank * n, (rank + 1) * n):
+            if want[slot] != held[slot]:
+                e = int(want[slot])
+                for w, src in zip(weights, local.get(e) or received[e]):
+                    w[slot - rank * n].copy_(src)
 
     def move_now(self, target: np.ndarray, group, world_size: int) -> int:
         """Every layer to `target` now, blocking (start-up, a stop-the-world rebalance).

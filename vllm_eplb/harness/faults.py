@@ -424,13 +424,19 @@ def corrupt_maps(balancer: Balancer, model, rank: int, kind: str) -> tuple[int, 
     n = topo.slots_per_rank
     mine = list(topo.rank_slots(rank))
     slots = mine if kind == "own" else [s for s in range(topo.num_physical) if s not in mine]
-    # a slot whose expert keeps a copy elsewhere (the maps stay valid), not this rank's first slot
-    slot = next(s for s in reversed(slots) if (row == row[s]).sum() > 1 and s % n)
+    # a slot whose expert keeps a copy elsewhere (the maps stay valid: a heal must fetch it back),
+    # not its rank's first slot; none (every expert of these slots unique): two local slots swap
+    slot = next((s for s in reversed(slots) if (row == row[s]).sum() > 1 and s % n), None)
+    swap = slot is None
+    slot = slots[-1] if swap else slot
     source = slot - slot % n  # the first slot of the same rank
     if kind == "own":
         for w in model.weights_of(layer):
-            w[slot - rank * n].copy_(w[source - rank * n])
-    row[slot] = row[source]
+            a, b = w[slot - rank * n].clone(), w[source - rank * n].clone()
+            w[slot - rank * n].copy_(b)
+            if swap:
+                w[source - rank * n].copy_(a)
+    row[slot], row[source] = (row[source], row[slot]) if swap else (row[source], row[source])
     balancer.layout.maps.write_layer(layer, row, topo)
     return layer, slot, int(row[slot])
 
