@@ -361,10 +361,11 @@ class Agreement:
         with the round timeout. A rebuild that still fails leaves no group: the next round
         fails on every rank at its read, the cycle ends, and the next rebuild is the retry
         (with the back-off of repeated failures: the `suspended` state)."""
+        self.muted = ""  # a new group, a new schedule: the rank votes again
         if self.world_size == 1:
             return
         self.rebuilds += 1
-        self.group, self.muted = None, ""
+        self.group = None
         prefix = f"vllm_eplb/agreement/{self._instance}/{'_'.join(map(str, self._ranks))}/{self.rebuilds}/"
         me, n, timeout_s = self._ranks.index(dist.get_rank()), len(self._ranks), self.timeout_s
         box: dict = {}  # this rebuild's outcome; a later rebuild gets its own (a stale thread writes here only)

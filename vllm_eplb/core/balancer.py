@@ -407,7 +407,7 @@ class Balancer:
         so its peers' next round fails on every rank at its read, at the same pass, and the
         cycle ends everywhere there (the timeout path). No rank stops rebalancing alone."""
         self.pass_no = p
-        posts = self.agreement.posts
+        posts, muted = self.agreement.posts, self.agreement.muted
         if self._draining:
             self._drain(p)
         try:
@@ -426,6 +426,10 @@ class Balancer:
             except Exception as again:
                 if self.agreement.posts != posts:
                     return
+                if muted:
+                    # failing on every pass: it cannot read the rounds that would end its cycle
+                    # either; end it here (its peers end theirs at the read of its first missing round)
+                    return self._lost_agreement(AgreementError(muted))
                 why = f"rank {self.comm.rank} stopped voting at pass {p}: its tick failed twice ({describe(again)})"
                 log.error("EPLB %s; the cycle ends on every rank when its next round is read", why)
                 self.agreement.mute(why)
@@ -829,13 +833,14 @@ class Balancer:
         return self.cycle is not None and self.state in ACTIVE
 
     def _abort(self, reason: Fault | Reason, rank: int | None = None, detail: str = "") -> None:
+        if self.state not in ACTIVE:
+            return  # no cycle to end (a round read while idle or suspended)
         label = reason.label
         self.stats.cycles_aborted[label] += 1
         where = f"rank {rank}, " if rank is not None else ""
         self.stats.last_abort = f"{label} ({where}pass {self.pass_no})" + (f": {detail}" if detail else "")
         log.warning("EPLB rank %d pass %d: cycle aborted: %s", self.comm.rank, self.pass_no, self.stats.last_abort)
-        if self.state in ACTIVE:
-            self.abort(reason=label)
+        self.abort(reason=label)
 
     def _heal(self, p: int) -> None:
         """A round read at pass p shows maps that differ across ranks (whatever made them
@@ -879,6 +884,7 @@ class Balancer:
         if self.state in ACTIVE:
             self._abort(reason, rank, detail)
         self.trigger.disarm()
+        self.faults.clear()  # the ended cycle's: the resume vote carries none
         if reason is Reason.WEIGHT_UPDATE_SKEW:
             self._weights_base = self.stats.weight_updates  # counted afresh from this pass, on every rank
         self._suspensions += 1
