@@ -31,11 +31,14 @@ Faults (core/faults.py). A failure on one rank (planner, transfer, allocation, a
 never makes it stop posting rounds: it is reported to `LocalFaults`, becomes the `fault`
 field of its next vote, and every rank ends the cycle when it reads that round, at the
 same pass, with the same reason (the worst code, and the rank it came from); a code that
-`disables` stops rebalancing instead (the table's `disable`). A round that fails (a rank
-lagged past agreement_timeout_s) fails on every rank: the cycle ends where it is read and
-the agreement group is rebuilt for the next cycle. Rounds that show the ranks disagree
-about the protocol itself (pass, clock, step, weight-update count) stop rebalancing
-on every rank.
+`suspends` pauses rebalancing instead (the table's `suspend`: a back-off, then a resume
+vote). A round that fails (a rank lagged past agreement_timeout_s, or stopped voting after
+its tick failed twice) fails on every rank: the cycle ends where it is read and the
+agreement group is rebuilt for the next cycle (three such ends in a row suspend). Rounds
+that show the ranks disagree about the protocol itself (pass, clock, step) stop
+rebalancing on every rank (`disabled`); weight updates applied at different passes
+suspend it. Every round carries a digest of each rank's maps: maps that differ, whatever
+made them differ, are healed at the round that shows it (core/heal.py).
 
 Weight updates. A server that gets new weights (an RL trainer's push, a reload) has
 them written between two forward passes, on every rank of the expert-parallel group
@@ -46,7 +49,8 @@ steps staged was read before the update, and its next vote carries WEIGHT_UPDATE
 it ends on every rank at the same pass; the next cycle moves the new weights. Every
 vote carries the count of updates each rank applied: counts that differ mean ranks
 applied an update at different passes (a step may have been committed on some ranks
-only), and rebalancing stops on every rank.
+only), and rebalancing is suspended on every rank (the maps digest heals such a step).
+A rank whose tick for the last pass is late processes that pass first (`settle`).
 
 The placement of record is the routing maps' host copy (`RoutingMaps.placement`): what
 the balancer plans from, moves from and records is what the model routes with.
