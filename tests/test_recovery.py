@@ -113,7 +113,8 @@ def test_suspended_by_a_dead_planner_then_resumed_by_vote():
     pass (planner_dead), votes to resume after the back-off (step_interval passes), revives its
     planner, and a later cycle completes; maps agree on every pass."""
     cfg = HarnessConfig(
-        ranks=2, passes=230, redundant=2, zipf=1.5,
+        # passes of 20 ms: the revived planner process starts (seconds on a loaded box) while they run
+        ranks=2, passes=400, redundant=2, zipf=1.5, pass_sleep_s=0.02,
         balancer=dict(window_size=20, step_interval=60, agreement_lag=2, planning_timeout_s=20.0, planner_max_restarts=0),
         faults=Faults(kill_planner=(1, "planning_waiting"), slow_planner=(1, 1.0), slow_once=True),
     )

@@ -512,14 +512,17 @@ class Balancer:
         """This rank's part of the resume vote: its planner alive (a fresh restart budget
         after planner_dead), its transfer group healthy (no dropped step pending), its
         agreement group built."""
-        ready = self.comm.world_size == 1 or self.agreement.group is not None
+        parts = {"agreement group": self.comm.world_size == 1 or self.agreement.group is not None}
         try:
-            if not self.planner.alive():
-                ready &= self.planner.revive()
+            parts["planner"] = self.planner.alive() or self.planner.revive()
         except Exception as exc:
             log.warning("EPLB rank %d: planner not revived: %s", self.comm.rank, describe(exc))
-            ready = False
-        return self.pipeline.recover() and ready
+            parts["planner"] = False
+        parts["transfer group"] = self.pipeline.recover()
+        if not all(parts.values()):
+            log.warning("EPLB rank %d pass %d: not ready to resume: %s", self.comm.rank, self.pass_no,
+                        ", ".join(k for k, ok in parts.items() if not ok))
+        return all(parts.values())
 
     def _drain(self, p: int) -> None:
         """Read an ended cycle's commit votes when due, for their maps digest only: a commit

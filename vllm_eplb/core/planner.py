@@ -149,7 +149,9 @@ class Planner:
     def revive(self) -> bool:
         """At a resume vote after `planner_dead`: a fresh restart budget and a live process."""
         self.restarts = 0
-        self.ensure_alive()
+        if not self.alive():
+            log.warning("EPLB planner: a new process after a suspension (planner_dead)")
+            self._start()  # not a restart: the budget begins afresh after it
         return self.alive()
 
     @property
