@@ -2,7 +2,7 @@
 prints the /metrics text its BalancerMetrics produce after a run. Used by test_status.py
 for the failure paths a healthy server never takes.
 
-    python tests/single_rank_metrics.py disable   # a bug in a state's tick: the balancer stops itself
+    python tests/single_rank_metrics.py disable   # a bug in every planning tick: cycles end by the timeout path, suspended
     python tests/single_rank_metrics.py stall     # every plan fails: cycles abort, windows pile up
     python tests/single_rank_metrics.py mismatch  # two ranks, rank 1 with another layers_per_pass:
                                                   # refused at start-up (both ranks' /metrics text)
@@ -54,7 +54,7 @@ def main(mode: str, passes: int = 130) -> None:
     for p in range(1, passes + 1):
         if mode == "disable" and p == 45:
             # from the next planning phase on, every phase tick raises: a bug that the
-            # retry of the pass meets again, so the balancer stops itself
+            # retry of the pass meets again: the rank cannot vote, its cycles end by the timeout path
             b._tick_round = broken
         with driver.forward_pass():  # the runner's contract: catch up, count the pass as it starts, run it, tick
             model.forward(work.batch(p))

@@ -75,6 +75,8 @@ MALFORMED = [
     ({"log_balancedness": True}, "'log_balancedness': true is upstream's per-pass balancedness log"),
     ({"log_balancedness_interval": 10}, "'log_balancedness_interval' (10) belongs to upstream's per-pass log"),
     ({"enable_migration_batching": True}, "'enable_migration_batching': true is not offered by vllm-eplb"),
+    # timeouts out of order: a rank lagging past transfer_timeout_s would leave steps' messages to time out
+    ({"agreement_timeout_s": 120}, "agreement_timeout_s (120) must be less than transfer_timeout_s (120)"),
 ]
 # Malformed as text: not JSON, not an object, NaN, a key twice.
 MALFORMED_TEXT = [

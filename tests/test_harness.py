@@ -181,7 +181,7 @@ def test_step_held_as_other_layers_is_never_committed():
     steps' layers, every rank reads the difference there and stops before any commit."""
     # the unpaired messages pend until the transfer group's timeout: short, or the ranks'
     # exit waits for it (their waiter threads are joined)
-    reports = run(ranks=2, passes=110, faults=Faults(step_layers_after_start=(1, 2)), balancer=dict(transfer_timeout_s=5.0))
+    reports = run(ranks=2, passes=110, faults=Faults(step_layers_after_start=(1, 2)), balancer=dict(transfer_timeout_s=5.0, agreement_timeout_s=3.0))
     assert_consistent(reports)
     for r in reports:
         assert r.stats["disabled_reason"].startswith("step_mismatch")

@@ -86,11 +86,15 @@ def single_rank(mode: str) -> subprocess.CompletedProcess:
     return r
 
 
-def test_disabled_balancer_says_why():
+def test_a_bug_in_every_tick_suspends_the_balancer_and_says_why():
+    """From pass 45 every planning tick raises, its retry too: the rank cannot vote, so each cycle
+    ends by the timeout path (agreement_timeout), never disabled; three in a row suspend it, the
+    resume vote re-enables it after the back-off, and the bug suspends it again."""
     r = single_rank("disable")
     screen = status.render(r.stdout, "one rank")
-    assert "DISABLED: internal_error: RuntimeError: injected bug" in screen
-    assert re.search(r"aborted \(internal_error 1\); last: internal_error at pass (4[5-9]|[5-9]\d)\b", screen), screen
+    assert "SUSPENDED (a transient cause; the ranks vote to resume after a back-off): agreement_timeout_repeated x2" in screen, screen
+    assert re.search(r"aborted \(agreement_timeout [4-9]\); last: agreement_timeout at pass \d+", screen), screen
+    assert "DISABLED" not in screen and "rebalancing resumed" in r.stderr
 
 
 def test_config_mismatch_refused_at_start_up_and_exported():

@@ -31,11 +31,14 @@ Faults (core/faults.py). A failure on one rank (planner, transfer, allocation, a
 never makes it stop posting rounds: it is reported to `LocalFaults`, becomes the `fault`
 field of its next vote, and every rank ends the cycle when it reads that round, at the
 same pass, with the same reason (the worst code, and the rank it came from); a code that
-`disables` stops rebalancing instead (the table's `disable`). A round that fails (a rank
-lagged past agreement_timeout_s) fails on every rank: the cycle ends where it is read and
-the agreement group is rebuilt for the next cycle. Rounds that show the ranks disagree
-about the protocol itself (pass, clock, step, weight-update count) stop rebalancing
-on every rank.
+`suspends` pauses rebalancing instead (the table's `suspend`: a back-off, then a resume
+vote). A round that fails (a rank lagged past agreement_timeout_s, or stopped voting after
+its tick failed twice) fails on every rank: the cycle ends where it is read and the
+agreement group is rebuilt for the next cycle (three such ends in a row suspend). Rounds
+that show the ranks disagree about the protocol itself (pass, clock, step) stop
+rebalancing on every rank (`disabled`); weight updates applied at different passes
+suspend it. Every round carries a digest of each rank's maps: maps that differ, whatever
+made them differ, are healed at the round that shows it (core/heal.py).
 
 Weight updates. A server that gets new weights (an RL trainer's push, a reload) has
 them written between two forward passes, on every rank of the expert-parallel group
@@ -46,7 +49,8 @@ steps staged was read before the update, and its next vote carries WEIGHT_UPDATE
 it ends on every rank at the same pass; the next cycle moves the new weights. Every
 vote carries the count of updates each rank applied: counts that differ mean ranks
 applied an update at different passes (a step may have been committed on some ranks
-only), and rebalancing stops on every rank.
+only), and rebalancing is suspended on every rank (the maps digest heals such a step).
+A rank whose tick for the last pass is late processes that pass first (`settle`).
 
 The placement of record is the routing maps' host copy (`RoutingMaps.placement`): what
 the balancer plans from, moves from and records is what the model routes with.
@@ -78,10 +82,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .agreement import DIGEST, PROTOCOL, READINESS, Agreement, AgreementError, LoadLayout, Round, VoteLayout
+from .agreement import DIGEST, PROTOCOL, READINESS, RESUME, Agreement, AgreementError, LoadLayout, Round, VoteLayout
 from .config import BalancerConfig
 from .cost_model import CostModel, expert_size
 from .faults import Fault, LocalFaults, ProtocolMismatch, Reason, decode, describe, fault_of
+from .heal import composite, heal_target
 from .load_trigger import LoadTrigger
 from .load_window import HostSnapshot, LoadWindow
 from .pass_balance import pass_figures
@@ -90,11 +95,16 @@ from .pipeline import CommitFailed, TransferPipeline
 from .placement import (
     Topology,
     balancedness_of,
+    maps_digest,
     observed_rank_loads,
     physical_to_logical_load,
     predicted_balancedness,
 )
 from .planner import Plan, Planner, PlannerDead
+
+# agreement_timeout aborts in a row that suspend rebalancing (the group keeps failing: back off)
+TIMEOUTS_TO_SUSPEND = 3
+MAX_BACKOFF_DOUBLINGS = 6  # a suspension's back-off: step_interval passes x 2^(suspensions in a row - 1), capped
 from .planner_process import PlannerExited
 from .policies import Policy, get_policy
 from .protocol import differences, exchange, protocol_fields, short_digest
@@ -154,6 +164,7 @@ PHASE_WORK = {
     "planning_waiting": PhaseWork("_tick_round", "_post_readiness", "_read_readiness", scheduled=True),
     "syncing": PhaseWork("_tick_round", "_post_digest", "_read_digest", scheduled=True),
     "transferring": PhaseWork("_tick_transferring", scheduled=True),  # the pipeline's own votes
+    "suspended": PhaseWork("_tick_suspended", scheduled=True),  # the resume vote
     "disabled": PhaseWork("_tick_disabled"),
 }
 assert set(PHASE_WORK) == set(PHASES), f"PHASE_WORK must name every phase of the table: {sorted(PHASES)}"
@@ -204,6 +215,14 @@ class Balancer:
         self.clock = clock
         self.transitions_total = 0
         self.disabled_reason = ""  # "reason: detail" once disabled, for /metrics and the harness
+        self.suspended_reason = ""  # "reason: detail" while suspended
+        self.resume_at = 0  # while suspended: the pass the resume vote is posted at
+        self._resume_round: Round | None = None
+        self._suspensions = 0  # in a row (the back-off's exponent); a decided cycle resets it
+        self._timeouts_in_row = 0  # cycles ended by agreement_timeout in a row
+        self._weights_base = 0  # weight updates counted before the last weight_update_skew (votes carry the rest)
+        self._early = -1  # a pass a weight update processed before its tick came: that tick is no extra one
+        self._draining: list[Round] = []  # an ended cycle's commit votes still in flight: read for their maps digest
         self.initial_placement = self.placement.copy()  # the baseline of the "initial" balancedness
         self.faults = LocalFaults(comm.rank, self.stats.local_faults, self._where, self._in_cycle)
 
@@ -228,11 +247,15 @@ class Balancer:
         self.agreement = Agreement(comm.agreement_group, comm.world_size, config.agreement_lag, config.agreement_timeout_s)
         self.trigger = LoadTrigger(
             config, self.topo, self.agreement, self.window, comm.rank, comm.world_size, self.stats,
-            lambda: self.clock.offset(), self._read_round, layout.load_copies,
+            self._common, self._read_round, layout.load_copies,
         )
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-record")
         self._skewed = False  # a tick anomaly not yet reported in a vote
         self._weights_pass = -1  # the pass clock when the last weight update came
+        # the maps' digest, computed when they change (version), with the placement it is of: a
+        # round read with every rank's digest equal makes that placement the last agreed one
+        self._digest: tuple[int, int, np.ndarray] = (-1, 0, self.placement)
+        self._agreed = self.placement.copy()
 
         # The first window ends at step_interval, as upstream's first rearrangement does.
         self.next_cycle_at = max(1, config.step_interval - config.window_size)
@@ -307,6 +330,9 @@ class Balancer:
         """After a forward pass: process it. Never raises: failures end the cycle."""
         now = self.clock.now()
         if now <= self.pass_no:
+            if now == self._early:  # a weight update processed this pass before its tick came
+                self._early = -1
+                return
             self.stats.extra_ticks += 1  # no forward pass since the last tick
             self._skewed = True
             return
@@ -325,10 +351,23 @@ class Balancer:
         """A failure outside tick() (metrics, hooks): it ends the cycle through the next vote."""
         self.faults.report(code, exc)
 
+    def settle(self) -> None:
+        """Between two forward passes: process every pass the clock counted, its tick come or
+        not. A weight update comes between passes, and a rank's tick for the last one may be
+        late (in vLLM data parallel a busy engine ticks after sampling, an idle one after its
+        dummy pass): what that pass decided (a commit) must be in force before the update,
+        as it is on the peers that ticked, so every rank marks the update at the pass its
+        clock is at and decides from the same placement."""
+        now = self.clock.now()
+        if now > self.pass_no:
+            self._catch_up_to(now)
+            self._early = now  # the tick that comes for it later is not an extra one
+
     def weights_changed(self) -> None:
         """New weights are being written into the expert slots (a weight update), between
         two forward passes. Called by every rank at the same point of its pass sequence,
         as often as the update's writes like: one pass counts one update."""
+        self.settle()
         now = self.clock.now()
         if now != self._weights_pass:
             self._weights_pass = now
@@ -366,10 +405,17 @@ class Balancer:
     def _run(self, p: int) -> None:
         """One pass: the phase's work (PHASE_WORK). Every handler decides (schedule
         arithmetic, transitions from votes) before it does fallible local work, which it
-        catches into this rank's fault; an exception that escapes anyway is a bug: recorded
-        as a fault, and in a scheduled phase the pass is retried once, so this rank keeps
-        its peers' schedule."""
+        catches into this rank's fault; an exception that escapes anyway is a bug, and a
+        vote like any fault: reported, it travels in this rank's next vote. In a scheduled
+        phase a pass that failed before posting anything is retried once, so this rank keeps
+        its peers' schedule; a retry that fails too leaves the rank unable to vote (whether
+        this pass owed a round is lost with the pass): it stops posting (`Agreement.mute`),
+        so its peers' next round fails on every rank at its read, at the same pass, and the
+        cycle ends everywhere there (the timeout path). No rank stops rebalancing alone."""
         self.pass_no = p
+        posts, muted = self.agreement.posts, self.agreement.muted
+        if self._draining:
+            self._drain(p)
         try:
             self._tick_phase(p)
         except (AgreementError, ProtocolMismatch) as exc:
@@ -377,29 +423,139 @@ class Balancer:
         except Exception as exc:
             self.faults.report(Fault.INTERNAL_ERROR, exc)
             work = PHASE_WORK[self.phase]
-            if work.scheduled:
-                try:
-                    getattr(self, work.tick)(p)
-                except (AgreementError, ProtocolMismatch) as again:
-                    self._lost_agreement(again)
-                except Exception as again:
-                    self._disable(Fault.INTERNAL_ERROR, again)
+            if not work.scheduled or self.agreement.posts != posts:
+                return  # its round went out: the fault travels in the next one
+            try:
+                getattr(self, work.tick)(p)
+            except (AgreementError, ProtocolMismatch) as again:
+                self._lost_agreement(again)
+            except Exception as again:
+                if self.agreement.posts != posts:
+                    return
+                if muted:
+                    # failing on every pass: it cannot read the rounds that would end its cycle
+                    # either; end it here (its peers end theirs at the read of its first missing round)
+                    return self._lost_agreement(AgreementError(muted))
+                why = f"rank {self.comm.rank} stopped voting at pass {p}: its tick failed twice ({describe(again)})"
+                log.error("EPLB %s; the cycle ends on every rank when its next round is read", why)
+                self.agreement.mute(why)
+                self._unposted(p, why)
+
+    def _unposted(self, p: int, why: str) -> None:
+        """The round this rank's schedule owed at pass p (its peers posted it) stands in its
+        place as failed: read `agreement_lag` passes later, at the pass its peers' fails."""
+        if self.phase == "transferring":
+            # the pass's commits and step start are schedule, not votes: done as its peers did
+            # them (a step they started and this rank did not would leave their messages pending)
+            try:
+                self._transfer_work(p, vote=False)
+            except (AgreementError, ProtocolMismatch) as exc:
+                return self._lost_agreement(exc)
+            except Exception as exc:
+                log.error("EPLB rank %d pass %d: %s", self.comm.rank, p, describe(exc))
+        c, phase = self.cycle, self.phase
+        failed = Round(torch.zeros(0), None, p, p + self.agreement.lag, self.agreement, error=AgreementError(why))
+        if phase == "transferring" and self.pipeline.steps:
+            self.pipeline.votes.append(failed)  # a commit vote every pass while steps are in flight
+        elif phase == "suspended" and self._resume_round is None and p >= self.resume_at:
+            self._resume_round = failed
+        elif PHASE_WORK[phase].post and c is not None and c.round is None and p >= c.post_at:
+            c.round = failed
 
     def _lost_agreement(self, exc: Exception) -> None:
         if isinstance(exc, ProtocolMismatch):
             # Read identically by every rank: they disagree about the protocol itself.
-            self._disable(exc.reason, detail=str(exc))
-        else:
-            # The round failed, and so it did on every rank (see agreement.py), read at this
-            # same pass: end the cycle here; its group's connections are gone, so build a
-            # new one, ready long before the next cycle's first round.
-            self._abort(Reason.AGREEMENT_TIMEOUT, detail=describe(exc))
-            self.agreement.rebuild()
+            return self._disable(exc.reason, detail=str(exc))
+        # The round failed, and so it did on every rank (see agreement.py), read at this
+        # same pass: end the cycle here; its group's connections are gone, so build a new
+        # one, ready long before the next cycle's first round.
+        self.agreement.rebuild()
+        if self.phase == "suspended":
+            return self._back_off(self.pass_no, f"the resume round failed: {describe(exc)}")
+        if self.state in ACTIVE:
+            self._timeouts_in_row += 1
+        self._abort(Reason.AGREEMENT_TIMEOUT, detail=describe(exc))
+        if self._timeouts_in_row >= TIMEOUTS_TO_SUSPEND:
+            self._suspend(Reason.AGREEMENT_REPEATED,
+                          detail=f"{self._timeouts_in_row} cycles in a row ended by agreement_timeout")
 
     # ------------------------------------------------------------------ states
 
     def _tick_disabled(self, p: int) -> None:
         """Rebalancing stopped: serving goes on on the placement in force."""
+
+    def _tick_suspended(self, p: int) -> None:
+        """Rebalancing paused for a transient cause: at `resume_at` (the back-off over) every
+        rank posts whether it is ready again; read `agreement_lag` passes later: every rank
+        ready -> idle (a cycle starts next pass), else back off twice as long."""
+        r = self._resume_round
+        if r is not None:
+            if p < r.due_at:
+                return
+            self._resume_round = None
+            v = self._read_round(r, p)
+            if v is None or not v.ready:
+                return self._back_off(p, "not every rank is ready" if v is not None else "the resume round ended early")
+            self.stats.reenabled += 1
+            log.warning("EPLB rank %d pass %d: rebalancing resumed (was suspended: %s)", self.comm.rank, p,
+                        self.suspended_reason)
+            self.suspended_reason = ""
+            self.next_cycle_at = p + 1
+            return self.resume(reason="every rank ready")
+        if p < self.resume_at:
+            return
+        try:
+            self.agreement.wait_rebuilt()
+        except AgreementError as exc:  # its post fails: the round fails on every rank, the rebuild is retried
+            log.warning("EPLB rank %d pass %d: %s", self.comm.rank, p, exc)
+        self._resume_round = self._post_vote(RESUME, p, ready=self._ready_to_resume())
+
+    def _ready_to_resume(self) -> bool:
+        """This rank's part of the resume vote: its planner alive (a fresh restart budget
+        after planner_dead), its transfer group healthy (no dropped step pending), its
+        agreement group built."""
+        parts = {"agreement group": self.comm.world_size == 1 or self.agreement.group is not None}
+        try:
+            parts["planner"] = self.planner.alive() or self.planner.revive()
+        except Exception as exc:
+            log.warning("EPLB rank %d: planner not revived: %s", self.comm.rank, describe(exc))
+            parts["planner"] = False
+        parts["transfer group"] = self.pipeline.recover()
+        if not all(parts.values()):
+            log.warning("EPLB rank %d pass %d: not ready to resume: %s", self.comm.rank, self.pass_no,
+                        ", ".join(k for k, ok in parts.items() if not ok))
+        return all(parts.values())
+
+    def _drain(self, p: int) -> None:
+        """Read an ended cycle's commit votes when due, for their maps digest only: a commit
+        made on some ranks only in its last passes (a weight update applied at different
+        passes) shows there, and is healed at the same pass on every rank."""
+        if self.phase == "disabled":
+            self._draining = []
+            return
+        while self._draining and p >= self._draining[0].due_at:
+            r = self._draining.pop(0)
+            try:
+                v = r.votes()
+            except AgreementError:
+                continue  # failed on every rank: the cycle already ended on that path
+            if v.maps[1]:
+                self._agreed = r.sent.get("placement", self._agreed)
+            else:
+                try:
+                    self._heal(p)
+                except AgreementError as exc:
+                    log.warning("EPLB rank %d pass %d: %s; the next round checks the maps again", self.comm.rank, p, exc)
+                self._draining = []
+
+    def _back_off(self, p: int, why: str) -> None:
+        self._suspensions += 1
+        self.resume_at = p + self._backoff()
+        log.warning("EPLB rank %d pass %d: still suspended (%s); next resume vote at pass %d", self.comm.rank, p, why,
+                    self.resume_at)
+
+    def _backoff(self) -> int:
+        return self.config.step_interval * 2 ** min(max(0, self._suspensions - 1), MAX_BACKOFF_DOUBLINGS)
 
     def _tick_idle(self, p: int) -> None:
         load = p < self.next_cycle_at and self.trigger.due(p, self.placement, self.next_cycle_at)
@@ -408,7 +564,9 @@ class Balancer:
             try:
                 self.agreement.wait_rebuilt()  # after a failed round: the new group, before any round
             except AgreementError as exc:
-                return self._disable(Reason.AGREEMENT_TIMEOUT, exc)
+                # a rank that cannot vote: this cycle's first round fails on every rank at its
+                # read, and the rebuild is retried there
+                log.warning("EPLB rank %d pass %d: %s", self.comm.rank, p, exc)
             self.stats.cycles_started += 1
             self._cycles += 1
             self.cycle = Cycle(self._cycles, p)
@@ -467,10 +625,11 @@ class Balancer:
                 self.faults.report(Fault.INTERNAL_ERROR, exc)
         if load is None:
             load, per_pass = self._load_layout.zeros()
-        clock = self.clock.offset()
-        sent = self._load_layout.encode(load, per_pass, self.comm.rank, self._take_fault(), p, clock)
+        common = self._common()
+        sent = self._load_layout.encode(load, per_pass, self.comm.rank, self._take_fault(), p, common["clock"],
+                                        common["maps"])
         c.round = self.agreement.post(sent, p, op=dist.ReduceOp.SUM, layout=self._load_layout)
-        c.round.sent = {"clock": clock}
+        c.round.sent = common
 
     def _read_load(self, p: int, v) -> None:
         c = self.cycle
@@ -571,9 +730,13 @@ class Balancer:
         the next step if there is room, poll every step in flight and post this pass's
         vote (core/pipeline.py). Decisions come from votes and the pass clock only; local
         failures go into this rank's vote."""
+        self._transfer_work(p)
+
+    def _transfer_work(self, p: int, vote: bool = True) -> None:
         pipe = self.pipeline
-        r = pipe.due(p)
-        if r is not None:
+        # every vote due: one per pass, or two after a pass whose tick failed (its commits are
+        # made now, one pass late, not one pass later each)
+        while (r := pipe.due(p)) is not None:
             v = self._read_round(r, p)
             if v is None:
                 return
@@ -593,7 +756,8 @@ class Balancer:
             pipe.start(p)
         if pipe.steps:
             pipe.poll()
-            pipe.vote(p)
+            if vote:
+                pipe.vote(p)
 
     # ------------------------------------------------------------------ votes and faults
 
@@ -601,11 +765,20 @@ class Balancer:
         self.cycle.round = self._post_vote(layout, p, **values)
 
     def _post_vote(self, layout: VoteLayout, p: int, **values) -> Round:
-        values.update(
-            fault=self._take_fault(), skew=self._skewed, clock=self.clock.offset(), weights=self.stats.weight_updates
-        )
+        values.update(fault=self._take_fault(), skew=self._skewed, **self._common())
         self._skewed = False
         return self.agreement.vote(layout, values, p)
+
+    def _common(self) -> dict:
+        """What every round carries besides pass and fault: the clock's offset, the weight
+        updates applied (since the last weight_update_skew), the maps' digest (and, for this
+        rank only, the placement it is of: the last agreed one once a round shows it equal)."""
+        maps = self.layout.maps
+        if self._digest[0] != maps.version:
+            placement = maps.placement.copy()
+            self._digest = (maps.version, maps_digest(placement), placement)
+        return dict(clock=self.clock.offset(), weights=self.stats.weight_updates - self._weights_base,
+                    maps=self._digest[1], placement=self._digest[2])
 
     def _take_fault(self) -> int:
         """This rank's fault for the round being posted, after the transfer group's health
@@ -628,13 +801,20 @@ class Balancer:
             raise ProtocolMismatch(Reason.CLOCK_MISMATCH, detail)
         if v.skew:
             self._report_skew(p)
+        if v.maps[1]:
+            self._agreed = r.sent.get("placement", self._agreed)
+        else:
+            self._heal(p)
         if not v.weights[1]:
-            raise ProtocolMismatch(
+            self._suspend(
                 Reason.WEIGHT_UPDATE_SKEW,
-                f"ranks applied weight updates at different forward passes ({v.weights[0]} to {v.weights[2]} updates "
-                f"across ranks, {self.stats.weight_updates} here): a step may have been committed on some ranks only; "
-                "pause generation on every engine around a weight update",
+                detail=f"ranks applied weight updates at different forward passes ({v.weights[0]} to {v.weights[2]} "
+                f"updates across ranks, {self.stats.weight_updates - self._weights_base} here); pause generation on "
+                "every engine around a weight update",
             )
+            return None
+        if not v.maps[1]:
+            return None
         if v.fault:
             self._end_on_fault(v.fault)
             return None
@@ -643,8 +823,8 @@ class Balancer:
     def _end_on_fault(self, value: int) -> None:
         code, rank = decode(value)
         detail = self.faults.detail if rank == self.comm.rank else ""
-        if code.disables:
-            return self._disable(code, rank=rank, detail=detail)
+        if code.suspends:
+            return self._suspend(code, rank=rank, detail=detail)
         self._abort(code, rank=rank, detail=detail)
 
     def _report_skew(self, p: int) -> None:
@@ -662,13 +842,70 @@ class Balancer:
         return self.cycle is not None and self.state in ACTIVE
 
     def _abort(self, reason: Fault | Reason, rank: int | None = None, detail: str = "") -> None:
+        if self.state not in ACTIVE:
+            return  # no cycle to end (a round read while idle or suspended)
         label = reason.label
         self.stats.cycles_aborted[label] += 1
         where = f"rank {rank}, " if rank is not None else ""
         self.stats.last_abort = f"{label} ({where}pass {self.pass_no})" + (f": {detail}" if detail else "")
         log.warning("EPLB rank %d pass %d: cycle aborted: %s", self.comm.rank, self.pass_no, self.stats.last_abort)
+        self.abort(reason=label)
+
+    def _heal(self, p: int) -> None:
+        """A round read at pass p shows maps that differ across ranks (whatever made them
+        differ), on every rank alike: the cycle ends, and before the next forward pass every
+        rank routes with the last agreed placement again, its slots holding what it names
+        (core/heal.py). Blocking: one all-gather of the placements and one transfer step per
+        layer that moves, on this rare path only. A heal that fails fails like a round (the
+        group is rebuilt); the maps still differ, so the next round heals again."""
         if self.state in ACTIVE:
-            self.abort(reason=label)
+            self._abort(Reason.MAPS_DIVERGED, detail=f"maps digests differ across ranks in the round read at pass {p}")
+        n, group = self.comm.world_size, self.agreement.group
+        try:
+            mine = torch.from_numpy(self.placement.copy())
+            everyone = [torch.empty_like(mine) for _ in range(n)]
+            dist.all_gather(everyone, mine, group=group)
+            views = [t.numpy() for t in everyone]
+            held = composite(views, self.topo)
+            staged: list = [None] * n  # what each rank received in steps never committed
+            dist.all_gather_object(staged, set(self.pipeline.staged_experts()), group=group)
+            target, weights, lost = heal_target(self._agreed, held, views, self.topo, set().union(*staged))
+            moved = self.pipeline.heal(target, weights, held, staged, group, n)
+        except Exception as exc:
+            raise AgreementError(f"healing the maps failed: {describe(exc)}") from exc
+        self._agreed = target.copy()
+        # the ended cycle's votes in flight were posted before the heal: what they show is healed
+        self._draining = [r for r in self._draining if r.posted_at > p]
+        self.stats.maps_healed += 1
+        self.stats.heals.append((p, moved, len(lost)))
+        log.warning("EPLB rank %d pass %d: routing maps differed across ranks; healed to the last agreed placement "
+                    "(%d layers' weights moved)", self.comm.rank, p, moved)
+        if lost:
+            log.critical("EPLB rank %d pass %d: experts (layer, expert) held by no slot any more, mapped to slots "
+                         "holding other weights until the next weight update: %s", self.comm.rank, p, lost[:8])
+
+    def _suspend(self, reason: Fault | Reason, rank: int | None = None, detail: str = "") -> None:
+        """Pause rebalancing for a transient cause (the table's `suspend`), decided from a
+        round every rank read alike: the cycle in flight ends first; after a back-off the
+        ranks vote to resume."""
+        if self.phase in ("suspended", "disabled"):
+            return
+        if self.state in ACTIVE:
+            self._abort(reason, rank, detail)
+        self.trigger.disarm()
+        self.faults.clear()  # the ended cycle's: the resume vote carries none
+        if reason is Reason.WEIGHT_UPDATE_SKEW:
+            self._weights_base = self.stats.weight_updates  # counted afresh from this pass, on every rank
+        self._suspensions += 1
+        self.stats.suspensions[reason.label] += 1
+        self.suspended_reason = reason.label + (f": {detail}" if detail else "")
+        self._resume_round = None
+        self.resume_at = self.pass_no + self._backoff()
+        self.suspend(reason=reason.label)
+        log.warning(
+            "EPLB rank %d pass %d: rebalancing suspended (%s); serving continues on the placement in force; "
+            "the ranks vote to resume at pass %d", self.comm.rank, self.pass_no, self.suspended_reason, self.resume_at,
+        )
 
     def _disable(self, reason: Fault | Reason, exc: BaseException | None = None, rank: int | None = None, detail: str = "") -> None:
         """Stop rebalancing (the table's `disable`): the cycle in flight ends first."""
@@ -694,10 +931,13 @@ class Balancer:
         c = self.cycle
         if c is None:
             return
+        self._draining += self.pipeline.votes  # paired on every rank: read when due, for their maps digest
         self.pipeline.end()
         self.planner.discard()
         # a decided cycle leaves a promise the load trigger holds the load to (core/load_trigger.py)
         promise = {"finish": "predicted_balancedness", "skip": "current_balancedness"}.get(event.event.name)
+        if promise:  # a decided cycle: the transient troubles behind any back-off are over
+            self._timeouts_in_row = self._suspensions = 0
         if promise and c.plan is not None:
             self.trigger.arm(getattr(c.plan, promise), c.started_at, self.pass_no)
         else:

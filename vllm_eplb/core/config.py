@@ -108,7 +108,7 @@ class BalancerConfig(BaseModel):
         3,
         ge=0,
         le=1000,
-        description="Times a planner process that died is started again; past that, rebalancing stops on every rank.",
+        description="Times a planner process that died is started again; past that, rebalancing is suspended on every rank (the resume vote starts a fresh one).",
     )
     transfer_timeout_s: float = Field(
         120.0, gt=0, le=MAX_TIMEOUT_S, description="Longest a rank waits for one transfer step's data."
@@ -142,6 +142,11 @@ class BalancerConfig(BaseModel):
                 f"trigger_min_spacing ({self.trigger_min_spacing}) must not exceed step_interval ({self.step_interval}): "
                 "the schedule starts a cycle every step_interval passes anyway; lower it, or set trigger_margin 0 to "
                 "turn the load trigger off"
+            )
+        if self.agreement_timeout_s >= self.transfer_timeout_s:
+            raise ValueError(
+                f"agreement_timeout_s ({self.agreement_timeout_s:g}) must be less than transfer_timeout_s "
+                f"({self.transfer_timeout_s:g}): a rank lagging that long would leave steps' messages to time out"
             )
         if self.agreement_lag >= self.step_interval:
             raise ValueError(

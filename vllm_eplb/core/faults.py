@@ -6,7 +6,9 @@ Two kinds of reasons:
   rank stop posting rounds: `LocalFaults` keeps the worst one since the rank's last vote, and
   the next vote carries it as `encode(code, rank)`, reduced across ranks by max, so every rank
   reads the same worst code and the rank it came from, at the same pass (invariant 4, docs/architecture.md). A
-  fault whose `disables` is true stops rebalancing on every rank; the others end the cycle.
+  fault whose `suspends` is true pauses rebalancing on every rank (the `suspended` state: a
+  back-off, then a vote to resume); the others end the cycle. No fault disables for good:
+  `disabled` is for what cannot recover (the ranks run different protocols or clocks).
 - `Reason`: what a round every rank read alike shows (the plans differ, the round failed, the
   ranks disagree about the protocol itself), or a rank-local end with no vote behind it (a
   commit copy that failed, a group that could not be rebuilt). The call site that reads it
@@ -31,7 +33,8 @@ log = logging.getLogger("vllm.eplb")
 
 class Fault(enum.IntEnum):
     """Local failures, in the order a vote reduces them (the largest wins). The last
-    ones end rebalancing on every rank; the others end the cycle only."""
+    ones suspend rebalancing on every rank (transient: a vote resumes it after a back-off);
+    the others end the cycle only."""
 
     NONE = 0
     METRICS_ERROR = 1
@@ -50,7 +53,7 @@ class Fault(enum.IntEnum):
         return self.name.lower()
 
     @property
-    def disables(self) -> bool:
+    def suspends(self) -> bool:
         return self >= Fault.PLANNER_DEAD
 
 
@@ -63,7 +66,9 @@ class Reason(enum.Enum):
     PASS_MISMATCH = "pass_mismatch"  # a round posted at different passes
     CLOCK_MISMATCH = "clock_mismatch"  # a rank's pass count drifted
     STEP_MISMATCH = "step_mismatch"  # a step holds different layers on different ranks
-    WEIGHT_UPDATE_SKEW = "weight_update_skew"  # ranks applied weight updates at different passes
+    WEIGHT_UPDATE_SKEW = "weight_update_skew"  # ranks applied weight updates at different passes (suspends)
+    MAPS_DIVERGED = "maps_diverged"  # a round's maps digests differ: healed to the last agreed placement
+    AGREEMENT_REPEATED = "agreement_timeout_repeated"  # agreement_timeout aborts in a row (suspends)
     CONFIG_MISMATCH = "config_mismatch"  # the start-up check: the ranks run different protocols
     COMMIT_FAILED = "commit_failed"  # a commit's copies failed part-way on this rank
 

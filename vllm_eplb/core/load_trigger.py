@@ -83,12 +83,12 @@ class LoadTrigger:
 
     def __init__(
         self, config: BalancerConfig, topo: Topology, agreement: Agreement, window: LoadWindow, rank: int, world_size: int,
-        stats: BalancerStats, clock_offset: Callable[[], int], read_round: Callable[[Round, int], object],
+        stats: BalancerStats, common: Callable[[], dict], read_round: Callable[[Round, int], object],
         load_copies: int = 1,
     ):
         self.config, self.topo, self.agreement, self.window = config, topo, agreement, window
         self.rank, self.stats = rank, stats
-        self.clock_offset, self.read_round = clock_offset, read_round
+        self.common, self.read_round = common, read_round  # common: clock, weights, maps (every round's fields)
         self.layout = WatchLayout(tuple(window.pass_load.shape), world_size)
         self.passes = watch_passes(config)
         self.promise: float | None = None  # None: not watching
@@ -154,8 +154,7 @@ class LoadTrigger:
             if v is not None and v.spoiled:
                 self.recent.clear()  # a window some rank could not record: no verdict on it or with it
             short = self._verdict(v, placement) if v is not None and not v.spoiled else False
-            self.vote = self.agreement.vote(TRIGGER, dict(start=short, fault=0, skew=False, clock=self.clock_offset(),
-                                                          weights=self.stats.weight_updates), p)
+            self.vote = self.agreement.vote(TRIGGER, dict(start=short, fault=0, skew=False, **self.common()), p)
         # the schedule below is pass arithmetic only; local work that fails (the device) costs this
         # rank its load in the round, never its place in the schedule
         if self.opened >= 0:
@@ -190,9 +189,10 @@ class LoadTrigger:
             log.warning("EPLB rank %d pass %d: load trigger: window copy failed", self.rank, p, exc_info=True)
         if load is None:
             load, self.spoiled = torch.zeros(self.layout.load_shape, dtype=torch.int64), True
-        sent = self.layout.encode(load, self.rank, p, self.clock_offset(), self.spoiled)
+        common = self.common()
+        sent = self.layout.encode(load, self.rank, p, common["clock"], self.spoiled, common["maps"])
         self.load_round = self.agreement.post(sent, p, op=dist.ReduceOp.SUM, layout=self.layout)
-        self.load_round.sent = {"clock": self.clock_offset()}
+        self.load_round.sent = common
         self.snapshot, self.opened, self.open_at = None, -1, p + 1
 
     def _verdict(self, v, placement: np.ndarray) -> bool:

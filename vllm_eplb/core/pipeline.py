@@ -22,10 +22,13 @@ the peers' messages to and from this rank pending; starting later steps would pa
 messages with those, so the pipeline stops posting for the rest of the cycle (`posting`). When
 a cycle ends, every step still in the pipeline is dropped: its staging is released once its
 messages are done. The transfer group itself is HEALTHY or BROKEN (`GroupHealth`): broken when
-a step's messages failed on the group (gloo tears its pairs down on a timeout or a lost peer)
-or a dropped step's messages are still pending a cycle later (addressed to a rank that never
-posted its side: they would pair with a later step's). Broken is for good: every vote carries
-TRANSFER_GROUP_BROKEN, which stops rebalancing on every rank.
+a step's messages failed on the group (gloo tears its pairs down on a timeout or a lost peer),
+when this rank failed to post a step its peers posted, or a dropped step's messages are still
+pending past `transfer_timeout_s` (addressed to a rank
+that never posted its side: they would pair with a later step's; a slow step dropped by an
+unrelated abort is only slow, and is released once done). Broken is a standing fault: every
+vote carries TRANSFER_GROUP_BROKEN, which suspends rebalancing on every rank; the group is
+healthy again (`recover`, at the resume vote) once no dropped step is pending.
 
 Every failure is reported through `LocalFaults` (core/faults.py) and travels in the next vote;
 the pipeline never decides a transition itself. It raises only what every rank reads alike
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from .agreement import COMMIT, MAX_IN_FLIGHT, Round, layers_digest
@@ -201,6 +205,10 @@ class TransferPipeline:
             # more this cycle (it ends at the next vote read), leaving peers' pending.
             self.posting = False
             self.faults.report(fault_of(exc, Fault.TRANSFER_ERROR), exc)
+            # and the peers' side of this step stays pending on the group: broken, now (its
+            # standing fault travels in this very vote), not once they time out
+            self.health = GroupHealth.BROKEN
+            self.faults.standing(Fault.TRANSFER_GROUP_BROKEN)
 
     def poll(self) -> None:
         """Every step whose data is in gets its commit prepared. Never waits on a copy: a step
@@ -266,19 +274,104 @@ class TransferPipeline:
 
     def check_health(self) -> None:
         """Before every vote: dropped steps whose messages are done give their staging back;
-        one still pending a whole cycle later breaks the group. A broken group is a standing
-        fault in every vote."""
-        if any(not step.handle.done() for step in self._dropped):
-            self.health = GroupHealth.BROKEN
+        one still pending past transfer_timeout_s breaks the group (a slow step is not a
+        broken one). A broken group is a standing fault in every vote."""
+        timeout = self._config().transfer_timeout_s
+        now = time.perf_counter()
         pending = []
         for step in self._dropped:  # done() read once: a step done now is released, not dropped
             if step.handle.done():
                 step.handle.release()  # nothing writes its staging any more
-            else:
-                pending.append(step)
+                continue
+            pending.append(step)
+            if now - step.started > timeout:
+                self.health = GroupHealth.BROKEN
         self._dropped = pending
         if self.health is GroupHealth.BROKEN:
             self.faults.standing(Fault.TRANSFER_GROUP_BROKEN)
+
+    def recover(self) -> bool:
+        """At a resume vote: healthy again once no dropped step is pending (their messages
+        completed, failed or timed out: nothing left to pair with a later step's)."""
+        pending = []
+        for step in self._dropped:
+            if step.handle.done():
+                step.handle.release()
+            else:
+                pending.append(step)
+        self._dropped = pending
+        if not pending:
+            self.health = GroupHealth.HEALTHY
+        return self.health is GroupHealth.HEALTHY
+
+    def staged_experts(self) -> dict[tuple[int, int], list]:
+        """(layer, expert) -> tensors of every expert this rank received in a step that was
+        never committed (an ended cycle's, data in): a heal's last source for an expert a
+        commit made on some ranks only overwrote in every slot."""
+        out: dict = {}
+        for inflight in self._dropped + [s.inflight for s in self.steps if s.inflight is not None]:
+            out.update(inflight.received or {})
+        return out
+
+    def heal(self, target: np.ndarray, weights: np.ndarray, held: np.ndarray, staged: list[set], group,
+             world_size: int) -> int:
+        """Every layer's maps to `target`, its slots to `weights`, blocking (core/heal.py): the
+        weights every slot lacks, from a slot that holds them (`held`, the same on every rank)
+        or else from a rank that has them staged (`staged`: per rank, its (layer, expert)
+        keys), then the maps written where this rank's differ. Every rank calls it at the
+        same pass. The weights travel over `group` (the agreement group), not the transfer
+        backend: an ended cycle's steps may still be pending there, and a heal must not queue
+        behind them. Returns the layers whose weights moved (here or on a peer)."""
+        moved = 0
+        mine = self.staged_experts() if any(staged) else {}
+        for layer in range(target.shape[0]):
+            if (weights[layer] != held[layer]).any():
+                self._heal_layer(layer, held[layer], weights[layer], staged, mine, group, world_size)
+                moved += 1
+            if (target[layer] != self.maps.placement[layer]).any():
+                self.maps.write_layer(layer, target[layer], self.topo)
+        return moved
+
+    def _heal_layer(self, layer: int, held: np.ndarray, want: np.ndarray, staged: list[set], mine: dict, group,
+                    world_size: int) -> None:
+        """One layer's moves as blocking sends and receives, in one order every rank computes
+        (slot order; each rank waits only on moves it is part of, in that order: no cycle), then
+        the writes, once every rank has what it needs."""
+        rank, n = self.engine.rank, self.topo.slots_per_rank
+        weights = self.engine.weights_of(layer)
+        local = {}  # expert -> snapshot of a local slot holding it (a slot copied from may be overwritten)
+        moves: list[tuple[int, int]] = []  # (destination rank, expert) to fetch, once each
+        for slot in np.nonzero(want != held)[0]:
+            dst, e = int(slot) // n, int(want[slot])
+            own = np.nonzero(held[dst * n:(dst + 1) * n] == e)[0]
+            if len(own):
+                if dst == rank and e not in local:
+                    local[e] = [w[int(own[0])].clone() for w in weights]
+            elif (dst, e) not in moves:
+                moves.append((dst, e))
+        received: dict[int, list] = {}
+        for dst, e in moves:
+            holders = np.nonzero(held == e)[0]
+            src = int(holders[0]) // n if len(holders) else next(r for r in range(world_size) if (layer, e) in staged[r])
+            if src == rank:
+                tensors = [w[int(holders[0]) - rank * n] for w in weights] if len(holders) else mine[(layer, e)]
+                if dst == rank:
+                    received[e] = [t.clone() for t in tensors]
+                else:
+                    for t in tensors:
+                        dist.send(t.contiguous().cpu(), group=group, group_dst=dst)
+            elif dst == rank:
+                bufs = [torch.empty(w.shape[1:], dtype=w.dtype) for w in weights]
+                for buf in bufs:
+                    dist.recv(buf, group=group, group_src=src)
+                received[e] = bufs
+        if world_size > 1:
+            dist.all_reduce(torch.zeros(1), group=group)  # every rank's data in before a source slot is overwritten
+        for slot in range(rank * n, (rank + 1) * n):
+            if want[slot] != held[slot]:
+                e = int(want[slot])
+                for w, src in zip(weights, local.get(e) or received[e]):
+                    w[slot - rank * n].copy_(src)
 
     def move_now(self, target: np.ndarray, group, world_size: int) -> int:
         """Every layer to `target` now, blocking (start-up, a stop-the-world rebalance).

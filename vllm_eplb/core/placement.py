@@ -166,3 +166,10 @@ def placement_digest(phy2log: np.ndarray) -> tuple[int, int]:
     a = int.from_bytes(h[:4], "little") & 0x7FFFFFFF
     b = int.from_bytes(h[4:8], "little") & 0x7FFFFFFF
     return a, b
+
+
+def maps_digest(phy2log: np.ndarray) -> int:
+    """One non-negative 62-bit integer identifying a placement: it travels in every round as an
+    `equal` field (x and -x in an int64 MIN all-reduce), so it stays clear of int64's limits."""
+    h = hashlib.blake2b(np.ascontiguousarray(phy2log, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 2

@@ -87,6 +87,12 @@ def _warm_up(policy: Policy, cost: CostModel | None) -> None:
     from . import policies  # noqa: F401
 
 
+# The start-up a planner process gets before its time counts against planning_timeout_s: twice
+# what the first process took here (importing numpy and the policies), at least MIN_STARTUP_S,
+# STARTUP_S while no process has answered yet.
+MIN_STARTUP_S, STARTUP_S = 1.0, 10.0
+
+
 class PlannerDead(RuntimeError):
     """The planner process died more often than `max_restarts` allows."""
 
@@ -109,6 +115,7 @@ class Planner:
         self.max_restarts = max_restarts
         self.restarts = 0  # after an unexpected death
         self.cancels = 0  # after a timeout
+        self.startup_s: float | None = None  # the first process's start-up (spawn to warm-up answered)
         if mode not in ("process", "thread"):
             raise ValueError(f"planner mode {mode!r}: use 'process' or 'thread'")
         self._start()
@@ -120,9 +127,16 @@ class Planner:
             self._pool = ChildProcessExecutor()
         else:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-planner")
+        spawned = self._spawned_at = time.monotonic()
         self.ready = self._pool.submit(_warm_up, self.policy, self.cost)  # now, not when the first window ends
         self._ready_at = float("inf")
-        self.ready.add_done_callback(lambda _: setattr(self, "_ready_at", time.monotonic()))
+
+        def warm(_):
+            self._ready_at = time.monotonic()
+            if self.startup_s is None:
+                self.startup_s = self._ready_at - spawned
+
+        self.ready.add_done_callback(warm)
 
     def ensure_alive(self) -> None:
         """Start a planner process again if it died (counted as a restart), so it is warm
@@ -134,6 +148,14 @@ class Planner:
         self.restarts += 1
         log.warning("EPLB planner process %s exited; starting another (%d of %d)", self.pid, self.restarts, self.max_restarts)
         self._start()
+
+    def revive(self) -> bool:
+        """At a resume vote after `planner_dead`: a fresh restart budget and a live process."""
+        self.restarts = 0
+        if not self.alive():
+            log.warning("EPLB planner: a new process after a suspension (planner_dead)")
+            self._start()  # not a restart: the budget begins afresh after it
+        return self.alive()
 
     @property
     def pid(self) -> int | None:
@@ -159,9 +181,16 @@ class Planner:
         return self._job.result()
 
     def seconds_running(self) -> float:
-        """Time the current plan has had a running planner (a process still starting up,
-        after a restart, does not count against planning_timeout_s)."""
-        return max(0.0, time.monotonic() - max(self.submitted_at, self._ready_at))
+        """Time the current plan has had a running planner. A process still starting (no answer
+        to its warm-up yet) is timed from its spawn, less the start-up a process takes here
+        (twice the first one's): one that hangs before its warm-up answers times out like a
+        slow plan, one that starts normally costs the plan nothing."""
+        now = time.monotonic()
+        if self._ready_at != float("inf"):
+            return max(0.0, now - max(self.submitted_at, self._ready_at))
+        first = self.startup_s
+        allowance = STARTUP_S if first is None else max(MIN_STARTUP_S, 2 * first)
+        return max(0.0, now - max(self.submitted_at, self._spawned_at) - allowance)
 
     def discard(self) -> None:
         """Forget the current job (a stale plan is never applied). A still-running job

@@ -27,6 +27,7 @@ class RoutingMaps:
     log2phy: torch.Tensor  # (layers, logical, max_replicas), -1 padded
     replica_count: torch.Tensor  # (layers, logical)
     _host: np.ndarray | None = field(default=None, init=False, repr=False)
+    version: int = field(default=0, init=False)  # counts `apply`: the maps' digest is recomputed only when it moves
 
     @property
     def placement(self) -> np.ndarray:
@@ -90,6 +91,7 @@ class RoutingMaps:
         self.replica_count[layer].copy_(staged.replica_count, non_blocking=nb)
         if self._host is not None:
             self._host[layer] = staged.row
+        self.version += 1
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,16 @@
 """The balancer's state machine: every state, phase and transition, in one table.
 
     idle -> collecting -> planning -> syncing -> transferring(layer k) -> idle
+    idle -> suspended -> idle
     idle -> disabled
 
-The top-level states are what operators see (/metrics, logs); `disabled` is terminal:
-rebalancing stopped on every rank, serving goes on on the placement in force. Planning
+The top-level states are what operators see (/metrics, logs). `disabled` is terminal, for
+what cannot recover (the ranks run different protocols or clocks): rebalancing stopped on
+every rank, serving goes on on the placement in force. `suspended` is for transient causes
+(the planner dead, the transfer group broken, weight updates applied at different passes,
+agreement rounds failing again and again): rebalancing pauses on every rank at the same
+pass, and after a back-off (passes, doubling on every suspension in a row) the ranks vote
+to resume. Planning
 has phases (nested states of `transitions`, named parent_child):
 
   planning_reducing     the window's load all-reduce is in flight
@@ -43,6 +49,7 @@ STATES = [
     {"name": "planning", "children": ["reducing", "waiting"]},
     "syncing",
     "transferring",
+    "suspended",
     "disabled",
 ]
 
@@ -58,7 +65,9 @@ TRANSITIONS = [
     ["next_layer", "transferring", "transferring"],
     {"trigger": "finish", "source": "transferring", "dest": "idle", "before": "_record_placement"},
     ["abort", ACTIVE, "idle"],
-    ["disable", "idle", "disabled"],
+    ["suspend", "idle", "suspended"],
+    ["resume", "suspended", "idle"],
+    ["disable", ["idle", "suspended"], "disabled"],
 ]
 
 DECIDED_BY = {
@@ -70,8 +79,10 @@ DECIDED_BY = {
     "start_transfer": "digest round: same plan everywhere, worth moving; first step started",
     "next_layer": "commit round: every rank voted a step ready; its layers committed, more to move",
     "finish": "commit round: every rank voted the last steps ready; their layers committed",
-    "abort": "any round carrying a fault (planner, transfer, timeout, bug) from any rank, or failing on every rank (a rank lagged past agreement_timeout_s)",
-    "disable": "the start-up check (the ranks run different protocols), or a cycle's end that stops rebalancing: a round showing the ranks disagree about the protocol (pass clock, a step's layers, weight updates), a fault that disables (planner dead, transfer group broken); rank-local only where no vote can follow (commit failed, agreement group not rebuilt)",
+    "abort": "any round carrying a fault (planner, transfer, timeout, bug) from any rank, showing maps that differ across ranks (healed at that pass), or failing on every rank (a rank lagged past agreement_timeout_s, or stopped voting)",
+    "suspend": "a cycle's end for a transient cause, read alike by every rank: a fault that suspends (planner dead, transfer group broken), a round showing weight updates applied at different passes, or the agreement_timeout abort repeated",
+    "resume": "pass clock: the back-off over, a resume vote posted; its read: every rank ready again (planner alive, transfer group healthy, agreement group rebuilt); else back off twice as long",
+    "disable": "the start-up check (the ranks run different protocols), or a round showing the ranks disagree about the protocol (pass clock, a step's layers); rank-local only where no vote can follow (commit failed)",
 }
 
 
@@ -91,8 +102,9 @@ def _leaves(states, prefix: str = "") -> list[str]:
 TOP_STATES = tuple(_name(s) for s in STATES)  # what /metrics and the logs name
 PHASES = tuple(_leaves(STATES))  # every state the machine can be in: the balancer has work for each
 TERMINAL = ("disabled",)  # no transition leaves it
-LIVE_STATES = tuple(s for s in TOP_STATES if s not in TERMINAL)  # a rebalancing rank's states
-LIVE_PHASES = tuple(p for p in PHASES if p not in TERMINAL)  # and phases: where a fault can hit a cycle
+PAUSED = ("suspended",)  # not rebalancing, waiting to vote itself back
+LIVE_STATES = tuple(s for s in TOP_STATES if s not in TERMINAL + PAUSED)  # a rebalancing rank's states
+LIVE_PHASES = tuple(p for p in PHASES if p not in TERMINAL + PAUSED)  # and phases: where a fault can hit a cycle
 
 
 def rows() -> list[tuple[str, list[str], str]]:

@@ -71,4 +71,10 @@ class BalancerStats:
     skew_rounds: int = 0  # rounds in which some rank reported tick skew
     planner_restarts: int = 0
     weight_updates: int = 0  # weight updates applied (one per pass that had one)
+    # transient causes that paused rebalancing (reason -> count), and the resume votes that ended a pause
+    suspensions: Counter = field(default_factory=Counter)
+    reenabled: int = 0
+    # rounds that showed maps differing across ranks, each healed at once: (pass, layers moved, experts lost)
+    maps_healed: int = 0
+    heals: deque = _history()
     history: deque = _history(100_000)

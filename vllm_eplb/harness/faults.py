@@ -32,6 +32,7 @@ RAISE_POINTS = {
     "step_finish": ("engine", "finish"),  # transferring: a step's data polled in
     "commit_prepare": ("engine", "prepare"),  # transferring: the commit's allocations
     "stage_maps": ("maps", "stage_layer"),  # transferring: the maps' allocations
+    "tick_transferring": ("balancer", "_tick_transferring"),  # a bug escaping the tick (nothing catches it)
 }
 
 
@@ -58,7 +59,8 @@ class Faults:
     tick_offset: tuple[int, str, int] | None = None  # (rank, phase, k): k extra ticks then, or -k ticks missed from then
     kill_planner: tuple[int, str] | None = None  # (rank, phase): SIGKILL the planner process then
     metrics_error: tuple[int, str] | None = None  # (rank, phase): the metrics exporter raises then
-    raise_at: tuple[int, str, int, str, int] | None = None  # (rank, RAISE_POINTS key, cycle, "error" | "oom", nth call)
+    # (rank, RAISE_POINTS key, cycle, "error" | "oom", nth call[, calls in a row that raise, 1 by default])
+    raise_at: tuple | None = None
     late_round: tuple[int, int, float] | None = None  # (rank, n, seconds): this rank posts its n-th round late
     # the runner's pass count misses that pass (a forward path that bypasses prepare_forward)
     uncounted_pass: tuple[int, str] | None = None  # (rank, phase)
@@ -67,8 +69,21 @@ class Faults:
     # cannot see: its steps hold other layers than its peers')
     step_layers_after_start: tuple[int, int] | None = None
     # (ranks, phase, rewrite, k): new weights on those ranks after their (k+1)-th pass in that
-    # phase of cycle 1, written into the slots of the placement in force (rewrite) or only announced
-    weight_update: tuple[tuple[int, ...], str, bool, int] | None = None
+    # phase of cycle 1, written into the slots of the placement in force (rewrite) or only announced;
+    # k an int, or {rank: k} (ranks updating at different passes)
+    weight_update: tuple | None = None
+    # ranks whose driver does not tick the pass a weight update comes after (its tick late: an idle
+    # data-parallel engine's); the update's timing is then read before the ticks, alike on every rank
+    update_tick_missed: tuple[int, ...] = ()
+    slow_step: tuple[int, int, float] | None = None  # (rank, cycle, seconds): that cycle's steps finish this late there
+    # (rank, seconds): the pass that reads this rank's late round (late_round) pauses this long before its
+    # tick: the pass whose tick rebuilds the agreement group
+    rebuild_pause: tuple[int, float] | None = None
+    hang_replacement: int | None = None  # rank whose next planner process (after the first) stops before its warm-up
+    # (rank, phase, "own" | "peer"): between two passes, this rank's maps change with no protocol path:
+    # "own": one of its slots takes another local slot's expert (weights and maps); "peer": its map of a
+    # peer's slot names another expert (maps only)
+    corrupt_maps: tuple[int, str, str] | None = None
 
 
 class PhaseTrigger:
@@ -94,7 +109,8 @@ class WeightUpdateTrigger(PhaseTrigger):
 
     def __init__(self, spec, rank: int):
         super().__init__((rank, spec[1]) if spec is not None and rank in spec[0] else None, rank)
-        self.rewrite, self.wait = (bool(spec[2]), spec[3]) if spec is not None else (False, 0)
+        k = spec[3] if spec is not None else 0
+        self.rewrite, self.wait = (bool(spec[2]) if spec is not None else False), (k.get(rank, 0) if isinstance(k, dict) else k)
 
     def fires(self, balancer: Balancer) -> bool:
         if self.phase is None or self.fired_at is not None:
@@ -205,16 +221,17 @@ class FailingHandle(TransferHandle):
 
 
 class SlowHandle(TransferHandle):
-    """Reports not done for the first `polls` polls, as a copy slower than a pass would."""
+    """Reports not done for the first `polls` polls, or for `seconds` after its start, as a
+    copy slower than a pass would."""
 
-    def __init__(self, inner: TransferHandle, polls: int):
-        self.inner, self.polls = inner, polls
+    def __init__(self, inner: TransferHandle, polls: int = 0, seconds: float = 0.0):
+        self.inner, self.polls, self.until = inner, polls, time.monotonic() + seconds
 
     def done(self):
         if self.polls > 0:
             self.polls -= 1
             return False
-        return self.inner.done()
+        return time.monotonic() >= self.until and self.inner.done()
 
     def wait(self):
         return self.inner.wait()
@@ -267,6 +284,11 @@ def wrap_backend(backend: TransferBackend, faults: Faults, rank: int, balancer_r
     if hits(faults.slow_transfer, rank):
         polls = faults.slow_transfer[1]
         backend = WrappedBackend(backend, lambda h: SlowHandle(h, polls))
+    if hits(faults.slow_step, rank):
+        _, cycle, seconds = faults.slow_step
+        backend = WrappedBackend(
+            backend, lambda h: SlowHandle(h, seconds=seconds) if balancer_ref[0].stats.cycles_started == cycle else h
+        )
     return backend
 
 
@@ -276,15 +298,16 @@ def wrap_backend(backend: TransferBackend, faults: Faults, rank: int, balancer_r
 def install(balancer: Balancer, faults: Faults, rank: int) -> None:
     """Wrap this rank's balancer components for the faults that hit it."""
     if hits(faults.raise_at, rank):
-        _, point, cycle, kind, nth = faults.raise_at
+        _, point, cycle, kind, nth = faults.raise_at[:5]
+        times = faults.raise_at[5] if len(faults.raise_at) > 5 else 1
         owner_name, method = RAISE_POINTS[point]
         fired, calls = [], [0]
 
         def wrap(original):
             def raising(*args, **kwargs):
-                if not fired and balancer.stats.cycles_started == cycle:
+                if len(fired) < times and balancer.stats.cycles_started == cycle:
                     calls[0] += 1
-                if not fired and calls[0] == nth:
+                if len(fired) < times and nth <= calls[0] < nth + times:
                     fired.append(balancer.pass_no)
                     if kind == "oom":
                         raise torch.OutOfMemoryError(f"injected out of memory in {point}")
@@ -303,13 +326,32 @@ def install(balancer: Balancer, faults: Faults, rank: int) -> None:
 
             balancer.window.snapshot_to_host = snapshot_to_host
         else:
-            owner = balancer.layout.maps if owner_name == "maps" else getattr(balancer, owner_name)
+            owners = {"maps": balancer.layout.maps, "balancer": balancer}
+            owner = owners[owner_name] if owner_name in owners else getattr(balancer, owner_name)
             setattr(owner, method, wrap(getattr(owner, method)))
+    late: dict = {}
     if hits(faults.late_round, rank):
         _, n, seconds = faults.late_round
-        _delay_round(balancer, n, seconds)
+        _delay_round(balancer, n, seconds, late)
     if hits(faults.step_layers_after_start, rank):
         balancer.config = balancer.config.model_copy(update={"layers_per_pass": faults.step_layers_after_start[1]})
+    if faults.hang_replacement == rank:
+        _hang_next_planner(balancer, late)
+    return late
+
+
+def _hang_next_planner(balancer: Balancer, events: dict) -> None:
+    """The planner process started next (a replacement) stops before its warm-up answers."""
+    planner = balancer.planner
+    start = planner._start
+
+    def start_stopped():
+        start()
+        if "hung_planner" not in events:
+            os.kill(planner.pid, signal.SIGSTOP)
+            events["hung_planner"] = planner.pid
+
+    planner._start = start_stopped
 
 
 class _LateWork:
@@ -339,9 +381,9 @@ class _LateWork:
         return self._work.wait(timeout=timedelta(seconds=max(0.001, limit - (time.monotonic() - t0))))
 
 
-def _delay_round(balancer: Balancer, n: int, seconds: float) -> None:
+def _delay_round(balancer: Balancer, n: int, seconds: float, late: dict) -> None:
     """This rank posts its n-th agreement round `seconds` late, from a thread, as a
-    stuck gloo thread or a descheduled process would."""
+    stuck gloo thread or a descheduled process would (`late["read_at"]`: the pass it is read)."""
     import torch.distributed as dist
 
     from vllm_eplb.core.agreement import Round
@@ -356,10 +398,38 @@ def _delay_round(balancer: Balancer, n: int, seconds: float) -> None:
             return original(values, pass_no, op, layout)
         tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
         group = agreement.group  # the group of the post, not one rebuilt since
+        late["read_at"] = pass_no + agreement.lag
         work = _LateWork(lambda: dist.all_reduce(tensor, op=op, group=group, async_op=True), seconds)
         return Round(tensor, work, pass_no, pass_no + agreement.lag, agreement, layout)
 
     agreement.post = post_late
+
+
+def corrupt_maps(balancer: Balancer, model, rank: int, kind: str) -> tuple[int, int, int]:
+    """Change this rank's maps with no protocol path (a bug, memory written by someone else):
+    (layer, slot, expert it names now). "own": a local slot whose expert has another copy takes
+    another local slot's expert, weights and maps alike (its own rows stay true: the peers'
+    view of it is what is wrong); "peer": its map of such a slot of a peer names another expert."""
+    topo, layer = balancer.topo, balancer.layout.num_layers - 1  # the last layer: moved last in a cycle
+    row = balancer.placement[layer].copy()
+    n = topo.slots_per_rank
+    mine = list(topo.rank_slots(rank))
+    slots = mine if kind == "own" else [s for s in range(topo.num_physical) if s not in mine]
+    # a slot whose expert keeps a copy elsewhere (the maps stay valid: a heal must fetch it back),
+    # not its rank's first slot; none (every expert of these slots unique): two local slots swap
+    slot = next((s for s in reversed(slots) if (row == row[s]).sum() > 1 and s % n), None)
+    swap = slot is None
+    slot = slots[-1] if swap else slot
+    source = slot - slot % n  # the first slot of the same rank
+    if kind == "own":
+        for w in model.weights_of(layer):
+            a, b = w[slot - rank * n].clone(), w[source - rank * n].clone()
+            w[slot - rank * n].copy_(b)
+            if swap:
+                w[source - rank * n].copy_(a)
+    row[slot], row[source] = (row[source], row[slot]) if swap else (row[source], row[source])
+    balancer.layout.maps.write_layer(layer, row, topo)
+    return layer, slot, int(row[slot])
 
 
 def kill_planner(balancer: Balancer) -> int:

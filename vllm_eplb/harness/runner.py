@@ -105,12 +105,13 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     uncounted = fault_doubles.PhaseTrigger(f.uncounted_pass, rank)
     slow = fault_doubles.PhaseTrigger(f.slow_pass, rank)
     weight_update = fault_doubles.WeightUpdateTrigger(f.weight_update, rank)
+    corrupt = fault_doubles.PhaseTrigger(f.corrupt_maps, rank)
     driver = Driver()
     layout = MoELayout(topo, cfg.layers, model.pass_load, model.maps, model.weights_of)
     balancer = Balancer(bcfg, layout, Comm(rank, world, agreement_group, backend), policy, clock=driver.clock(model.pass_counter))
     driver.balancer = balancer
     balancer_ref.append(balancer)
-    fault_doubles.install(balancer, f, rank)
+    late = fault_doubles.install(balancer, f, rank)
     events: dict = {}
 
     # The planner process starts with the server, long before a window ends; here
@@ -132,7 +133,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     for p in range(1, cfg.passes + 1):
         state = balancer.state
         checking = p % cfg.check_every == 0
-        with driver.forward_pass(counted=counted, ticks=lambda: ticks.ticks(balancer)):
+        with driver.forward_pass(counted=counted, ticks=lambda: 0 if update_now and rank in f.update_tick_missed else ticks.ticks(balancer)):
             batch = workload.batch(p)
             before = model.pass_load.sum(dim=1) if pass_load is not None else None  # the window may reset in a tick
             if checking:
@@ -150,6 +151,11 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
             if slow.fires(balancer):
                 events["slow_pass"] = p
                 time.sleep(f.slow_pass[2])
+            if fault_doubles.hits(f.rebuild_pause, rank) and late.get("read_at") == p:
+                events["rebuild_pause"] = p  # the pass whose tick reads the failed round and rebuilds
+                time.sleep(f.rebuild_pause[1])
+            # an update whose pass one rank's driver does not tick: decided before the ticks, alike everywhere
+            update_now = bool(f.update_tick_missed) and weight_update.fires(balancer)
         spent = driver.spent_ns / 1e9
         tick_us.setdefault(state, []).append(spent * 1e6)
         max_wait = max(max_wait, spent)
@@ -158,11 +164,14 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
         if metrics_error.fires(balancer):
             balancer.report_fault(Fault.METRICS_ERROR, RuntimeError("injected metrics exporter failure"))
             events["metrics_error"] = p
-        if weight_update.fires(balancer):
-            # between two passes, as vLLM's workers take an update RPC
+        if corrupt.fires(balancer):
+            events["corrupt_maps"] = (p, *fault_doubles.corrupt_maps(balancer, model, rank, f.corrupt_maps[2]))
+        if update_now or (not f.update_tick_missed and weight_update.fires(balancer)):
+            # between two passes, as vLLM's workers take an update RPC: the balancer hears of it
+            # before anything is written (integration/weight_updates.py)
+            balancer.weights_changed()
             if weight_update.rewrite:
                 model.update_weights()
-            balancer.weights_changed()
             events["weight_update"] = p
             if weight_update.rewrite:
                 checker.new_reference()  # every rank updates at this pass (a collective)
@@ -183,6 +192,7 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     if ticks.trigger.fired_at is not None:
         events["tick_offset"] = ticks.trigger.fired_at
     events["steps"] = built["log"].steps if built else []
+    events.update({k: v for k, v in late.items() if k != "read_at"})
     report = RankReport(
         rank,
         list(balancer.stats.history),

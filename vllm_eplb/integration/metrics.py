@@ -128,6 +128,25 @@ class _Families:
             ["rank"],
             **_OTHER,
         )
+        self.SUSPENSIONS = Counter(
+            _PREFIX + "suspensions",
+            "Times rebalancing paused on every rank for a transient cause (planner dead, transfer group broken, "
+            "weight updates applied at different passes, agreement timeouts in a row), by reason.",
+            ["rank", "reason"],
+            **_OTHER,
+        )
+        self.REENABLED = Counter(
+            _PREFIX + "reenabled",
+            "Times rebalancing resumed after a suspension (every rank voted ready after the back-off).",
+            ["rank"],
+            **_OTHER,
+        )
+        self.MAPS_HEALED = Counter(
+            _PREFIX + "maps_healed",
+            "Rounds that showed routing maps differing across ranks, each healed at once to the last agreed placement.",
+            ["rank"],
+            **_OTHER,
+        )
         self.STAGING = Gauge(_PREFIX + "staging_bytes_max", "Largest staging memory one transfer step held.", ["rank"], **_GAUGE)
         # Why, not only whether: vllm:eplb_enabled 0 alone does not say what stopped it.
         self.DISABLED = Gauge(
@@ -290,10 +309,16 @@ class BalancerMetrics:
             (m.LAYERS, "layers", s.layers_committed),
             (m.WEIGHT_UPDATES, "weight_updates", s.weight_updates),
             (m.LOAD_TRIGGERS, "load_triggers", s.load_triggers),
+            (m.REENABLED, "reenabled", s.reenabled),
+            (m.MAPS_HEALED, "maps_healed", s.maps_healed),
         ):
             d = self._delta(key, value)
             if d:
                 counter.labels(r).inc(d)
+        for reason, n in s.suspensions.items():
+            d = self._delta(("suspended", reason), n)
+            if d:
+                m.SUSPENSIONS.labels(r, reason).inc(d)
         w = balancer.agreement.stats.wait_seconds_total
         if w > self._wait:
             m.AGREEMENT_WAIT.labels(r).inc(w - self._wait)

@@ -171,7 +171,8 @@ class VllmEplbState:
             if verifier.replicas_disagreeing:
                 log.error("vllm-eplb: verify_slots: replicas already differ at start-up (layer, expert): %s",
                           verifier.replicas_disagreeing[:8])
-        self.guard = weight_updates.UpdateGuard(placed, balancer.weights_changed, lambda: balancer.placement, verifier)
+        self.guard = weight_updates.UpdateGuard(placed, balancer.weights_changed, lambda: balancer.placement, verifier,
+                                                 settle=balancer.settle)
         if rec is not None and self.balancer.enabled:  # every rank holds the same record (checked above)
             moved = self.balancer.rebalance_now(rec.placement)
             log.info("vllm-eplb: started on the placement of %s (%d layers moved)", cfg.initial_placement_path, moved)

@@ -218,16 +218,21 @@ class UpdateGuard:
     find it through the worker's model runner (`guard_of`)."""
 
     def __init__(self, placed: PlacedModel, weights_changed: Callable[[], None], placement: Callable[[], np.ndarray],
-                 verifier=None):
+                 verifier=None, *, settle: Callable[[], None] | None = None):
         self.placed = placed
         self.weights_changed = weights_changed
+        self.settle = settle  # the balancer's settle(): a late tick's pass processed before deciding
         self.placement = placement  # the balancer's (layers, physical) placement in force
         self.verifier = verifier  # SlotVerifier, or None without verify_slots
         self._verified = placement().copy() if verifier is not None else None  # the placement last checked
 
     def begin(self, kind: str, checkpoint_format: bool = True, engine: str | None = None) -> None:
         """Before an update writes anything: refuse it if it cannot be placed (the same line
-        on every rank: the placement is the same everywhere), else tell the balancer."""
+        on every rank: the placement is the same everywhere), else tell the balancer. The
+        balancer first processes a pass whose tick is late (`settle`): every rank decides
+        from the placement of the pass its clock is at, so none refuses what a peer accepts."""
+        if self.settle is not None:
+            self.settle()
         problem = self.placed.refusal(kind, checkpoint_format, engine)
         if problem:
             log.error("%s", problem)

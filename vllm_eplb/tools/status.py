@@ -126,6 +126,12 @@ def render_rank(r: Rank) -> list[str]:
     if r.get("vllm:eplb_enabled") == 0:
         why = next(((ls.get("reason", "?"), ls.get("detail", "")) for ls, v in r.each("vllm:eplb_disabled_info") if v == 1), None)
         lines.append("  DISABLED: " + (f"{why[0]}{': ' + why[1] if why[1] else ''}" if why else "reason not exported"))
+    if state == "suspended":
+        why = ", ".join(f"{ls.get('reason', '?')} x{v:.0f}" for ls, v in r.each("vllm:eplb_suspensions_total") if v)
+        lines.append("  SUSPENDED (a transient cause; the ranks vote to resume after a back-off): " + (why or "reason not exported"))
+    healed = r.get("vllm:eplb_maps_healed_total")
+    if healed:
+        lines.append(f"  maps healed {healed:.0f} time(s): they differed across ranks, every rank went back to the agreed placement")
     if r.get("vllm:eplb_stalled") == 1:
         n = r.get("vllm:eplb_windows_without_cycle", 0)
         lines.append(f"  STALLED: no cycle completed over the last {n:.0f} windows")
