@@ -47,7 +47,7 @@ class BalancerConfig(BaseModel):
         0.01,
         ge=0.0,
         le=1.0,
-        description="min-move: the slowest rank a plan aims for, relative to a lower bound on any packing's.",
+        description="min-move: how far above a lower bound on any packing's slowest rank a plan may leave a rank, as a share of a mean rank's token work (weight reads, alike on every rank, excluded).",
     )
     trigger_margin: float = Field(
         0.02,
