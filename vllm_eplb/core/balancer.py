@@ -22,8 +22,8 @@ One protocol (core/protocol.py): at start-up the ranks compare every field that 
 the protocol (config keys, topology, backend, clock, vote layouts, placement); on any
 difference none balances (`config_mismatch`).
 
-What each phase does on a pass is one table, `PHASE_WORK` (a row per phase of the state
-machine's table, checked at import): the method run, and for the planning and syncing
+What each phase does on a pass is one table, `state_machine.PHASE_WORK` (a row per phase,
+beside the transitions and DECIDED_BY, checked at import): the method run, and for the planning and syncing
 phases the round each posts and reads. Transferring runs the transfer pipeline
 (core/pipeline.py: steps, in-flight limit, commit votes, the transfer group's health).
 
@@ -65,7 +65,7 @@ Pass timeline of one cycle (L = agreement lag, W = window, all relative):
   c+W+1+L      read: -> planning_waiting, plan submitted; readiness vote posted
   every L      read readiness: every rank has a plan -> syncing, digest vote posted
   s+L          read digest: -> transferring (first step started) | skip | abort
-  every pass   transferring: start a step while fewer than L + 1 are in flight; poll every
+  every pass   transferring: start a step while fewer than min(L + 1, 6) are in flight; poll every
                step in flight (data in -> commit prepared); post one commit vote naming
                the steps this rank has ready; read the vote posted L passes ago: commit
                every step all ranks voted ready (next_layer / finish) | abort
@@ -76,7 +76,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ from .policies import Policy, get_policy
 from .protocol import differences, exchange, protocol_fields, short_digest
 from .records import PlacementRecord, save
 from .routing_maps import RoutingMaps
-from .state_machine import ACTIVE, PHASES, attach_machine, top_state
+from .state_machine import ACTIVE, PHASE_WORK, PHASES, attach_machine, top_state
 from .stats import BalancerStats, TransitionRecord
 from .transfer import TransferBackend, TransferEngine
 from .transfer.backend import DeferredBackend, NoBackend
@@ -141,33 +141,6 @@ class Comm:
     world_size: int
     agreement_group: Any  # gloo group (None when world_size == 1)
     backend: TransferBackend | DeferredBackend  # deferred: built once the start-up check passed
-
-
-class PhaseWork(NamedTuple):
-    """What the balancer does on a pass in one phase: `tick`, the method run; for the phases
-    that exchange one round at a time, `post` and `read`, the methods that post the phase's
-    round and read it when due (`_tick_round` runs them); `scheduled`: the phase posts or
-    reads rounds on a schedule every rank keeps, so a pass that failed on a bug is retried
-    once (`_run`)."""
-
-    tick: str
-    post: str = ""
-    read: str = ""
-    scheduled: bool = False
-
-
-# One row per phase of the table (state_machine.PHASES): the only dispatch on the phase.
-PHASE_WORK = {
-    "idle": PhaseWork("_tick_idle"),
-    "collecting": PhaseWork("_tick_collecting"),
-    "planning_reducing": PhaseWork("_tick_round", "_post_load", "_read_load", scheduled=True),
-    "planning_waiting": PhaseWork("_tick_round", "_post_readiness", "_read_readiness", scheduled=True),
-    "syncing": PhaseWork("_tick_round", "_post_digest", "_read_digest", scheduled=True),
-    "transferring": PhaseWork("_tick_transferring", scheduled=True),  # the pipeline's own votes
-    "suspended": PhaseWork("_tick_suspended", scheduled=True),  # the resume vote
-    "disabled": PhaseWork("_tick_disabled"),
-}
-assert set(PHASE_WORK) == set(PHASES), f"PHASE_WORK must name every phase of the table: {sorted(PHASES)}"
 
 
 @dataclass

@@ -17,7 +17,7 @@ has phases (nested states of `transitions`, named parent_child):
   planning_waiting      the plan is being computed; readiness rounds until every rank has it
 
 Transferring is a pipeline: a new step (layers_per_pass layers) starts every pass while
-fewer than agreement_lag + 1 are in flight, and every pass posts one commit vote saying
+fewer than min(agreement_lag + 1, MAX_IN_FLIGHT = 6) are in flight, and every pass posts one commit vote saying
 which steps in flight this rank has received and prepared; a step is committed on the
 pass the first round in which every rank voted it ready is read. So a layer goes live
 1 + agreement_lag passes after it started, and one layer can go live every pass.
@@ -38,6 +38,8 @@ force and the load it was planned from, written when `record_placement_path` is 
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from transitions.extensions import HierarchicalMachine
 
@@ -105,6 +107,34 @@ TERMINAL = ("disabled",)  # no transition leaves it
 PAUSED = ("suspended",)  # not rebalancing, waiting to vote itself back
 LIVE_STATES = tuple(s for s in TOP_STATES if s not in TERMINAL + PAUSED)  # a rebalancing rank's states
 LIVE_PHASES = tuple(p for p in PHASES if p not in TERMINAL + PAUSED)  # and phases: where a fault can hit a cycle
+
+
+class PhaseWork(NamedTuple):
+    """What the balancer does on a pass in one phase: `tick`, the method run; for the phases
+    that exchange one round at a time, `post` and `read`, the methods that post the phase's
+    round and read it when due (`_tick_round` runs them); `scheduled`: the phase posts or
+    reads rounds on a schedule every rank keeps, so a pass that failed on a bug is retried
+    once (`_run`)."""
+
+    tick: str
+    post: str = ""
+    read: str = ""
+    scheduled: bool = False
+
+
+# What each phase does on a pass (core/balancer.py's methods, by name), one row per phase
+# of the table above: the balancer's only dispatch on the phase.
+PHASE_WORK = {
+    "idle": PhaseWork("_tick_idle"),
+    "collecting": PhaseWork("_tick_collecting"),
+    "planning_reducing": PhaseWork("_tick_round", "_post_load", "_read_load", scheduled=True),
+    "planning_waiting": PhaseWork("_tick_round", "_post_readiness", "_read_readiness", scheduled=True),
+    "syncing": PhaseWork("_tick_round", "_post_digest", "_read_digest", scheduled=True),
+    "transferring": PhaseWork("_tick_transferring", scheduled=True),  # the pipeline's own votes
+    "suspended": PhaseWork("_tick_suspended", scheduled=True),  # the resume vote
+    "disabled": PhaseWork("_tick_disabled"),
+}
+assert set(PHASE_WORK) == set(PHASES), f"PHASE_WORK must name every phase of the table: {sorted(PHASES)}"
 
 
 def rows() -> list[tuple[str, list[str], str]]:
