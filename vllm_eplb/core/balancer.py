@@ -241,7 +241,7 @@ class Balancer:
             comm.backend = comm.backend.build() if agreed else NoBackend(comm.backend.name)
         self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
         self.pipeline = TransferPipeline(
-            self.engine, layout.maps, self.topo, lambda: self.config, self.faults, self.stats, self._post_vote
+            self.engine, layout.maps, self.topo, self.config, self.faults, self.stats, self._post_vote
         )
         if agreed:
             self.pipeline.reserve_staging(layout.weights_of, layout.num_layers, comm.rank)

@@ -96,15 +96,15 @@ class TransferPipeline:
         engine: TransferEngine,
         maps: RoutingMaps,
         topo: Topology,
-        config: Callable[[], BalancerConfig],
+        config: BalancerConfig,
         faults: LocalFaults,
         stats: BalancerStats,
         post_vote: Callable[..., Round],
     ):
-        """`config`: the balancer's settings, read when used; `post_vote(layout, p, **values)`:
+        """`config`: the balancer's settings (a value: set `config` to change them); `post_vote(layout, p, **values)`:
         posts a vote with the fields every vote carries (the balancer's)."""
         self.engine, self.maps, self.topo = engine, maps, topo
-        self._config, self.faults, self.stats, self._post_vote = config, faults, stats, post_vote
+        self.config, self.faults, self.stats, self._post_vote = config, faults, stats, post_vote
         self.health = GroupHealth.HEALTHY
         self._dropped: list[InFlightStep] = []  # steps of ended cycles whose messages may still be pending
         self._reset()
@@ -122,7 +122,7 @@ class TransferPipeline:
     def max_in_flight(self) -> int:
         """Steps in flight at once: enough to start one every pass (a step is committed
         1 + agreement_lag passes after it started, at the earliest)."""
-        return min(self._config().agreement_lag + 1, MAX_IN_FLIGHT)
+        return min(self.config.agreement_lag + 1, MAX_IN_FLIGHT)
 
     # ---- start-up
 
@@ -131,7 +131,7 @@ class TransferPipeline:
         (+ message padding), for every step that can be in flight, reserved now."""
         backend = self.engine.backend
         per_layer = max(sum(padded(w.numel() * w.element_size()) for w in weights_of(layer)) for layer in range(num_layers))
-        backend.prepare(weights_of(0), self._config().layers_per_pass * per_layer + (1 << 20), self.max_in_flight)
+        backend.prepare(weights_of(0), self.config.layers_per_pass * per_layer + (1 << 20), self.max_in_flight)
         if backend.reserved_bytes:
             log.info(
                 "vllm-eplb rank %d: %d MB of transfer staging reserved on %s (%d steps in flight)", rank,
@@ -187,7 +187,7 @@ class TransferPipeline:
         return bool(self.layers_to_move) and len(self.steps) < self.max_in_flight
 
     def start(self, p: int) -> None:
-        n = self._config().layers_per_pass
+        n = self.config.layers_per_pass
         layers, self.layers_to_move = self.layers_to_move[:n], self.layers_to_move[n:]
         step = Step(self.next_seq, layers, p, StepState.NOT_POSTED)
         self.next_seq += 1
@@ -213,7 +213,7 @@ class TransferPipeline:
     def poll(self) -> None:
         """Every step whose data is in gets its commit prepared. Never waits on a copy: a step
         whose data is not in yet is polled again next pass."""
-        timeout = self._config().transfer_timeout_s
+        timeout = self.config.transfer_timeout_s
         for step in self.steps:
             if step.state is not StepState.MOVING:
                 continue
@@ -276,7 +276,7 @@ class TransferPipeline:
         """Before every vote: dropped steps whose messages are done give their staging back;
         one still pending past transfer_timeout_s breaks the group (a slow step is not a
         broken one). A broken group is a standing fault in every vote."""
-        timeout = self._config().transfer_timeout_s
+        timeout = self.config.transfer_timeout_s
         now = time.perf_counter()
         pending = []
         for step in self._dropped:  # done() read once: a step done now is released, not dropped

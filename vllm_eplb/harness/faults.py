@@ -334,7 +334,9 @@ def install(balancer: Balancer, faults: Faults, rank: int) -> None:
         _, n, seconds = faults.late_round
         _delay_round(balancer, n, seconds, late)
     if hits(faults.step_layers_after_start, rank):
-        balancer.config = balancer.config.model_copy(update={"layers_per_pass": faults.step_layers_after_start[1]})
+        # a rank whose settings changed after the start-up check: the balancer's and its pipeline's
+        balancer.config = balancer.pipeline.config = balancer.config.model_copy(
+            update={"layers_per_pass": faults.step_layers_after_start[1]})
     if faults.hang_replacement == rank:
         _hang_next_planner(balancer, late)
     return late
