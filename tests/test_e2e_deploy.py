@@ -49,7 +49,9 @@ EPLB = {
     "improvement_threshold": 0.0,  # every plan that moves a slot is applied: rebalances to count
     # a rank that fails alone stalls its peer at most this long (issue 10, item 3), not 120 s
     "agreement_timeout_s": 30.0,
-    "transfer_timeout_s": 30.0,
+    # must exceed agreement_timeout_s (config refuses otherwise: a lagging rank's step messages
+    # would time out before the agreement notices)
+    "transfer_timeout_s": 60.0,
 }
 
 
