@@ -246,7 +246,7 @@ COMMIT = VoteLayout(
     "commit", ("first_seq", "equal"), ("layers", "equal"), *((f"ready{i}", "all") for i in range(MAX_IN_FLIGHT))
 )
 # the load trigger's verdict: some rank found the placement in force short of its promise
-TRIGGER = VoteLayout("trigger", ("start", "any"))
+TRIGGER = VoteLayout("trigger", ("start", "any"), ("alone", "all"))
 # while suspended: every rank ready to rebalance again (its planner alive, its transfer group healthy)
 RESUME = VoteLayout("resume", ("ready", "all"))
 # What the ranks' rounds mean: equal on every rank (compared at start-up) or no round pairs.

@@ -157,6 +157,7 @@ class Cycle:
     plan: Plan | None = None
     window_load: np.ndarray | None = None
     weights_changed: bool = False  # a weight update came: nothing of this cycle commits any more
+    carried: Any = None  # a load-triggered cycle's watch windows, part of its load (load_trigger.Carried)
 
 
 class Balancer:
@@ -542,9 +543,11 @@ class Balancer:
                 log.warning("EPLB rank %d pass %d: %s", self.comm.rank, p, exc)
             self.stats.cycles_started += 1
             self._cycles += 1
-            self.cycle = Cycle(self._cycles, p)
+            self.cycle = Cycle(self._cycles, p, carried=self.trigger.take_carried() if load else None)
             self.faults.clear()
             self.start_collecting(reason="load trigger" if load else "")
+            # a load-triggered cycle collects fewer passes: the watch windows it carries make up the rest
+            self.window.expect(self.config.window_size - self.cycle.carried.passes if self.cycle.carried else None)
             try:
                 self.window.reset()  # load recorded while idle is not part of the window
             except Exception as exc:
@@ -612,6 +615,8 @@ class Balancer:
         c.post_at = p + 1  # first readiness vote next pass: a fast plan is ready by then
         try:
             physical = v.load.numpy().astype(np.float64)
+            if c.carried is not None:
+                physical = physical + c.carried.load  # the rest of the window: the watch's (core/load_trigger.py)
             observed = balancedness_of(observed_rank_loads(physical, self.topo))
             self.stats.balancedness_observed = observed
             self.stats.observed_history.append((c.window_end, observed))

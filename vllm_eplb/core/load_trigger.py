@@ -17,7 +17,7 @@ as the plan's window) and the last one alone (sooner, with more noise); for each
              (tokens split evenly over an expert's replicas) falls short of the promise by more than
              trigger_margin plus the sampling noise of that load (`sampling_noise`: what a
              fresh window of unchanged traffic can lose by chance); the verdict vote posted
-             (TRIGGER, any)
+             (TRIGGER: start, any; alone, all: that window by itself fell short)
   w+V+1+2L   the vote read: some rank's verdict, and trigger_min_spacing passes since the last
              cycle started -> a cycle starts at this pass, on every rank; else the next watch
              window opens
@@ -33,6 +33,17 @@ schedule and marks its load spoiled in the round: no rank judges that window. A
 watch round that fails (a rank lagged past agreement_timeout_s) fails on every rank at the
 same pass: the watch stops until the next cycle, the agreement group is rebuilt for it.
 
+A load-triggered cycle reuses the watch: its load window is the last watch windows that every
+rank judged short on their own (the vote's `alone`, ALL: the placement in force balances each,
+alone, worse than the promise allows, so each holds the shifted traffic), up to JUDGED - 1 of
+them in a row, ending with the one whose vote started it, plus as many fresh passes as make up
+window_size (`Carried`): a window judged short alone that started the cycle saves a quarter of
+the window's collection, the cycle's plan still sees window_size passes of load. Which windows
+are carried is decided from rounds only (their reduced load, read at one pass; the votes' `alone`
+bits), so every rank collects the same number of passes and plans on the same load. A window
+spoiled, a vote that failed or showed maps that differ, a heal, or a vote not all-`alone` ends
+the run of carried windows; a cycle on the schedule carries none.
+
 trigger_margin 0 turns the watch off (no rounds while idle); a margin of 1 watches without
 ever triggering (the observed balancedness between cycles, for /metrics and benchmarks).
 """
@@ -42,6 +53,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -77,6 +89,17 @@ def sampling_noise(physical: np.ndarray, num_ranks: int, load_copies: int = 1) -
     return math.sqrt(2 * math.log(max(num_ranks, 2)) / n) if n > 0 else math.inf
 
 
+@dataclass(frozen=True)
+class Carried:
+    """What a load-triggered cycle takes from the watch (module docstring): the watch windows'
+    reduced (layers, slots) load, summed, and how many passes they recorded; the cycle collects
+    window_size - passes fresh passes and plans on both."""
+
+    load: np.ndarray
+    windows: int
+    passes: int
+
+
 class LoadTrigger:
     """The watch while idle (module docstring). `due(p)` runs once per idle pass and says
     whether a cycle starts at p because of the load."""
@@ -102,6 +125,12 @@ class LoadTrigger:
         self.load_copies = load_copies  # ranks recording each token (MoELayout.load_copies)
         self.load_round: Round | None = None
         self.vote: Round | None = None
+        # the watch windows a triggered cycle may carry (module docstring): the load of the window
+        # whose vote is in flight, then the run of windows every rank judged short alone
+        self.pending: np.ndarray | None = None
+        self.chain: deque = deque(maxlen=max(0, min(JUDGED - 1, (config.window_size - 1) // self.passes)))
+        self.heals = stats.maps_healed  # a heal since a window was read: its slots' load is of other maps
+        self.carried: Carried | None = None  # set when the vote starts a cycle; taken by the balancer
 
     @property
     def enabled(self) -> bool:
@@ -119,6 +148,14 @@ class LoadTrigger:
             self.window.gate.set_window(False)
         self.promise, self.opened, self.snapshot, self.load_round, self.vote = None, -1, None, None, None
         self.recent.clear()
+        self.chain.clear()
+        self.pending = None
+
+    def take_carried(self) -> Carried | None:
+        """The watch windows the cycle the vote just started carries (None: it collects a whole
+        window); read once, by the balancer, as that cycle starts."""
+        carried, self.carried = self.carried, None
+        return carried
 
     def due(self, p: int, placement: np.ndarray, next_cycle_at: int) -> bool:
         """Idle pass p: advance the watch; True when the vote read now starts a cycle."""
@@ -141,20 +178,27 @@ class LoadTrigger:
         if self.vote is not None and p >= self.vote.due_at:
             r, self.vote = self.vote, None
             v = self.read_round(r, p)
+            self._extend_chain(v)
             start = bool(v is not None and v.start) and p - self.last_start >= self.config.trigger_spacing
             if start:
                 self.stats.load_triggers += 1
+                self.carried = self._carry()
                 log.info("EPLB rank %d pass %d: load trigger: the placement in force fell short of the plan's "
-                         "promise (%.3f) by more than %.3f; a cycle starts", self.rank, p, self.promise,
-                         self.config.trigger_margin)
+                         "promise (%.3f) by more than %.3f; a cycle starts, carrying %d watch windows (%d passes)",
+                         self.rank, p, self.promise, self.config.trigger_margin,
+                         self.carried.windows if self.carried else 0, self.carried.passes if self.carried else 0)
                 return True
         if self.load_round is not None and p >= self.load_round.due_at:
             r, self.load_round = self.load_round, None
             v = self.read_round(r, p)
             if v is not None and v.spoiled:
                 self.recent.clear()  # a window some rank could not record: no verdict on it or with it
-            short = self._verdict(v, placement) if v is not None and not v.spoiled else False
-            self.vote = self.agreement.vote(TRIGGER, dict(start=short, fault=0, skew=False, **self.common()), p)
+            judged = v is not None and not v.spoiled
+            # the round's load, read alike on every rank: carried if the vote shows it short alone everywhere
+            self.pending = v.load.numpy().astype(np.float64) if judged else None
+            short, alone = self._verdict(v, placement) if judged else (False, False)
+            self.vote = self.agreement.vote(TRIGGER, dict(start=short, alone=alone, fault=0, skew=False,
+                                                          **self.common()), p)
         # the schedule below is pass arithmetic only; local work that fails (the device) costs this
         # rank its load in the round, never its place in the schedule
         if self.opened >= 0:
@@ -170,6 +214,24 @@ class LoadTrigger:
             self.opened, self.filled, self.spoiled = p, 0, False
             self._local(self.window.reset)
         return False
+
+    def _extend_chain(self, v) -> None:
+        """The vote on the pending window was read (every rank alike): the window joins the run of
+        windows judged short alone, or the run ends."""
+        pending, self.pending = self.pending, None
+        if self.stats.maps_healed != self.heals:
+            self.heals = self.stats.maps_healed
+            self.chain.clear()
+        if v is not None and v.alone and pending is not None and pending.sum() > 0:
+            if self.chain.maxlen:
+                self.chain.append(pending)
+        else:
+            self.chain.clear()
+
+    def _carry(self) -> Carried | None:
+        if not self.chain:
+            return None
+        return Carried(np.sum(self.chain, axis=0), len(self.chain), len(self.chain) * self.passes)
 
     def _local(self, work):
         """Local work on the window; a failure spoils this window (every rank skips its verdict)."""
@@ -195,27 +257,28 @@ class LoadTrigger:
         self.load_round.sent = common
         self.snapshot, self.opened, self.open_at = None, -1, p + 1
 
-    def _verdict(self, v, placement: np.ndarray) -> bool:
-        """This rank's verdict (rank-local: it only travels in the vote): short when the placement
+    def _verdict(self, v, placement: np.ndarray) -> tuple[bool, bool]:
+        """This rank's verdict (rank-local: it only travels in the vote), (short, alone): short when the placement
         in force, predicted on the last watch window's load, or on the last JUDGED windows' (a
         plan window's worth: less noise, later), falls below the promise by more than
-        trigger_margin plus the sampling noise of that much load."""
+        trigger_margin plus the sampling noise of that much load; alone: the last window by itself
+        fell that short (the vote's `alone`: a window a triggered cycle may carry)."""
         try:
             quarter = v.load.numpy().astype(np.float64)
             if quarter.sum() <= 0:
-                return False  # no traffic: nothing to judge
+                return False, False  # no traffic: nothing to judge
             observed = balancedness_of(observed_rank_loads(quarter, self.topo))
             self.stats.balancedness_observed = observed
             self.stats.observed_history.append((v.pass_no[0], observed))
             self.recent.append(quarter)
-            short = False
+            verdicts = []
             for physical in (quarter, np.sum(self.recent, axis=0)) if len(self.recent) == JUDGED else (quarter,):
                 logical = physical_to_logical_load(physical, placement, self.topo.num_logical)
                 in_force = predicted_balancedness(placement, logical, self.topo)
                 noise = sampling_noise(physical, self.topo.num_ranks, self.load_copies)
-                short |= self.promise - in_force > self.config.trigger_margin + noise
+                verdicts.append(self.promise - in_force > self.config.trigger_margin + noise)
             self.stats.balancedness_watch = in_force
-            return short
+            return any(verdicts), verdicts[0]
         except Exception:  # a verdict that cannot be formed is no verdict; the vote still goes out
             log.warning("EPLB rank %d: load trigger verdict failed", self.rank, exc_info=True)
-            return False
+            return False, False

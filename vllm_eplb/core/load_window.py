@@ -91,12 +91,15 @@ class PassSampler:
         self._before = torch.tensor([self._row[j * self.stride - 1] for j in range(1, self.samples + 1)], device=pass_load.device)
         self._view = pass_load.view(self.layers, ranks, slots // ranks)
         self.ring = torch.zeros((len(fills), self.layers, ranks), dtype=pass_load.dtype, device=pass_load.device)
+        self.taken = self.samples  # samples inside the current window (a shorter one takes fewer)
         self._host = None
         if pass_load.is_cuda:
             self._host = torch.empty((self.samples, self.layers, ranks), dtype=pass_load.dtype, pin_memory=True)
 
-    def reset(self) -> None:
+    def reset(self, size: int | None = None) -> None:
+        """A new window of `size` passes (None: the full size): samples past its end are not taken."""
         self.ring[0].zero_()
+        self.taken = self.samples if size is None else min(self.samples, size // self.stride)
 
     def after(self, filled: int) -> None:
         """The window's `filled`-th pass ran: keep the per-rank sum if a sample needs it."""
@@ -108,6 +111,8 @@ class PassSampler:
         """(samples, layers, ranks) this rank's load of each sampled pass: on the CPU, or
         being copied into pinned host memory (valid once the window's copy event is done)."""
         diff = self.ring.index_select(0, self._after) - self.ring.index_select(0, self._before)
+        if self.taken < self.samples:  # a shorter window: the rows past its end hold no pass of it
+            diff[self.taken:].zero_()
         if self._host is None:
             return diff.to(torch.int64)
         self._host.copy_(diff, non_blocking=True)
@@ -127,6 +132,7 @@ class LoadWindow:
             )
         self.pass_load = pass_load
         self.size = size
+        self.target = size  # passes of the current window: size, or fewer for a load-triggered cycle
         self.filled = 0  # passes summed since the last reset
         # The router records only while this flag is set: outside a window it skips
         # the work entirely.
@@ -138,10 +144,17 @@ class LoadWindow:
             self._host = torch.empty(pass_load.shape, dtype=pass_load.dtype, pin_memory=True)
         self.sampler = PassSampler(pass_load, size, ranks)
 
+    def expect(self, passes: int | None = None) -> None:
+        """The windows from the next reset on are `passes` passes long (None: `size`). A
+        load-triggered cycle collects fewer: the trigger's watch windows make up the rest of its
+        load (core/load_trigger.py, `Carried`). Pass arithmetic only: it cannot fail, so every
+        rank's window ends at the same pass even where a reset failed."""
+        self.target = self.size if passes is None else max(1, min(self.size, passes))
+
     def reset(self) -> None:
-        """Start a new window; what the router recorded before now is dropped."""
+        """Start a new window (of `target` passes); what the router recorded before now is dropped."""
         self.pass_load.zero_()
-        self.sampler.reset()
+        self.sampler.reset(self.target)
         self.filled = 0
         self.gate.set_window(True)
 
@@ -151,7 +164,7 @@ class LoadWindow:
 
     @property
     def full(self) -> bool:
-        return self.filled >= self.size
+        return self.filled >= self.target
 
     def snapshot_to_host(self) -> "HostSnapshot":
         """End the window: stop recording and start copying the sum to host memory
