@@ -61,6 +61,20 @@ def test_a_shift_starts_a_cycle_early_on_every_rank_at_one_pass(runs):
     assert reports[0].stats["cycles_completed"] >= 2
 
 
+def test_a_triggered_cycle_carries_the_watch_windows_judged_short(runs):
+    """The load-triggered cycle's window ends sooner than window_size passes after it started: the
+    watch windows every rank judged short alone are part of its load (core/load_trigger.py,
+    Carried); the scheduled cycle still collects a whole window."""
+    v = watch_passes(BalancerConfig(**SCHEDULE))
+    for mode, why, windows in (("trigger", "load trigger", range(1, 4)), ("fixed", "", (0,))):
+        hist = runs[mode][0].history
+        start = next(h.pass_no for h in hist if h.trigger == "start_collecting" and h.reason == why)
+        full = next(h.pass_no for h in hist if h.trigger == "window_full" and h.pass_no > start)
+        assert any(full - start == SCHEDULE["window_size"] - k * v for k in windows), (mode, start, full)
+    for r in runs["trigger"]:
+        assert r.map_disagreements == [] and r.stats["disabled_reason"] == "" and not r.stats["cycles_aborted"]
+
+
 def test_the_trigger_needs_the_shift_to_outrun_sampling_noise():
     assert watch_passes(BalancerConfig(window_size=1000)) == 250
     load = np.full((2, 8), 100.0)  # 2 layers, 8 slots on 2 ranks: 400 tokens per rank and layer
