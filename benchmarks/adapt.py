@@ -106,6 +106,8 @@ def adapted_at(observed: np.ndarray, fresh: np.ndarray, shift: int) -> int | Non
 def rig(args) -> None:
     window = args.window
     base = dict(window_size=window, step_interval=args.interval, agreement_lag=2, planner="thread")
+    if args.improvement_threshold is not None:  # None: the config's default (5%)
+        base["improvement_threshold"] = args.improvement_threshold
     common = dict(ranks=args.ranks, layers=4, logical=16, redundant=args.ranks * 2, dim=16, top_k=2, tokens=args.tokens,
                   passes=args.passes, zipf=1.2, drift_every=args.shift, topics=16, check_every=50, record_pass_load=True)
     modes = {"fixed interval": {**base, "trigger_margin": 0.0}, "load trigger": {**base}}
@@ -303,6 +305,8 @@ def main() -> int:
     r.add_argument("--passes", type=int, default=3300)
     r.add_argument("--span", type=int, default=50)
     r.add_argument("--tokens", type=int, default=64)
+    r.add_argument("--improvement-threshold", type=float, default=None,
+                   help="both modes' improvement_threshold (default: the config's, 5%%; serve uses 0: every plan applies)")
     v = sub.add_parser("serve")
     v.add_argument("--window", type=int, default=300)
     v.add_argument("--interval", type=int, default=1800)
