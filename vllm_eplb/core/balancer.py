@@ -143,8 +143,9 @@ class Balancer:
         self._tick_phase = self.cycles.tick_idle  # this phase's PHASE_WORK tick, bound at every state change
         refused = startup_check(config, layout, comm, clock, self.placement, PROTOCOL, shared or {})
         if refused:
-            self.ends.disable(*refused)
-        agreed = not refused
+            reason, detail = refused
+            self.ends.disable(reason, detail=detail)
+        agreed = refused is None
         if isinstance(comm.backend, DeferredBackend):
             comm.backend = comm.backend.build() if agreed else NoBackend(comm.backend.name)
         self.engine = TransferEngine(comm.backend, layout.weights_of, comm.rank)
