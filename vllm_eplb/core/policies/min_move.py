@@ -202,21 +202,20 @@ def _shed(placement, w, current, num_ranks, target, penalty, iters=SHED_ITERS):
     and those of its own LIGHT of the lightest ranks, and takes the swap that brings both ranks
     within the target with the fewest moved slots (then the smallest transfer: what the light
     ranks can still take is left to the others), else the one cutting the most load above the
-    target per moved slot. Moved slots count against `current`: a slot moved once already moves
-    no more when swapped again, so swaps chain (a light rank passes on what it took, and one
-    light rank absorbs several heavy ranks' excess for one moved slot each). A swap must cut more
-    than `penalty` per slot it moves. Slot costs `w` travel with their slots (counts stay)."""
+    target per moved slot (`_SwapScorer`). Moved slots count against `current`: a slot moved
+    once already moves no more when swapped again, so swaps chain (a light rank passes on what
+    it took, and one light rank absorbs several heavy ranks' excess for one moved slot each). A
+    swap must cut more than `penalty` per slot it moves. Slot costs `w` travel with their slots
+    (counts stay)."""
     layers, slots = placement.shape
     per_rank = slots // num_ranks
     heavy_n = max(1, min(HEAVY, num_ranks // 4))
     light_per = max(1, min(LIGHT, (num_ranks - heavy_n) // heavy_n))
-    placement, w = placement.copy(), w.copy()
-    P = placement.reshape(layers, num_ranks, per_rank)  # views: swaps write through
-    W = w.reshape(layers, num_ranks, per_rank)
-    C = current.reshape(layers, num_ranks, per_rank)
-    loads = W.sum(axis=2)
+    placement, w = placement.copy(), w.copy()  # the scorer's swaps write through to these
+    loads = w.reshape(layers, num_ranks, per_rank).sum(axis=2)
     target = np.broadcast_to(target, (layers,)).astype(np.float64)
     penalty = np.broadcast_to(penalty, (layers,)).astype(np.float64)
+    scorer = _SwapScorer(placement, w, current, loads, target, heavy_n * layers, light_per)
     live = np.nonzero(loads.max(axis=1) > target)[0]
     for _ in range(iters):
         if not len(live):
@@ -230,41 +229,8 @@ def _shed(placement, w, current, num_ranks, target, penalty, iters=SHED_ITERS):
         pi, hi = np.nonzero(np.take_along_axis(ln, heavy, axis=1) > tl[:, None])  # heavy ranks above the target
         if not len(pi):
             break
-        lay, ra, rb = live[pi], heavy[pi, hi], light[pi, hi]  # (m,), (m,), (m, lp)
-        T = tl[pi]
-        pa, ca, wa = P[lay, ra], C[lay, ra], W[lay, ra]  # (m, S)
-        lay2 = lay[:, None]
-        pb, cb = P[lay2, rb], C[lay2, rb]  # (m, lp, S)
-        # in units of the target: excess of the heavy rank (> 0), room on the light ones
-        inv = 1.0 / np.maximum(T, 1e-300)
-        x = ((loads[lay, ra] - T) * inv).astype(np.float32)[:, None, None, None]
-        y = ((T[:, None] - loads[lay2, rb]) * inv[:, None]).astype(np.float32)[:, None, :, None]
-        # axes: (pair, slot a, light rank, slot b)
-        d = (wa * inv[:, None]).astype(np.float32)[:, :, None, None] - (W[lay2, rb] * inv[:, None, None]).astype(np.float32)[:, None]
-        over_b = np.maximum(d - y, 0)
-        gain = np.minimum(x, d) - over_b  # the load above the target the swap removes
-        # slots moved by the swap beyond those moved already (a swap back is not credited)
-        # fa, fb: 1 where the slot moved already in this plan
-        fa = (pa != ca).astype(np.float32)[:, :, None, None]
-        fb = (pb != cb).astype(np.float32)[:, None]
-        dm = 2 - fa - fb
-        pen = (penalty[lay] * inv).astype(np.float32)[:, None, None, None]
-        full = (d >= x) & (over_b == 0)
-        score = np.where(full, 10.0 - dm - 1e-3 * d, gain * (1 / np.maximum(dm, 0.5)))
-        score[gain <= pen * dm] = -np.inf
-        score = score.reshape(len(lay), -1)
-        rows = np.arange(len(lay))
-        while True:
-            best = score.argmax(axis=1)
-            take = np.isfinite(score[rows, best])
-            # no rank may end up holding an expert twice: a swap that would is struck off
-            a, rest = np.divmod(best, light_per * per_rank)
-            j, b = np.divmod(rest, per_rank)
-            ea_, eb_ = pa[rows, a], pb[rows, j, b]
-            bad = take & ((pb[rows, j] == ea_[:, None]).any(axis=1) | (pa == eb_[:, None]).any(axis=1))
-            if not bad.any():
-                break
-            score[rows[bad], best[bad]] = -np.inf
+        lay = live[pi]
+        take, sa, sb = scorer.best(lay, heavy[pi, hi], light[pi, hi], penalty[lay])
         # a layer whose slowest rank finds no swap is done: swaps elsewhere would not lower its
         # slowest rank, only move slots
         stuck = np.zeros(layers, dtype=bool)
@@ -272,17 +238,123 @@ def _shed(placement, w, current, num_ranks, target, penalty, iters=SHED_ITERS):
         take &= ~stuck[lay]
         if not take.any():
             break
-        best, lay, ra, rb, a, j, b = best[take], lay[take], ra[take], rb[take], a[take], j[take], b[take]
-        rb = rb[np.arange(len(j)), j]
-        ea_, eb_ = P[lay, ra, a], P[lay, rb, b]
-        P[lay, ra, a], P[lay, rb, b] = eb_, ea_
-        wa_, wb_ = W[lay, ra, a], W[lay, rb, b]
-        W[lay, ra, a], W[lay, rb, b] = wb_, wa_
-        loads[lay, ra] += wb_ - wa_
-        loads[lay, rb] += wa_ - wb_
-        live = np.unique(lay)
+        scorer.swap(sa[take], sb[take])
+        live = np.unique(lay[take])
         live = live[loads[live].max(axis=1) > target[live]]
     return placement, w
+
+
+class _SwapScorer:
+    """The best swap of each of m (heavy rank, its light ranks) pairs of one `_shed` round, and
+    the swaps' bookkeeping.
+
+    Every candidate (heavy slot a, light rank j, light slot b) is scored at once, in float32
+    and in units of the layer's target. The arrays are laid out (a, j, b, pair): the pair axis,
+    the long one, innermost and contiguous, where numpy's loops are fast (with a 9-slot inner
+    axis each step cost several times more). What a round reads per slot (its cost in units of
+    the target, whether it moved already, which experts each rank holds) is kept up to date
+    by `swap` rather than recomputed, and the work arrays are allocated once per `_shed` call:
+    fresh arrays of this size (about 200 KB) came from the allocator as new pages each time,
+    and that page faulting cost ten times the arithmetic."""
+
+    def __init__(self, placement, w, current, loads, target, max_pairs, light_per):
+        layers, slots = placement.shape
+        self.num_ranks = loads.shape[1]
+        self.per_rank = slots // self.num_ranks
+        self.light_per = light_per
+        self.p, self.w, self.c = placement.reshape(-1), w.reshape(-1), current.reshape(-1)
+        self.loads = loads.reshape(-1)
+        self.target, self.inv = target, 1.0 / np.maximum(target, 1e-300)
+        self.wn = (w * self.inv[:, None]).astype(np.float32).reshape(-1)  # slot costs / target
+        self.moved = (self.p != self.c).astype(np.float32)  # 1: the slot moved already in this plan
+        # whether a rank holds an expert, per (layer, rank, expert): a swap that would double an
+        # expert on a rank is then found by one look-up per candidate
+        self.num_logical = int(placement.max(initial=0)) + 1
+        self.holds = np.zeros(layers * self.num_ranks * self.num_logical, dtype=np.uint8)
+        self.holds[self._holding(np.arange(layers * slots) // self.per_rank, self.p)] = 1
+        n = self.per_rank * light_per * self.per_rank * max_pairs
+        self.f32 = np.empty((4, n), dtype=np.float32)
+        self.bools = np.empty((3, n), dtype=bool)
+
+    def _holding(self, rank, expert):
+        """Index into `holds` of (flat (layer, rank), expert)."""
+        return rank * self.num_logical + expert
+
+    def best(self, lay, ra, rb, pen):
+        """(take, slot a, slot b): flat slot indices of each pair's best swap, where take."""
+        m, lp, S = len(lay), self.light_per, self.per_rank
+        inv = self.inv[lay]
+        s = np.arange(S)[:, None]
+        rank_a = lay * self.num_ranks + ra  # (m,) flat (layer, rank)
+        rank_b = lay * self.num_ranks + rb.T  # (lp, m)
+        slot_a = rank_a * S + s  # (S, m) flat slot indices
+        slot_b = rank_b[:, None] * S + s  # (lp, S, m)
+        fa, fb = self.moved[slot_a][:, None, None], self.moved[slot_b][None]  # (S, 1, 1, m), (1, lp, S, m)
+        wa, wb = self.wn[slot_a][:, None, None], self.wn[slot_b][None]
+        T = self.target[lay]
+        x = ((self.loads[rank_a] - T) * inv).astype(np.float32)  # excess of the heavy rank (> 0)
+        y = ((T - self.loads[rank_b]) * inv).astype(np.float32)[None, :, None]  # room on the light ones
+        # no rank may end up holding an expert twice: the light rank must not hold slot a's
+        # expert, nor the heavy rank slot b's
+        ok = (self.holds[self._holding(rank_b[None], self.p[slot_a][:, None])] == 0)[:, :, None]  # (S, lp, 1, m)
+        ok = ok & (self.holds[self._holding(rank_a, self.p[slot_b])] == 0)[None]  # (S, lp, S, m)
+
+        shape = (S, lp, S, m)
+        size = S * lp * S * m
+        d, over, gain, tmp = (f[:size].reshape(shape) for f in self.f32)
+        full, valid, both = (b[:size].reshape(shape) for b in self.bools)
+        np.subtract(wa, wb, out=d)  # load the swap moves from the heavy rank to the light one
+        np.subtract(d, y, out=over)
+        np.maximum(over, 0, out=over)  # what it puts on the light rank above the target
+        np.minimum(x, d, out=gain)
+        gain -= over  # the load above the target the swap removes
+        np.greater_equal(d, x, out=full)
+        np.less_equal(over, 0, out=both)
+        full &= both  # both ranks end within the target
+        dm = over  # slots moved by the swap beyond those moved already
+        np.subtract(2 - fa, fb, out=dm)
+        np.multiply(dm, (pen * inv).astype(np.float32), out=tmp)
+        np.greater(gain, tmp, out=valid)  # cuts more than the moves cost
+        valid &= ok
+        # full swaps: fewest moved slots, then the smallest transfer; others: gain per moved
+        # slot. Both scores are > 0 where valid (full: about 8 to 10), so 0 strikes one off
+        score = d
+        np.multiply(d, 1e-3, out=tmp)
+        np.subtract(10.0, dm, out=score)
+        score -= tmp
+        np.logical_and(full, valid, out=both)
+        score *= both
+        np.maximum(dm, 0.5, out=tmp)
+        np.divide(1, tmp, out=tmp)
+        gain *= tmp
+        np.greater(valid, full, out=both)  # valid and not full
+        gain *= both
+        np.maximum(score, gain, out=score)
+        score = score.reshape(-1, m)
+        best = score.argmax(axis=0)
+        pair = np.arange(m)
+        take = score[best, pair] > 0
+        a, rest = np.divmod(best, lp * S)
+        j, b = np.divmod(rest, S)
+        return take, slot_a[a, pair], slot_b[j, b, pair]
+
+    def swap(self, sa, sb):
+        """Swap slots sa and sb (flat indices; no slot, nor rank, twice)."""
+        p, S = self.p, self.per_rank
+        ea, eb = p[sa], p[sb]
+        ra, rb = sa // S, sb // S
+        p[sa], p[sb] = eb, ea
+        for arr in (self.w, self.wn):
+            arr[sa], arr[sb] = arr[sb], arr[sa]
+        self.moved[sa], self.moved[sb] = p[sa] != self.c[sa], p[sb] != self.c[sb]
+        self.loads[ra] += self.w[sa] - self.w[sb]
+        self.loads[rb] += self.w[sb] - self.w[sa]
+        # a rank still holds what it gave away if another of its slots holds it too
+        by_rank = p.reshape(-1, S)
+        self.holds[self._holding(ra, ea)] = (by_rank[ra] == ea[:, None]).any(axis=1)
+        self.holds[self._holding(rb, eb)] = (by_rank[rb] == eb[:, None]).any(axis=1)
+        self.holds[self._holding(ra, eb)] = 1
+        self.holds[self._holding(rb, ea)] = 1
 
 
 def _doubles(placement: np.ndarray, num_ranks: int) -> np.ndarray:
