@@ -100,7 +100,7 @@ def _fix_counts(load, current, num_ranks, need, cost):
     donor = np.take_along_axis(surplus, current, axis=1) > 0
     order = np.argsort(np.where(donor, loads[:, slot_rank] - w0, np.inf), axis=1, kind="stable")
     experts = np.take_along_axis(current, order, axis=1)
-    by_expert = np.argsort(experts, axis=1, kind="stable")
+    by_expert = np.argsort(_small_ints(experts, num_logical), axis=1, kind="stable")
     sorted_e = np.take_along_axis(experts, by_expert, axis=1)
     starts = np.ones(sorted_e.shape, dtype=bool)
     starts[:, 1:] = sorted_e[:, 1:] != sorted_e[:, :-1]
@@ -140,7 +140,7 @@ def _fix_counts(load, current, num_ranks, need, cost):
         kept_l, kept_s = np.nonzero(~freed_a)
         holds[kept_l, slot_rank[kept_s], current[again][kept_l, kept_s]] = True
         free_count = freed_a.reshape(len(again), num_ranks, per_rank).sum(axis=2)
-        for j in range(todo.shape[1]):
+        for j in range(int(wanted[again].max())):
             act = np.nonzero(todo[again, j] >= 0)[0]
             e = todo[again[act], j]
             ok = (free_count[act] > 0) & ~holds[act, :, e]
@@ -357,9 +357,15 @@ class _SwapScorer:
         self.holds[self._holding(rb, ea)] = 1
 
 
+def _small_ints(a: np.ndarray, bound: int) -> np.ndarray:
+    """`a` (values in [0, bound)) as int16 where they fit: numpy sorts those by radix, several
+    times faster than int64 (the same order, stable sorts included)."""
+    return a.astype(np.int16) if bound <= np.iinfo(np.int16).max else a
+
+
 def _doubles(placement: np.ndarray, num_ranks: int) -> np.ndarray:
     """(layers,) slots holding an expert their rank already holds in another slot."""
-    by_rank = np.sort(placement.reshape(placement.shape[0], num_ranks, -1), axis=2)
+    by_rank = np.sort(_small_ints(placement.reshape(placement.shape[0], num_ranks, -1), int(placement.max(initial=0)) + 1), axis=2)
     return (by_rank[:, :, 1:] == by_rank[:, :, :-1]).sum(axis=(1, 2))
 
 
