@@ -52,6 +52,7 @@ LIGHT = 3  # each with its own LIGHT of the lightest ranks
 SHED_ITERS = 24  # rounds at most
 LARGE_CAP = 0.85  # step 1, layers bound by large replicas: replicas up to this share of a mean rank may stay
 BOUND_GAP = 0.02  # step 1: layers whose packing bound is this far above the mean rank
+HUGE = 1e30  # step 2: a slot cost (in units of the target) that strikes a swap off
 
 
 def _counts(placement: np.ndarray, num_logical: int) -> np.ndarray:
@@ -134,24 +135,48 @@ def _fix_counts(load, current, num_ranks, need, cost):
     twice = _doubles(out, num_ranks) > _doubles(current, num_ranks)
     again = np.nonzero(twice)[0]
     if len(again):
-        out[again] = current[again]
-        freed_a, loads_a = freed[again], loads[again]
-        holds = np.zeros((len(again), num_ranks, num_logical), dtype=bool)
-        kept_l, kept_s = np.nonzero(~freed_a)
-        holds[kept_l, slot_rank[kept_s], current[again][kept_l, kept_s]] = True
-        free_count = freed_a.reshape(len(again), num_ranks, per_rank).sum(axis=2)
-        for j in range(int(wanted[again].max())):
-            act = np.nonzero(todo[again, j] >= 0)[0]
-            e = todo[again[act], j]
-            ok = (free_count[act] > 0) & ~holds[act, :, e]
-            ok = np.where(ok.any(axis=1, keepdims=True), ok, free_count[act] > 0)
-            r = np.argmin(np.where(ok, loads_a[act], np.inf), axis=1)
-            s = r * per_rank + freed_a[act].reshape(-1, num_ranks, per_rank)[np.arange(len(act)), r].argmax(axis=1)
-            out[again[act], s] = e
-            freed_a[act, s] = False
-            free_count[act, r] -= 1
-            holds[act, r, e] = True
-            loads_a[act, r] += w_new[again[act], e]
+        out[again] = _place_one_at_a_time(current[again], freed[again], loads[again], todo[again], w_new[again])
+    return out
+
+
+def _place_one_at_a_time(current, freed, loads, todo, w_new):
+    """`current` (layers, slots) with the replicas `todo` (layers, k: experts heaviest first,
+    padded with -1) placed in its `freed` slots one at a time: each onto the lightest rank
+    (`loads`, without the freed slots) with a freed slot left that does not hold its expert (any
+    rank with a freed slot left where all hold it), in that rank's first freed slot left."""
+    layers, slots = current.shape
+    num_ranks = loads.shape[1]
+    per_rank = slots // num_ranks
+    num_logical = w_new.shape[1]
+    out = current.copy()
+    loads = loads.copy()
+    free = freed.reshape(layers, num_ranks, per_rank)
+    holds = np.zeros((layers, num_ranks, num_logical), dtype=bool)
+    kept_l, kept_s = np.nonzero(~freed)
+    holds[kept_l, kept_s // per_rank, current[kept_l, kept_s]] = True
+    left = free.sum(axis=2)  # freed slots left per rank
+    # each rank's freed slots in slot order: the i-th replica a rank takes goes to the i-th
+    first_free = np.argsort(~free, axis=2, kind="stable")
+    taken = np.zeros_like(left)
+    open_load = np.where(left > 0, loads, np.inf)  # the rank's load while it has a freed slot left
+    # layers by their number of replicas, most first: step j works on a leading block of rows
+    wanted = (todo >= 0).sum(axis=1)
+    by_wanted = np.argsort(-wanted, kind="stable")
+    todo, w_add = todo[by_wanted], np.take_along_axis(w_new, np.maximum(todo, 0), axis=1)[by_wanted]
+    rows = by_wanted
+    for j in range(int(wanted.max(initial=0))):
+        rows = rows[: int((wanted[rows] > j).sum())]
+        n = np.arange(len(rows))
+        e = todo[n, j]
+        fits = np.where(holds[rows, :, e], np.inf, open_load[rows])
+        r = np.argmin(fits, axis=1)
+        r = np.where(np.isinf(fits[n, r]), np.argmin(open_load[rows], axis=1), r)
+        out[rows, r * per_rank + first_free[rows, r, taken[rows, r]]] = e
+        taken[rows, r] += 1
+        left[rows, r] -= 1
+        loads[rows, r] += w_add[n, j]
+        open_load[rows, r] = np.where(left[rows, r] > 0, loads[rows, r], np.inf)
+        holds[rows, r, e] = True
     return out
 
 
@@ -294,10 +319,14 @@ class _SwapScorer:
         T = self.target[lay]
         x = ((self.loads[rank_a] - T) * inv).astype(np.float32)  # excess of the heavy rank (> 0)
         y = ((T - self.loads[rank_b]) * inv).astype(np.float32)[None, :, None]  # room on the light ones
-        # no rank may end up holding an expert twice: the light rank must not hold slot a's
-        # expert, nor the heavy rank slot b's
-        ok = (self.holds[self._holding(rank_b[None], self.p[slot_a][:, None])] == 0)[:, :, None]  # (S, lp, 1, m)
-        ok = ok & (self.holds[self._holding(rank_a, self.p[slot_b])] == 0)[None]  # (S, lp, S, m)
+        # no rank may end up holding an expert twice. Where the heavy rank holds slot b's expert,
+        # slot b weighs HUGE (the swap would add load); where light rank j holds slot a's, slot a
+        # finds no room on it: either way the swap cuts nothing and is struck off (finite values:
+        # an infinity would turn into NaN below)
+        holds_b = self.holds[self._holding(rank_a, self.p[slot_b])] != 0  # (lp, S, m)
+        wb = np.where(holds_b, np.float32(HUGE), wb)
+        holds_a = self.holds[self._holding(rank_b[None], self.p[slot_a][:, None])] != 0  # (S, lp, m)
+        y = np.where(holds_a[:, :, None], np.float32(-HUGE), y)  # (S, lp, 1, m)
 
         shape = (S, lp, S, m)
         size = S * lp * S * m
@@ -315,7 +344,6 @@ class _SwapScorer:
         np.subtract(2 - fa, fb, out=dm)
         np.multiply(dm, (pen * inv).astype(np.float32), out=tmp)
         np.greater(gain, tmp, out=valid)  # cuts more than the moves cost
-        valid &= ok
         # full swaps: fewest moved slots, then the smallest transfer; others: gain per moved
         # slot. Both scores are > 0 where valid (full: about 8 to 10), so 0 strikes one off
         score = d
@@ -324,8 +352,7 @@ class _SwapScorer:
         score -= tmp
         np.logical_and(full, valid, out=both)
         score *= both
-        np.maximum(dm, 0.5, out=tmp)
-        np.divide(1, tmp, out=tmp)
+        np.multiply(0.5 * 2**fa, 2**fb, out=tmp)  # 1 / max(dm, 0.5): 2, 1 or 0.5
         gain *= tmp
         np.greater(valid, full, out=both)  # valid and not full
         gain *= both
