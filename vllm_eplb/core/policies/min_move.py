@@ -70,13 +70,11 @@ def pack_bound(w: np.ndarray, num_ranks: int, slots_per_rank: int) -> np.ndarray
     desc = -np.sort(-w, axis=1)
     cum = np.concatenate([np.zeros((layers, 1)), np.cumsum(desc, axis=1)], axis=1)
     smallest = np.concatenate([np.zeros((layers, 1)), np.cumsum(desc[:, ::-1], axis=1)], axis=1)
-    bound = cum[:, -1] / num_ranks
-    for k in range(slots_per_rank):
-        top = k * num_ranks + 1
-        if top > slots:
-            break
-        bound = np.maximum(bound, cum[:, top] - cum[:, top - k - 1] + smallest[:, slots_per_rank - k - 1])
-    return bound
+    k = np.arange(slots_per_rank)
+    k = k[k * num_ranks + 1 <= slots]
+    top = k * num_ranks + 1
+    shared = cum[:, top] - cum[:, top - k - 1] + smallest[:, slots_per_rank - k - 1]  # (layers, k)
+    return np.maximum(cum[:, -1] / num_ranks, shared.max(axis=1, initial=-np.inf))
 
 
 def _fix_counts(load, current, num_ranks, need, cost):
