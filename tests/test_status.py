@@ -114,7 +114,7 @@ def test_stall_is_logged_once_and_exported():
     r = single_rank("stall")
     warnings = [l for l in r.stderr.splitlines() if l.startswith("WARNING") and "no rebalancing cycle" in l]
     assert len(warnings) == 1, r.stderr[-3000:]  # once per stall, not once per window
-    # each abort has its own WARNING line with the reason and the pass (core/balancer.py)
+    # each abort has its own WARNING line with the reason and the pass (core/ends.py)
     assert re.search(r"WARNING vllm\.eplb EPLB rank 0 pass \d+: cycle aborted: planner_error", r.stderr)
     assert re.fullmatch(
         r"WARNING vllm\.eplb EPLB rank 0 pass \d+: no rebalancing cycle completed over the last 4 windows "

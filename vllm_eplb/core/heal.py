@@ -22,13 +22,26 @@ committed row is whole); else the agreed row with each slot whose expert is held
 keeping what it holds. An expert held by no slot at all cannot be fetched back: the maps name
 it at its agreed slot (they stay valid and equal), whose weights are another expert's, and
 the heal reports it lost until the next weight update writes it.
+
+`Healing` does it on the balancer's behalf: it keeps the last agreed placement (a round read
+with equal digests: core/votes.py), reads an ended cycle's commit votes still in flight for
+their digest only (`drain`), and heals at the pass a round shows the maps differ.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import logging
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .agreement import AgreementError, Round
+from .faults import Reason, describe
 from .placement import Topology
+from .state_machine import ACTIVE
+
+log = logging.getLogger("vllm.eplb")
 
 
 def composite(placements: list[np.ndarray], topo: Topology) -> np.ndarray:
@@ -63,3 +76,67 @@ def heal_target(agreed: np.ndarray, held: np.ndarray, views: list[np.ndarray], t
             lost.append((layer, e))
             maps[layer, int(np.nonzero(agreed[layer] == e)[0][0])] = e
     return maps, weights, lost
+
+
+class Healing:
+    def __init__(self, b):
+        self.b = b
+        self.agreed = b.placement.copy()  # the last placement a round read showed equal on every rank
+        self.draining: list[Round] = []  # an ended cycle's commit votes still in flight: read for their maps digest
+
+    def heal(self, p: int) -> None:
+        """A round read at pass p shows maps that differ across ranks (whatever made them
+        differ), on every rank alike: the cycle ends, and before the next forward pass every
+        rank routes with the last agreed placement again, its slots holding what it names.
+        Blocking: one all-gather of the placements and one transfer step per layer that
+        moves, on this rare path only. A heal that fails fails like a round (the group is
+        rebuilt); the maps still differ, so the next round heals again."""
+        b = self.b
+        if b.state in ACTIVE:
+            b.ends.abort(Reason.MAPS_DIVERGED, detail=f"maps digests differ across ranks in the round read at pass {p}")
+        n, group = b.comm.world_size, b.agreement.group
+        try:
+            mine = torch.from_numpy(b.placement.copy())
+            everyone = [torch.empty_like(mine) for _ in range(n)]
+            dist.all_gather(everyone, mine, group=group)
+            views = [t.numpy() for t in everyone]
+            held = composite(views, b.topo)
+            staged: list = [None] * n  # what each rank received in steps never committed
+            dist.all_gather_object(staged, set(b.pipeline.staged_experts()), group=group)
+            target, weights, lost = heal_target(self.agreed, held, views, b.topo, set().union(*staged))
+            moved = b.pipeline.heal(target, weights, held, staged, group, n)
+        except Exception as exc:
+            raise AgreementError(f"healing the maps failed: {describe(exc)}") from exc
+        self.agreed = target.copy()
+        # the ended cycle's votes in flight were posted before the heal: what they show is healed
+        self.draining = [r for r in self.draining if r.posted_at > p]
+        b.stats.maps_healed += 1
+        b.stats.heals.append((p, moved, len(lost)))
+        log.warning("EPLB rank %d pass %d: routing maps differed across ranks; healed to the last agreed placement "
+                    "(%d layers' weights moved)", b.comm.rank, p, moved)
+        if lost:
+            log.critical("EPLB rank %d pass %d: experts (layer, expert) held by no slot any more, mapped to slots "
+                         "holding other weights until the next weight update: %s", b.comm.rank, p, lost[:8])
+
+    def drain(self, p: int) -> None:
+        """Read an ended cycle's commit votes when due, for their maps digest only: a commit
+        made on some ranks only in its last passes (a weight update applied at different
+        passes) shows there, and is healed at the same pass on every rank."""
+        b = self.b
+        if b.phase == "disabled":
+            self.draining = []
+            return
+        while self.draining and p >= self.draining[0].due_at:
+            r = self.draining.pop(0)
+            try:
+                v = r.votes()
+            except AgreementError:
+                continue  # failed on every rank: the cycle already ended on that path
+            if v.maps[1]:
+                self.agreed = r.sent.get("placement", self.agreed)
+            else:
+                try:
+                    self.heal(p)
+                except AgreementError as exc:
+                    log.warning("EPLB rank %d pass %d: %s; the next round checks the maps again", b.comm.rank, p, exc)
+                self.draining = []

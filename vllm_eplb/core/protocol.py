@@ -20,6 +20,7 @@ import hashlib
 import torch.distributed as dist
 
 from .config import PROTOCOL_KEYS, BalancerConfig
+from .faults import Reason, describe
 
 
 def protocol_fields(config: BalancerConfig, **shared) -> dict[str, str]:
@@ -63,3 +64,36 @@ def exchange(group, world_size: int, fields: dict[str, str]) -> list[dict[str, s
     everyone: list = [None] * world_size
     dist.all_gather_object(everyone, fields, group=group)
     return everyone
+
+
+def startup_check(config: BalancerConfig, layout, comm, clock, placement, protocol: str, shared: dict):
+    """Compare every field that shapes the protocol with every peer's, at start-up (collective
+    over the EP group). None when every rank holds the same; else (reason, detail): a
+    difference, or peers that cannot be reached; rebalancing is off then, as it is on every
+    rank (each read the same fields). `layout`, `comm`: the balancer's MoELayout and Comm;
+    `protocol`: the vote layouts' digest (core/agreement.py)."""
+    t = layout.topo
+    shapes = sorted({repr([(tuple(w.shape), str(w.dtype)) for w in layout.weights_of(layer)])
+                     for layer in range(layout.num_layers)})
+    fields = protocol_fields(
+        config,
+        protocol=protocol,
+        ep_size=comm.world_size,
+        topology=(f"{t.num_ranks} ranks x {t.slots_per_rank} slots, {t.num_logical} experts, "
+                  f"ranks per node: {t.ranks_per_node or 'all'}, expert groups: {t.num_groups}"),
+        moe_layers=layout.num_layers,
+        weights=" + ".join(shapes),
+        backend=comm.backend.name,
+        device=layout.weights_of(0)[0].device.type,
+        clock=clock.source,
+        placement=short_digest(placement.tobytes()),
+        **shared,
+    )
+    try:
+        everyone = exchange(comm.agreement_group, comm.world_size, fields)
+    except Exception as exc:  # a peer that never gets here: nothing can be agreed with it
+        return Reason.AGREEMENT_TIMEOUT, describe(exc)
+    diff = differences(everyone)
+    if diff:
+        return Reason.CONFIG_MISMATCH, diff
+    return None

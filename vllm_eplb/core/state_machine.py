@@ -31,9 +31,9 @@ finishing or a copy landing: such news travels in the rank's next vote. DECIDED_
 says, for each trigger, what decides it; it is the column the diagram in
 docs/architecture.md shows beside each arrow.
 
-Callbacks the table names (methods of the balancer): `_on_enter_idle`, the end of every
-cycle however it ended (keep what may still be in flight, reset, schedule the next);
-`_record_placement`, before the cycle's two decided ends (finish, skip): the placement in
+Callbacks the table names (methods of the balancer, done by core/cycle.py): `_on_enter_idle`,
+the end of every cycle however it ended (keep what may still be in flight, reset, schedule the
+next); `_record_placement`, before the cycle's two decided ends (finish, skip): the placement in
 force and the load it was planned from, written when `record_placement_path` is set.
 """
 
@@ -114,7 +114,8 @@ class PhaseWork(NamedTuple):
     that exchange one round at a time, `post` and `read`, the methods that post the phase's
     round and read it when due (`_tick_round` runs them); `scheduled`: the phase posts or
     reads rounds on a schedule every rank keeps, so a pass that failed on a bug is retried
-    once (`_run`)."""
+    once (core/ends.py). A name is the balancer's method (`_tick_round`) or one of its parts'
+    (`cycles.tick_idle`: `Balancer.cycles`, core/cycle.py)."""
 
     tick: str
     post: str = ""
@@ -122,16 +123,16 @@ class PhaseWork(NamedTuple):
     scheduled: bool = False
 
 
-# What each phase does on a pass (core/balancer.py's methods, by name), one row per phase
-# of the table above: the balancer's only dispatch on the phase.
+# What each phase does on a pass (core/balancer.py's methods and its parts', by name), one row
+# per phase of the table above: the balancer's only dispatch on the phase.
 PHASE_WORK = {
-    "idle": PhaseWork("_tick_idle"),
-    "collecting": PhaseWork("_tick_collecting"),
-    "planning_reducing": PhaseWork("_tick_round", "_post_load", "_read_load", scheduled=True),
-    "planning_waiting": PhaseWork("_tick_round", "_post_readiness", "_read_readiness", scheduled=True),
-    "syncing": PhaseWork("_tick_round", "_post_digest", "_read_digest", scheduled=True),
-    "transferring": PhaseWork("_tick_transferring", scheduled=True),  # the pipeline's own votes
-    "suspended": PhaseWork("_tick_suspended", scheduled=True),  # the resume vote
+    "idle": PhaseWork("cycles.tick_idle"),  # core/cycle.py
+    "collecting": PhaseWork("cycles.tick_collecting"),
+    "planning_reducing": PhaseWork("_tick_round", "plan_rounds.post_load", "plan_rounds.read_load", scheduled=True),
+    "planning_waiting": PhaseWork("_tick_round", "plan_rounds.post_readiness", "plan_rounds.read_readiness", scheduled=True),
+    "syncing": PhaseWork("_tick_round", "plan_rounds.post_digest", "plan_rounds.read_digest", scheduled=True),
+    "transferring": PhaseWork("transferring.tick", scheduled=True),  # core/transferring.py: the pipeline's own votes
+    "suspended": PhaseWork("suspension.tick", scheduled=True),  # core/suspension.py: the resume vote
     "disabled": PhaseWork("_tick_disabled"),
 }
 assert set(PHASE_WORK) == set(PHASES), f"PHASE_WORK must name every phase of the table: {sorted(PHASES)}"

@@ -32,7 +32,7 @@ RAISE_POINTS = {
     "step_finish": ("engine", "finish"),  # transferring: a step's data polled in
     "commit_prepare": ("engine", "prepare"),  # transferring: the commit's allocations
     "stage_maps": ("maps", "stage_layer"),  # transferring: the maps' allocations
-    "tick_transferring": ("balancer", "_tick_transferring"),  # a bug escaping the tick (nothing catches it)
+    "tick_transferring": ("transferring", "tick"),  # a bug escaping the tick (nothing catches it)
 }
 
 
@@ -326,7 +326,7 @@ def install(balancer: Balancer, faults: Faults, rank: int) -> None:
 
             balancer.window.snapshot_to_host = snapshot_to_host
         else:
-            owners = {"maps": balancer.layout.maps, "balancer": balancer}
+            owners = {"maps": balancer.layout.maps}
             owner = owners[owner_name] if owner_name in owners else getattr(balancer, owner_name)
             setattr(owner, method, wrap(getattr(owner, method)))
     late: dict = {}
