@@ -107,3 +107,19 @@ def test_the_planner_process_runs_without_pytorch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, "the planner process imports torch" + r.stderr[-2000:]
+
+
+def test_the_engine_side_imports_no_numba():
+    """min-move's loops are compiled with numba in the planner process only: the plugin, the
+    policies and the balancer load no numba in a vLLM worker (vLLM's CPU platform walks every
+    loaded module when a worker starts, and numba's objects made the engine die there)."""
+    code = (
+        "import sys\n"
+        "import vllm_eplb.core.policies, vllm_eplb.core.balancer, vllm_eplb.integration.plugin\n"
+        "from vllm_eplb.core.policies import get_policy\n"
+        "get_policy('min-move')\n"
+        "sys.exit('numba' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, "the engine side imports numba" + r.stderr[-2000:]

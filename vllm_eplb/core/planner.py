@@ -83,8 +83,11 @@ def _warm_up(policy: Policy, cost: CostModel | None) -> None:
     """Runs once in a new planner process, before it counts as ready: numpy and the
     policies are imported there, and so is whatever the policy's own module imports (the
     policy and the cost model arrive pickled, as every job carries them), so a plugin's
-    imports are not paid inside the first plan's planning_timeout_s."""
+    imports are not paid inside the first plan's planning_timeout_s; and the policy's own
+    warm-up (min-move compiles its loops)."""
     from . import policies  # noqa: F401
+
+    policy.warm_up()
 
 
 # The start-up a planner process gets before its time counts against planning_timeout_s: twice

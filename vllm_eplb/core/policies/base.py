@@ -35,6 +35,10 @@ class Policy(ABC):
     def place(self, inp: PlanInput) -> np.ndarray:
         """Return the new placement, (layers, physical) int64."""
 
+    def warm_up(self) -> None:
+        """Called once in a new planner process before it counts as ready (and before the
+        first plan's planning_timeout_s starts): compile or load what `place` needs."""
+
 
 _REGISTRY: dict[str, Callable[[], Policy]] = {}
 

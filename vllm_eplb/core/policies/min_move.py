@@ -47,12 +47,18 @@ DEFAULT_MOVE_SHARE = 5e-4  # token model: a moved slot must save this share of t
 BIG_SHARE = 0.1  # a replica is large above this share of the mean rank load (step 3)
 FAR = 0.05  # step 3 runs on layers whose slowest rank is this far above the target
 FRESH = 1.3  # step 4: layers whose slowest rank is this far above the target
-HEAVY = 4  # step 2: heavy ranks per layer that swap in one round
-LIGHT = 3  # each with its own LIGHT of the lightest ranks
-SHED_ITERS = 24  # rounds at most
 LARGE_CAP = 0.85  # step 1, layers bound by large replicas: replicas up to this share of a mean rank may stay
 BOUND_GAP = 0.02  # step 1: layers whose packing bound is this far above the mean rank
-HUGE = 1e30  # step 2: a slot cost (in units of the target) that strikes a swap off
+
+
+def _jit():
+    """min-move's compiled loops (min_move_jit), imported on first use: numba stays out of
+    processes that never plan. vLLM's CPU platform walks the attributes of every loaded module
+    when a worker starts, and numba's objects break that walk (`AttributeError:
+    '_lib_fn_wrapper' object has no attribute 'get'`, the engine dies)."""
+    from . import min_move_jit
+
+    return min_move_jit
 
 
 def _counts(placement: np.ndarray, num_logical: int) -> np.ndarray:
@@ -219,169 +225,6 @@ def _needed(load, counts, cap, weigh):
     return need
 
 
-def _shed(placement, w, current, num_ranks, target, penalty, iters=SHED_ITERS):
-    """Per layer, the heaviest ranks above `target` each swap one slot with one of the lightest
-    ranks: each round, each of up to HEAVY heavy ranks still above the target looks at its slots
-    and those of its own LIGHT of the lightest ranks, and takes the swap that brings both ranks
-    within the target with the fewest moved slots (then the smallest transfer: what the light
-    ranks can still take is left to the others), else the one cutting the most load above the
-    target per moved slot (`_SwapScorer`). Moved slots count against `current`: a slot moved
-    once already moves no more when swapped again, so swaps chain (a light rank passes on what
-    it took, and one light rank absorbs several heavy ranks' excess for one moved slot each). A
-    swap must cut more than `penalty` per slot it moves. Slot costs `w` travel with their slots
-    (counts stay)."""
-    layers, slots = placement.shape
-    per_rank = slots // num_ranks
-    heavy_n = max(1, min(HEAVY, num_ranks // 4))
-    light_per = max(1, min(LIGHT, (num_ranks - heavy_n) // heavy_n))
-    placement, w = placement.copy(), w.copy()  # the scorer's swaps write through to these
-    loads = w.reshape(layers, num_ranks, per_rank).sum(axis=2)
-    target = np.broadcast_to(target, (layers,)).astype(np.float64)
-    penalty = np.broadcast_to(penalty, (layers,)).astype(np.float64)
-    scorer = _SwapScorer(placement, w, current, loads, target, heavy_n * layers, light_per)
-    live = np.nonzero(loads.max(axis=1) > target)[0]
-    for _ in range(iters):
-        if not len(live):
-            break
-        ln = loads[live]
-        order = np.argsort(-ln, axis=1, kind="stable")
-        heavy = order[:, :heavy_n]
-        # light rank j of heavy i: the (i + j * heavy_n)-th lightest
-        light = order[:, ::-1][:, : heavy_n * light_per].reshape(-1, light_per, heavy_n).transpose(0, 2, 1)
-        tl = target[live]
-        pi, hi = np.nonzero(np.take_along_axis(ln, heavy, axis=1) > tl[:, None])  # heavy ranks above the target
-        if not len(pi):
-            break
-        lay = live[pi]
-        take, sa, sb = scorer.best(lay, heavy[pi, hi], light[pi, hi], penalty[lay])
-        # a layer whose slowest rank finds no swap is done: swaps elsewhere would not lower its
-        # slowest rank, only move slots
-        stuck = np.zeros(layers, dtype=bool)
-        stuck[lay[(hi == 0) & ~take]] = True
-        take &= ~stuck[lay]
-        if not take.any():
-            break
-        scorer.swap(sa[take], sb[take])
-        live = np.unique(lay[take])
-        live = live[loads[live].max(axis=1) > target[live]]
-    return placement, w
-
-
-class _SwapScorer:
-    """The best swap of each of m (heavy rank, its light ranks) pairs of one `_shed` round, and
-    the swaps' bookkeeping.
-
-    Every candidate (heavy slot a, light rank j, light slot b) is scored at once, in float32
-    and in units of the layer's target. The arrays are laid out (a, j, b, pair): the pair axis,
-    the long one, innermost and contiguous, where numpy's loops are fast (with a 9-slot inner
-    axis each step cost several times more). What a round reads per slot (its cost in units of
-    the target, whether it moved already, which experts each rank holds) is kept up to date
-    by `swap` rather than recomputed, and the work arrays are allocated once per `_shed` call:
-    fresh arrays of this size (about 200 KB) came from the allocator as new pages each time,
-    and that page faulting cost ten times the arithmetic."""
-
-    def __init__(self, placement, w, current, loads, target, max_pairs, light_per):
-        layers, slots = placement.shape
-        self.num_ranks = loads.shape[1]
-        self.per_rank = slots // self.num_ranks
-        self.light_per = light_per
-        self.p, self.w, self.c = placement.reshape(-1), w.reshape(-1), current.reshape(-1)
-        self.loads = loads.reshape(-1)
-        self.target, self.inv = target, 1.0 / np.maximum(target, 1e-300)
-        self.wn = (w * self.inv[:, None]).astype(np.float32).reshape(-1)  # slot costs / target
-        self.moved = (self.p != self.c).astype(np.float32)  # 1: the slot moved already in this plan
-        # whether a rank holds an expert, per (layer, rank, expert): a swap that would double an
-        # expert on a rank is then found by one look-up per candidate
-        self.num_logical = int(placement.max(initial=0)) + 1
-        self.holds = np.zeros(layers * self.num_ranks * self.num_logical, dtype=np.uint8)
-        self.holds[self._holding(np.arange(layers * slots) // self.per_rank, self.p)] = 1
-        n = self.per_rank * light_per * self.per_rank * max_pairs
-        self.f32 = np.empty((4, n), dtype=np.float32)
-        self.bools = np.empty((3, n), dtype=bool)
-
-    def _holding(self, rank, expert):
-        """Index into `holds` of (flat (layer, rank), expert)."""
-        return rank * self.num_logical + expert
-
-    def best(self, lay, ra, rb, pen):
-        """(take, slot a, slot b): flat slot indices of each pair's best swap, where take."""
-        m, lp, S = len(lay), self.light_per, self.per_rank
-        inv = self.inv[lay]
-        s = np.arange(S)[:, None]
-        rank_a = lay * self.num_ranks + ra  # (m,) flat (layer, rank)
-        rank_b = lay * self.num_ranks + rb.T  # (lp, m)
-        slot_a = rank_a * S + s  # (S, m) flat slot indices
-        slot_b = rank_b[:, None] * S + s  # (lp, S, m)
-        fa, fb = self.moved[slot_a][:, None, None], self.moved[slot_b][None]  # (S, 1, 1, m), (1, lp, S, m)
-        wa, wb = self.wn[slot_a][:, None, None], self.wn[slot_b][None]
-        T = self.target[lay]
-        x = ((self.loads[rank_a] - T) * inv).astype(np.float32)  # excess of the heavy rank (> 0)
-        y = ((T - self.loads[rank_b]) * inv).astype(np.float32)[None, :, None]  # room on the light ones
-        # no rank may end up holding an expert twice. Where the heavy rank holds slot b's expert,
-        # slot b weighs HUGE (the swap would add load); where light rank j holds slot a's, slot a
-        # finds no room on it: either way the swap cuts nothing and is struck off (finite values:
-        # an infinity would turn into NaN below)
-        holds_b = self.holds[self._holding(rank_a, self.p[slot_b])] != 0  # (lp, S, m)
-        wb = np.where(holds_b, np.float32(HUGE), wb)
-        holds_a = self.holds[self._holding(rank_b[None], self.p[slot_a][:, None])] != 0  # (S, lp, m)
-        y = np.where(holds_a[:, :, None], np.float32(-HUGE), y)  # (S, lp, 1, m)
-
-        shape = (S, lp, S, m)
-        size = S * lp * S * m
-        d, over, gain, tmp = (f[:size].reshape(shape) for f in self.f32)
-        full, valid, both = (b[:size].reshape(shape) for b in self.bools)
-        np.subtract(wa, wb, out=d)  # load the swap moves from the heavy rank to the light one
-        np.subtract(d, y, out=over)
-        np.maximum(over, 0, out=over)  # what it puts on the light rank above the target
-        np.minimum(x, d, out=gain)
-        gain -= over  # the load above the target the swap removes
-        np.greater_equal(d, x, out=full)
-        np.less_equal(over, 0, out=both)
-        full &= both  # both ranks end within the target
-        dm = over  # slots moved by the swap beyond those moved already
-        np.subtract(2 - fa, fb, out=dm)
-        np.multiply(dm, (pen * inv).astype(np.float32), out=tmp)
-        np.greater(gain, tmp, out=valid)  # cuts more than the moves cost
-        # full swaps: fewest moved slots, then the smallest transfer; others: gain per moved
-        # slot. Both scores are > 0 where valid (full: about 8 to 10), so 0 strikes one off
-        score = d
-        np.multiply(d, 1e-3, out=tmp)
-        np.subtract(10.0, dm, out=score)
-        score -= tmp
-        np.logical_and(full, valid, out=both)
-        score *= both
-        np.multiply(0.5 * 2**fa, 2**fb, out=tmp)  # 1 / max(dm, 0.5): 2, 1 or 0.5
-        gain *= tmp
-        np.greater(valid, full, out=both)  # valid and not full
-        gain *= both
-        np.maximum(score, gain, out=score)
-        score = score.reshape(-1, m)
-        best = score.argmax(axis=0)
-        pair = np.arange(m)
-        take = score[best, pair] > 0
-        a, rest = np.divmod(best, lp * S)
-        j, b = np.divmod(rest, S)
-        return take, slot_a[a, pair], slot_b[j, b, pair]
-
-    def swap(self, sa, sb):
-        """Swap slots sa and sb (flat indices; no slot, nor rank, twice)."""
-        p, S = self.p, self.per_rank
-        ea, eb = p[sa], p[sb]
-        ra, rb = sa // S, sb // S
-        p[sa], p[sb] = eb, ea
-        for arr in (self.w, self.wn):
-            arr[sa], arr[sb] = arr[sb], arr[sa]
-        self.moved[sa], self.moved[sb] = p[sa] != self.c[sa], p[sb] != self.c[sb]
-        self.loads[ra] += self.w[sa] - self.w[sb]
-        self.loads[rb] += self.w[sb] - self.w[sa]
-        # a rank still holds what it gave away if another of its slots holds it too
-        by_rank = p.reshape(-1, S)
-        self.holds[self._holding(ra, ea)] = (by_rank[ra] == ea[:, None]).any(axis=1)
-        self.holds[self._holding(rb, eb)] = (by_rank[rb] == eb[:, None]).any(axis=1)
-        self.holds[self._holding(ra, eb)] = 1
-        self.holds[self._holding(rb, ea)] = 1
-
-
 def _small_ints(a: np.ndarray, bound: int) -> np.ndarray:
     """`a` (values in [0, bound)) as int16 where they fit: numpy sorts those by radix, several
     times faster than int64 (the same order, stable sorts included)."""
@@ -399,29 +242,9 @@ def _repack_large(placement, w, num_ranks, target, num_logical):
     on its rank while that rank stays within `target`, else goes to the lightest rank with a
     large-replica slot free (not holding its expert). Small replicas stay; ranks keep their
     number of large slots."""
-    layers, slots = placement.shape
-    per_rank = slots // num_ranks
-    rows = np.arange(layers)
+    per_rank = placement.shape[1] // num_ranks
     big = w > (BIG_SHARE * w.sum(axis=1) / num_ranks)[:, None]
-    nbig = big.sum(axis=1)
-    loads = np.where(big, 0.0, w).reshape(layers, num_ranks, per_rank).sum(axis=2)
-    room = big.reshape(layers, num_ranks, per_rank).sum(axis=2)
-    order = np.argsort(np.where(big, -w, np.inf), axis=1, kind="stable")
-    holds = np.zeros((layers, num_ranks, num_logical), dtype=bool)
-    dest = np.full(order.shape, -1)
-    for k in range(int(nbig.max(initial=0))):
-        act = np.nonzero(k < nbig)[0]
-        s = order[act, k]
-        e, wk, home = placement[act, s], w[act, s], s // per_rank
-        free = (room[act] > 0) & ~holds[act, :, e]
-        free = np.where(free.any(axis=1, keepdims=True), free, room[act] > 0)
-        n = np.arange(len(act))
-        stay = free[n, home] & (loads[act, home] + wk <= target[act])
-        r = np.where(stay, home, np.argmin(np.where(free, loads[act], np.inf), axis=1))
-        loads[act, r] += wk
-        room[act, r] -= 1
-        holds[act, r, e] = True
-        dest[act, k] = r
+    order, dest = _jit().repack_destinations(placement, w, big, target, num_ranks, num_logical)
     # movers into the large slots their destination ranks vacated: both sorted by (layer, rank)
     src = order
     movers = (dest >= 0) & (dest != src // per_rank)
@@ -472,7 +295,7 @@ def min_move_placement(
     mean = w.sum(axis=1) / num_ranks
     bound = pack_bound(w, num_ranks, per_rank)
     target = np.maximum(bound, mean) + tolerance * np.maximum(mean - fixed, 0.0)
-    out, w = _shed(out, w, current, num_ranks, target, penalty)
+    out, w = _jit().shed(out, w, current, num_ranks, target, penalty)
 
     def peak_of(w_):
         return w_.reshape(len(w_), num_ranks, per_rank).sum(axis=2).max(axis=1)
@@ -481,7 +304,7 @@ def min_move_placement(
         """Swap `candidate` (for layers `rows`) down too; keep it where its slowest rank's drop
         pays for the slots it moves beyond the plan's."""
         cw = np.take_along_axis(weigh(load[rows], _counts(candidate, num_logical)), candidate, axis=1)
-        candidate, cw = _shed(candidate, cw, current[rows], num_ranks, target[rows], penalty[rows])
+        candidate, cw = _jit().shed(candidate, cw, current[rows], num_ranks, target[rows], penalty[rows])
         extra = (candidate != current[rows]).sum(axis=1) - (out[rows] != current[rows]).sum(axis=1)
         better = peak_of(w[rows]) - peak_of(cw) > penalty[rows] * extra
         out[rows[better]], w[rows[better]] = candidate[better], cw[better]
@@ -506,6 +329,9 @@ class MinMovePolicy(Policy):
     def __init__(self, tolerance: float = 0.01, cost: CostModel | None = None):
         self.tolerance = tolerance
         self.cost = cost
+
+    def warm_up(self) -> None:
+        _jit().warm_up()  # compile its loops (or load them from numba's cache)
 
     def place(self, inp: PlanInput) -> np.ndarray:
         return min_move_placement(
