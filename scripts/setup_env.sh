@@ -71,3 +71,6 @@ if ! ready; then
     exit 1
   fi
 fi
+# min-move's numba loops compiled once, into the checkout's cache: a planner process then loads
+# them in a fraction of a second instead of compiling them at its first start.
+"$VENV/bin/python" -c "from vllm_eplb.core.policies.min_move_jit import warm_up; warm_up()"
