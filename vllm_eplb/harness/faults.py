@@ -143,10 +143,21 @@ class TickSchedule:
 # ---------------------------------------------------------------- policies
 
 
-class FailingPolicy(Policy):
+class PolicyDouble(Policy):
+    """A fault double around a real policy: its name, and its warm-up (min-move compiles
+    there: without it the first plan would)."""
+
+    def __init__(self, inner: Policy):
+        self.inner, self.name = inner, inner.name
+
+    def warm_up(self) -> None:
+        self.inner.warm_up()
+
+
+class FailingPolicy(PolicyDouble):
     def __init__(self, inner: Policy, fail_on_call: int):
-        self.inner, self.fail_on_call, self.calls = inner, fail_on_call, 0
-        self.name = inner.name
+        super().__init__(inner)
+        self.fail_on_call, self.calls = fail_on_call, 0
 
     def place(self, inp: PlanInput):
         self.calls += 1
@@ -155,12 +166,13 @@ class FailingPolicy(Policy):
         return self.inner.place(inp)
 
 
-class SlowPolicy(Policy):
+class SlowPolicy(PolicyDouble):
     """Sleeps before planning; with `marker`, only while that file does not exist yet (the
     policy travels pickled to a planner process, so a counter would not survive)."""
 
     def __init__(self, inner: Policy, seconds: float, marker: str | None = None):
-        self.inner, self.seconds, self.marker, self.name = inner, seconds, marker, inner.name
+        super().__init__(inner)
+        self.seconds, self.marker = seconds, marker
 
     def place(self, inp: PlanInput):
         if self.marker is None or not os.path.exists(self.marker):
@@ -170,11 +182,8 @@ class SlowPolicy(Policy):
         return self.inner.place(inp)
 
 
-class DivergentPolicy(Policy):
+class DivergentPolicy(PolicyDouble):
     """Swaps the experts of the first two ranks' first slots: valid, balanced the same, different."""
-
-    def __init__(self, inner: Policy):
-        self.inner, self.name = inner, inner.name
 
     def place(self, inp: PlanInput):
         out = self.inner.place(inp).copy()
