@@ -38,7 +38,10 @@ def server_argv(a, model: str, deployment: str, config: str, eplb_path: str | No
     if a.device == "cpu":
         cmd += ["--enforce-eager"]
     elif deployment == "hosts" and a.ranks > a.gpus:
-        cmd += ["--kv-cache-memory-bytes", str(int(a.kv_cache_gib * 2**30))]
+        # --gpu-memory-utilization is then only vLLM's start-up floor on free memory (share x
+        # the GPU): at its default 0.92 an engine that starts after another on an 80 GB H100
+        # is refused ("Free memory on device ... less than desired GPU memory utilization")
+        cmd += ["--kv-cache-memory-bytes", str(int(a.kv_cache_gib * 2**30)), "--gpu-memory-utilization", "0.25"]
     else:
         cmd += ["--gpu-memory-utilization", str(a.gpu_memory_utilization)]
     if quant:
