@@ -295,10 +295,10 @@ def gil_table(seconds: float, window: int) -> bool:
     for mode in ("thread", "process"):
         for name in ("min-move", "deepseek"):
             planner = Planner(get_policy(name, cost=cost_model(shape, window)), topo, mode)
-            if mode == "process":
-                # the planner process starts with the server, not with the first plan (on a loaded
-                # box its start took more than the 3 s this used to sleep: no plan ran at all)
-                planner.ready.result()
+            # the planner starts with the server, not with the first plan: its warm-up (a process's
+            # start; min-move's numba loops loaded, which a GIL-bound loop beside it in this
+            # process slows past the whole measurement) is not what this table measures
+            planner.ready.result()
             rate, plans = python_heavy(seconds, planner, job)
             planner.shutdown()
             ratio = rate / alone
