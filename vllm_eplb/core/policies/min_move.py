@@ -28,9 +28,9 @@ starts from the placement in force and changes it only where that buys pass time
 
 Costs are the cost model's seconds per pass (token work plus one weight read per activated
 replica) when the load's pass count is known, else tokens (a moved slot must then save
-DEFAULT_MOVE_SHARE of the layer's mean rank load). Every step is vectorised over layers (and the
-shedding over a layer's heavy ranks, in float32): a DeepSeek-V3 plan (58 layers x 288 slots on
-32 ranks) takes 12-25 ms on this project's 2-core box (docs/benchmarks.md section 4).
+DEFAULT_MOVE_SHARE of the layer's mean rank load). Every step is vectorised over layers but the
+shedding and the re-packing, which are numba loops (min_move_jit.py): a DeepSeek-V3 plan (58 layers x
+288 slots on 32 ranks) takes 10.6-17.4 ms on this project's 2-core box (docs/benchmarks.md section 4).
 Packs globally, as `greedy` does (DeepSeek's EPLB advises global balancing for decode at large
 expert parallelism); `deepseek` keeps expert groups within nodes.
 """
