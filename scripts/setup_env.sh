@@ -73,4 +73,4 @@ if ! ready; then
 fi
 # min-move's numba loops compiled once, into the checkout's cache: a planner process then loads
 # them in a fraction of a second instead of compiling them at its first start.
-"$VENV/bin/python" -c "from vllm_eplb.core.policies.min_move_jit import warm_up; warm_up()"
+"$VENV/bin/python" -m vllm_eplb.core.policies.min_move_jit

@@ -10,5 +10,4 @@ def pytest_sessionstart(session):
     import subprocess
     import sys
 
-    subprocess.run([sys.executable, "-c", "from vllm_eplb.core.policies.min_move_jit import warm_up; warm_up()"],
-                   check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "vllm_eplb.core.policies.min_move_jit"], check=True, timeout=600)

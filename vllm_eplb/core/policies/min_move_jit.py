@@ -12,15 +12,16 @@ several heavy ranks' excess for one moved slot each). A swap must cut more than 
 slot it moves. Slot costs `w` travel with their slots (counts stay). A layer whose slowest rank
 finds no swap is done: swaps elsewhere would not lower its slowest rank, only move slots.
 
-Why compiled: the shedding search is a small loop per (heavy rank, light rank) pair that numpy could only
-vectorise by scoring every candidate of every pair at once (about 250 per pair) and round-
-tripping the whole state each round; as a loop it stops at what it needs and touches a few
-kilobytes (DeepSeek-V3: about 15 ms of numpy per plan, 2-3 ms here); the re-packing is a
-loop over a layer's large replicas, one numpy round per replica before. numba is a dependency
-vLLM itself has. Candidates are scored in float32 in units of the layer's target, in the order
-and with the operations of the vectorised version this replaced, so plans are the same bits.
-The first call compiles (about a second, cached on disk): the planner process does it in its
-warm-up (`warm_up`), before its time counts.
+Why compiled: the shedding search is a small loop per (heavy rank, light rank) pair that numpy
+could only vectorise by scoring every candidate of every pair at once (about 250 per pair) and
+round-tripping the whole state each round; as a loop it stops at what it needs and touches a few
+kilobytes (DeepSeek-V3: about 15 ms of numpy per plan, 2-3 ms here); the re-packing is a loop
+over a layer's large replicas, one numpy round per replica before. numba is a dependency vLLM
+itself has. Candidates are scored in float32 in units of the layer's target, in the order and
+with the operations of the vectorised version this replaced, so plans are the same bits. The
+first call on a machine compiles (about 5 CPU-seconds; numba caches it on disk): the planner
+process does it in its warm-up (`warm_up`), before its time counts, and
+`python -m vllm_eplb.core.policies.min_move_jit` does it ahead (set-up, tests).
 """
 
 from __future__ import annotations
@@ -213,3 +214,10 @@ def _repack_layers(placement, w, nbig, loads, room, order, target, num_logical, 
             room[layer, r] -= 1
             holds[r, e] = 1
             dest[layer, k] = r
+
+
+if __name__ == "__main__":
+    # through the package's module, not this __main__ copy of it: numba caches per module
+    from vllm_eplb.core.policies import min_move_jit
+
+    min_move_jit.warm_up()
