@@ -110,8 +110,11 @@ def counts(ms: dict, rank: int) -> dict:
         "slot_checks_mismatch": g("vllm:eplb_slot_checks_total", result="mismatch"),
         "enabled": metric(ms, "vllm:eplb_enabled", rank=rank),
         "relayed_pass": metric(ms, "vllm:eplb_relayed_pass", rank=rank),
-        "balancedness_observed": metric(ms, "vllm:eplb_balancedness", rank=rank, kind="observed"),
-        "balancedness_initial": metric(ms, "vllm:eplb_balancedness", rank=rank, kind="initial"),
+        # current and initial are one cycle window's load under two placements (in force, start-up):
+        # the balance figure to compare. observed is the latest window measured, often a quarter-size
+        # watch window of the settling requests' few tokens: a noisier figure of other traffic.
+        **{f"balancedness_{kind}": metric(ms, "vllm:eplb_balancedness", rank=rank, kind=kind)
+           for kind in ("current", "initial", "observed", "watch")},
     }
 
 

@@ -259,22 +259,29 @@ def test_balancedness_rises(eplb_run):
 
 
 def test_per_pass_balance_is_exported(eplb_run):
-    """Each window's passes (80: all sampled), measured on the EP group. Summed over the
-    window's passes, the most loaded rank of each pass weighs at least as much as the most
-    loaded rank of the summed load, so 1 - straggler share (sum of means over sum of
-    maxima, pass by pass) never exceeds the window's balancedness."""
+    """A cycle window's sampled passes (80: all), measured on the EP group. Summed over those
+    passes, the most loaded rank of each pass weighs at least as much as the most loaded rank
+    of the summed load, so 1 - straggler share (sum of means over sum of maxima, pass by pass)
+    never exceeds the same passes' summed balancedness (kind="sampled"). `observed` is not that
+    bound: the load trigger refreshes it from later watch windows, and a triggered cycle's
+    window spans carried watch windows (CI once saw 1 - share 0.868 against observed 0.840)."""
     final, pace = eplb_run["final"], eplb_run["pace"]
     log = Path(eplb_run["log"]).read_text()
     assert "replica dispatch balanced" in log
     for rank in (0, 1):
         per_pass = metric(final, "vllm:eplb_balancedness", rank=rank, kind="pass")
+        sampled = metric(final, "vllm:eplb_balancedness", rank=rank, kind="sampled")
         observed = metric(final, "vllm:eplb_balancedness", rank=rank, kind="observed")
         share = metric(final, "vllm:eplb_straggler_share", rank=rank)
-        assert per_pass is not None and observed is not None and share is not None, pace
-        assert 0.5 <= per_pass <= 1 and 0 <= share <= 0.5, (per_pass, share, pace)  # 2 ranks: balancedness >= 1/2
-        assert 1 - share <= observed + 1e-9, (share, observed, pace)
-    assert metric(final, "vllm:eplb_balancedness", rank=0, kind="pass") == metric(final, "vllm:eplb_balancedness", rank=1, kind="pass")
-    assert re.search(r"balancedness [0-9.]+ over the window, [0-9.]+ per pass \(\d+ passes sampled; stragglers cost", log)
+        assert None not in (per_pass, sampled, observed, share), pace
+        assert 0.5 <= per_pass <= 1 and 0.5 <= observed <= 1 and 0 <= share <= 0.5, (per_pass, observed, share, pace)
+        assert 1 - share <= sampled + 1e-9, (share, sampled, pace)
+    for kind in ("pass", "sampled"):
+        assert metric(final, "vllm:eplb_balancedness", rank=0, kind=kind) == metric(final, "vllm:eplb_balancedness", rank=1, kind=kind)
+    lines = re.findall(r"per pass \(\d+ passes sampled, ([0-9.]+) summed; stragglers cost ([0-9.]+)% of MoE time\)", log)
+    assert lines, pace
+    for summed, cost in lines:  # every cycle window, not only the last (the log rounds to 0.001 and 0.1%)
+        assert 1 - float(cost) / 100 <= float(summed) + 2e-3, (summed, cost)
 
 
 def _serve_bad(model, tmp_path, config) -> subprocess.CompletedProcess:

@@ -77,7 +77,7 @@ def _rank(rank, world, loads):
                     pass_load += torch.tensor(loads[rank, b.window.filled], dtype=torch.int32)
             p += 1
             assert p < 10 * loads.shape[1], "no window measured"
-        return b.stats.balancedness_pass, b.stats.straggler_share, b.stats.balancedness_observed
+        return b.stats.balancedness_pass, b.stats.straggler_share, b.stats.balancedness_observed, b.stats.balancedness_sampled
     finally:
         b.shutdown()
 
@@ -92,8 +92,9 @@ def test_two_ranks_measure_the_group_per_pass():
     results = launch(_rank, world, (loads,), timeout_s=300)
     group = loads.sum(0).reshape(passes, layers, world, slots // world).sum(-1)
     want = pass_figures(group)
-    for pass_bal, share, observed in results:
+    for pass_bal, share, observed, sampled in results:
         assert pass_bal == pytest.approx(want.pass_balancedness)
         assert share == pytest.approx(want.straggler_share)
-        assert observed == pytest.approx(want.window_balancedness)
+        assert observed == pytest.approx(want.window_balancedness)  # every pass sampled, no watch: the same window
+        assert sampled == pytest.approx(want.window_balancedness)
     assert want.pass_balancedness < want.window_balancedness  # what the window alone hides

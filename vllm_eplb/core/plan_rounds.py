@@ -75,12 +75,13 @@ class PlanRounds:
             b.stats.observed_history.append((c.window_end, observed))
             passes = pass_figures(v.per_pass.numpy())
             b.stats.balancedness_pass = passes.pass_balancedness
+            b.stats.balancedness_sampled = passes.window_balancedness
             b.stats.straggler_share = passes.straggler_share
             log.info(
                 "EPLB rank %d pass %d: window of %d passes, %d expert-token loads, balancedness %.3f over the window, "
-                "%.3f per pass (%d passes sampled; stragglers cost %.1f%% of MoE time)",
+                "%.3f per pass (%d passes sampled, %.3f summed; stragglers cost %.1f%% of MoE time)",
                 b.comm.rank, p, b.config.window_size, int(physical.sum()), observed,
-                passes.pass_balancedness, passes.passes, 100 * passes.straggler_share,
+                passes.pass_balancedness, passes.passes, passes.window_balancedness, 100 * passes.straggler_share,
             )
             logical = physical_to_logical_load(physical, b.placement, b.topo.num_logical)
             c.window_load = logical

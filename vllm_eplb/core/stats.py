@@ -36,9 +36,12 @@ class BalancerStats:
     plan_seconds: deque = _history()
     balancedness_observed: float = float("nan")  # measured over the last window
     observed_history: deque = _history()  # (window end pass, observed)
-    # the same window's passes one by one (core/pass_balance.py): mean over sampled passes
-    # of each pass's balancedness, and the share of MoE time stragglers cost (cost model)
+    # a cycle window's sampled passes one by one (core/pass_balance.py): mean over them of each
+    # pass's balancedness, the same passes' summed load's (the bound the straggler share keeps:
+    # `observed` may be a later watch window's, or span carried watch windows), and the share
+    # of MoE time stragglers cost (cost model)
     balancedness_pass: float = float("nan")
+    balancedness_sampled: float = float("nan")
     straggler_share: float = float("nan")
     balancedness_current: float = float("nan")  # predicted for the placement in force (same load)
     balancedness_predicted: float = float("nan")  # predicted for the last plan

@@ -336,6 +336,7 @@ class BalancerMetrics:
         for kind, v in (
             ("observed", s.balancedness_observed),
             ("pass", s.balancedness_pass),
+            ("sampled", s.balancedness_sampled),
             ("current", s.balancedness_current),
             ("planned", s.balancedness_predicted),
             ("initial", s.balancedness_initial),

@@ -149,9 +149,9 @@ def render_rank(r: Rank) -> list[str]:
     lines.append(f"  cycles: {done} completed, {skipped} skipped{why_skipped}, {aborted} aborted{why_aborted}{last_txt}")
     kinds = [(k, r.get("vllm:eplb_balancedness", kind=k)) for k in KINDS]
     lines.append("  balancedness: " + "  ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in kinds))
-    share, observed = r.get("vllm:eplb_straggler_share"), r.get("vllm:eplb_balancedness", kind="observed")
+    share, summed = r.get("vllm:eplb_straggler_share"), r.get("vllm:eplb_balancedness", kind="sampled")
     if share is not None:
-        window = f" (the window's summed load would say {1 - observed:.1%})" if observed is not None else ""
+        window = f" (the same passes' summed load would say {1 - summed:.1%})" if summed is not None else ""
         lines.append(f"  stragglers: {share:.1%} of MoE time per pass waits for the most loaded rank{window}")
     plan, plans = _mean(r, "vllm:eplb_plan_seconds")
     step, steps = _mean(r, "vllm:eplb_layer_transfer_seconds")
