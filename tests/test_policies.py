@@ -109,6 +109,42 @@ def test_min_move_balances_like_greedy_and_moves_far_less(ranks):
     assert moved_mm <= 0.36 * moved_gr, (moved_mm, moved_gr)
 
 
+def test_min_move_replica_fix_moves_one_slot_per_replica_gained():
+    """min-move's step 1 (numba loops): every expert ends with at least the replicas it needs,
+    each layer changes exactly one slot per replica gained, only slots of experts that had more
+    than they need give way, and nothing else moves."""
+    from vllm_eplb.core.policies.min_move import _counts, _fix_counts
+
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        ranks, per = int(rng.choice([2, 3, 4, 8])), int(rng.integers(2, 7))
+        slots = ranks * per
+        experts, layers = int(rng.integers(max(2, slots // 3), slots + 1)), int(rng.integers(1, 5))
+        cur = np.stack([rng.permutation(np.concatenate([np.arange(experts), rng.integers(0, experts, slots - experts)]))
+                        for _ in range(layers)])
+        load = rng.exponential(1.0, (layers, experts)) * rng.integers(0, 3, (layers, experts)) ** 2
+        need = 1 + np.stack([rng.multinomial(int(rng.integers(0, slots - experts + 1)), rng.dirichlet(np.ones(experts)))
+                             for _ in range(layers)])
+        out = _fix_counts(load, cur, ranks, need, lambda x, c: x / c)
+        c0, c1 = _counts(cur, experts), _counts(out, experts)
+        assert (c1 >= need).all()
+        changed = out != cur
+        assert (changed.sum(axis=1) == np.maximum(need - c0, 0).sum(axis=1)).all()
+        gave = np.take_along_axis(c0 - need, cur, axis=1) > 0
+        assert not (changed & ~gave).any()
+
+
+def test_min_move_sums_as_numpy_does():
+    """The compiled placement step sums as numpy does (pairwise, blocks split above 128), so its
+    plans are numpy's bit for bit; loaded from numba's cache (a recursive version crashed there)."""
+    from vllm_eplb.core.policies.min_move_jit import _pairwise_sum
+
+    rng = np.random.default_rng(3)
+    for n in list(range(1, 300)) + [1000, 4099]:
+        a = rng.standard_normal(n) * 10.0 ** rng.uniform(-6, 6, n)
+        assert _pairwise_sum(a, 0, n) == a.sum() == np.stack([a, a]).sum(axis=1)[1], n
+
+
 def test_record_round_trip_and_shape_checks(tmp_path):
     topo = Topology(2, 4, 6)
     placement = default_placement(topo, 3)

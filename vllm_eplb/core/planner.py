@@ -93,7 +93,8 @@ def _warm_up(policy: Policy, cost: CostModel | None) -> None:
 # The start-up a planner process gets before its time counts against planning_timeout_s: twice
 # what the first process took here (importing numpy and the policies, the policy's warm-up),
 # at least MIN_STARTUP_S; STARTUP_S while no process has answered yet (a first start on a
-# machine compiles min-move's loops: about 5 CPU-seconds, 11 s on a busy 2-core box).
+# machine compiles min-move's loops: about 10 CPU-seconds; a plan is cancelled only past this and
+# planning_timeout_s, 60 s by default).
 MIN_STARTUP_S, STARTUP_S = 1.0, 30.0
 
 

@@ -28,9 +28,11 @@ starts from the placement in force and changes it only where that buys pass time
 
 Costs are the cost model's seconds per pass (token work plus one weight read per activated
 replica) when the load's pass count is known, else tokens (a moved slot must then save
-DEFAULT_MOVE_SHARE of the layer's mean rank load). Every step is vectorised over layers but the
-shedding and the re-packing, which are numba loops (min_move_jit.py): a DeepSeek-V3 plan (58 layers x
-288 slots on 32 ranks) takes 10.6-17.4 ms on this project's 2-core box (docs/benchmarks.md section 4).
+DEFAULT_MOVE_SHARE of the layer's mean rank load). The costs are numpy over all layers; the walks
+over slots (which slots give way and where new replicas go, the shedding, the re-packing) are
+numba loops (min_move_jit.py): a DeepSeek-V3 plan (58 layers x 288 slots on 32 ranks) takes
+6.0-7.8 ms median in the planner process on this project's 2-core box, where vLLM's own policy
+takes 45-47 ms (docs/benchmarks.md section 4, 2026-12-06).
 Packs globally, as `greedy` does (DeepSeek's EPLB advises global balancing for decode at large
 expert parallelism); `deepseek` keeps expert groups within nodes.
 """
@@ -87,101 +89,21 @@ def _fix_counts(load, current, num_ranks, need, cost):
     """Give every expert at least `need` replicas, changing one slot per replica gained. The
     slots come from experts with more than they need; those whose ranks end lightest first.
     New replicas go heaviest first to the freed slots of the lightest ranks (one at a time,
-    never to a rank holding the expert, in a layer where that would double one)."""
+    never to a rank holding the expert, in a layer where that would double one). The per-slot
+    walks are numba loops (min_move_jit.freed_slots, place_replicas); the costs are numpy's."""
     layers, slots = current.shape
     num_logical = load.shape[1]
     per_rank = slots // num_ranks
-    rows = np.arange(layers)
     c0 = _counts(current, num_logical)
     deficit = np.maximum(need - c0, 0)
-    wanted = deficit.sum(axis=1)
-    if not wanted.any():
+    if not deficit.any():
         return current.copy()
-    surplus = np.maximum(c0 - need, 0)
     w0 = np.take_along_axis(cost(load, c0), current, axis=1)
     loads = w0.reshape(layers, num_ranks, per_rank).sum(axis=2)
-    slot_rank = np.arange(slots) // per_rank
-    # donor slots, ordered by the load their rank keeps without them; at most `surplus` per expert
-    donor = np.take_along_axis(surplus, current, axis=1) > 0
-    order = np.argsort(np.where(donor, loads[:, slot_rank] - w0, np.inf), axis=1, kind="stable")
-    experts = np.take_along_axis(current, order, axis=1)
-    by_expert = np.argsort(_small_ints(experts, num_logical), axis=1, kind="stable")
-    sorted_e = np.take_along_axis(experts, by_expert, axis=1)
-    starts = np.ones(sorted_e.shape, dtype=bool)
-    starts[:, 1:] = sorted_e[:, 1:] != sorted_e[:, :-1]
-    first = np.maximum.accumulate(np.where(starts, np.arange(slots), 0), axis=1)
-    nth = np.empty_like(first)
-    np.put_along_axis(nth, by_expert, np.arange(slots) - first, axis=1)
-    usable = np.take_along_axis(donor, order, axis=1) & (nth < np.take_along_axis(surplus, experts, axis=1))
-    taken = usable & (np.cumsum(usable, axis=1) <= wanted[:, None])
-    freed = np.zeros((layers, slots), dtype=bool)
-    np.put_along_axis(freed, order, taken, axis=1)
-
-    counts = c0 + deficit
-    np.subtract.at(counts, (np.nonzero(freed)[0], current[freed]), 1)
-    w_new = cost(load, counts)
+    freed = _jit().freed_slots(current, c0, need, w0, loads)
+    counts = c0 + deficit - _counts(np.where(freed, current, num_logical), num_logical + 1)[:, :num_logical]
     loads -= np.where(freed, w0, 0.0).reshape(layers, num_ranks, per_rank).sum(axis=2)
-    # the replicas to add, per layer heaviest first, padded with -1
-    by_weight = np.argsort(np.where(deficit > 0, -w_new, np.inf), axis=1, kind="stable")
-    reps = np.repeat(by_weight.reshape(-1), np.take_along_axis(deficit, by_weight, axis=1).reshape(-1))
-    todo = np.full((layers, int(wanted.max())), -1, dtype=np.int64)
-    todo[np.repeat(rows, wanted), np.arange(len(reps)) - np.repeat(np.cumsum(wanted) - wanted, wanted)] = reps
-    # the k-th heaviest into the k-th freed slot, freed slots ordered by their rank's load (a
-    # rank's second freed slot as if the mean new replica had filled its first)
-    nth = (np.cumsum(freed.reshape(layers, num_ranks, per_rank), axis=2) - 1).reshape(layers, slots)
-    mean_new = np.where(todo >= 0, np.take_along_axis(w_new, np.maximum(todo, 0), axis=1), 0).sum(axis=1) / wanted.clip(1)
-    key = np.where(freed, loads[:, slot_rank] + nth * mean_new[:, None], np.inf)
-    into = np.argsort(key, axis=1, kind="stable")[:, : todo.shape[1]]
-    out = current.copy()
-    valid = todo >= 0
-    out[np.nonzero(valid)[0], into[valid]] = todo[valid]
-    # where that put an expert twice on a rank, place those layers' replicas one at a time
-    twice = _doubles(out, num_ranks) > _doubles(current, num_ranks)
-    again = np.nonzero(twice)[0]
-    if len(again):
-        out[again] = _place_one_at_a_time(current[again], freed[again], loads[again], todo[again], w_new[again])
-    return out
-
-
-def _place_one_at_a_time(current, freed, loads, todo, w_new):
-    """`current` (layers, slots) with the replicas `todo` (layers, k: experts heaviest first,
-    padded with -1) placed in its `freed` slots one at a time: each onto the lightest rank
-    (`loads`, without the freed slots) with a freed slot left that does not hold its expert (any
-    rank with a freed slot left where all hold it), in that rank's first freed slot left."""
-    layers, slots = current.shape
-    num_ranks = loads.shape[1]
-    per_rank = slots // num_ranks
-    num_logical = w_new.shape[1]
-    out = current.copy()
-    loads = loads.copy()
-    free = freed.reshape(layers, num_ranks, per_rank)
-    holds = np.zeros((layers, num_ranks, num_logical), dtype=bool)
-    kept_l, kept_s = np.nonzero(~freed)
-    holds[kept_l, kept_s // per_rank, current[kept_l, kept_s]] = True
-    left = free.sum(axis=2)  # freed slots left per rank
-    # each rank's freed slots in slot order: the i-th replica a rank takes goes to the i-th
-    first_free = np.argsort(~free, axis=2, kind="stable")
-    taken = np.zeros_like(left)
-    open_load = np.where(left > 0, loads, np.inf)  # the rank's load while it has a freed slot left
-    # layers by their number of replicas, most first: step j works on a leading block of rows
-    wanted = (todo >= 0).sum(axis=1)
-    by_wanted = np.argsort(-wanted, kind="stable")
-    todo, w_add = todo[by_wanted], np.take_along_axis(w_new, np.maximum(todo, 0), axis=1)[by_wanted]
-    rows = by_wanted
-    for j in range(int(wanted.max(initial=0))):
-        rows = rows[: int((wanted[rows] > j).sum())]
-        n = np.arange(len(rows))
-        e = todo[n, j]
-        fits = np.where(holds[rows, :, e], np.inf, open_load[rows])
-        r = np.argmin(fits, axis=1)
-        r = np.where(np.isinf(fits[n, r]), np.argmin(open_load[rows], axis=1), r)
-        out[rows, r * per_rank + first_free[rows, r, taken[rows, r]]] = e
-        taken[rows, r] += 1
-        left[rows, r] -= 1
-        loads[rows, r] += w_add[n, j]
-        open_load[rows, r] = np.where(left[rows, r] > 0, loads[rows, r], np.inf)
-        holds[rows, r, e] = True
-    return out
+    return _jit().place_replicas(current, freed, deficit, cost(load, counts), loads)
 
 
 def _replica_counts(load, num_physical, weigh):
@@ -223,18 +145,6 @@ def _needed(load, counts, cap, weigh):
     over = (v > cap[li][:, None] * (1 + 1e-12)) & (k[None, :] < counts[li, ei][:, None])
     need[li, ei] = 1 + over.sum(axis=1)
     return need
-
-
-def _small_ints(a: np.ndarray, bound: int) -> np.ndarray:
-    """`a` (values in [0, bound)) as int16 where they fit: numpy sorts those by radix, several
-    times faster than int64 (the same order, stable sorts included)."""
-    return a.astype(np.int16) if bound <= np.iinfo(np.int16).max else a
-
-
-def _doubles(placement: np.ndarray, num_ranks: int) -> np.ndarray:
-    """(layers,) slots holding an expert their rank already holds in another slot."""
-    by_rank = np.sort(_small_ints(placement.reshape(placement.shape[0], num_ranks, -1), int(placement.max(initial=0)) + 1), axis=2)
-    return (by_rank[:, :, 1:] == by_rank[:, :, :-1]).sum(axis=(1, 2))
 
 
 def _repack_large(placement, w, num_ranks, target, num_logical):

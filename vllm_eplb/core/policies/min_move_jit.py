@@ -1,5 +1,6 @@
-"""min-move's per-layer loops, compiled with numba: the shedding (step 2 of `min_move`) and
-the re-packing of large replicas (step 3).
+"""min-move's per-layer loops, compiled with numba: the replica-count fix (step 1 of `min_move`:
+which slots give way, where the new replicas go), the shedding (step 2) and the re-packing of
+large replicas (step 3).
 
 Shedding: per layer, the heaviest ranks above `target` each swap one slot with one of the lightest
 ranks. Each round, each of up to HEAVY heavy ranks still above the target looks at its slots
@@ -16,10 +17,11 @@ Why compiled: the shedding search is a small loop per (heavy rank, light rank) p
 could only vectorise by scoring every candidate of every pair at once (about 250 per pair) and
 round-tripping the whole state each round; as a loop it stops at what it needs and touches a few
 kilobytes (DeepSeek-V3: about 15 ms of numpy per plan, 2-3 ms here); the re-packing is a loop
-over a layer's large replicas, one numpy round per replica before. numba is a dependency vLLM
-itself has. Candidates are scored in float32 in units of the layer's target, in the order and
-with the operations of the vectorised version this replaced, so plans are the same bits. The
-first call on a machine compiles (about 5 CPU-seconds; numba caches it on disk): the planner
+over a layer's large replicas, one numpy round per replica before; the replica-count fix walks
+a layer's slots in order and places replicas one at a time (numpy sorted and scattered whole
+arrays for it: about 2 ms more of a DeepSeek-V3 plan). numba is a dependency vLLM itself has. Candidates are scored in float32 in units of the layer's target, in the order and
+with the operations of the vectorised version this replaced, and sums are numpy's pairwise
+sums (`_pairwise_sum`), so plans are the same bits. The first call on a machine compiles (about 10 CPU-seconds; numba caches it on disk): the planner
 process does it in its warm-up (`warm_up`), before its time counts, and
 `python -m vllm_eplb.core.policies.min_move_jit` does it ahead (set-up, tests).
 """
@@ -61,6 +63,10 @@ def warm_up() -> None:
     w = np.arange(8, dtype=np.float64).reshape(1, 8)
     shed(p, w, p, 4, np.array([1.0]), np.array([0.0]))
     repack_destinations(p, w, w > 3, np.array([1.0]), 4, 8)
+    c0, need = np.ones((1, 8), dtype=np.int64), np.ones((1, 8), dtype=np.int64)
+    need[0, 0], c0[0, 7] = 2, 2
+    freed = freed_slots(p, c0, need, w, w.reshape(1, 4, 2).sum(axis=2))
+    place_replicas(p, freed, need - 1, w, np.zeros((1, 4)))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -214,6 +220,217 @@ def _repack_layers(placement, w, nbig, loads, room, order, target, num_logical, 
             room[layer, r] -= 1
             holds[r, e] = 1
             dest[layer, k] = r
+
+
+def freed_slots(current, c0, need, w0, loads):
+    """(layers, slots) bool: the slots `min_move._fix_counts` frees. Per layer, the experts
+    with more replicas than they `need` (`c0` now) give up their surplus, slots ordered by
+    the load their rank keeps without them (`loads` per rank less the slot's cost `w0`),
+    until the layer's deficit is covered."""
+    freed = np.zeros(current.shape, dtype=np.bool_)
+    _freed_layers(np.ascontiguousarray(current, dtype=np.int64), np.ascontiguousarray(c0, dtype=np.int64),
+                  np.ascontiguousarray(need, dtype=np.int64), np.ascontiguousarray(w0, dtype=np.float64),
+                  np.ascontiguousarray(loads, dtype=np.float64), freed)
+    return freed
+
+
+@numba.njit(cache=True, nogil=True)
+def _freed_layers(current, c0, need, w0, loads, freed):
+    layers, slots = current.shape
+    num_logical = c0.shape[1]
+    per_rank = slots // loads.shape[1]
+    key = np.empty(slots, dtype=np.float64)
+    seen = np.zeros(num_logical, dtype=np.int64)
+    for layer in range(layers):
+        wanted = 0
+        for e in range(num_logical):
+            if need[layer, e] > c0[layer, e]:
+                wanted += need[layer, e] - c0[layer, e]
+        if wanted == 0:
+            continue
+        for s in range(slots):
+            e = current[layer, s]
+            key[s] = loads[layer, s // per_rank] - w0[layer, s] if c0[layer, e] > need[layer, e] else np.inf
+        order = np.argsort(key, kind="mergesort")  # stable, as numpy's
+        seen[:] = 0
+        taken = 0
+        for s in order:
+            if taken == wanted:
+                break
+            e = current[layer, s]
+            if c0[layer, e] - need[layer, e] > seen[e]:  # a donor, within its surplus
+                freed[layer, s] = True
+                taken += 1
+            seen[e] += 1
+
+
+def place_replicas(current, freed, deficit, w_new, loads):
+    """`current` with the replicas `deficit` (layers, experts) asks for in its `freed` slots
+    (`min_move._fix_counts`): per layer, heaviest first (costs `w_new`) into the freed slots
+    ordered by their rank's load (`loads`, without the freed slots; a rank's k-th freed slot
+    as if k mean new replicas had filled the ones before); where that puts an expert twice on
+    a rank, one at a time instead: each onto the lightest rank with a freed slot left that
+    does not hold it (any with one left where all do), in that rank's first freed slot left."""
+    out = np.array(current, dtype=np.int64, order="C")
+    deficit = np.ascontiguousarray(deficit, dtype=np.int64)
+    width = int(deficit.sum(axis=1).max(initial=0))
+    _place_layers(np.ascontiguousarray(current, dtype=np.int64), np.ascontiguousarray(freed), deficit,
+                  np.ascontiguousarray(w_new, dtype=np.float64), np.ascontiguousarray(loads, dtype=np.float64),
+                  width, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairwise_sum(a, lo, n):
+    """numpy's float64 sum of a[lo:lo + n]: its pairwise summation, so the same bits. Blocks
+    above 128 split in two as numpy splits them, walked with a stack of frames (numba cannot
+    load a cached recursive function: it crashes)."""
+    if n <= 128:
+        return _pairwise_block(a, lo, n)
+    frame_lo = np.empty(64, dtype=np.int64)
+    frame_n = np.empty(64, dtype=np.int64)
+    frame_stage = np.zeros(64, dtype=np.int64)  # 0: left half next, 1: right half next, 2: add them
+    frame_left = np.empty(64, dtype=np.float64)
+    depth, ret = 0, 0.0
+    frame_lo[0], frame_n[0] = lo, n
+    while depth >= 0:
+        m = frame_n[depth]
+        if m <= 128:
+            ret = _pairwise_block(a, frame_lo[depth], m)
+            depth -= 1
+            continue
+        half = m // 2
+        half -= half % 8
+        stage = frame_stage[depth]
+        frame_stage[depth] = stage + 1
+        if stage == 2:
+            ret = frame_left[depth] + ret
+            depth -= 1
+            continue
+        if stage == 1:
+            frame_left[depth] = ret
+        depth += 1
+        frame_lo[depth] = frame_lo[depth - 1] + (half if stage == 1 else 0)
+        frame_n[depth] = m - half if stage == 1 else half
+        frame_stage[depth] = 0
+    return ret
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairwise_block(a, lo, n):
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@numba.njit(cache=True, nogil=True)
+def _doubles(row, per_rank):
+    """Slots of `row` holding an expert their rank holds in an earlier slot."""
+    n = 0
+    for s in range(row.shape[0]):
+        first = s - s % per_rank
+        for u in range(first, s):
+            if row[u] == row[s]:
+                n += 1
+                break
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _place_layers(current, freed, deficit, w_new, loads, width, out):
+    layers, slots = current.shape
+    num_ranks = loads.shape[1]
+    per_rank = slots // num_ranks
+    num_logical = deficit.shape[1]
+    ekey = np.empty(num_logical, dtype=np.float64)
+    skey = np.empty(slots, dtype=np.float64)
+    todo = np.empty(max(width, 1), dtype=np.int64)
+    w_add = np.zeros(max(width, 1), dtype=np.float64)  # the padded row numpy summed: its bits
+    nth = np.zeros(num_ranks, dtype=np.int64)
+    for layer in range(layers):
+        wanted = 0
+        for e in range(num_logical):
+            d = deficit[layer, e]
+            wanted += d
+            ekey[e] = -w_new[layer, e] if d > 0 else np.inf
+        if wanted == 0:
+            continue
+        k = 0
+        for e in np.argsort(ekey, kind="mergesort"):  # heaviest first, stable
+            for _ in range(deficit[layer, e]):
+                todo[k] = e
+                w_add[k] = w_new[layer, e]
+                k += 1
+        w_add[wanted:] = 0.0
+        mean_new = _pairwise_sum(w_add, 0, width) / wanted
+        nth[:] = 0
+        for s in range(slots):
+            r = s // per_rank
+            if freed[layer, s]:
+                skey[s] = loads[layer, r] + nth[r] * mean_new
+                nth[r] += 1
+            else:
+                skey[s] = np.inf
+        into = np.argsort(skey, kind="mergesort")
+        for j in range(wanted):
+            out[layer, into[j]] = todo[j]
+        if _doubles(out[layer], per_rank) > _doubles(current[layer], per_rank):
+            for s in range(slots):  # (a loop: numba takes seconds to compile a slice copy)
+                out[layer, s] = current[layer, s]
+            _one_at_a_time(out[layer], freed[layer].copy(), loads[layer].copy(), todo, w_add, wanted, num_ranks, num_logical)
+
+
+@numba.njit(cache=True, nogil=True)
+def _one_at_a_time(out, freed, loads, todo, w_add, wanted, num_ranks, num_logical):
+    per_rank = out.shape[0] // num_ranks
+    holds = np.zeros((num_ranks, num_logical), dtype=np.uint8)
+    left = np.zeros(num_ranks, dtype=np.int64)  # freed slots left per rank
+    for s in range(out.shape[0]):
+        if freed[s]:
+            left[s // per_rank] += 1
+        else:
+            holds[s // per_rank, out[s]] = 1
+    open_load = np.empty(num_ranks, dtype=np.float64)  # the rank's load while it has a freed slot left
+    for r in range(num_ranks):
+        open_load[r] = loads[r] if left[r] > 0 else np.inf
+    for j in range(wanted):
+        e = todo[j]
+        best, best_fit = 0, np.inf
+        for r in range(num_ranks):
+            fit = np.inf if holds[r, e] else open_load[r]
+            if fit < best_fit:
+                best, best_fit = r, fit
+        if best_fit == np.inf:  # every rank with a freed slot left holds e
+            best = np.argmin(open_load)
+        for s in range(best * per_rank, (best + 1) * per_rank):  # the rank's first freed slot left
+            if freed[s]:
+                out[s] = e
+                freed[s] = False
+                break
+        left[best] -= 1
+        loads[best] += w_add[j]
+        open_load[best] = loads[best] if left[best] > 0 else np.inf
+        holds[best, e] = 1
 
 
 if __name__ == "__main__":
