@@ -75,6 +75,28 @@ def test_a_triggered_cycle_carries_the_watch_windows_judged_short(runs):
         assert r.map_disagreements == [] and r.stats["disabled_reason"] == "" and not r.stats["cycles_aborted"]
 
 
+def test_a_shift_seen_only_over_four_windows_carries_the_windows_judged():
+    """A smaller shift (benchmarks/adapt.py's rig: one topic of 16 rotates; 64 tokens a pass): no
+    watch window falls short alone, the last four together do. The cycle that verdict starts
+    carries the last three windows judged (most of the shift is in them), so it collects a quarter
+    of a window and its placement is live well within a window of the vote (before this, it
+    collected the whole window: 2.32 windows to adapt on that rig, 1.56 with the carry)."""
+    shift, window = 1700, 200
+    balancer = dict(window_size=window, step_interval=1200, agreement_lag=2, planner="thread", improvement_threshold=0.0)
+    cfg = HarnessConfig(ranks=2, layers=4, logical=16, redundant=4, dim=16, top_k=2, tokens=64, passes=2150, zipf=1.2,
+                        drift_every=shift, topics=16, check_every=50, balancer=balancer)
+    reports = run_scenarios([cfg], timeout_s=600)[0]
+    assert_consistent(reports)
+    hist = reports[0].history
+    start = next(h.pass_no for h in hist if h.trigger == "start_collecting" and h.reason == "load trigger")
+    assert shift < start < shift + 2 * window, starts(reports[0])
+    full = next(h.pass_no for h in hist if h.trigger == "window_full" and h.pass_no > start)
+    assert full - start == window - 3 * watch_passes(BalancerConfig(**balancer)), (start, full)
+    live = next(h.pass_no for h in hist if h.trigger in ("finish", "skip") and h.pass_no > start)
+    assert live - start < window // 2, (start, live)
+    assert reports[0].stats["cycles_completed"] >= 2 and not reports[0].stats["cycles_aborted"]
+
+
 def test_the_trigger_needs_the_shift_to_outrun_sampling_noise():
     assert watch_passes(BalancerConfig(window_size=1000)) == 250
     load = np.full((2, 8), 100.0)  # 2 layers, 8 slots on 2 ranks: 400 tokens per rank and layer

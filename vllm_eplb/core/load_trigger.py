@@ -36,13 +36,15 @@ same pass: the watch stops until the next cycle, the agreement group is rebuilt 
 A load-triggered cycle reuses the watch: its load window is the last watch windows that every
 rank judged short on their own (the vote's `alone`, ALL: the placement in force balances each,
 alone, worse than the promise allows, so each holds the shifted traffic), up to JUDGED - 1 of
-them in a row, ending with the one whose vote started it, plus as many fresh passes as make up
-window_size (`Carried`): a window judged short alone that started the cycle saves a quarter of
-the window's collection, the cycle's plan still sees window_size passes of load. Which windows
-are carried is decided from rounds only (their reduced load, read at one pass; the votes' `alone`
-bits), so every rank collects the same number of passes and plans on the same load. A window
-spoiled, a vote that failed or showed maps that differ, a heal, or a vote not all-`alone` ends
-the run of carried windows; a cycle on the schedule carries none.
+them in a row, ending with the one whose vote started it; or, where the vote started it on the
+last JUDGED windows' verdict alone (no window short by itself: a smaller shift, seen only with
+the noise of four windows, so most of those windows hold it), the last JUDGED - 1 windows judged
+in a row. Plus as many fresh passes as make up window_size (`Carried`): the cycle's plan still
+sees window_size passes of load, and collects a quarter of them or more instead of all. Which
+windows are carried is decided from rounds only (their reduced load, read at one pass; the
+votes' `alone` bits), so every rank collects the same number of passes and plans on the same
+load. A window spoiled, a vote that failed or showed maps that differ, or a heal ends both runs
+of windows (a vote not all-`alone` ends the first); a cycle on the schedule carries none.
 
 trigger_margin 0 turns the watch off (no rounds while idle); a margin of 1 watches without
 ever triggering (the observed balancedness between cycles, for /metrics and benchmarks).
@@ -126,9 +128,12 @@ class LoadTrigger:
         self.load_round: Round | None = None
         self.vote: Round | None = None
         # the watch windows a triggered cycle may carry (module docstring): the load of the window
-        # whose vote is in flight, then the run of windows every rank judged short alone
+        # whose vote is in flight, then the run of windows every rank judged short alone, and the
+        # run of windows judged
         self.pending: np.ndarray | None = None
-        self.chain: deque = deque(maxlen=max(0, min(JUDGED - 1, (config.window_size - 1) // self.passes)))
+        carry_at_most = max(0, min(JUDGED - 1, (config.window_size - 1) // self.passes))
+        self.chain: deque = deque(maxlen=carry_at_most)
+        self.judged: deque = deque(maxlen=carry_at_most)
         self.heals = stats.maps_healed  # a heal since a window was read: its slots' load is of other maps
         self.carried: Carried | None = None  # set when the vote starts a cycle; taken by the balancer
 
@@ -149,6 +154,7 @@ class LoadTrigger:
         self.promise, self.opened, self.snapshot, self.load_round, self.vote = None, -1, None, None, None
         self.recent.clear()
         self.chain.clear()
+        self.judged.clear()
         self.pending = None
 
     def take_carried(self) -> Carried | None:
@@ -216,22 +222,27 @@ class LoadTrigger:
         return False
 
     def _extend_chain(self, v) -> None:
-        """The vote on the pending window was read (every rank alike): the window joins the run of
-        windows judged short alone, or the run ends."""
+        """The vote on the pending window was read (every rank alike): the window joins the runs of
+        windows judged (and judged short alone), or the runs end."""
         pending, self.pending = self.pending, None
         if self.stats.maps_healed != self.heals:
             self.heals = self.stats.maps_healed
             self.chain.clear()
-        if v is not None and v.alone and pending is not None and pending.sum() > 0:
-            if self.chain.maxlen:
-                self.chain.append(pending)
-        else:
-            self.chain.clear()
+            self.judged.clear()
+        judged = v is not None and pending is not None and pending.sum() > 0
+        for run, joins in ((self.judged, judged), (self.chain, judged and v.alone)):
+            if not joins:
+                run.clear()
+            elif run.maxlen:
+                run.append(pending)
 
     def _carry(self) -> Carried | None:
-        if not self.chain:
+        """The run of windows judged short alone; where the vote started the cycle on the last
+        JUDGED windows' verdict (the last window not short by itself), the run of windows judged."""
+        run = self.chain or self.judged
+        if not run:
             return None
-        return Carried(np.sum(self.chain, axis=0), len(self.chain), len(self.chain) * self.passes)
+        return Carried(np.sum(run, axis=0), len(run), len(run) * self.passes)
 
     def _local(self, work):
         """Local work on the window; a failure spoils this window (every rank skips its verdict)."""
