@@ -63,7 +63,8 @@ class _Families:
         self.BALANCEDNESS = Gauge(
             _PREFIX + "balancedness",
             "mean/max tokens per rank: observed over the last window (a cycle's, or the load trigger's while idle); "
-            "mean over a cycle window's sampled passes of each pass's (pass); predicted on the window's load for the "
+            "mean over a cycle window's sampled passes of each pass's (pass), and of those passes' summed load "
+            "(sampled: the bound `1 - vllm:eplb_straggler_share` keeps); predicted on the window's load for the "
             "placement in force (current), for the last plan (planned) and for the start-up placement (initial); "
             "predicted for the placement in force on the load trigger's last watch window (watch).",
             ["rank", "kind"],
