@@ -101,7 +101,9 @@ def _fix_counts(load, current, num_ranks, need, cost):
     w0 = np.take_along_axis(cost(load, c0), current, axis=1)
     loads = w0.reshape(layers, num_ranks, per_rank).sum(axis=2)
     freed = _jit().freed_slots(current, c0, need, w0, loads)
-    counts = c0 + deficit - _counts(np.where(freed, current, num_logical), num_logical + 1)[:, :num_logical]
+    # slots each expert gave way (kept slots counted under the sentinel num_logical, dropped)
+    given = _counts(np.where(freed, current, num_logical), num_logical + 1)[:, :num_logical]
+    counts = c0 + deficit - given
     loads -= np.where(freed, w0, 0.0).reshape(layers, num_ranks, per_rank).sum(axis=2)
     return _jit().place_replicas(current, freed, deficit, cost(load, counts), loads)
 

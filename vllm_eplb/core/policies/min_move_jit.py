@@ -19,11 +19,13 @@ round-tripping the whole state each round; as a loop it stops at what it needs a
 kilobytes (DeepSeek-V3: about 15 ms of numpy per plan, 2-3 ms here); the re-packing is a loop
 over a layer's large replicas, one numpy round per replica before; the replica-count fix walks
 a layer's slots in order and places replicas one at a time (numpy sorted and scattered whole
-arrays for it: about 2 ms more of a DeepSeek-V3 plan). numba is a dependency vLLM itself has. Candidates are scored in float32 in units of the layer's target, in the order and
-with the operations of the vectorised version this replaced, and sums are numpy's pairwise
-sums (`_pairwise_sum`), so plans are the same bits. The first call on a machine compiles (about 10 CPU-seconds; numba caches it on disk): the planner
-process does it in its warm-up (`warm_up`), before its time counts, and
-`python -m vllm_eplb.core.policies.min_move_jit` does it ahead (set-up, tests).
+arrays for it: about 2 ms more of a DeepSeek-V3 plan). numba is a dependency vLLM itself has.
+Candidates are scored in float32 in units of the layer's target, in the order and with the
+operations of the vectorised version this replaced, and sums are numpy's pairwise sums
+(`_pairwise_sum`), so plans are the same bits. The first call on a machine compiles (about 10
+CPU-seconds; numba caches it on disk): the planner process does it in its warm-up (`warm_up`),
+before its time counts, and `python -m vllm_eplb.core.policies.min_move_jit` does it ahead
+(set-up, tests).
 """
 
 from __future__ import annotations
@@ -397,7 +399,8 @@ def _place_layers(current, freed, deficit, w_new, loads, width, out):
         if _doubles(out[layer], per_rank) > _doubles(current[layer], per_rank):
             for s in range(slots):  # (a loop: numba takes seconds to compile a slice copy)
                 out[layer, s] = current[layer, s]
-            _one_at_a_time(out[layer], freed[layer].copy(), loads[layer].copy(), todo, w_add, wanted, num_ranks, num_logical)
+            _one_at_a_time(out[layer], freed[layer].copy(), loads[layer].copy(), todo, w_add, wanted,
+                           num_ranks, num_logical)
 
 
 @numba.njit(cache=True, nogil=True)
