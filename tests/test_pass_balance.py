@@ -55,6 +55,28 @@ def test_window_keeps_the_sampled_passes_per_rank_load(size):
     assert np.array_equal(load.numpy(), pass_load.numpy())
 
 
+
+def test_a_watch_window_sums_its_load_and_samples_no_pass():
+    """The load trigger's watch windows are judged on their summed load: their passes write no
+    per-pass sample (a sum over each rank's slots), and the next cycle window samples again."""
+    layers, ranks, slots, size = 2, 2, 4, 16
+    pass_load = torch.zeros((layers, ranks * slots), dtype=torch.int32)
+    window = LoadWindow(pass_load, size, ranks=ranks)
+    window.reset_watch()
+    window.sampler.ring[1:] = -7  # what a sample would overwrite
+    for _ in range(size):
+        pass_load += 1
+        window.record_pass()
+    load, per_pass = window.snapshot_to_host().wait()
+    assert (window.sampler.ring[1:] == -7).all() and not per_pass.any()
+    assert int(load.sum()) == size * layers * ranks * slots
+    window.reset()
+    for _ in range(size):
+        pass_load += 1
+        window.record_pass()
+    _, sampled = window.snapshot_to_host().wait()
+    assert (window.sampler.ring[1:] != -7).all() and (sampled == slots).all()  # under 128 passes: every pass
+
 def _rank(rank, world, loads):
     """One EP rank: the balancer over a layout whose router records `loads[rank][p]` on pass p."""
     layers, slots = loads.shape[2], loads.shape[3]

@@ -218,7 +218,7 @@ class LoadTrigger:
         elif self.vote is None and self.load_round is None and p >= self.open_at \
                 and p + self.passes + 1 + 2 * lag < next_cycle_at:
             self.opened, self.filled, self.spoiled = p, 0, False
-            self._local(self.window.reset)
+            self._local(self.window.reset_watch)
         return False
 
     def _extend_chain(self, v) -> None:
