@@ -111,11 +111,22 @@ def counts(ms: dict, rank: int) -> dict:
         "enabled": metric(ms, "vllm:eplb_enabled", rank=rank),
         "relayed_pass": metric(ms, "vllm:eplb_relayed_pass", rank=rank),
         # current and initial are one cycle window's load under two placements (in force, start-up):
-        # the balance figure to compare. observed is the latest window measured, often a quarter-size
-        # watch window of the settling requests' few tokens: a noisier figure of other traffic.
+        # the balance figure to compare (`balance_under_load` reads them before the settling
+        # passes). observed is the latest window measured, often a quarter-size watch window of
+        # the settling requests' few tokens: a noisier figure of other traffic.
         **{f"balancedness_{kind}": metric(ms, "vllm:eplb_balancedness", rank=rank, kind=kind)
            for kind in ("current", "initial", "observed", "watch")},
     }
+
+
+def balance_under_load(server) -> dict:
+    """Rank 0's balance figures (the same on every rank: they are the EP group's) read the moment
+    the load ends, so that the last cycle window is the load's: once the passes go on with the
+    settling one-token requests of `settled_metrics`, a cycle window of those few tokens shows no
+    placement better than another (docs/benchmarks.md section 0, 2026-12-06)."""
+    ms = server.metrics()
+    kinds = ("current", "planned", "initial", "sampled")  # planned against initial: what the last plan buys on that window
+    return {kind: metric(ms, "vllm:eplb_balancedness", rank=0, kind=kind) for kind in kinds}
 
 
 def settled_metrics(server, timeout_s: float = 60.0) -> dict:
@@ -184,6 +195,7 @@ def reload_during_transfer(server, new_ckpt: str, old_ckpt: str, reference: dict
     res["new_weights_every_slot"] = not check_slots(after, new)  # every replica of an expert holds its bytes
     res["new_differs_from_old"] = all(new[k] != reference[k] for k in new if k in reference) and bool(new)
     load(15.0)  # the next cycles move the new weights
+    res["balance_under_load"] = balance_under_load(server)
     ms = settled_metrics(server)
     res["after"] = {r: counts(ms, r) for r in RANKS}
     res["aborted_weight_update"] = [res["after"][r]["aborted_weight_update"] - aborted_before[r] for r in RANKS]
@@ -233,6 +245,7 @@ def deployment_phase(a, wd: str, name: str, model: str, vocab: int, eplb: bool, 
         if probing:
             res["probes"] = probe_rounds(s, model, prompts, a.check_tokens, refs["off-bf16"], seconds)
         traffic.join()
+        res["balance_under_load"] = balance_under_load(s)
         ms = settled_metrics(s)
         res["ranks"] = {r: counts(ms, r) for r in RANKS}
         res["status_shows_every_rank"] = status_shows_every_rank(s)

@@ -41,6 +41,8 @@ def test_gpu_check_passes_on_cpu_with_two_hosts(tmp_path):
         assert ranks["0"][key] == ranks["1"][key] > 0, (key, ranks)
     assert eplb["status_shows_every_rank"] and eplb["ranks_read_at_start"] == 2
     assert min(eplb["reload"]["aborted_weight_update"]) >= 1 and eplb["reload"]["ok"]
+    for under_load in (eplb["balance_under_load"], eplb["reload"]["balance_under_load"]):  # read before the settling passes
+        assert all(0 < under_load[k] <= 1 for k in ("current", "planned", "initial", "sampled")), under_load
     # float32 on CPU: greedy outputs exact; teacher-forced log-probs within the check's bound
     assert eplb["probes"]["share"] == 1.0 and d["deployments"]["off-bf16"]["repeats"]["share"] == 1.0
     assert eplb["probes_within_noise"], (eplb["probes"], eplb["static_placement_drift"], eplb["probes_bound"])
