@@ -12,8 +12,8 @@ cost of calling an empty Python method, the floor any per-pass hook pays.
 
 Target (issue 2): at most 20 us per pass in idle and collecting (median and p99 of
 the passes that stay in the state and post nothing; the one pass per cycle that fires a
-transition, and the passes that post a round on the agreement group, are reported on rows
-of their own). The window here is 50 passes (so that a run sees many cycles): every pass
+transition, the passes that post a round on the agreement group and those that open or close
+a watch window are reported on rows of their own). The window here is 50 passes (so that a run sees many cycles): every pass
 of a window under 128 passes is sampled for the per-pass balance, and the load trigger's
 watch windows (a quarter of it) post a round every 15 or so idle passes; at the default
 window_size of 1000, 2 passes in 8 are sampled and a watch round comes every 250 or so.
@@ -79,6 +79,7 @@ def _rank(rank, world, shape, passes):
     times: dict[str, list[float]] = {"baseline (empty method call)": []}
     for p in range(passes):
         state, n_transitions, n_posts = bal.state, bal.transitions_total, bal.agreement.posts
+        recording = bal.window.gate.recording
         with driver.forward_pass():
             first_layer.advance()  # its first MoE layer runs
             dist.all_reduce(torch.zeros(1))  # the ranks' lockstep, as the pass's MoE collectives impose
@@ -87,12 +88,15 @@ def _rank(rank, world, shape, passes):
         empty.tick()
         t2 = time.perf_counter_ns()
         # A pass that fires a transition does that state's once-per-cycle work (reset the
-        # window, post a round, start a step...), and one that posts a round (a watch window's
-        # load while idle, a readiness vote while planning) sends on the agreement group:
-        # each reported on a row of its own.
+        # window, post a round, start a step...), one that posts a round (a watch window's load
+        # while idle, a readiness vote while planning) sends on the agreement group, and one
+        # that opens or closes the load trigger's watch window while idle clears the load or
+        # copies it out: each reported on a row of its own.
         key = state if bal.transitions_total == n_transitions else f"{state}, transition pass"
         if key == state and bal.agreement.posts != n_posts:
             key = f"{state}, round posted"
+        elif key == state and bal.window.gate.recording != recording:
+            key = f"{state}, window opened or closed"
         times.setdefault(key, []).append(driver.spent_ns / 1e3)
         times["baseline (empty method call)"].append((t2 - t1) / 1e3)
     stats = bal.stats
@@ -115,6 +119,7 @@ def main() -> None:
     shapes = list(SHAPES) if args.shape == "all" else [args.shape]
     states = list(LIVE_STATES)
     order = ["baseline (empty method call)", *states, *(f"{s}, round posted" for s in states),
+             *(f"{s}, window opened or closed" for s in states),
              *(f"{s}, transition pass" for s in states)]
     print(f"catch_up() + tick() CPU cost per forward pass, rank 0 of {args.ranks} (gloo), torch {torch.__version__}")
     print(f"{'shape':<14} {'state':<34} {'passes':>6} {'median us':>10} {'p99 us':>9} {'max us':>9} {'median/base':>11} {'target':>10}")

@@ -156,6 +156,7 @@ class LoadWindow:
         if pass_load.is_cuda:
             self._host = torch.empty(pass_load.shape, dtype=pass_load.dtype, pin_memory=True)
         self.sampler = PassSampler(pass_load, size, ranks)
+        self.per_pass = True  # this window keeps its sampled passes' per-rank load
 
     def expect(self, passes: int | None = None) -> None:
         """The windows from the next reset on are `passes` passes long (None: `size`). A
@@ -170,6 +171,7 @@ class LoadWindow:
         summed load only)."""
         self.pass_load.zero_()
         self.sampler.reset(self.target if per_pass else 0)
+        self.per_pass = per_pass
         self.filled = 0
         self.gate.set_window(True)
 
@@ -189,7 +191,7 @@ class LoadWindow:
         """End the window: stop recording and start copying the sum to host memory
         without blocking the CPU."""
         self.gate.set_window(False)
-        per_pass = self.sampler.per_pass()
+        per_pass = self.sampler.per_pass() if self.per_pass else None
         if self.pass_load.device.type == "cpu":
             return HostSnapshot(self.pass_load.to(torch.int64, copy=True), per_pass, None)
         host = self._host
@@ -203,7 +205,7 @@ class HostSnapshot:
     """Host tensors that are valid once `ready()` (async device->host copies may be in
     flight): the window's load (layers, slots) and its sampled passes' per-rank load."""
 
-    def __init__(self, tensor: torch.Tensor, per_pass: torch.Tensor, event):
+    def __init__(self, tensor: torch.Tensor, per_pass: torch.Tensor | None, event):
         self.tensor = tensor
         self.per_pass = per_pass
         self._event = event
@@ -211,10 +213,10 @@ class HostSnapshot:
     def ready(self) -> bool:
         return self._event is None or self._event.query()
 
-    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(window load, per-pass load), int64."""
-        if self._event is not None:
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(window load, per-pass load: None for a window that samples none), int64."""
+        copy = self._event is not None  # the pinned buffers are reused by the next window
+        if copy:
             self._event.synchronize()
-            # copies: the pinned buffers are reused by the next window
-            return self.tensor.to(torch.int64, copy=True), self.per_pass.to(torch.int64, copy=True)
-        return self.tensor.to(torch.int64), self.per_pass.to(torch.int64)
+        per_pass = None if self.per_pass is None else self.per_pass.to(torch.int64, copy=copy)
+        return self.tensor.to(torch.int64, copy=copy), per_pass
