@@ -35,6 +35,23 @@ def test_rebalance_windows_from_log_markers():
     assert w([("start", 2.0)], "vllm-async", 0.01, 4) == [(2.0, 2.0 + 12 * 0.01)]
 
 
+def test_the_table_keeps_each_group_size_apart():
+    """Rows of EP=2 and EP=4 runs in one file (the colocated table's calls): one table each, and
+    an EP=4 row's ratio is taken against the EP=4 'off', never the EP=2 one."""
+    from benchmarks.serving.report import report
+
+    def row(ranks, config, tps):
+        return {"deployment": "hosts", "config": config, "rep": 0, "ranks": ranks, "device": "cuda", "tokens_per_s": tps,
+                "itl_p50_ms": 1.0, "itl_p99_ms": 1.0, "ttft_p99_ms": 1.0, "rebalances": 0, "itl_p99_rebalance_ms": float("nan"),
+                "itl_p99_steady_ms": 1.0, "failed": 0, "requests": 1, "balancedness": float("nan"), "cycles": 0,
+                "layers_moved": 0}
+
+    text = report([row(2, "off", 800.0), row(4, "off", 100.0), row(2, "vllm-eplb", 400.0), row(4, "vllm-eplb", 50.0)])
+    assert "HOSTS=2 + EP" in text and "HOSTS=4 + EP" in text
+    ep4 = text[text.index("HOSTS=4"):]
+    assert "| vllm-eplb | 50 | 0.500 |" in ep4 and "0.062" not in text
+
+
 def test_the_comparison_runs_on_cpu(tmp_path):
     out = tmp_path / "runs.jsonl"
     cmd = [sys.executable, SCRIPT, "--device", "cpu", "--smoke", "--deployments", "tp", "--configs", "off,vllm-eplb",

@@ -15,9 +15,9 @@ def _mr(xs: list[float], fmt: str = "{:.2f}") -> str:
 def report(rows: list[dict]) -> str:
     lines = []
     timed = [r for r in rows if "tokens_per_s" in r and "deployment" in r]
-    for dep in sorted({r["deployment"] for r in timed}):
-        runs = [r for r in timed if r["deployment"] == dep]
-        n = runs[0]["ranks"]
+    # one table per deployment and size: an EP=4 run is never compared with an EP=2 'off'
+    for dep, n in sorted({(r["deployment"], r["ranks"]) for r in timed}):
+        runs = [r for r in timed if r["deployment"] == dep and r["ranks"] == n]
         lines += [f"\n{dep.upper()}={n} + EP ({runs[0]['device']}), median [min-max] over reps; ratios against that rep's 'off'",
                   "| config | tok/s | tok/s vs off | ITL p50 ms | ITL p99 ms | TTFT p99 ms | ITL p99 in rebalances / steady | "
                   "rebalances | balancedness | cycles | layers moved | failed |",
