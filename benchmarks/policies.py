@@ -4,6 +4,7 @@ every policy, vLLM's default included.
 
     python benchmarks/policies.py            # full table (a few minutes on the 2-core box)
     python benchmarks/policies.py --quick    # fewer windows, one repetition
+    python benchmarks/policies.py --tradeoff 0.01,0.02,0.05   # min-move's balance against slots moved
 
 Scenarios: real model shapes (DeepSeek-V3: 58 MoE layers x 256 experts + 32 redundant on 32
 ranks in 4 nodes, 8 expert groups; Qwen3-30B-A3B: 48 x 128 + 16 redundant on 8 ranks) under
@@ -29,6 +30,13 @@ Targets (issue 32), checked per row for the default policy (min-move): balancedn
 of the best any policy reaches (rows whose deployment keeps expert groups within nodes are
 compared with the best global packer too, labelled); at most 10% of vllm-default's slots moved;
 DeepSeek-V3 plans in at most 10 ms median.
+
+`--tradeoff T1,T2,...` prints instead what the default's `min_move_tolerance` buys: per shape and
+load, min-move at each tolerance (balance on the planning window, slots moved per rebalance, as a
+share of vllm-default's, and the floor: the fewest slots any plan must move to reach that
+tolerance's target with min-move's replica counts, `moved_floor`) beside the balance line (the best
+of the other policies, less 0.01) and the 10% line, in one run; what an operator trades by raising
+the tolerance in eplb.json.
 
 Then the GIL: a Python-heavy loop on the main thread (dict and int work, like vLLM's
 scheduler) is timed alone, while plans for the DeepSeek-V3 shape run back to back in a
@@ -57,6 +65,7 @@ from vllm_eplb.core.cost_model import CostModel  # noqa: E402
 from vllm_eplb.core.placement import Topology, default_placement, predicted_balancedness  # noqa: E402
 from vllm_eplb.core.planner import Planner, make_plan  # noqa: E402
 from vllm_eplb.core.policies import PlanInput, Policy, get_policy  # noqa: E402
+from vllm_eplb.core.policies.min_move import start  # noqa: E402
 
 TOP_K = 8
 TOKENS_PER_RANK = 128  # decode tokens per rank and pass
@@ -170,9 +179,11 @@ class Runner:
         current = default_placement(topo, shape.layers)
         self.plan(loads[0], current)  # warm-up: the planner process lives on while serving
         bal, bal_next, moved, times, cpus, secs, secs_next = [], [], [], [], [], [], []
+        placements = []
         for i, load in enumerate(loads):
             plan = self.plan(load, current)
             new = plan.placement
+            placements.append(new)
             times.append(plan.plan_seconds)
             cpus.append(plan.plan_cpu_seconds)
             bal.append(plan.predicted_balancedness)
@@ -186,7 +197,7 @@ class Runner:
         return dict(
             bal=statistics.mean(bal), bal_next=statistics.mean(bal_next), moved=statistics.mean(moved),
             gb=statistics.mean(moved) * shape.expert_bytes / 1e9, times=times, cpus=cpus,
-            ms=statistics.mean(secs) * 1e3, ms_next=statistics.mean(secs_next) * 1e3,
+            ms=statistics.mean(secs) * 1e3, ms_next=statistics.mean(secs_next) * 1e3, placements=placements,
         )
 
     def close(self) -> None:
@@ -249,6 +260,74 @@ def quality_table(quick: bool, reps: int, window: int) -> bool:
         for r in runners:
             r.close()
     return ok
+
+
+def moved_floor(load: np.ndarray, current: np.ndarray, shape: Shape, tolerance: float, cost: CostModel,
+                passes: int) -> int:
+    """The fewest slots any plan from `current` must move to bring every rank within min-move's
+    target, given the replica counts min-move's step 1 gives (its moves counted as made): each
+    rank above the target changes its costliest slots until what they shed, each replaced by the
+    cheapest replica of the layer, covers its excess; the load the heavy ranks shed must land on
+    ranks below the target, each of which changes a slot to take any (those step 1 changed
+    already take it for free), the roomiest first. A lower bound: perfect fits everywhere."""
+    st = start(load, current, shape.ranks, tolerance, cost, passes)
+    per = st.placement.shape[1] // shape.ranks
+    free = (st.placement != current).reshape(-1, shape.ranks, per)
+    w = st.w.reshape(-1, shape.ranks, per)
+    rank_load = w.sum(axis=2)
+    total = int(free.sum())
+    for layer in range(w.shape[0]):
+        t, w_min = st.target[layer], st.w[layer].min()
+        heavy = rank_load[layer] > t
+        for r in np.nonzero(heavy)[0]:
+            cut = (w[layer, r][free[layer, r]] - w_min).sum()
+            for ws in np.sort(w[layer, r][~free[layer, r]])[::-1]:
+                if cut >= rank_load[layer, r] - t:
+                    break
+                cut += ws - w_min
+                total += 1
+        room = t - rank_load[layer]
+        taken_free = free[layer].any(axis=1) & ~heavy
+        need = (rank_load[layer, heavy] - t).sum() - room[taken_free].sum()
+        if need > 0:
+            rest = np.sort(room[~heavy & ~taken_free])[::-1]
+            total += min(int(np.searchsorted(np.cumsum(rest), need)) + 1, len(rest))
+    return total
+
+
+def tradeoff_table(tolerances: list[float], quick: bool, window: int) -> None:
+    """min-move at each tolerance against the two lines of the targets (plans as in the quality
+    table: every window planned from the previous plan, in the planner process)."""
+    n = 4 if quick else 8
+    print(f"\nmin-move's tolerance: balance on the planning window / slots moved per rebalance (share of "
+          f"vllm-default's; floor: the fewest any plan keeping min-move's replica counts moves, moved_floor); "
+          f"lines: balance >= best other - {BALANCE_GAP}, moved <= {MOVED_SHARE:.0%}")
+    hdr = ["shape", "load", "best other (policy)", "vllm-default moved"] + [f"tolerance {t:g}" for t in tolerances]
+    print("\n| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for shape in SHAPES:
+        cost = cost_model(shape, window)
+        others = [Runner(p, shape, window) for p in policies(shape, window) if p.name != "min-move"]
+        ours = [Runner(get_policy("min-move", tolerance=t, cost=cost), shape, window) for t in tolerances]
+        for zipf, drift in ROWS:
+            loads = windows(shape, zipf, drift, n, seed=int(zipf * 10 + drift * 100), passes=window)
+            res = {r.policy.name: r.run(loads) for r in others}
+            base = res.get("vllm-default") or res["deepseek"]
+            best_name = max(res, key=lambda k: res[k]["bal"])
+            line = res[best_name]["bal"] - BALANCE_GAP
+            cells = []
+            for r in ours:
+                o = r.run(loads)
+                share = o["moved"] / base["moved"] if base["moved"] else 0.0
+                floor = statistics.mean(moved_floor(load, prev, shape, r.policy.tolerance, r.cost, window)
+                                        for load, prev in zip(loads[1:], o["placements"]))
+                marks = ("" if o["bal"] >= line else " (balance under)") + ("" if share <= MOVED_SHARE else " (moves over)")
+                cells.append(f"{o['bal']:.4f} / {o['moved']:.0f} ({share:.1%}; floor {floor:.0f}){marks}")
+            print("| " + " | ".join([shape.name, f"zipf {zipf}, drift {int(drift * 100)}%",
+                                     f"{res[best_name]['bal']:.4f} ({best_name})", f"{base['moved']:.0f}"] + cells) + " |",
+                  flush=True)
+        for r in others + ours:
+            r.close()
 
 
 def python_heavy(seconds: float, planner: Planner | None = None, job=None) -> tuple[float, int]:
@@ -316,8 +395,12 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1000, help="passes per window (= step_interval)")
     ap.add_argument("--gil-seconds", type=float, default=6.0)
     ap.add_argument("--no-gil", action="store_true", help="skip the GIL table")
+    ap.add_argument("--tradeoff", default="", help="comma-separated min-move tolerances: print only the trade-off table")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    if args.tradeoff:
+        tradeoff_table([float(t) for t in args.tradeoff.split(",")], args.quick, args.window)
+        return
     met = quality_table(args.quick, 1 if args.quick else args.reps, args.window)
     if not args.no_gil:
         met &= gil_table(args.gil_seconds, args.window)

@@ -183,3 +183,24 @@ def test_dry_run_prints_moves_and_balance(tmp_path, capsys):
     assert dry_run.main([path, "--policy", "min-move", "--expert-bytes", "1e6"]) == 0
     out = capsys.readouterr().out
     assert "slots change" in out and "balancedness" in out and "GB" in out
+
+
+def test_policies_benchmark_tradeoff_table(capsys):
+    """benchmarks/policies.py --tradeoff: per shape and load, min-move at each tolerance. A wider
+    tolerance never balances better, and moves no more slots (within a slot's rounding of the mean)."""
+    import importlib.util
+    import pathlib
+    import re
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "policies.py"
+    spec = importlib.util.spec_from_file_location("policies_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    bench.tradeoff_table([0.01, 0.05], quick=True, window=1000)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| DeepSeek", "| Qwen3"))]
+    assert len(rows) == len(bench.SHAPES) * len(bench.ROWS), rows
+    for row in rows:
+        (b1, m1), (b2, m2) = [(float(b), int(m)) for b, m in re.findall(r"(\d\.\d{4}) / (\d+) \(", row)]
+        assert b2 <= b1 and m2 <= m1 + 1, row

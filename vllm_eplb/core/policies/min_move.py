@@ -17,7 +17,8 @@ starts from the placement in force and changes it only where that buys pass time
    ranks: the swap that brings both within the target with the fewest moved slots, else the one
    that cuts the most load above the target per moved slot. A slot moved already in this plan
    costs nothing more to move again, so swaps chain: a light rank passes on what it took, and
-   one light rank takes the excess of several heavy ranks for one more moved slot each. A swap
+   one light rank takes the excess of several heavy ranks for one more moved slot each (the
+   moved slots of every rank below the target are candidates, not only the lightest few). A swap
    must cut the load above the target by more than it costs (`CostModel.move_penalty` per moved
    slot: a moved slot's pass time over the passes the plan stays in force).
 3. A layer still far above the target (a few large replicas that swaps cannot sort out)
@@ -29,15 +30,19 @@ starts from the placement in force and changes it only where that buys pass time
 Costs are the cost model's seconds per pass (token work plus one weight read per activated
 replica) when the load's pass count is known, else tokens (a moved slot must then save
 DEFAULT_MOVE_SHARE of the layer's mean rank load). The costs are numpy over all layers; the walks
-over slots (which slots give way and where new replicas go, the shedding, the re-packing) are
+(`greedy`'s replica counts, which slots give way and where new replicas go, the shedding, the
+re-packing) are
 numba loops (min_move_jit.py): a DeepSeek-V3 plan (58 layers x 288 slots on 32 ranks) takes
-6.0-7.8 ms median in the planner process on this project's 2-core box, where vLLM's own policy
-takes 45-47 ms (docs/benchmarks.md section 4, 2026-12-06).
+6.4-9.0 ms median in the planner process on this project's 2-core box, where vLLM's own policy
+takes 46-60 ms in the same runs (docs/benchmarks.md section 4, 2026-12-06, fifth pass).
 Packs globally, as `greedy` does (DeepSeek's EPLB advises global balancing for decode at large
 expert parallelism); `deepseek` keeps expert groups within nodes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -108,10 +113,12 @@ def _fix_counts(load, current, num_ranks, need, cost):
     return _jit().place_replicas(current, freed, deficit, cost(load, counts), loads)
 
 
-def _replica_counts(load, num_physical, weigh):
+def _replica_counts(load, num_physical, weigh, model):
     """(counts, cap): the replica counts `greedy` gives (each redundant slot to the expert whose
     replicas cost most at that moment), and the largest per-replica cost under them. Only the
-    `redundant` most loaded experts can win a slot; each step re-weighs only the winners."""
+    `redundant` most loaded experts can win a slot; the steps are a numba loop
+    (min_move_jit.grow_counts) weighing as `weigh` does: `model` is (token_seconds,
+    read_seconds, per_pass) of the cost model, per_pass 0 for tokens."""
     layers, num_logical = load.shape
     extra = num_physical - num_logical
     counts = np.ones((layers, num_logical), dtype=np.int64)
@@ -123,13 +130,7 @@ def _replica_counts(load, num_physical, weigh):
     else:
         cand = np.tile(np.arange(num_logical), (layers, 1))
     cand_load = np.take_along_axis(load, cand, axis=1)
-    cand_counts = np.ones_like(cand)
-    value = weigh(cand_load, cand_counts)
-    for _ in range(extra):
-        j = value.argmax(axis=1)
-        cand_counts[rows, j] += 1
-        value[rows, j] = weigh(cand_load[rows, j], cand_counts[rows, j])
-    counts[rows[:, None], cand] = cand_counts
+    counts[rows[:, None], cand] = _jit().grow_counts(cand_load, extra, *model)
     cap = np.maximum(weigh(load, counts).max(axis=1), 0.0)
     return counts, cap
 
@@ -168,12 +169,24 @@ def _repack_large(placement, w, num_ranks, target, num_logical):
     return out
 
 
-def min_move_placement(
+@dataclass
+class Start:
+    """Where min-move's shedding starts: the replica counts fixed (step 1) and what it aims at."""
+
+    placement: np.ndarray  # (layers, slots) after the replica-count fix
+    w: np.ndarray  # (layers, slots) each slot's cost per pass (or tokens) at those counts
+    target: np.ndarray  # (layers,) the most a rank may cost
+    penalty: np.ndarray  # (layers,) what a moved slot must save
+    weigh: Callable  # (load, counts) -> per-replica cost
+    target_counts: np.ndarray  # (layers, logical) `greedy`'s replica counts
+
+
+def start(
     load: np.ndarray, current: np.ndarray, num_ranks: int, tolerance: float = 0.01, cost: CostModel | None = None,
     passes: float = 0.0,
-) -> np.ndarray:
-    """The placement (layers, slots) min-move plans from `current` for `load` (layers, logical)
-    summed over `passes` forward passes (0: unknown, plan in tokens)."""
+) -> Start:
+    """Step 1 and the target of `min_move_placement` (benchmarks/policies.py reads it for the
+    floor on slots moved)."""
     layers, slots = current.shape
     num_logical = load.shape[1]
     per_rank = slots // num_ranks
@@ -184,15 +197,17 @@ def min_move_placement(
         def weigh(x, c):
             return cost.replica_seconds(x * per_pass, c)
 
+        model = (cost.token_seconds, cost.read_seconds, per_pass)
         penalty = np.full(layers, cost.move_penalty())
         fixed = per_rank * cost.read_seconds  # a rank's weight reads: the tolerance is on token work
     else:
         def weigh(x, c):
             return x / c  # counts are >= 1 wherever weighed
 
+        model = (0.0, 0.0, 0.0)
         penalty = DEFAULT_MOVE_SHARE * load.sum(axis=1) / num_ranks
         fixed = 0.0
-    target_counts, cap = _replica_counts(load, slots, weigh)
+    target_counts, cap = _replica_counts(load, slots, weigh, model)
     # layers whose large replicas (at `greedy`'s counts) bound the slowest rank well above the
     # mean rank: experts whose replicas cost up to LARGE_CAP of a mean rank keep the replicas
     # they have (fewer, larger replicas, which pack with the small ones where greedy's do not)
@@ -207,6 +222,21 @@ def min_move_placement(
     mean = w.sum(axis=1) / num_ranks
     bound = pack_bound(w, num_ranks, per_rank)
     target = np.maximum(bound, mean) + tolerance * np.maximum(mean - fixed, 0.0)
+    return Start(out, w, target, penalty, weigh, target_counts)
+
+
+def min_move_placement(
+    load: np.ndarray, current: np.ndarray, num_ranks: int, tolerance: float = 0.01, cost: CostModel | None = None,
+    passes: float = 0.0,
+) -> np.ndarray:
+    """The placement (layers, slots) min-move plans from `current` for `load` (layers, logical)
+    summed over `passes` forward passes (0: unknown, plan in tokens)."""
+    layers, slots = current.shape
+    num_logical = load.shape[1]
+    per_rank = slots // num_ranks
+    load = np.asarray(load, dtype=np.float64)
+    st = start(load, current, num_ranks, tolerance, cost, passes)
+    out, w, target, penalty, weigh, target_counts = st.placement, st.w, st.target, st.penalty, st.weigh, st.target_counts
     out, w = _jit().shed(out, w, current, num_ranks, target, penalty)
 
     def peak_of(w_):

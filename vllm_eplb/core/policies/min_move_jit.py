@@ -2,16 +2,22 @@
 which slots give way, where the new replicas go), the shedding (step 2) and the re-packing of
 large replicas (step 3).
 
-Shedding: per layer, the heaviest ranks above `target` each swap one slot with one of the lightest
-ranks. Each round, each of up to HEAVY heavy ranks still above the target looks at its slots
-and those of its own LIGHT of the lightest ranks, and takes the swap that brings both ranks
-within the target with the fewest moved slots (then the smallest transfer: what the light ranks
-can still take is left to the others), else the one cutting the most load above the target per
-moved slot. Moved slots count against `current`: a slot moved once already moves no more when
-swapped again, so swaps chain (a light rank passes on what it took, and one light rank absorbs
-several heavy ranks' excess for one moved slot each). A swap must cut more than `penalty` per
-slot it moves. Slot costs `w` travel with their slots (counts stay). A layer whose slowest rank
-finds no swap is done: swaps elsewhere would not lower its slowest rank, only move slots.
+Shedding: per layer, the heaviest ranks above `target` each swap one slot with a lighter rank.
+Each round, each of up to HEAVY heavy ranks still above the target looks at its slots against
+those of its own LIGHT of the lightest ranks, and against the chain slots: slots moved already in
+this plan on any rank below the target (a new replica of step 1, or what a light rank took in an
+earlier swap), where a swap moves only the heavy rank's slot. It takes the swap that brings both
+ranks within the target with the fewest moved slots (then the smallest transfer: what the light
+ranks can still take is left to the others), else the one cutting the most load above the target
+per moved slot. Moved slots count against `current`: a slot moved once already moves no more
+when swapped again, so swaps chain: a light rank passes on what it took, and one light rank
+absorbs several heavy ranks' excess for one moved slot each. Without the chain slots a light
+rank that had taken a swap left the lightest few and its moved slot went unused (DeepSeek-V3:
+6-10% more slots moved, docs/benchmarks.md section 4, 2026-12-06 night). Swaps of one round are
+made heaviest rank first; one whose ranks an earlier swap of the round touched waits for the
+next round. A swap must cut more than `penalty` per slot it moves. Slot costs `w` travel with
+their slots (counts stay). A layer whose slowest rank finds no swap is done: swaps elsewhere
+would not lower its slowest rank, only move slots.
 
 Why compiled: the shedding search is a small loop per (heavy rank, light rank) pair that numpy
 could only vectorise by scoring every candidate of every pair at once (about 250 per pair) and
@@ -20,9 +26,8 @@ kilobytes (DeepSeek-V3: about 15 ms of numpy per plan, 2-3 ms here); the re-pack
 over a layer's large replicas, one numpy round per replica before; the replica-count fix walks
 a layer's slots in order and places replicas one at a time (numpy sorted and scattered whole
 arrays for it: about 2 ms more of a DeepSeek-V3 plan). numba is a dependency vLLM itself has.
-Candidates are scored in float32 in units of the layer's target, in the order and with the
-operations of the vectorised version this replaced, and sums are numpy's pairwise sums
-(`_pairwise_sum`), so plans are the same bits. The first call on a machine compiles (about 10
+Candidates are scored in float32 in units of the layer's target, and sums are numpy's pairwise
+sums (`_pairwise_sum`: the replica-count fix's loops keep the numpy version's bits). The first call on a machine compiles (about 10
 CPU-seconds; numba caches it on disk): the planner process does it in its warm-up (`warm_up`),
 before its time counts, and `python -m vllm_eplb.core.policies.min_move_jit` does it ahead
 (set-up, tests).
@@ -30,11 +35,13 @@ before its time counts, and `python -m vllm_eplb.core.policies.min_move_jit` doe
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
 HEAVY = 4  # heavy ranks per layer that swap in one round
-LIGHT = 3  # each with its own LIGHT of the lightest ranks
+LIGHT = 1  # each with its own LIGHT of the lightest ranks (3 before the chain slots: as few moves, slower)
 SHED_ITERS = 24  # rounds at most
 HUGE = 1e30  # a slot cost (in units of the target) that strikes a swap off: finite, so no NaN
 
@@ -69,6 +76,7 @@ def warm_up() -> None:
     need[0, 0], c0[0, 7] = 2, 2
     freed = freed_slots(p, c0, need, w, w.reshape(1, 4, 2).sum(axis=2))
     place_replicas(p, freed, need - 1, w, np.zeros((1, 4)))
+    grow_counts(w, 3, 1e-9, 1e-5, 1e-3)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -94,10 +102,17 @@ def _shed_layer(p, w, c, loads, t, pen, num_ranks, heavy_n, light_per, iters, nu
     pen32 = np.float32(pen * inv)
     pick_a = np.empty(heavy_n, dtype=np.int64)
     pick_b = np.empty(heavy_n, dtype=np.int64)
+    chain = np.empty(slots, dtype=np.int64)  # moved slots on ranks below the target
+    touched = np.zeros(num_ranks, dtype=np.uint8)
     for _ in range(iters):
         if not loads.max() > t:
             return
         order = np.argsort(-loads, kind="mergesort")  # heaviest first (stable)
+        n_chain = 0
+        for s in range(slots):
+            if moved[s] > np.float32(0.0) and loads[s // per_rank] < t:
+                chain[n_chain] = s
+                n_chain += 1
         for i in range(heavy_n):
             pick_a[i] = -1
             ra = order[i]
@@ -105,17 +120,25 @@ def _shed_layer(p, w, c, loads, t, pen, num_ranks, heavy_n, light_per, iters, nu
                 continue
             # its light ranks: the (i + j * heavy_n)-th lightest, ties to the higher rank first
             pick_a[i], pick_b[i] = _best_swap(p, wn, moved, holds, loads, t, inv, pen32, ra, order,
-                                              i, heavy_n, light_per, per_rank)
+                                              i, heavy_n, light_per, per_rank, chain, n_chain)
         if pick_a[0] < 0:
             return  # the slowest rank finds no swap
-        for i in range(heavy_n):  # disjoint ranks: in any order
+        touched[:] = 0
+        for i in range(heavy_n):  # heaviest first; a rank another swap of this round touched waits
             if pick_a[i] >= 0:
+                ra, rb = pick_a[i] // per_rank, pick_b[i] // per_rank
+                if touched[ra] or touched[rb]:
+                    continue
+                touched[ra], touched[rb] = 1, 1
                 _swap(p, w, wn, moved, c, loads, holds, pick_a[i], pick_b[i], per_rank)
 
 
 @numba.njit(cache=True, nogil=True)
-def _best_swap(p, wn, moved, holds, loads, t, inv, pen32, ra, order, i, heavy_n, light_per, per_rank):
-    """(slot a, slot b) of heavy rank ra's best swap, or (-1, -1)."""
+def _best_swap(p, wn, moved, holds, loads, t, inv, pen32, ra, order, i, heavy_n, light_per, per_rank, chain,
+               n_chain):
+    """(slot a, slot b) of heavy rank ra's best swap, or (-1, -1): with a slot of its light ranks,
+    or with one of the `chain` slots (moved already, on a rank below the target: the swap moves
+    only the heavy rank's slot, so a light rank passes on what it took)."""
     num_ranks = loads.shape[0]
     zero, one, two, ten = np.float32(0.0), np.float32(1.0), np.float32(2.0), np.float32(10.0)
     milli, huge = np.float32(1e-3), np.float32(HUGE)
@@ -154,6 +177,40 @@ def _best_swap(p, wn, moved, holds, loads, t, inv, pen32, ra, order, i, heavy_n,
                     score = gain * (np.float32(0.5) * (two if fa > zero else one) * (two if fb > zero else one))
                 if score > best:
                     best, best_a, best_b = score, sa, sb
+    if best >= ten - one - np.float32(0.5):
+        return best_a, best_b  # a full swap that moves one slot or none: a chain does no better
+    top = zero  # the heavy rank's costliest slot
+    for a in range(per_rank):
+        if wn[ra * per_rank + a] > top:
+            top = wn[ra * per_rank + a]
+    for k in range(n_chain):
+        sb = chain[k]
+        rb = sb // per_rank
+        wb = wn[sb]
+        if not wb < top or rb == ra or holds[ra, p[sb]]:
+            continue
+        y = np.float32((t - loads[rb]) * inv)
+        if best > np.float32(5.0) and y < x:
+            continue  # a full swap is in hand (score 8 to 10): only another full one can beat it
+        for a in range(per_rank):
+            sa = ra * per_rank + a
+            wa, fa = wn[sa], moved[sa]
+            if wb >= wa or holds[rb, p[sa]]:
+                continue
+            d = wa - wb
+            over = d - y
+            if not over >= zero:
+                over = zero
+            gain = (x if x <= d else d) - over
+            dm = one - fa
+            if not gain > dm * pen32:
+                continue
+            if d >= x and over <= zero:
+                score = (ten - dm) - d * milli
+            else:
+                score = gain * (two if fa > zero else one)
+            if score > best:
+                best, best_a, best_b = score, sa, sb
     return best_a, best_b
 
 
@@ -222,6 +279,41 @@ def _repack_layers(placement, w, nbig, loads, room, order, target, num_logical, 
             room[layer, r] -= 1
             holds[r, e] = 1
             dest[layer, k] = r
+
+
+def grow_counts(cand_load, extra, token_seconds, read_seconds, per_pass):
+    """(layers, candidates) replica counts: per layer, each of `extra` redundant slots to the
+    candidate whose replicas cost most at that moment (the first on ties, as numpy's argmax).
+    Costs as core/cost_model.py's `replica_seconds` (per_pass > 0) or tokens per replica."""
+    out = np.ones(cand_load.shape, dtype=np.int64)
+    _grow_layers(np.ascontiguousarray(cand_load, dtype=np.float64), int(extra), float(token_seconds),
+                 float(read_seconds), float(per_pass), out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _replica_cost(x, c, token_seconds, read_seconds, per_pass):
+    if per_pass == 0.0:
+        return x / c
+    t = x * per_pass / c  # CostModel.replica_seconds, one expert at a time
+    return token_seconds * t - read_seconds * math.expm1(-t)
+
+
+@numba.njit(cache=True, nogil=True)
+def _grow_layers(cand_load, extra, token_seconds, read_seconds, per_pass, out):
+    layers, n = cand_load.shape
+    value = np.empty(n, dtype=np.float64)
+    for layer in range(layers):
+        for j in range(n):
+            value[j] = _replica_cost(cand_load[layer, j], 1.0, token_seconds, read_seconds, per_pass)
+        for _ in range(extra):
+            best = 0
+            for j in range(1, n):
+                if value[j] > value[best]:
+                    best = j
+            out[layer, best] += 1
+            value[best] = _replica_cost(cand_load[layer, best], float(out[layer, best]), token_seconds,
+                                        read_seconds, per_pass)
 
 
 def freed_slots(current, c0, need, w0, loads):
