@@ -321,11 +321,12 @@ def tradeoff_table(tolerances: list[float], quick: bool, window: int) -> None:
                 share = o["moved"] / base["moved"] if base["moved"] else 0.0
                 floor = statistics.mean(moved_floor(load, prev, shape, r.policy.tolerance, r.cost, window)
                                         for load, prev in zip(loads[1:], o["placements"]))
-                marks = ("" if o["bal"] >= line else " (balance under)") + ("" if share <= MOVED_SHARE else " (moves over)")
+                marks = ("" if o["bal"] >= line else " (balance under)")
+                marks += "" if share <= MOVED_SHARE else " (moves over)"
                 cells.append(f"{o['bal']:.4f} / {o['moved']:.0f} ({share:.1%}; floor {floor:.0f}){marks}")
-            print("| " + " | ".join([shape.name, f"zipf {zipf}, drift {int(drift * 100)}%",
-                                     f"{res[best_name]['bal']:.4f} ({best_name})", f"{base['moved']:.0f}"] + cells) + " |",
-                  flush=True)
+            head = [shape.name, f"zipf {zipf}, drift {int(drift * 100)}%",
+                    f"{res[best_name]['bal']:.4f} ({best_name})", f"{base['moved']:.0f}"]
+            print("| " + " | ".join(head + cells) + " |", flush=True)
         for r in others + ours:
             r.close()
 
@@ -395,7 +396,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1000, help="passes per window (= step_interval)")
     ap.add_argument("--gil-seconds", type=float, default=6.0)
     ap.add_argument("--no-gil", action="store_true", help="skip the GIL table")
-    ap.add_argument("--tradeoff", default="", help="comma-separated min-move tolerances: print only the trade-off table")
+    ap.add_argument("--tradeoff", default="",
+                    help="comma-separated min-move tolerances: print only the trade-off table")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
     if args.tradeoff:

@@ -231,12 +231,11 @@ def min_move_placement(
 ) -> np.ndarray:
     """The placement (layers, slots) min-move plans from `current` for `load` (layers, logical)
     summed over `passes` forward passes (0: unknown, plan in tokens)."""
-    layers, slots = current.shape
     num_logical = load.shape[1]
-    per_rank = slots // num_ranks
+    per_rank = current.shape[1] // num_ranks
     load = np.asarray(load, dtype=np.float64)
     st = start(load, current, num_ranks, tolerance, cost, passes)
-    out, w, target, penalty, weigh, target_counts = st.placement, st.w, st.target, st.penalty, st.weigh, st.target_counts
+    out, w, target, penalty, weigh = st.placement, st.w, st.target, st.penalty, st.weigh
     out, w = _jit().shed(out, w, current, num_ranks, target, penalty)
 
     def peak_of(w_):
@@ -260,7 +259,7 @@ def min_move_placement(
     # cost x count), aligned with the slots in force
     fresh = np.nonzero(peak_of(w) > target * FRESH)[0]
     if len(fresh):
-        counts = target_counts[fresh]
+        counts = st.target_counts[fresh]
         packed = pack(weigh(load[fresh], counts) * counts, counts, num_ranks, per_rank)
         try_instead(fresh, keep_in_place(packed, current[fresh], per_rank))
     return out

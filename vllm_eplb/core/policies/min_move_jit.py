@@ -12,8 +12,8 @@ ranks can still take is left to the others), else the one cutting the most load 
 per moved slot. Moved slots count against `current`: a slot moved once already moves no more
 when swapped again, so swaps chain: a light rank passes on what it took, and one light rank
 absorbs several heavy ranks' excess for one moved slot each. Without the chain slots a light
-rank that had taken a swap left the lightest few and its moved slot went unused (DeepSeek-V3:
-6-10% more slots moved, docs/benchmarks.md section 4, 2026-12-06 night). Swaps of one round are
+rank that had taken a swap left the lightest few and its moved slot went unused (with them
+DeepSeek-V3 moves 6-11% fewer slots: docs/benchmarks.md section 4, 2026-12-06, fifth pass). Swaps of one round are
 made heaviest rank first; one whose ranks an earlier swap of the round touched waits for the
 next round. A swap must cut more than `penalty` per slot it moves. Slot costs `w` travel with
 their slots (counts stay). A layer whose slowest rank finds no swap is done: swaps elsewhere
@@ -27,10 +27,10 @@ over a layer's large replicas, one numpy round per replica before; the replica-c
 a layer's slots in order and places replicas one at a time (numpy sorted and scattered whole
 arrays for it: about 2 ms more of a DeepSeek-V3 plan). numba is a dependency vLLM itself has.
 Candidates are scored in float32 in units of the layer's target, and sums are numpy's pairwise
-sums (`_pairwise_sum`: the replica-count fix's loops keep the numpy version's bits). The first call on a machine compiles (about 10
-CPU-seconds; numba caches it on disk): the planner process does it in its warm-up (`warm_up`),
-before its time counts, and `python -m vllm_eplb.core.policies.min_move_jit` does it ahead
-(set-up, tests).
+sums (`_pairwise_sum`: the replica-count fix's loops keep the numpy version's bits). The first
+call on a machine compiles (about 10 CPU-seconds; numba caches it on disk): the planner process
+does it in its warm-up (`warm_up`), before its time counts, and `python -m
+vllm_eplb.core.policies.min_move_jit` does it ahead (set-up, tests).
 """
 
 from __future__ import annotations
