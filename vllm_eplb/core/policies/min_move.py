@@ -33,8 +33,8 @@ DEFAULT_MOVE_SHARE of the layer's mean rank load). The costs are numpy over all 
 (`greedy`'s replica counts, which slots give way and where new replicas go, the shedding, the
 re-packing) are
 numba loops (min_move_jit.py): a DeepSeek-V3 plan (58 layers x 288 slots on 32 ranks) takes
-6.4-9.4 ms median in the planner process on this project's 2-core box, where vLLM's own policy
-takes 46-78 ms in the same runs (docs/benchmarks.md section 4, 2026-12-06, fifth pass).
+6.4-9.0 ms median in the planner process on this project's 2-core box, where vLLM's own policy
+takes 46-60 ms in the same runs (docs/benchmarks.md section 4, 2026-12-06, fifth pass).
 Packs globally, as `greedy` does (DeepSeek's EPLB advises global balancing for decode at large
 expert parallelism); `deepseek` keeps expert groups within nodes.
 """

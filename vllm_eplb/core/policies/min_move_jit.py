@@ -7,10 +7,10 @@ Each round, each of up to HEAVY heavy ranks still above the target looks at its 
 those of its own LIGHT of the lightest ranks, and against the chain slots: slots moved already in
 this plan on any rank below the target (a new replica of step 1, or what a light rank took in an
 earlier swap), where a swap moves only the heavy rank's slot. It takes the swap that brings both
-ranks within the target with the fewest moved slots (then the tightest fit, the least room left
-on the light rank: roomier ranks stay for larger excess, best-fit packing), else the one cutting
-the most load above the target per moved slot. Moved slots count against `current`: a slot moved
-once already moves no more when swapped again, so swaps chain: a light rank passes on what it took, and one light rank
+ranks within the target with the fewest moved slots (then the smallest transfer: what the light
+ranks can still take is left to the others), else the one cutting the most load above the target
+per moved slot. Moved slots count against `current`: a slot moved once already moves no more
+when swapped again, so swaps chain: a light rank passes on what it took, and one light rank
 absorbs several heavy ranks' excess for one moved slot each. Without the chain slots a light
 rank that had taken a swap left the lightest few and its moved slot went unused (with them
 DeepSeek-V3 moves 6-11% fewer slots: docs/benchmarks.md section 4, 2026-12-06, fifth pass). Swaps of one round are
@@ -169,10 +169,10 @@ def _best_swap(p, wn, moved, holds, loads, t, inv, pen32, ra, order, i, heavy_n,
                 dm = (two - fa) - fb  # slots moved beyond those moved already
                 if not gain > dm * pen32:
                     continue  # cuts no more than the moves cost
-                # full swaps: fewest moved slots, then the tightest fit on rb (about 8 to 10);
+                # full swaps: fewest moved slots, then the smallest transfer (about 8 to 10);
                 # others: gain per moved slot (1 / max(dm, 0.5))
                 if full:
-                    score = (ten - dm) - (y - d) * milli
+                    score = (ten - dm) - d * milli
                 else:
                     score = gain * (np.float32(0.5) * (two if fa > zero else one) * (two if fb > zero else one))
                 if score > best:
@@ -206,7 +206,7 @@ def _best_swap(p, wn, moved, holds, loads, t, inv, pen32, ra, order, i, heavy_n,
             if not gain > dm * pen32:
                 continue
             if d >= x and over <= zero:
-                score = (ten - dm) - (y - d) * milli
+                score = (ten - dm) - d * milli
             else:
                 score = gain * (two if fa > zero else one)
             if score > best:
