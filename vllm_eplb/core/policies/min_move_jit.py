@@ -140,8 +140,7 @@ def _best_swap(p, wn, moved, holds, loads, t, inv, pen32, ra, order, i, heavy_n,
     or with one of the `chain` slots (moved already, on a rank below the target: the swap moves
     only the heavy rank's slot, so a light rank passes on what it took)."""
     num_ranks = loads.shape[0]
-    zero, one, two, ten = np.float32(0.0), np.float32(1.0), np.float32(2.0), np.float32(10.0)
-    milli, huge = np.float32(1e-3), np.float32(HUGE)
+    zero, full_one_move = np.float32(0.0), np.float32(8.5)  # _swap_score: a full swap moving <= 1 slot
     x = np.float32((loads[ra] - t) * inv)  # excess of the heavy rank (> 0)
     best, best_a, best_b = zero, -1, -1
     for a in range(per_rank):
@@ -159,25 +158,10 @@ def _best_swap(p, wn, moved, holds, loads, t, inv, pen32, ra, order, i, heavy_n,
                 wb = wn[sb]
                 if wb >= wa or holds[ra, p[sb]]:
                     continue  # moves no load off the heavy rank (or, held there: adds load)
-                fb = moved[sb]
-                d = wa - wb  # load the swap moves from the heavy rank to the light one
-                over = d - y
-                if not over >= zero:
-                    over = zero  # what it puts on the light rank above the target
-                gain = (x if x <= d else d) - over  # the load above the target the swap removes
-                full = d >= x and over <= zero  # both ranks end within the target
-                dm = (two - fa) - fb  # slots moved beyond those moved already
-                if not gain > dm * pen32:
-                    continue  # cuts no more than the moves cost
-                # full swaps: fewest moved slots, then the smallest transfer (about 8 to 10);
-                # others: gain per moved slot (1 / max(dm, 0.5))
-                if full:
-                    score = (ten - dm) - d * milli
-                else:
-                    score = gain * (np.float32(0.5) * (two if fa > zero else one) * (two if fb > zero else one))
+                score = _swap_score(wa, fa, wb, moved[sb], x, y, pen32)
                 if score > best:
                     best, best_a, best_b = score, sa, sb
-    if best >= ten - one - np.float32(0.5):
+    if best >= full_one_move:
         return best_a, best_b  # a full swap that moves one slot or none: a chain does no better
     top = zero  # the heavy rank's costliest slot
     for a in range(per_rank):
@@ -194,24 +178,33 @@ def _best_swap(p, wn, moved, holds, loads, t, inv, pen32, ra, order, i, heavy_n,
             continue  # a full swap is in hand (score 8 to 10): only another full one can beat it
         for a in range(per_rank):
             sa = ra * per_rank + a
-            wa, fa = wn[sa], moved[sa]
-            if wb >= wa or holds[rb, p[sa]]:
+            if wb >= wn[sa] or holds[rb, p[sa]]:
                 continue
-            d = wa - wb
-            over = d - y
-            if not over >= zero:
-                over = zero
-            gain = (x if x <= d else d) - over
-            dm = one - fa
-            if not gain > dm * pen32:
-                continue
-            if d >= x and over <= zero:
-                score = (ten - dm) - d * milli
-            else:
-                score = gain * (two if fa > zero else one)
+            score = _swap_score(wn[sa], moved[sa], wb, moved[sb], x, y, pen32)
             if score > best:
                 best, best_a, best_b = score, sa, sb
     return best_a, best_b
+
+
+@numba.njit(cache=True, nogil=True)
+def _swap_score(wa, fa, wb, fb, x, y, pen32):
+    """How good a swap is (0: not worth its moves): slot costs wa on the heavy rank, wb < wa on
+    the lighter one, fa/fb 1 where the slot moved already in this plan, x the heavy rank's excess
+    and y the lighter rank's room, all in units of the target (float32). Full swaps (both ranks end
+    within the target): fewest moved slots, then the smallest transfer (about 8 to 10); others: the
+    load above the target removed per moved slot (1 / max(moved, 0.5))."""
+    zero, one, two, ten = np.float32(0.0), np.float32(1.0), np.float32(2.0), np.float32(10.0)
+    d = wa - wb  # load the swap moves from the heavy rank to the light one
+    over = d - y
+    if not over >= zero:
+        over = zero  # what it puts on the light rank above the target
+    gain = (x if x <= d else d) - over  # the load above the target the swap removes
+    dm = (two - fa) - fb  # slots moved beyond those moved already
+    if not gain > dm * pen32:
+        return zero  # cuts no more than the moves cost
+    if d >= x and over <= zero:
+        return (ten - dm) - d * np.float32(1e-3)
+    return gain * (np.float32(0.5) * (two if fa > zero else one) * (two if fb > zero else one))
 
 
 @numba.njit(cache=True, nogil=True)
