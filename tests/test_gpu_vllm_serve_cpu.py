@@ -72,3 +72,25 @@ def test_the_comparison_runs_on_cpu(tmp_path):
     assert check["outputs_identical"].split("/")[0] == check["outputs_identical"].split("/")[1], check
     assert check["cycles"] >= 1 and check["slot_checks_ok"] > 0 and check["slot_checks_mismatch"] == 0, check
     assert "| vllm-eplb |" in r.stdout and "correctness" in r.stdout
+
+
+def test_gpu_servers_capture_graphs_only_up_to_the_runs_clients():
+    """On GPU every engine is capped at the run's clients (vLLM captures CUDA graphs up to twice
+    max_num_seqs), and engines sharing a GPU size their KV cache in bytes; CPU gets neither."""
+    import argparse
+
+    sys.path.insert(0, ROOT)
+    from benchmarks.serving.deploy import server_argv
+
+    def argv(device, ranks, gpus):
+        a = argparse.Namespace(ranks=ranks, gpus=gpus, device=device, clients=16, max_model_len=512,
+                               kv_cache_gib=4.0, gpu_memory_utilization=0.8, window=64, interval=128, redundant=2)
+        return server_argv(a, "/m", "hosts", "vllm-eplb", "/e.json", "bfloat16", None)
+
+    shared = argv("cuda", 2, 1)
+    assert shared[shared.index("--max-num-seqs") + 1] == "16"
+    assert shared[shared.index("--kv-cache-memory-bytes") + 1] == str(4 * 2**30)
+    own = argv("cuda", 2, 2)
+    assert "--kv-cache-memory-bytes" not in own and own[own.index("--gpu-memory-utilization") + 1] == "0.8"
+    cpu = argv("cpu", 2, 0)
+    assert "--max-num-seqs" not in cpu and "--enforce-eager" in cpu and cpu[-2:] == ["--eplb-config", "/e.json"]
