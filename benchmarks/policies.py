@@ -85,6 +85,7 @@ class Shape:
     groups: int
     expert_bytes: int
     expert_params: int
+    top_k: int = TOP_K
 
     @property
     def topo(self) -> Topology:
@@ -94,6 +95,14 @@ class Shape:
 SHAPES = [
     Shape("DeepSeek-V3", 58, 256, 32, 32, 4, 8, 44_040_192, 44_040_192),  # 3 x 7168 x 2048 fp8
     Shape("Qwen3-30B-A3B", 48, 128, 16, 8, 1, 1, 9_437_184, 4_718_592),  # 3 x 2048 x 768 bf16
+]
+# small plans (a few ranks of few slots: min-move's step 4 tries fresh packs on every layer above
+# its target there); bf16 experts
+SMALL_SHAPES = [
+    Shape("Mixtral-8x7B EP=4", 32, 8, 4, 4, 1, 1, 352_321_536, 176_160_768, 2),  # 3 x 4096 x 14336
+    Shape("Mixtral-8x7B EP=8", 32, 8, 8, 8, 1, 1, 352_321_536, 176_160_768, 2),
+    Shape("OLMoE-1B-7B EP=4", 16, 64, 4, 4, 1, 1, 12_582_912, 6_291_456, 8),  # 3 x 2048 x 1024
+    Shape("DeepSeek-V2-Lite EP=8", 26, 64, 8, 8, 1, 1, 17_301_504, 8_650_752, 6),  # 3 x 2048 x 1408
 ]
 GROUPED = ("vllm-default", "deepseek")  # keep expert groups within nodes where the shape has them
 
@@ -142,7 +151,7 @@ def windows(shape: Shape, zipf: float, drift: float, count: int, seed: int, pass
     rng = np.random.default_rng(seed)
     pop = 1.0 / np.arange(1, shape.experts + 1) ** zipf
     perms = [rng.permutation(shape.experts) for _ in range(shape.layers)]
-    total = passes * TOKENS_PER_RANK * shape.ranks * TOP_K
+    total = passes * TOKENS_PER_RANK * shape.ranks * shape.top_k
     out = []
     for _ in range(count):
         load = np.stack([pop[p] for p in perms]) * rng.lognormal(0.0, 0.1, size=(shape.layers, shape.experts))
@@ -257,6 +266,39 @@ def quality_table(quick: bool, reps: int, window: int) -> bool:
                     f"{r['gb']:.2f}", f"{fewer:+.0%}", f"{r['ms']:.2f} / {r['ms_next']:.2f}", f"{med:.1f}", f"{top:.1f}",
                     f"{cpu:.1f}", verdict,
                 ]) + " |", flush=True)
+        for r in runners:
+            r.close()
+    return ok
+
+
+def small_table(quick: bool, window: int) -> bool:
+    """min-move against the other policies on small plans (SMALL_SHAPES), every window planned
+    from the previous plan: the balance line of the quality table, and slots moved."""
+    n = 4 if quick else 8
+    ok = True
+    print(f"\nsmall plans (a few ranks of few slots), {n} windows a row; target for min-move: balance >= best - "
+          f"{BALANCE_GAP}")
+    hdr = ("shape", "slots per rank", "load", "best other (policy)", "min-move balance", "slots moved (vs vllm-default)",
+           "min-move plan ms median", "target")
+    print("\n| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for shape in SMALL_SHAPES:
+        runners = [Runner(p, shape, window) for p in policies(shape, window)]
+        for zipf, drift in ROWS:
+            loads = windows(shape, zipf, drift, n, seed=int(zipf * 10 + drift * 100), passes=window)
+            res = {r.policy.name: r.run(loads) for r in runners}
+            ours = res.pop("min-move")
+            base = res.get("vllm-default") or res["deepseek"]
+            best_name = max(res, key=lambda k: res[k]["bal"])
+            met = ours["bal"] >= res[best_name]["bal"] - BALANCE_GAP
+            ok &= met
+            share = ours["moved"] / base["moved"] if base["moved"] else 0.0
+            print("| " + " | ".join([
+                shape.name, str((shape.experts + shape.redundant) // shape.ranks), f"zipf {zipf}, drift {int(drift * 100)}%",
+                f"{res[best_name]['bal']:.4f} ({best_name})", f"{ours['bal']:.4f}", f"{ours['moved']:.1f} ({share:.0%})",
+                f"{statistics.median(ours['times']) * 1e3:.1f}",
+                f"balance >= {best_name} - {BALANCE_GAP}: {'met' if met else 'MISSED'}",
+            ]) + " |", flush=True)
         for r in runners:
             r.close()
     return ok
@@ -396,14 +438,19 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1000, help="passes per window (= step_interval)")
     ap.add_argument("--gil-seconds", type=float, default=6.0)
     ap.add_argument("--no-gil", action="store_true", help="skip the GIL table")
+    ap.add_argument("--small", action="store_true", help="print only the small-plans table")
     ap.add_argument("--tradeoff", default="",
                     help="comma-separated min-move tolerances: print only the trade-off table")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    if args.small:
+        print(f"targets {'met' if small_table(args.quick, args.window) else 'NOT all met'}")
+        return
     if args.tradeoff:
         tradeoff_table([float(t) for t in args.tradeoff.split(",")], args.quick, args.window)
         return
     met = quality_table(args.quick, 1 if args.quick else args.reps, args.window)
+    met &= small_table(args.quick, args.window)
     if not args.no_gil:
         met &= gil_table(args.gil_seconds, args.window)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")

@@ -25,7 +25,14 @@ starts from the placement in force and changes it only where that buys pass time
    re-packs its large replicas heaviest first, each staying on its rank while the rank stays
    within the target, then sheds again; kept only where that pays for its moves.
 4. A layer further still (the first plan after start-up, a large shift) is packed afresh as
-   `greedy` packs, aligned with the slots in force, then shed; kept where it pays.
+   `greedy` packs and as `deepseek` packs, each with its ranks renumbered to keep what the
+   ranks hold and its slots aligned with those in force, then shed; kept where it pays. In a
+   small plan (SMALL_PLAN slots over all layers: a few ranks of few slots, Mixtral's 8 experts
+   on 4-8 ranks) swaps move a large share of a rank and stop short, so every layer whose slowest
+   rank is above the mean by more than the tolerance tries the packs, kept where they lower the
+   slowest rank by more than the tolerance (Mixtral-8x7B at EP=8: 0.90-0.94 balance where the
+   shedding alone gave 0.87-0.93 and vLLM's policy 0.89-0.95; docs/benchmarks.md section 4,
+   2026-12-07).
 
 Costs are the cost model's seconds per pass (token work plus one weight read per activated
 replica) when the load's pass count is known, else tokens (a moved slot must then save
@@ -48,6 +55,7 @@ import numpy as np
 
 from ..cost_model import CostModel
 from .base import PlanInput, Policy, keep_in_place, register_policy
+from .deepseek import deepseek_placement
 from .greedy import pack
 
 DEFAULT_MOVE_SHARE = 5e-4  # token model: a moved slot must save this share of the mean rank load
@@ -56,6 +64,7 @@ FAR = 0.05  # step 3 runs on layers whose slowest rank is this far above the tar
 FRESH = 1.3  # step 4: layers whose slowest rank is this far above the target
 LARGE_CAP = 0.85  # step 1, layers bound by large replicas: replicas up to this share of a mean rank may stay
 BOUND_GAP = 0.02  # step 1: layers whose packing bound is this far above the mean rank
+SMALL_PLAN = 4096  # step 4: plans of at most this many slots (all layers) try fresh packs on every uneven layer
 
 
 def _jit():
@@ -176,6 +185,7 @@ class Start:
     placement: np.ndarray  # (layers, slots) after the replica-count fix
     w: np.ndarray  # (layers, slots) each slot's cost per pass (or tokens) at those counts
     target: np.ndarray  # (layers,) the most a rank may cost
+    slack: np.ndarray  # (layers,) what the tolerance adds to the lower bound in the target
     penalty: np.ndarray  # (layers,) what a moved slot must save
     weigh: Callable  # (load, counts) -> per-replica cost
     target_counts: np.ndarray  # (layers, logical) `greedy`'s replica counts
@@ -221,8 +231,8 @@ def start(
     w = np.take_along_axis(weigh(load, _counts(out, num_logical)), out, axis=1)
     mean = w.sum(axis=1) / num_ranks
     bound = pack_bound(w, num_ranks, per_rank)
-    target = np.maximum(bound, mean) + tolerance * np.maximum(mean - fixed, 0.0)
-    return Start(out, w, target, penalty, weigh, target_counts)
+    slack = tolerance * np.maximum(mean - fixed, 0.0)
+    return Start(out, w, np.maximum(bound, mean) + slack, slack, penalty, weigh, target_counts)
 
 
 def min_move_placement(
@@ -241,27 +251,46 @@ def min_move_placement(
     def peak_of(w_):
         return w_.reshape(len(w_), num_ranks, per_rank).sum(axis=2).max(axis=1)
 
-    def try_instead(rows, candidate):
+    def try_instead(rows, candidate, need):
         """Swap `candidate` (for layers `rows`) down too; keep it where its slowest rank's drop
-        pays for the slots it moves beyond the plan's."""
+        exceeds `need` and pays for the slots it moves beyond the plan's."""
         cw = np.take_along_axis(weigh(load[rows], _counts(candidate, num_logical)), candidate, axis=1)
         candidate, cw = _jit().shed(candidate, cw, current[rows], num_ranks, target[rows], penalty[rows])
         extra = (candidate != current[rows]).sum(axis=1) - (out[rows] != current[rows]).sum(axis=1)
-        better = peak_of(w[rows]) - peak_of(cw) > penalty[rows] * extra
+        drop = peak_of(w[rows]) - peak_of(cw)
+        better = (drop > penalty[rows] * extra) & (drop > need)
         out[rows[better]], w[rows[better]] = candidate[better], cw[better]
 
     # 3. layers far above the target: re-pack their large replicas
     far = np.nonzero(peak_of(w) > target * (1 + FAR))[0]
     if len(far):
-        try_instead(far, _repack_large(out[far], w[far], num_ranks, target[far], num_logical))
-    # 4. still much further (the first plan after start-up, a large shift): pack afresh, largest
-    # replica first onto the least loaded rank (pack() weighs a replica as load / count: hand it
-    # cost x count), aligned with the slots in force
-    fresh = np.nonzero(peak_of(w) > target * FRESH)[0]
+        try_instead(far, _repack_large(out[far], w[far], num_ranks, target[far], num_logical), 0.0)
+    # 4. still much further (the first plan after start-up, a large shift): pack afresh, as
+    # `greedy` packs (largest replica first onto the least loaded rank; pack() weighs a replica
+    # as load / count: hand it cost x count) and as `deepseek` packs (its own replica counts, an
+    # equal number of replicas per rank), each with its ranks renumbered to keep what the ranks
+    # hold (align_ranks) and its slots aligned with those in force. A small plan (SMALL_PLAN: a
+    # few ranks of few slots, where a swap moves a large share of a rank and the shedding stops
+    # short; the packs cost little there) tries them on every layer whose slowest rank is above
+    # the mean rank by more than the tolerance (not only above the target: with few slots, other
+    # replica counts than step 1's can lower the bound the target rests on), kept where the
+    # slowest rank drops by more than the tolerance's slack
+    peak = peak_of(w)
+    far_out = peak > target * FRESH
+    if out.size <= SMALL_PLAN:
+        near = (peak > w.sum(axis=1) / num_ranks + st.slack) & ~far_out
+    else:
+        near = np.zeros_like(far_out)
+    fresh = np.nonzero(far_out | near)[0]
     if len(fresh):
+        need = np.where(near[fresh], st.slack[fresh], 0.0)
         counts = st.target_counts[fresh]
-        packed = pack(weigh(load[fresh], counts) * counts, counts, num_ranks, per_rank)
-        try_instead(fresh, keep_in_place(packed, current[fresh], per_rank))
+        for packed in (
+            pack(weigh(load[fresh], counts) * counts, counts, num_ranks, per_rank),
+            deepseek_placement(load[fresh], current.shape[1], 1, 1, num_ranks),
+        ):
+            aligned = _jit().align_ranks(packed, current[fresh], num_ranks)
+            try_instead(fresh, keep_in_place(aligned, current[fresh], per_rank), need)
     return out
 
 

@@ -77,6 +77,7 @@ def warm_up() -> None:
     freed = freed_slots(p, c0, need, w, w.reshape(1, 4, 2).sum(axis=2))
     place_replicas(p, freed, need - 1, w, np.zeros((1, 4)))
     grow_counts(w, 3, 1e-9, 1e-5, 1e-3)
+    align_ranks(p[:, ::-1], p, 4)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -520,6 +521,61 @@ def _one_at_a_time(out, freed, loads, todo, w_add, wanted, num_ranks, num_logica
         open_load[best] = loads[best] if left[best] > 0 else np.inf
         holds[best, e] = 1
 
+
+
+def align_ranks(new, current, num_ranks):
+    """`new` (layers, slots) with each layer's ranks renumbered to keep most of what the ranks of
+    `current` hold: a packing from scratch numbers its ranks arbitrarily, and every rank is the
+    same to it, so rank i's contents go to the rank of `current` sharing the most replicas with
+    them (pairs matched largest overlap first, ties to the lower ranks). `keep_in_place` then
+    chooses the slots within each rank."""
+    new = np.ascontiguousarray(new, dtype=np.int64)
+    current = np.ascontiguousarray(current, dtype=np.int64)
+    num_logical = int(max(new.max(initial=0), current.max(initial=0))) + 1
+    out = np.empty_like(new)
+    _align_layers(new, current, num_ranks, num_logical, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _align_layers(new, current, num_ranks, num_logical, out):
+    layers, slots = new.shape
+    per_rank = slots // num_ranks
+    held = np.zeros((num_ranks, num_logical), dtype=np.int64)  # replicas each rank of current holds
+    overlap = np.empty(num_ranks * num_ranks, dtype=np.int64)
+    taken = np.empty(num_ranks, dtype=np.int64)  # the rank of current new rank i goes to
+    used = np.empty(num_ranks, dtype=np.uint8)
+    for layer in range(layers):
+        held[:, :] = 0
+        for s in range(slots):
+            held[s // per_rank, current[layer, s]] += 1
+        for i in range(num_ranks):
+            for j in range(num_ranks):
+                n = 0
+                for a in range(i * per_rank, (i + 1) * per_rank):  # rank i's replicas of each expert once
+                    e = new[layer, a]
+                    first = True
+                    for b in range(i * per_rank, a):
+                        if new[layer, b] == e:
+                            first = False
+                            break
+                    if first:
+                        mine = 0
+                        for b in range(i * per_rank, (i + 1) * per_rank):
+                            if new[layer, b] == e:
+                                mine += 1
+                        n += min(mine, held[j, e])
+                overlap[i * num_ranks + j] = n
+        taken[:] = -1
+        used[:] = 0
+        for k in np.argsort(-overlap, kind="mergesort"):  # largest overlap first, stable
+            i, j = k // num_ranks, k % num_ranks
+            if taken[i] < 0 and not used[j]:
+                taken[i] = j
+                used[j] = 1
+        for i in range(num_ranks):
+            for a in range(per_rank):
+                out[layer, taken[i] * per_rank + a] = new[layer, i * per_rank + a]
 
 if __name__ == "__main__":
     # through the package's module, not this __main__ copy of it: numba caches per module
