@@ -257,3 +257,20 @@ def test_min_move_balances_small_plans_like_the_packs_from_scratch():
             got = predicted_balancedness(plan, load, topo)
             assert got >= best - 0.01, (ranks, experts, redundant, got, best)
             current = plan
+
+
+def test_policies_benchmark_small_plans_table(capsys):
+    """benchmarks/policies.py --small: min-move within 0.01 of the best other policy's balance on
+    every row of the small shapes (Mixtral-8x7B at EP=4 and 8, OLMoE, DeepSeek-V2-Lite)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "policies.py"
+    spec = importlib.util.spec_from_file_location("policies_benchmark_small", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    assert bench.small_table(quick=True, window=1000)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "zipf" in line]
+    assert len(rows) == len(bench.SMALL_SHAPES) * len(bench.ROWS) and all(row.endswith(": met |") for row in rows), rows
