@@ -1,6 +1,6 @@
 """min-move's per-layer loops, compiled with numba: the replica-count fix (step 1 of `min_move`:
-which slots give way, where the new replicas go), the shedding (step 2) and the re-packing of
-large replicas (step 3).
+which slots give way, where the new replicas go), the shedding (step 2), the re-packing of
+large replicas (step 3) and the renumbering of a fresh pack's ranks (step 4, `align_ranks`).
 
 Shedding: per layer, the heaviest ranks above `target` each swap one slot with a lighter rank.
 Each round, each of up to HEAVY heavy ranks still above the target looks at its slots against
@@ -522,7 +522,6 @@ def _one_at_a_time(out, freed, loads, todo, w_add, wanted, num_ranks, num_logica
         holds[best, e] = 1
 
 
-
 def align_ranks(new, current, num_ranks):
     """`new` (layers, slots) with each layer's ranks renumbered to keep most of what the ranks of
     `current` hold: a packing from scratch numbers its ranks arbitrarily, and every rank is the
@@ -542,30 +541,30 @@ def _align_layers(new, current, num_ranks, num_logical, out):
     layers, slots = new.shape
     per_rank = slots // num_ranks
     held = np.zeros((num_ranks, num_logical), dtype=np.int64)  # replicas each rank of current holds
+    mine = np.zeros(num_logical, dtype=np.int64)  # replicas new rank i holds
+    distinct = np.empty(per_rank, dtype=np.int64)  # the experts new rank i holds
     overlap = np.empty(num_ranks * num_ranks, dtype=np.int64)
-    taken = np.empty(num_ranks, dtype=np.int64)  # the rank of current new rank i goes to
+    taken = np.empty(num_ranks, dtype=np.int64)  # the rank of current that new rank i becomes
     used = np.empty(num_ranks, dtype=np.uint8)
     for layer in range(layers):
         held[:, :] = 0
         for s in range(slots):
             held[s // per_rank, current[layer, s]] += 1
         for i in range(num_ranks):
+            nd = 0
+            for s in range(i * per_rank, (i + 1) * per_rank):
+                e = new[layer, s]
+                if mine[e] == 0:
+                    distinct[nd] = e
+                    nd += 1
+                mine[e] += 1
             for j in range(num_ranks):
                 n = 0
-                for a in range(i * per_rank, (i + 1) * per_rank):  # rank i's replicas of each expert once
-                    e = new[layer, a]
-                    first = True
-                    for b in range(i * per_rank, a):
-                        if new[layer, b] == e:
-                            first = False
-                            break
-                    if first:
-                        mine = 0
-                        for b in range(i * per_rank, (i + 1) * per_rank):
-                            if new[layer, b] == e:
-                                mine += 1
-                        n += min(mine, held[j, e])
+                for d in range(nd):
+                    n += min(mine[distinct[d]], held[j, distinct[d]])
                 overlap[i * num_ranks + j] = n
+            for d in range(nd):
+                mine[distinct[d]] = 0
         taken[:] = -1
         used[:] = 0
         for k in np.argsort(-overlap, kind="mergesort"):  # largest overlap first, stable
@@ -576,6 +575,7 @@ def _align_layers(new, current, num_ranks, num_logical, out):
         for i in range(num_ranks):
             for a in range(per_rank):
                 out[layer, taken[i] * per_rank + a] = new[layer, i * per_rank + a]
+
 
 if __name__ == "__main__":
     # through the package's module, not this __main__ copy of it: numba caches per module
