@@ -164,6 +164,16 @@ def windows(shape: Shape, zipf: float, drift: float, count: int, seed: int, pass
     return out
 
 
+def row_windows(shape: Shape, zipf: float, drift: float, count: int, window: int) -> list[np.ndarray]:
+    """The windows of one row of the tables: the same for every table and policy."""
+    return windows(shape, zipf, drift, count, seed=int(zipf * 10 + drift * 100), passes=window)
+
+
+def print_header(hdr) -> None:
+    print("\n| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+
+
 class Runner:
     """Plans a sequence of windows with one policy: in a planner process (one per policy and
     shape, started once, as the balancer's), or here for vLLM's policy."""
@@ -226,12 +236,11 @@ def quality_table(quick: bool, reps: int, window: int) -> bool:
           f"DeepSeek-V3 plan median <= {PLAN_MS:g} ms")
     hdr = ("shape", "load", "policy", "balance", "next window", "slots moved", "GB moved", "vs default",
            "pass ms (plan / next)", "plan ms median", "max", "CPU ms median", "targets")
-    print("\n| " + " | ".join(hdr) + " |")
-    print("|" + "---|" * len(hdr))
+    print_header(hdr)
     for shape in SHAPES:
         runners = [Runner(p, shape, window) for p in policies(shape, window)]
         for zipf, drift in ROWS:
-            loads = windows(shape, zipf, drift, n, seed=int(zipf * 10 + drift * 100), passes=window)
+            loads = row_windows(shape, zipf, drift, n, window)
             results: dict[str, dict] = {}
             for rep in range(reps):
                 for r in (runners if rep % 2 == 0 else runners[::-1]):
@@ -280,12 +289,11 @@ def small_table(quick: bool, window: int) -> bool:
           f"{BALANCE_GAP}")
     hdr = ("shape", "slots per rank", "load", "best other (policy)", "min-move balance", "slots moved (vs vllm-default)",
            "min-move plan ms median", "target")
-    print("\n| " + " | ".join(hdr) + " |")
-    print("|" + "---|" * len(hdr))
+    print_header(hdr)
     for shape in SMALL_SHAPES:
         runners = [Runner(p, shape, window) for p in policies(shape, window)]
         for zipf, drift in ROWS:
-            loads = windows(shape, zipf, drift, n, seed=int(zipf * 10 + drift * 100), passes=window)
+            loads = row_windows(shape, zipf, drift, n, window)
             res = {r.policy.name: r.run(loads) for r in runners}
             ours = res.pop("min-move")
             base = res.get("vllm-default") or res["deepseek"]
@@ -345,14 +353,13 @@ def tradeoff_table(tolerances: list[float], quick: bool, window: int) -> None:
           f"vllm-default's; floor: the fewest any plan keeping min-move's replica counts moves, moved_floor); "
           f"lines: balance >= best other - {BALANCE_GAP}, moved <= {MOVED_SHARE:.0%}")
     hdr = ["shape", "load", "best other (policy)", "vllm-default moved"] + [f"tolerance {t:g}" for t in tolerances]
-    print("\n| " + " | ".join(hdr) + " |")
-    print("|" + "---|" * len(hdr))
+    print_header(hdr)
     for shape in SHAPES:
         cost = cost_model(shape, window)
         others = [Runner(p, shape, window) for p in policies(shape, window) if p.name != "min-move"]
         ours = [Runner(get_policy("min-move", tolerance=t, cost=cost), shape, window) for t in tolerances]
         for zipf, drift in ROWS:
-            loads = windows(shape, zipf, drift, n, seed=int(zipf * 10 + drift * 100), passes=window)
+            loads = row_windows(shape, zipf, drift, n, window)
             res = {r.policy.name: r.run(loads) for r in others}
             base = res.get("vllm-default") or res["deepseek"]
             best_name = max(res, key=lambda k: res[k]["bal"])
