@@ -96,8 +96,8 @@ SHAPES = [
     Shape("DeepSeek-V3", 58, 256, 32, 32, 4, 8, 44_040_192, 44_040_192),  # 3 x 7168 x 2048 fp8
     Shape("Qwen3-30B-A3B", 48, 128, 16, 8, 1, 1, 9_437_184, 4_718_592),  # 3 x 2048 x 768 bf16
 ]
-# small plans (a few ranks of few slots: min-move's step 4 tries fresh packs on every layer above
-# its target there); bf16 experts
+# small plans (a few ranks of few slots: min-move's step 4 tries fresh packs on every layer whose
+# slowest rank is above the mean by more than the tolerance there); bf16 experts
 SMALL_SHAPES = [
     Shape("Mixtral-8x7B EP=4", 32, 8, 4, 4, 1, 1, 352_321_536, 176_160_768, 2),  # 3 x 4096 x 14336
     Shape("Mixtral-8x7B EP=8", 32, 8, 8, 8, 1, 1, 352_321_536, 176_160_768, 2),

@@ -237,8 +237,8 @@ def test_align_ranks_renumbers_ranks_to_keep_what_they_hold():
 
 def test_min_move_balances_small_plans_like_the_packs_from_scratch():
     """Few ranks of few slots (Mixtral's 8 experts on 8 ranks: 2 slots each): the swaps stop short
-    there, so min-move also tries `greedy`'s and `deepseek`'s packs on the layers left above its
-    target (min_move.SMALL_PLAN). Every window, planned from the last plan, balances within 0.01
+    there, so min-move also tries `greedy`'s and `deepseek`'s packs on every layer whose slowest
+    rank is above the mean by more than the tolerance (min_move.SMALL_PLAN). Every window, planned from the last plan, balances within 0.01
     of the better pack from scratch, averaged over the layers (before: 0.02-0.03 short)."""
     from vllm_eplb.core.policies import PlanInput, get_policy
 
