@@ -24,8 +24,8 @@ runs, and writes as one JSON (naming the commit, vLLM, torch and the GPU) with `
               off, and EPLB off's own repeats; `verdict`), greedy identity reported; then a weight reload (vLLM's
               reload_weights) while a transfer is in flight (up to 8 tries, one per cycle: a
               data-parallel pause lands only at a 32-step boundary; `reload.attempts`): the cycle
-              ends on both ranks with reason weight_update, every slot of every rank holds the new weights (replicas agree, each
-              expert's bytes differ from before), the next cycles move the new weights with 0 slot
+              ends on both ranks with reason weight_update, every slot of every rank holds the new
+              weights (replicas agree, each expert's bytes differ from before), the next cycles move the new weights with 0 slot
               mismatches, and reloading the first checkpoint brings every slot back to its bytes.
   fp8         the same deployment on a checkpoint quantized ahead of time (fp8 e4m3 weights, 128 x 128
               block scales: benchmarks/serving/model.py): cycles complete, weights and scales move,
@@ -194,8 +194,8 @@ def reload_during_transfer(server, new_ckpt: str, old_ckpt: str, reference: dict
     syncs "unfinished" and a pending pause every 32 steps, and a wave starts where the last
     one stopped), so every pause, and the reload inside it, lands at a pass fixed modulo 32
     for the server's life. Cycles start every INTERVAL passes: with 64 a transfer sat at the
-    same phase every cycle and could miss that pass every time (1d9f727, three reloads, all
-    after the transfer); 68 moves the phase 4 passes a cycle, so one of a few cycles' transfers
+    same phase every cycle and could miss that pass every time (2026-12-07 on one H100: four
+    reloads in two runs, every one after the transfer); 68 moves the phase 4 passes a cycle, so one of a few cycles' transfers
     spans it. The cycle's abort counter (reason weight_update) says whether the reload went in
     during the transfer: up to `attempts` reloads, one per cycle, until one did on every rank
     (a reload while idle must work too, and every attempt's slots are checked alike)."""
