@@ -25,8 +25,9 @@ runs, and writes as one JSON (naming the commit, vLLM, torch and the GPU) with `
               reload_weights) while a transfer is in flight (up to 8 tries, one per cycle: a
               data-parallel pause lands only at a 32-step boundary; `reload.attempts`): the cycle
               ends on both ranks with reason weight_update, every slot of every rank holds the new
-              weights (replicas agree, each expert's bytes differ from before), the next cycles move the new weights with 0 slot
-              mismatches, and reloading the first checkpoint brings every slot back to its bytes.
+              weights (replicas agree, each expert's bytes differ from before), the next cycles
+              move the new weights with 0 slot mismatches, and reloading the first checkpoint
+              brings every slot back to its bytes.
   fp8         the same deployment on a checkpoint quantized ahead of time (fp8 e4m3 weights, 128 x 128
               block scales: benchmarks/serving/model.py): cycles complete, weights and scales move,
               0 slot mismatches on every rank.
