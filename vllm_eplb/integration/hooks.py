@@ -352,6 +352,12 @@ def _bridge_worker_metrics() -> None:
     bridge_worker_metrics()
 
 
+def _empty_metric_files_read_empty(read_all_values_from_file):
+    from .metrics import empty_files_read_as_empty
+
+    return empty_files_read_as_empty(read_all_values_from_file)
+
+
 # --------------------------------------------------------------------------- the list
 
 
@@ -426,6 +432,9 @@ HOOKS: tuple[Hook, ...] = (
     Hook("metrics_bridge", Place("prometheus_client", "REGISTRY"),
          "without multiprocess mode, the registry vLLM serves reads the workers' metrics directory",
          run=_bridge_worker_metrics),
+    Hook("metrics_files_being_created", Place("prometheus_client.mmap_dict", "MmapedDict.read_all_values_from_file"),
+         "a scrape that meets a process's metrics file before it is sized reads it as empty, not a 500",
+         swap=_empty_metric_files_read_empty),
     Hook("metrics_worker_values", Place("prometheus_client.values", "ValueClass"),
          "a worker's metric values live in the shared directory",
          applied_by="integration/metrics.py, when a worker's balancer starts"),

@@ -23,6 +23,7 @@ import atexit
 import logging
 import os
 import shutil
+import struct
 import tempfile
 
 from prometheus_client import Counter, Gauge, Histogram, values
@@ -456,6 +457,31 @@ def bridge_worker_metrics() -> None:
     atexit.register(shutil.rmtree, d, True)
     os.environ[BRIDGE_DIR] = d
     multiprocess.MultiProcessCollector(REGISTRY, path=d)
+
+
+def empty_files_read_as_empty(read_all_values_from_file):
+    """`MmapedDict.read_all_values_from_file`, for files another process is creating.
+
+    prometheus_client's MmapedDict opens a process's file and only then sizes it, so a scrape
+    can find it at 0 bytes: reading its header raised `struct.error` and the whole /metrics
+    answered 500 (seen in this project's CI: a worker's first value of a new metric type,
+    written while the test scraped; prometheus/client_python#1199, open in 0.26.0). A file
+    shorter than its 8-byte header holds nothing yet, as MmapedDict itself treats a file of
+    size 0; a longer file is read as before, corruption checks included. Returns a
+    staticmethod, as the class holds it."""
+    if getattr(read_all_values_from_file, "_vllm_eplb_empty_ok", False):
+        return read_all_values_from_file
+
+    def read(filename):
+        try:
+            return read_all_values_from_file(filename)
+        except struct.error:
+            if os.path.getsize(filename) >= 8:
+                raise
+            return []
+
+    read._vllm_eplb_empty_ok = True
+    return staticmethod(read)
 
 
 def use_multiprocess_values() -> None:
