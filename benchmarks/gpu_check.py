@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -167,6 +168,19 @@ def log_findings(server) -> dict:
     return out
 
 
+ABORT_LINE = re.compile(r"EPLB rank (\d+) pass \d+: (\w+)[^\n]*-> idle \(weight_update\)")
+
+
+def weight_update_aborts(server) -> dict[str, int]:
+    """'rank state' -> cycles that rank's log says a weight update ended from that state
+    (the balancer logs "transferring -> idle (weight_update)")."""
+    found: dict[str, int] = {}
+    for s in getattr(server, "servers", [server]):
+        for rank, state in ABORT_LINE.findall(open(s.log_path, errors="replace").read()):
+            found[f"{rank} {state}"] = found.get(f"{rank} {state}", 0) + 1
+    return found
+
+
 def status_shows_every_rank(server) -> bool:
     r = subprocess.run([sys.executable, "-m", "vllm_eplb.tools.status", server.url, "--once"], capture_output=True, text=True)
     return r.returncode == 0 and all(f"rank {k} " in r.stdout for k in RANKS)
@@ -197,23 +211,31 @@ def reload_during_transfer(server, new_ckpt: str, old_ckpt: str, reference: dict
     for the server's life. Cycles start every INTERVAL passes: with 64 a transfer sat at the
     same phase every cycle and could miss that pass every time (2026-12-07 on one H100: four
     reloads in two runs, every one after the transfer); 68 moves the phase 4 passes a cycle, so one of a few cycles' transfers
-    spans it. The cycle's abort counter (reason weight_update) says whether the reload went in
-    during the transfer: up to `attempts` reloads, one per cycle, until one did on every rank
-    (a reload while idle must work too, and every attempt's slots are checked alike)."""
+    spans it. The cycle's abort counter (reason weight_update) and each rank's log line
+    "transferring -> idle (weight_update)" say whether the reload went in during the transfer
+    (a reload landing in the next cycle's collecting or planning ends that cycle too): up to
+    `attempts` reloads, one per cycle, until one did on every rank (a reload while idle must
+    work too, and every attempt's slots are checked alike)."""
     res: dict = {"attempts": []}
     for _ in range(attempts):
         before = settled_metrics(server)
         aborted_before = [counts(before, r)["aborted_weight_update"] for r in RANKS]
+        logged_before = weight_update_aborts(server)
         ms = step_until(server, lambda m: state_of(m) == "transferring" and (metric(m, "vllm:eplb_transfer_layer", rank=0) or 0) >= 1)
         layer = metric(ms, "vllm:eplb_transfer_layer", rank=0)
         rpc(server, "reload_weights", weights_path=new_ckpt)
         ms = settled_metrics(server)
         aborted = [counts(ms, r)["aborted_weight_update"] - aborted_before[r] for r in RANKS]
-        res["attempts"].append({"metrics_said_layer": layer, "aborted_weight_update": aborted})
-        if all(n >= 1 for n in aborted):
+        logged = weight_update_aborts(server)
+        ended_from = {k: n - logged_before.get(k, 0) for k, n in logged.items() if n > logged_before.get(k, 0)}
+        res["attempts"].append({"metrics_said_layer": layer, "aborted_weight_update": aborted, "ended_from": ended_from})
+        # a reload that lands in the next cycle's collecting or planning ends that cycle too:
+        # only an end from transferring, on every rank, is the case checked
+        if all(n >= 1 for n in aborted) and all(ended_from.get(f"{r} transferring", 0) >= 1 for r in RANKS):
             break
     res["reloaded_at_layer"] = res["attempts"][-1]["metrics_said_layer"]
     res["aborted_weight_update"] = res["attempts"][-1]["aborted_weight_update"]
+    res["ended_from_transferring"] = all(res["attempts"][-1]["ended_from"].get(f"{r} transferring", 0) >= 1 for r in RANKS)
     after = every_slot(server)
     res["ranks_read"] = sorted(a["rank"] for a in after)
     new = expert_fingerprints(after)
@@ -228,7 +250,8 @@ def reload_during_transfer(server, new_ckpt: str, old_ckpt: str, reference: dict
     res["old_weights_back_every_slot"] = not check_slots(back, reference)
     res["ok"] = bool(
         res["ranks_read"] == list(RANKS) and res["new_weights_every_slot"] and res["new_differs_from_old"]
-        and all(n >= 1 for n in res["aborted_weight_update"]) and res["old_weights_back_every_slot"]
+        and all(n >= 1 for n in res["aborted_weight_update"]) and res["ended_from_transferring"]
+        and res["old_weights_back_every_slot"]
         and all(res["after"][r]["slot_checks_mismatch"] == 0 for r in RANKS)
     )
     return res
