@@ -134,16 +134,17 @@ def balance_under_load(server) -> dict:
     return {kind: metric(ms, "vllm:eplb_balancedness", rank=0, kind=kind) for kind in kinds}
 
 
-def settled_metrics(server, timeout_s: float = 60.0) -> dict:
-    """The front end's metrics once the relayed ranks' figures are newer than rank 0's last
-    transition (one-token requests move the passes on), or as they are at the timeout."""
+def settled_metrics(server, timeout_s: float = 60.0, states: tuple = ("idle", "collecting")) -> dict:
+    """The front end's metrics once rank 0 is in one of `states` and the relayed ranks' figures
+    are newer than its last transition (one-token requests move the passes on), or as they are at
+    the timeout."""
     deadline = time.monotonic() + timeout_s
     while True:
         ms = server.metrics()
         state = state_of(ms)
         entered = metric(ms, "vllm:eplb_state_entered_pass", rank=0, state=state) if state else None
         relayed = [metric(ms, "vllm:eplb_relayed_pass", rank=r) for r in RANKS[1:]]
-        if entered is not None and all(p is not None and p > entered + 2 for p in relayed) and state in ("idle", "collecting"):
+        if entered is not None and all(p is not None and p > entered + 2 for p in relayed) and state in states:
             return ms
         if time.monotonic() > deadline:
             return ms
@@ -237,7 +238,9 @@ def reload_during_transfer(server, new_ckpt: str, old_ckpt: str, reference: dict
             attempt["no_transfer_within_requests"] = 4 * INTERVAL
             break
         rpc(server, "reload_weights", weights_path=target)
-        ms = settled_metrics(server)
+        # idle only: a reload landing in collecting ends that cycle at its planning agreement,
+        # passes later (on an H100, 2026-12-07, the first attempt's end was counted in the next)
+        ms = settled_metrics(server, states=("idle",))
         attempt["aborted_weight_update"] = [counts(ms, r)["aborted_weight_update"] - aborted_before[r] for r in RANKS]
         logged = weight_update_aborts(server)
         attempt["ended_from"] = {k: n - logged_before.get(k, 0) for k, n in logged.items() if n > logged_before.get(k, 0)}
