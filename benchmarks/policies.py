@@ -351,7 +351,8 @@ def tradeoff_table(tolerances: list[float], quick: bool, window: int) -> None:
     n = 4 if quick else 8
     print(f"\nmin-move's tolerance: balance on the planning window / slots moved per rebalance (share of "
           f"vllm-default's; floor: the fewest any plan keeping min-move's replica counts moves, moved_floor); "
-          f"lines: balance >= best other - {BALANCE_GAP}, moved <= {MOVED_SHARE:.0%}")
+          f"then on the next window (the traffic the plan serves): balance and the cost model's predicted "
+          f"MoE ms per pass; lines: balance >= best other - {BALANCE_GAP}, moved <= {MOVED_SHARE:.0%}")
     hdr = ["shape", "load", "best other (policy)", "vllm-default moved"] + [f"tolerance {t:g}" for t in tolerances]
     print_header(hdr)
     for shape in SHAPES:
@@ -372,9 +373,11 @@ def tradeoff_table(tolerances: list[float], quick: bool, window: int) -> None:
                                         for load, prev in zip(loads[1:], o["placements"]))
                 marks = ("" if o["bal"] >= line else " (balance under)")
                 marks += "" if share <= MOVED_SHARE else " (moves over)"
-                cells.append(f"{o['bal']:.4f} / {o['moved']:.0f} ({share:.1%}; floor {floor:.0f}){marks}")
+                cells.append(f"{o['bal']:.4f} / {o['moved']:.0f} ({share:.1%}; floor {floor:.0f}){marks}; "
+                             f"next {o['bal_next']:.4f}, {o['ms_next']:.2f} ms")
             head = [shape.name, f"zipf {zipf}, drift {int(drift * 100)}%",
-                    f"{res[best_name]['bal']:.4f} ({best_name})", f"{base['moved']:.0f}"]
+                    f"{res[best_name]['bal']:.4f} ({best_name}; next {res[best_name]['bal_next']:.4f}, "
+                    f"{res[best_name]['ms_next']:.2f} ms)", f"{base['moved']:.0f}"]
             print("| " + " | ".join(head + cells) + " |", flush=True)
         for r in others + ours:
             r.close()

@@ -207,6 +207,9 @@ def test_policies_benchmark_tradeoff_table(capsys):
                                       re.findall(r"(\d\.\d{4}) / (\d+) \([\d.]+%; floor (\d+)\)", row)]
         assert b2 <= b1 and m2 <= m1 + 1, row
         assert f1 <= m1 and f2 <= m2 and f2 <= f1, row
+        # each plan also on the next window (the traffic it serves): a balance and a pass time
+        nxt = [(float(b), float(ms)) for b, ms in re.findall(r"next (\d\.\d{4}), ([\d.]+) ms", row)]
+        assert len(nxt) == 3 and all(0 < b <= 1 and ms > 0 for b, ms in nxt), row
 
 
 def test_align_ranks_renumbers_ranks_to_keep_what_they_hold():
