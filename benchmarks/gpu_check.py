@@ -48,7 +48,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import re
 import subprocess
 import sys

@@ -383,6 +383,54 @@ def tradeoff_table(tolerances: list[float], quick: bool, window: int) -> None:
             r.close()
 
 
+BACKTEST_ROWS = ((1.0, 0.0), (1.0, 0.02), (1.0, 0.1), (1.0, 0.3))  # zipf, drift: from a load that holds still
+
+
+def backtest_table(tolerances: list[float], quick: bool, window: int) -> None:
+    """A design study, not what the balancer runs (docs/benchmarks.md section 4): min-move at a
+    fixed 0.01 against min-move whose tolerance for window t is the one that would have won on
+    window t-1: each candidate replans window t-1 from the placement then in force, scored on
+    window t by the cost model (pass time per pass plus move_penalty per slot moved). Both plan
+    every window from their own previous plan, in this process; reported: the plans' predicted
+    MoE ms per pass on the window after the one they were planned from, slots moved, picks."""
+    from vllm_eplb.core.policies.min_move import min_move_placement
+
+    n = 6 if quick else 10
+    print(f"\ndesign study: tolerance chosen by backtest among {tolerances} against 0.01 (not what the "
+          f"balancer runs); {n - 2} plans a row, each scored on the next window")
+    print_header(["shape", "load", "0.01: next-window MoE ms / slots moved", "backtest: next-window MoE ms / slots moved",
+                  "ms vs 0.01", "moved vs 0.01", "tolerances picked"])
+    for shape in SHAPES:
+        cost, ranks = cost_model(shape, window), shape.ranks
+
+        def plan(load, current, tol):
+            return min_move_placement(load, current, ranks, tol, cost, window)
+
+        for zipf, drift in BACKTEST_ROWS:
+            loads = row_windows(shape, zipf, drift, n, window)
+            first = plan(loads[0], default_placement(shape.topo, shape.layers), 0.01)
+            res = {}
+            for mode in ("fixed", "backtest"):
+                current, before, ms, moved, picks = first, first, [], [], []
+                for t in range(1, n - 1):
+                    tol = 0.01
+                    if mode == "backtest" and t >= 2:
+                        def lost(x):
+                            p = plan(loads[t - 1], before, x)
+                            return cost.straggler_seconds(p, loads[t], window, ranks) + (p != before).sum() * cost.move_penalty()
+                        tol = min(tolerances, key=lost)
+                    new = plan(loads[t], current, tol)
+                    picks.append(tol)
+                    moved.append(int((new != current).sum()))
+                    ms.append(cost.straggler_seconds(new, loads[t + 1], window, ranks) * 1e3)
+                    before, current = current, new
+                res[mode] = (statistics.mean(ms), statistics.mean(moved), picks)
+            (f_ms, f_mv, _), (b_ms, b_mv, picks) = res["fixed"], res["backtest"]
+            print("| " + " | ".join([shape.name, f"zipf {zipf}, drift {int(drift * 100)}%", f"{f_ms:.2f} / {f_mv:.0f}",
+                                     f"{b_ms:.2f} / {b_mv:.0f}", f"{b_ms / f_ms - 1:+.1%}", f"{b_mv / f_mv - 1:+.0%}",
+                                     " ".join(f"{x:g}" for x in picks)]) + " |", flush=True)
+
+
 def python_heavy(seconds: float, planner: Planner | None = None, job=None) -> tuple[float, int]:
     """Iterations per second of dict/int work on this thread. Every 10 ms (a forward pass)
     it does what the balancer's tick does while planning: poll the planner, and here
@@ -451,10 +499,15 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="print only the small-plans table")
     ap.add_argument("--tradeoff", default="",
                     help="comma-separated min-move tolerances: print only the trade-off table")
+    ap.add_argument("--backtest", default="",
+                    help="comma-separated min-move tolerances: print only the backtest design study")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
     if args.small:
         print(f"targets {'met' if small_table(args.quick, args.window) else 'NOT all met'}")
+        return
+    if args.backtest:
+        backtest_table([float(t) for t in args.backtest.split(",")], args.quick, args.window)
         return
     if args.tradeoff:
         tradeoff_table([float(t) for t in args.tradeoff.split(",")], args.quick, args.window)

@@ -212,6 +212,32 @@ def test_policies_benchmark_tradeoff_table(capsys):
         assert len(nxt) == 3 and all(0 < b <= 1 and ms > 0 for b, ms in nxt), row
 
 
+def test_policies_benchmark_backtest_study(capsys):
+    """benchmarks/policies.py --backtest: the design study prints, per shape and load, both
+    modes' next-window pass time and slots moved, and the tolerance the backtest picked for each
+    plan: 0.01 for the first (no planned window before it to replan), then candidates only."""
+    import importlib.util
+    import pathlib
+    import re
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "policies.py"
+    spec = importlib.util.spec_from_file_location("policies_benchmark_backtest", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    bench.backtest_table([0.01, 0.05], quick=True, window=1000)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| DeepSeek", "| Qwen3"))]
+    assert len(rows) == len(bench.SHAPES) * len(bench.BACKTEST_ROWS), rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for cell in cells[2:4]:
+            ms, moved = re.fullmatch(r"([\d.]+) / (\d+)", cell).groups()
+            assert float(ms) > 0 and int(moved) > 0, row
+        picks = [float(x) for x in cells[6].split()]
+        assert len(picks) == 4 and picks[0] == 0.01 and set(picks) <= {0.01, 0.05}, row
+
+
 def test_align_ranks_renumbers_ranks_to_keep_what_they_hold():
     """A packing from scratch numbers its ranks arbitrarily: align_ranks gives each rank's contents
     to the rank of the placement in force sharing the most replicas, contents unchanged, and never
