@@ -147,16 +147,25 @@ def _total(ms: dict, name: str, rank: int, **labels) -> float:
     return sum(v for (n, ls), v in ms.items() if n == name and want <= set(ls))
 
 
-def _quiet(s: Server, timeout: float = 20) -> dict:
-    """/metrics once nothing runs: two scrapes 0.3 s apart with the same pass counters."""
-    prev, deadline = None, time.monotonic() + timeout
+QUIET_S = 2.0  # pass gauges unchanged this long: the engines stopped, not a slow stretch of passes
+
+
+def _quiet(s: Server, timeout: float = 30) -> dict:
+    """/metrics once nothing runs: the same pass gauges over QUIET_S of scrapes 0.25 s apart.
+    A rank refreshes its pass gauge every PASS_EVERY (16) passes and on transitions, and after a
+    request the data-parallel engines run dummy passes up to their next 32-step sync: on a loaded
+    2-core CI box 16 passes took longer than 0.3 s, so two equal scrapes 0.3 s apart read the
+    gauges mid-wave (a fresh-clone CI run, 2026-12-07: 24 tokens generated, passes +16)."""
+    prev, since, deadline = None, 0.0, time.monotonic() + timeout
     while time.monotonic() < deadline:
         ms = s.metrics(prefix="vllm:")
         key = (metric(ms, "vllm:eplb_pass", rank=0), metric(ms, "vllm:eplb_pass", rank=1))
-        if key == prev and None not in key:
+        now = time.monotonic()
+        if key != prev or None in key:
+            prev, since = key, now
+        elif now - since >= QUIET_S:
             return ms
-        prev = key
-        time.sleep(0.3)
+        time.sleep(0.25)
     raise TimeoutError(f"pass counters still moving after {timeout} s: {prev}")
 
 
