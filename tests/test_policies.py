@@ -185,20 +185,28 @@ def test_dry_run_prints_moves_and_balance(tmp_path, capsys):
     assert "slots change" in out and "balancedness" in out and "GB" in out
 
 
+def _policies_benchmark():
+    """benchmarks/policies.py as a module (loaded once)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    if "policies_benchmark" not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "policies.py"
+        spec = importlib.util.spec_from_file_location("policies_benchmark", path)
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = bench  # its dataclasses look their module up there
+        spec.loader.exec_module(bench)
+    return sys.modules["policies_benchmark"]
+
+
 def test_policies_benchmark_tradeoff_table(capsys):
     """benchmarks/policies.py --tradeoff: per shape and load, min-move at each tolerance. A wider
     tolerance never balances better, and moves no more slots (within a slot's rounding of the mean);
     min-move, which reaches the target on all but a few ranks, moves no fewer than the floor."""
-    import importlib.util
-    import pathlib
     import re
-    import sys
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "policies.py"
-    spec = importlib.util.spec_from_file_location("policies_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    bench = _policies_benchmark()
     bench.tradeoff_table([0.01, 0.05], quick=True, window=1000)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| DeepSeek", "| Qwen3"))]
     assert len(rows) == len(bench.SHAPES) * len(bench.ROWS), rows
@@ -216,16 +224,9 @@ def test_policies_benchmark_backtest_study(capsys):
     """benchmarks/policies.py --backtest: the design study prints, per shape and load, both
     modes' next-window pass time and slots moved, and the tolerance the backtest picked for each
     plan: 0.01 for the first (no planned window before it to replan), then candidates only."""
-    import importlib.util
-    import pathlib
     import re
-    import sys
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "policies.py"
-    spec = importlib.util.spec_from_file_location("policies_benchmark_backtest", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = _policies_benchmark()
     bench.backtest_table([0.01, 0.05], quick=True, window=1000)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| DeepSeek", "| Qwen3"))]
     assert len(rows) == len(bench.SHAPES) * len(bench.BACKTEST_ROWS), rows
@@ -291,15 +292,7 @@ def test_min_move_balances_small_plans_like_the_packs_from_scratch():
 def test_policies_benchmark_small_plans_table(capsys):
     """benchmarks/policies.py --small: min-move within 0.01 of the best other policy's balance on
     every row of the small shapes (Mixtral-8x7B at EP=4 and 8, OLMoE, DeepSeek-V2-Lite)."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "policies.py"
-    spec = importlib.util.spec_from_file_location("policies_benchmark_small", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up there
-    spec.loader.exec_module(bench)
+    bench = _policies_benchmark()
     assert bench.small_table(quick=True, window=1000)
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "zipf" in line]
     assert len(rows) == len(bench.SMALL_SHAPES) * len(bench.ROWS) and all(row.endswith(": met |") for row in rows), rows
