@@ -431,6 +431,47 @@ def backtest_table(tolerances: list[float], quick: bool, window: int) -> None:
                                      " ".join(f"{x:g}" for x in picks)]) + " |", flush=True)
 
 
+FILTERS = (("plain", 1.0, 0.0), ("smoothed 0.5", 0.5, 0.0), ("smoothed 0.3", 0.3, 0.0), ("band 0.02", 1.0, 0.02),
+           ("band 0.05", 1.0, 0.05))  # name, the newest window's weight in the load planned on, dead band
+
+
+def filters_table(quick: bool, window: int) -> None:
+    """A design study, not what the balancer runs (docs/benchmarks.md section 4): two ways of not
+    chasing a window's sampling noise, each planning every window from its own previous plan with
+    min-move at 0.01. Smoothed a: plan on a*window + (1-a)*the load planned on last time (an
+    exponential average over windows). Band d: a layer keeps the placement in force unless the
+    plan lowers its slowest rank (cost model) on the window by more than d of its mean rank.
+    Reported: slots moved, balance on the window, predicted MoE ms per pass on the next window."""
+    from vllm_eplb.core.policies.min_move import min_move_placement
+
+    n = 6 if quick else 12
+    print(f"\ndesign study: planning on smoothed load, and a per-layer dead band (not what the balancer runs); "
+          f"{n - 2} plans a row; cells: slots moved / balance on the window / next-window MoE ms per pass")
+    print_header(["shape", "load"] + [name for name, _, _ in FILTERS])
+    for shape in SHAPES:
+        cost, ranks = cost_model(shape, window), shape.ranks
+        for zipf, drift in BACKTEST_ROWS:
+            loads = row_windows(shape, zipf, drift, n, window)
+            first = min_move_placement(loads[0], default_placement(shape.topo, shape.layers), ranks, 0.01, cost, window)
+            cells = []
+            for _, alpha, band in FILTERS:
+                current, estimate, moved, bal, ms = first, loads[0], [], [], []
+                for t in range(1, n - 1):
+                    estimate = alpha * loads[t] + (1 - alpha) * estimate
+                    new = min_move_placement(estimate, current, ranks, 0.01, cost, window)
+                    if band:
+                        before = cost.rank_seconds(current, loads[t], window, ranks).max(axis=1)
+                        after = cost.rank_seconds(new, loads[t], window, ranks)
+                        keep = before - after.max(axis=1) <= band * after.mean(axis=1)
+                        new[keep] = current[keep]
+                    moved.append(int((new != current).sum()))
+                    bal.append(predicted_balancedness(new, loads[t], shape.topo))
+                    ms.append(cost.straggler_seconds(new, loads[t + 1], window, ranks) * 1e3)
+                    current = new
+                cells.append(f"{statistics.mean(moved):.0f} / {statistics.mean(bal):.3f} / {statistics.mean(ms):.2f}")
+            print("| " + " | ".join([shape.name, f"zipf {zipf}, drift {int(drift * 100)}%"] + cells) + " |", flush=True)
+
+
 def python_heavy(seconds: float, planner: Planner | None = None, job=None) -> tuple[float, int]:
     """Iterations per second of dict/int work on this thread. Every 10 ms (a forward pass)
     it does what the balancer's tick does while planning: poll the planner, and here
@@ -501,6 +542,8 @@ def main() -> None:
                     help="comma-separated min-move tolerances: print only the trade-off table")
     ap.add_argument("--backtest", default="",
                     help="comma-separated min-move tolerances: print only the backtest design study")
+    ap.add_argument("--filters", action="store_true",
+                    help="print only the design study of smoothed load and a per-layer dead band")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
     if args.small:
@@ -508,6 +551,9 @@ def main() -> None:
         return
     if args.backtest:
         backtest_table([float(t) for t in args.backtest.split(",")], args.quick, args.window)
+        return
+    if args.filters:
+        filters_table(args.quick, args.window)
         return
     if args.tradeoff:
         tradeoff_table([float(t) for t in args.tradeoff.split(",")], args.quick, args.window)

@@ -239,6 +239,25 @@ def test_policies_benchmark_backtest_study(capsys):
         assert len(picks) == 4 and picks[0] == 0.01 and set(picks) <= {0.01, 0.05}, row
 
 
+def test_policies_benchmark_filters_study(capsys):
+    """benchmarks/policies.py --filters: per shape and load, every filter's slots moved, balance on
+    the window and next-window pass time; a dead band never moves more than planning without one
+    (it only keeps layers as they are), and the plain column is min-move at 0.01 itself."""
+    import re
+
+    bench = _policies_benchmark()
+    bench.filters_table(quick=True, window=1000)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| DeepSeek", "| Qwen3"))]
+    assert len(rows) == len(bench.SHAPES) * len(bench.BACKTEST_ROWS), rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")][2:]
+        assert len(cells) == len(bench.FILTERS), row
+        got = [re.fullmatch(r"(\d+) / (\d\.\d{3}) / ([\d.]+)", c).groups() for c in cells]
+        moved = {name: int(g[0]) for (name, _, _), g in zip(bench.FILTERS, got)}
+        assert all(0 < float(b) <= 1 and float(ms) > 0 for _, b, ms in got), row
+        assert moved["band 0.05"] <= moved["band 0.02"] <= moved["plain"], row
+
+
 def test_align_ranks_renumbers_ranks_to_keep_what_they_hold():
     """A packing from scratch numbers its ranks arbitrarily: align_ranks gives each rank's contents
     to the rank of the placement in force sharing the most replicas, contents unchanged, and never
