@@ -431,15 +431,19 @@ def backtest_table(tolerances: list[float], quick: bool, window: int) -> None:
                                      " ".join(f"{x:g}" for x in picks)]) + " |", flush=True)
 
 
-FILTERS = (("plain", 1.0, 0.0), ("smoothed 0.5", 0.5, 0.0), ("smoothed 0.3", 0.3, 0.0), ("band 0.02", 1.0, 0.02),
-           ("band 0.05", 1.0, 0.05))  # name, the newest window's weight in the load planned on, dead band
+SMOOTHING = (1.0, 0.5, 0.3)  # the newest window's weights the adaptive column chooses from
+# name, the newest window's weight in the load planned on (None: adaptive), dead band
+FILTERS = (("plain", 1.0, 0.0), ("smoothed 0.5", 0.5, 0.0), ("smoothed 0.3", 0.3, 0.0), ("adaptive", None, 0.0),
+           ("band 0.02", 1.0, 0.02), ("band 0.05", 1.0, 0.05))
 
 
 def filters_table(quick: bool, window: int) -> None:
     """A design study, not what the balancer runs (docs/benchmarks.md section 4): two ways of not
     chasing a window's sampling noise, each planning every window from its own previous plan with
     min-move at 0.01. Smoothed a: plan on a*window + (1-a)*the load planned on last time (an
-    exponential average over windows). Band d: a layer keeps the placement in force unless the
+    exponential average over windows). Adaptive: each window, the weight of SMOOTHING whose
+    average (over the windows before) forecast this window best (least squared error per expert)
+    plans it; plain for the first. Band d: a layer keeps the placement in force unless the
     plan lowers its slowest rank (cost model) on the window by more than d of its mean rank.
     Reported: slots moved, balance on the window, predicted MoE ms per pass on the next window."""
     from vllm_eplb.core.policies.min_move import min_move_placement
@@ -456,8 +460,14 @@ def filters_table(quick: bool, window: int) -> None:
             cells = []
             for _, alpha, band in FILTERS:
                 current, estimate, moved, bal, ms = first, loads[0], [], [], []
+                averages = {a: loads[0] for a in SMOOTHING}
                 for t in range(1, n - 1):
-                    estimate = alpha * loads[t] + (1 - alpha) * estimate
+                    if alpha is None:  # the weight whose average forecast this window best
+                        best = min(SMOOTHING, key=lambda a: ((averages[a] - loads[t]) ** 2).sum()) if t >= 2 else 1.0
+                        averages = {a: a * loads[t] + (1 - a) * averages[a] for a in SMOOTHING}
+                        estimate = averages[best]
+                    else:
+                        estimate = alpha * loads[t] + (1 - alpha) * estimate
                     new = min_move_placement(estimate, current, ranks, 0.01, cost, window)
                     if band:
                         before = cost.rank_seconds(current, loads[t], window, ranks).max(axis=1)
