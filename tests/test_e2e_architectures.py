@@ -9,8 +9,8 @@ rebalancing are the reference's.
 
 The reference: transformers' own float32 greedy decoding of the checkpoint, the same
 tokens vLLM with EPLB off gives for these checkpoints (measured for each; the EPLB-off
-servers of EPLB_TEST_ARCH_EPLB_OFF=1 check it again). DeepSeek-V2's transformers
-implementation decodes other tokens than vLLM's, so its reference is an EPLB-off server
+servers of EPLB_TEST_ARCH_EPLB_OFF=1 check it again). DeepSeek's transformers
+implementation (MLA) decodes other tokens than vLLM's, so its reference is an EPLB-off server
 (its sequential greedy outputs are reproducible; batched ones vary run to run).
 
 A model vLLM serves but vllm-eplb cannot balance as configured stops at start-up, before
@@ -50,8 +50,12 @@ CASES = [
     Case("qwen2_moe", 2, 3, True, "transformers"),
     Case("olmoe", 2, 4, True, "transformers"),
     Case("mixtral", 2, 4, False, "transformers"),
-    # MLA (kv_lora_rank 512 + rope 64, the CPU MLA kernel's size), a shared expert, layer 0 dense
-    Case("deepseek_v2", 2, 3, False, "eplb_off"),
+    # DeepSeek-V3's class (DeepSeek-R1, Kimi K2): sigmoid routing with a per-expert correction bias
+    # (drawn nonzero) within groups, MLA (kv_lora_rank 512 + rope 64, the CPU MLA kernel's size), a
+    # shared expert, layer 0 dense. DeepSeek-V2 runs the same vLLM class with softmax routing.
+    Case("deepseek_v3", 2, 3, False, "eplb_off"),
+    # GLM-4.5's MoE: the same routing under GQA, a shared expert, layer 0 dense
+    Case("glm4_moe", 2, 3, False, "transformers"),
     # vLLM's GPT-OSS loader cannot fill redundant slots (refused with them, below)
     Case("gpt_oss", 0, 4, True, "transformers"),
     # every second layer MoE, top-1 with the router weight on the input; vLLM's Llama-4

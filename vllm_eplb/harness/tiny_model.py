@@ -136,6 +136,24 @@ def _deepseek_v2(hidden, experts, top_k, moe_intermediate):
     )
 
 
+def _deepseek_v3(hidden, experts, top_k, moe_intermediate):
+    # DeepSeek-V3's routing (DeepSeek-R1 and Kimi K2 share the class): sigmoid scores plus a
+    # per-expert correction bias (noaux_tc), top-k within the best groups; MLA as _deepseek_v2
+    return dict(
+        _deepseek_v2(hidden, experts, top_k, moe_intermediate), topk_method="noaux_tc", scoring_func="sigmoid",
+        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+    )
+
+
+def _glm4_moe(hidden, experts, top_k, moe_intermediate):
+    # GLM-4.5's MoE: DeepSeek-V3's routing (sigmoid, correction bias, groups) under GQA, a shared expert, layer 0 dense
+    return dict(
+        intermediate_size=hidden * 2, moe_intermediate_size=moe_intermediate, n_routed_experts=experts,
+        n_shared_experts=1, num_experts_per_tok=top_k, first_k_dense_replace=1, head_dim=hidden // 4,
+        n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True, partial_rotary_factor=0.5,
+    )
+
+
 def _gpt_oss(hidden, experts, top_k, moe_intermediate):
     return dict(intermediate_size=moe_intermediate, head_dim=hidden // 4, num_local_experts=experts, num_experts_per_tok=top_k)
 
@@ -156,6 +174,8 @@ ARCHITECTURES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", _mixtral),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", _olmoe),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", _deepseek_v2),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", _deepseek_v3),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", _glm4_moe),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", _gpt_oss),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", _llama4),
 }
@@ -220,6 +240,13 @@ def build(
         skew_routers(model, experts, hot, skew, vocab_size, seed)
     else:
         skew_model(model, vocab_size)
+    with torch.no_grad():
+        # a trained model's routing correction bias (DeepSeek-V3, GLM-4.5) is not zero: draw one,
+        # so a bias read per logical expert is part of what the checks see
+        g = torch.Generator().manual_seed(seed + 2)
+        for name, buf in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
     model.config.architectures = [model_class]
     model.to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
     # transformers 5 may drop keys it renamed (num_experts for num_local_experts); vLLM
