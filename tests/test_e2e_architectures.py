@@ -56,6 +56,8 @@ CASES = [
     Case("deepseek_v3", 2, 3, False, "eplb_off"),
     # GLM-4.5's MoE: the same routing under GQA, a shared expert, layer 0 dense
     Case("glm4_moe", 2, 3, False, "transformers"),
+    # Phi-3.5-MoE: sparsemixer, a custom routing function; vLLM's class lacks the interface
+    Case("phimoe", 2, 4, True, "transformers"),
     # vLLM's GPT-OSS loader cannot fill redundant slots (refused with them, below)
     Case("gpt_oss", 0, 4, True, "transformers"),
     # every second layer MoE, top-1 with the router weight on the input; vLLM's Llama-4

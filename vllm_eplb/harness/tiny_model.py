@@ -154,6 +154,27 @@ def _glm4_moe(hidden, experts, top_k, moe_intermediate):
     )
 
 
+def _phimoe(hidden, experts, top_k, moe_intermediate):
+    # Phi-3.5-MoE: sparsemixer routing (vLLM's custom routing function); vLLM's class always has
+    # attention and lm_head biases, so the checkpoint carries them
+    return dict(
+        intermediate_size=moe_intermediate, head_dim=hidden // 4, num_local_experts=experts, num_experts_per_tok=top_k,
+        attention_bias=True, lm_head_bias=True,
+    )
+
+
+def _granitemoe(hidden, experts, top_k, moe_intermediate):
+    return dict(intermediate_size=moe_intermediate, num_local_experts=experts, num_experts_per_tok=top_k)
+
+
+def _ernie45_moe(hidden, experts, top_k, moe_intermediate):
+    # ERNIE-4.5 MoE: layer 0 dense
+    return dict(
+        intermediate_size=hidden * 2, moe_intermediate_size=moe_intermediate, moe_num_experts=experts, moe_k=top_k,
+        moe_layer_start_index=1, moe_num_shared_experts=0, head_dim=hidden // 4, use_bias=False,
+    )
+
+
 def _gpt_oss(hidden, experts, top_k, moe_intermediate):
     return dict(intermediate_size=moe_intermediate, head_dim=hidden // 4, num_local_experts=experts, num_experts_per_tok=top_k)
 
@@ -177,8 +198,15 @@ ARCHITECTURES = {
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", _deepseek_v3),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", _glm4_moe),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", _gpt_oss),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", _phimoe),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", _granitemoe),
+    "ernie45_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", _ernie45_moe),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", _llama4),
 }
+
+# the class name vLLM registers, where it differs from transformers' (which vLLM would serve
+# through its Transformers backend instead of its own implementation)
+VLLM_CLASS = {"phimoe": "PhiMoEForCausalLM"}
 
 
 def build(
@@ -255,6 +283,7 @@ def build(
     with open(path) as fh:
         conf = json.load(fh)
     conf.update({k: keys[k] for k in own if k not in conf})
+    conf["architectures"] = [VLLM_CLASS.get(arch, model_class)]  # save_pretrained writes its own class
     with open(path, "w") as fh:
         json.dump(conf, fh, indent=2)
     return out_dir
