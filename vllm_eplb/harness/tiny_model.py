@@ -175,6 +175,15 @@ def _ernie45_moe(hidden, experts, top_k, moe_intermediate):
     )
 
 
+def _lfm2_moe(hidden, experts, top_k, moe_intermediate):
+    # LFM2-MoE: short convolutions between attention layers, a routing bias, layer 0 dense
+    return dict(
+        intermediate_size=hidden * 2, moe_intermediate_size=moe_intermediate, num_experts=experts,
+        num_experts_per_tok=top_k, num_dense_layers=1, use_expert_bias=True, norm_topk_prob=True,
+        layer_types=["conv", "full_attention", "conv", "full_attention"],
+    )
+
+
 def _gpt_oss(hidden, experts, top_k, moe_intermediate):
     return dict(intermediate_size=moe_intermediate, head_dim=hidden // 4, num_local_experts=experts, num_experts_per_tok=top_k)
 
@@ -201,6 +210,7 @@ ARCHITECTURES = {
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", _phimoe),
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", _granitemoe),
     "ernie45_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", _ernie45_moe),
+    "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", _lfm2_moe),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", _llama4),
 }
 
