@@ -438,9 +438,9 @@ FILTERS = (("plain", 1.0, 0.0), ("smoothed 0.5", 0.5, 0.0), ("smoothed 0.3", 0.3
 
 
 def filters_table(quick: bool, window: int) -> None:
-    """A design study, not what the balancer runs (docs/benchmarks.md section 4): two ways of not
+    """A design study, not what the balancer runs (docs/benchmarks.md section 4): ways of not
     chasing a window's sampling noise, each planning every window from its own previous plan with
-    min-move at 0.01. Smoothed a: plan on a*window + (1-a)*the load planned on last time (an
+    min-move at 0.01 (plain: none of them). Smoothed a: plan on a*window + (1-a)*the load planned on last time (an
     exponential average over windows). Adaptive: each window, the weight of SMOOTHING whose
     average (over the windows before) forecast this window best (least squared error per expert)
     plans it; plain for the first. Band d: a layer keeps the placement in force unless the

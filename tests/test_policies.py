@@ -242,7 +242,7 @@ def test_policies_benchmark_backtest_study(capsys):
 def test_policies_benchmark_filters_study(capsys):
     """benchmarks/policies.py --filters: per shape and load, every filter's slots moved, balance on
     the window and next-window pass time; a dead band never moves more than planning without one
-    (it only keeps layers as they are), and the plain column is min-move at 0.01 itself."""
+    (it only keeps layers as they are)."""
     import re
 
     bench = _policies_benchmark()

@@ -285,7 +285,6 @@ def build(
         for name, buf in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
-    model.config.architectures = [model_class]
     model.to(getattr(torch, dtype)).save_pretrained(out_dir, safe_serialization=True)
     # transformers 5 may drop keys it renamed (num_experts for num_local_experts); vLLM
     # reads the model's own names: write them back as given.
