@@ -166,11 +166,11 @@ def two_mix_model(out_dir: str, hot: int = 3, pull: float = 4.0, seed: int = 0) 
     experts = model.config.num_experts
     seqs = [[torch.tensor([tok(p)["input_ids"]]) for p in prompts(words, 32, random.Random(1))] for words in mixes]
     for layer in model.model.layers:
-        for block, gate in moe_routers(layer, experts):
+        for router, gate in moe_routers(layer, experts):
             means = []
             for mix in seqs:
                 seen = []
-                handle = block.register_forward_hook(lambda mod, a, out: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+                handle = router.register_forward_hook(lambda mod, a, out: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
                 with torch.no_grad():
                     for ids in mix:
                         model(ids)

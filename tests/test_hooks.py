@@ -117,4 +117,4 @@ def test_absent_policy_is_said_at_start_up(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-2000:]
     assert "vllm-eplb: 'policy' not set: using 'min-move' (vllm-eplb's default" in out, out[-2000:]
-    assert "do not divide over 2 expert-parallel ranks" in r.stderr.strip().splitlines()[-1]
+    assert "do not divide over 2 expert-parallel ranks; choose num_redundant_experts so the sum is a multiple of 2 (e.g. 4)" in r.stderr.strip().splitlines()[-1]

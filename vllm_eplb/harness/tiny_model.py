@@ -51,24 +51,26 @@ def build_tokenizer(out_dir: str, vocab: int) -> None:
 
 
 def moe_routers(layer, experts: int) -> list:
-    """(MoE block, router weight) of a decoder layer: the router is the child named gate or
-    router whose weight scores every expert; none in a dense layer."""
+    """(router module, its weight) of each MoE block of a decoder layer: the child named gate or
+    router (or a router's `proj`, Gemma 4's) whose weight scores every expert from the module's
+    input; none in a dense layer."""
     import torch
 
     out = []
     for name, mod in layer.named_modules():
         parent, _, leaf = name.rpartition(".")
         w = getattr(mod, "weight", None)
-        if leaf in ("gate", "router") and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == experts:
-            out.append((layer.get_submodule(parent) if parent else layer, w))
+        named = leaf in ("gate", "router") or (leaf == "proj" and parent.rpartition(".")[2] == "router")
+        if named and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == experts:
+            out.append((mod, w))
     return out
 
 
 def skew_routers(model, experts: int, hot: int, skew: float, vocab_size: int, seed: int, shared: float = 1.0) -> None:
     """Make `hot` experts per MoE layer receive most tokens (dense layers are left alone).
 
-    Layer by layer (each change moves the inputs of the layers after it), the MoE
-    block's inputs are recorded on random token sequences; their mean direction u is
+    Layer by layer (each change moves the inputs of the layers after it), the router's
+    inputs are recorded on random token sequences; their mean direction u is
     shared by nearly every token, so adding a multiple of u to the router rows of the
     hot experts makes most tokens pick them. The hot experts come from the lower half
     of the ids, which vLLM's default layout places on the first ranks."""
@@ -77,14 +79,14 @@ def skew_routers(model, experts: int, hot: int, skew: float, vocab_size: int, se
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         # a direction every token embedding carries, so every token's residual stream does
-        emb = model.model.embed_tokens.weight
+        emb = model.get_input_embeddings().weight
         v = torch.randn(emb.shape[1], generator=g)
         emb.add_(v / v.norm() * emb.norm(dim=1, keepdim=True).mean() * shared)
     calib = torch.randint(4, vocab_size, (16, 24), generator=g)
     for layer in model.model.layers:
-        for block, gate in moe_routers(layer, experts):
+        for router, gate in moe_routers(layer, experts):
             seen = []
-            handle = block.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+            handle = router.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
             with torch.no_grad():
                 model(calib)
             handle.remove()
@@ -180,7 +182,50 @@ def _lfm2_moe(hidden, experts, top_k, moe_intermediate):
     return dict(
         intermediate_size=hidden * 2, moe_intermediate_size=moe_intermediate, num_experts=experts,
         num_experts_per_tok=top_k, num_dense_layers=1, use_expert_bias=True, norm_topk_prob=True,
-        layer_types=["conv", "full_attention", "conv", "full_attention"],
+        layer_types=lambda n: ["conv", "full_attention"] * (n // 2) + ["conv"] * (n % 2),
+    )
+
+
+def _gemma4(hidden, experts, top_k, moe_intermediate):
+    # Gemma 4's MoE (26B-A4B): in every layer a dense MLP beside the routed experts; sliding-window
+    # attention with a full-attention layer every few
+    return dict(
+        intermediate_size=hidden * 2, head_dim=hidden // 4, enable_moe_block=True, num_experts=experts,
+        top_k_experts=top_k, moe_intermediate_size=moe_intermediate, sliding_window=64,
+        hidden_size_per_layer_input=0, layer_types=lambda n: ["sliding_attention", "full_attention"] * (n // 2)
+        + ["sliding_attention"] * (n % 2),
+    )
+
+
+def _glm4_moe_lite(hidden, experts, top_k, moe_intermediate):
+    # GLM-4.7-Flash: DeepSeek-V3's MLA and routing under GLM's names, layer 0 dense
+    return dict(
+        _deepseek_v3(hidden, experts, top_k, moe_intermediate), n_group=1, topk_group=1, q_lora_rank=None,
+        mlp_layer_types=lambda n: ["dense"] + ["sparse"] * (n - 1),
+    )
+
+
+def _nemotron_h(hidden, experts, top_k, moe_intermediate):
+    # Nemotron 3 Nano: Mamba-2 layers, MoE layers (sigmoid routing with a correction bias, a shared
+    # expert) and an attention layer
+    return dict(
+        intermediate_size=hidden * 2, head_dim=hidden // 4, n_routed_experts=experts, num_experts_per_tok=top_k,
+        moe_intermediate_size=moe_intermediate, moe_shared_expert_intermediate_size=hidden, n_shared_experts=1,
+        n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, mamba_num_heads=8,
+        mamba_head_dim=hidden // 8, ssm_state_size=32, n_groups=1, chunk_size=64,
+        layers_block_type=lambda n: (["mamba", "moe", "attention", "moe"] * n)[:n],
+    )
+
+
+def _qwen3_5_moe(hidden, experts, top_k, moe_intermediate):
+    # Qwen3.5's MoE: gated delta-net linear attention in three layers of four, gated attention in
+    # the fourth, a shared expert beside the routed ones
+    return dict(
+        moe_intermediate_size=moe_intermediate, shared_expert_intermediate_size=hidden, num_experts=experts,
+        num_experts_per_tok=top_k, head_dim=hidden // 4, linear_key_head_dim=hidden // 4,
+        linear_value_head_dim=hidden // 4, linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=lambda n: (["linear_attention"] * 3 + ["full_attention"]) * (n // 4)
+        + ["linear_attention"] * (n % 4),
     )
 
 
@@ -212,6 +257,10 @@ ARCHITECTURES = {
     "ernie45_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", _ernie45_moe),
     "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", _lfm2_moe),
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", _llama4),
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", _gemma4),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", _glm4_moe_lite),
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", _nemotron_h),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", _qwen3_5_moe),
 }
 
 # the class name vLLM registers, where it differs from transformers' (which vLLM would serve
@@ -268,7 +317,8 @@ def build(
         # to one repeated token, which would make output comparisons weak.
         initializer_range=0.3,
     )
-    own = arch_keys(hidden, experts, top_k, moe_intermediate)
+    # a key given as a function of the layer count (layer types) is resolved here
+    own = {k: v(layers) if callable(v) else v for k, v in arch_keys(hidden, experts, top_k, moe_intermediate).items()}
     keys.update(own)
     keys.update(config or {})
     cfg = getattr(transformers, config_class)(**keys)

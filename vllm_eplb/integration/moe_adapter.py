@@ -25,6 +25,13 @@ While vllm-eplb balances, the model loader's `initialize_model` goes through `bu
    fails on the redundant slots' shape, or leaves them unfilled (one written for the
    logical experts only), refuses the model instead of serving garbage from them.
 
+A class that declares the interface is built under the same defaults (step 1): vLLM's own
+classes pass both arguments and keep theirs, but some (vLLM 0.32: Gemma 4's MoE, Param2MoE,
+Sarvam) pass neither and hard-code their counts without redundant slots, so their layers would
+route without EPLB and the balancer would wait forever for load that is never recorded. Where
+the interface's slot count is not its layers', step 2 reads the counts off the layers as for an
+adapted class; a layer built with EPLB outside the interface's `moe_layers` is refused.
+
 Only routed experts are in `moe_layers`: a shared expert is a submodule of the runner
 outside its routed experts (not among `get_expert_weights()`), a dense MLP is no runner,
 so dense layers interleaved with MoE layers and shared experts stay where they are.
@@ -63,16 +70,30 @@ def _is_multimodal(model_class: type) -> bool:
 
 @contextlib.contextmanager
 def eplb_layer_defaults(num_redundant_experts: int):
-    """FusedMoEFactory builds EPLB layers unless told otherwise, for the block's duration.
-    Model construction runs on one thread per process, so nothing else builds meanwhile."""
+    """FusedMoEFactory builds EPLB layers unless told otherwise, and so does every MoE block of
+    vLLM's loaded model modules whose `enable_eplb` parameter defaults to False (a subclass that
+    does not pass it on, as GLM-4.7-Flash's does not to GLM-4.5's block, would otherwise build its
+    layers without EPLB, and with redundant slots fail vLLM's assertion), for the block's
+    duration. Model construction runs on one thread per process, so nothing else builds
+    meanwhile."""
     from vllm.model_executor.layers.fused_moe import layer
 
     from vllm_eplb.compat.guards import running_release
     from vllm_eplb.compat.places import FUSED_MOE_FACTORY
 
-    fn = getattr(layer, FUSED_MOE_FACTORY.qualname_in(running_release()))  # 0.26 names it FusedMoE
+    factory = getattr(layer, FUSED_MOE_FACTORY.qualname_in(running_release()))  # 0.26 names it FusedMoE
+    changed = [_set_defaults(factory, {"enable_eplb": True, "num_redundant_experts": num_redundant_experts})]
+    changed += [_set_defaults(init, {"enable_eplb": True}) for init in _blocks_defaulting_eplb_off()]
+    try:
+        yield
+    finally:
+        for fn, old in changed:
+            fn.__defaults__, fn.__kwdefaults__ = old
+
+
+def _set_defaults(fn, want: dict) -> tuple:
+    """Give fn's parameters in `want` those defaults; returns (fn, its old defaults)."""
     old_pos, old_kw = fn.__defaults__, fn.__kwdefaults__
-    want = {"enable_eplb": True, "num_redundant_experts": num_redundant_experts}
     code = fn.__code__
     positional = code.co_varnames[: code.co_argcount]
     first_default = len(positional) - len(old_pos or ())
@@ -81,12 +102,29 @@ def eplb_layer_defaults(num_redundant_experts: int):
         if name in kw:
             kw[name] = value
         else:
-            pos[positional.index(name) - first_default] = value  # ValueError if the factory lost it
+            pos[positional.index(name) - first_default] = value  # ValueError if fn lost it
     fn.__defaults__, fn.__kwdefaults__ = tuple(pos) or None, kw or None
-    try:
-        yield
-    finally:
-        fn.__defaults__, fn.__kwdefaults__ = old_pos, old_kw
+    return fn, (old_pos, old_kw)
+
+
+def _blocks_defaulting_eplb_off() -> list:
+    """The __init__ of every class in vLLM's loaded model modules (the model's module and what
+    it imports) with an `enable_eplb` parameter whose default is False."""
+    import inspect
+    import sys
+
+    found = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("vllm.model_executor.models.") or module is None:
+            continue
+        for obj in list(vars(module).values()):
+            init = obj.__dict__.get("__init__") if isinstance(obj, type) and obj.__module__ == name else None
+            if not inspect.isfunction(init):
+                continue
+            param = inspect.signature(init).parameters.get("enable_eplb")
+            if param is not None and param.default is False:
+                found.append(init)
+    return found
 
 
 def build_model(initialize_model, vllm_config, **kwargs):
@@ -106,24 +144,34 @@ def build_model(initialize_model, vllm_config, **kwargs):
     cls = kwargs["model_class"]
     arch = cls.__name__
     if has_interface(cls) or _is_multimodal(cls):
-        # vLLM's own path (a multimodal model's language model may have the interface)
-        model = initialize_model(vllm_config, **kwargs)
+        # vLLM's own path (a multimodal model's language model may have the interface). A class
+        # may declare the interface and still build its layers without EPLB and without redundant
+        # slots (vLLM 0.32: Gemma 4's MoE, Param2MoE, Sarvam): built under the same defaults as an
+        # adapted class (arguments a model passes are kept), its counts are then read off its layers.
+        model = _build_with_eplb_layers(initialize_model, vllm_config, kwargs, cfg, arch)
         moe = get_mixture_of_experts_model(model)
         if moe is None:
             raise refuse(arch, "its MoE layers are not reachable through vLLM's MixtureOfExperts interface "
                                "(a multimodal model whose language model lacks it, or no MoE layer built)")
+        if not _interface_fits_layers(moe):
+            moe = adapt(moe, arch, "declares vLLM's MixtureOfExperts interface but builds its MoE layers without EPLB")
+        _check_every_eplb_layer_placed(moe, arch)
     else:
-        try:
-            with eplb_layer_defaults(cfg.num_redundant_experts):
-                model = initialize_model(vllm_config, **kwargs)
-        except (AssertionError, NotImplementedError, ValueError) as exc:
-            # e.g. a layer built with enable_eplb=False given explicitly, a quantization
-            # method without EPLB support: what vLLM raised goes with it (the exception chain)
-            raise refuse(arch, f"its MoE layers cannot be built with EPLB ({type(exc).__name__}: {exc})") from exc
-        moe = adapt(model, arch)
+        model = _build_with_eplb_layers(initialize_model, vllm_config, kwargs, cfg, arch)
+        moe = adapt(model, arch, "lacks vLLM's MixtureOfExperts interface")
     if moe.num_physical_experts > moe.num_logical_experts:
         _check_slots_loaded(model, arch, list(moe.moe_layers))
     return model
+
+
+def _build_with_eplb_layers(initialize_model, vllm_config, kwargs, cfg, arch: str):
+    try:
+        with eplb_layer_defaults(cfg.num_redundant_experts):
+            return initialize_model(vllm_config, **kwargs)
+    except (AssertionError, NotImplementedError, ValueError) as exc:
+        # e.g. a layer built with enable_eplb=False given explicitly, a quantization
+        # method without EPLB support: what vLLM raised goes with it (the exception chain)
+        raise refuse(arch, f"its MoE layers cannot be built with EPLB ({type(exc).__name__}: {exc})") from exc
 
 
 def _moe_runners(model) -> list:
@@ -132,9 +180,27 @@ def _moe_runners(model) -> list:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoERunner)]
 
 
-def adapt(model, arch: str):
+def _interface_fits_layers(moe) -> bool:
+    """The interface's slot count is its layers' and every layer routes through EPLB."""
+    layers = list(moe.moe_layers)
+    return bool(layers) and all(
+        getattr(r, "eplb_state", None) is not None and r.moe_config.num_experts == moe.num_physical_experts for r in layers
+    )
+
+
+def _check_every_eplb_layer_placed(moe, arch: str) -> None:
+    """A FusedMoE layer built with EPLB outside the interface's layers would route through maps
+    nobody sets: refused, never a dead engine."""
+    placed = {id(r) for r in moe.moe_layers}
+    stray = [name for name, r in _moe_runners(moe) if r.eplb_state is not None and id(r) not in placed]
+    if stray:
+        raise refuse(arch, f"{len(stray)} of its EPLB MoE layers ({stray[0]}, ...) are outside its MixtureOfExperts "
+                           "interface's moe_layers")
+
+
+def adapt(model, arch: str, why: str):
     """Give `model` the MixtureOfExperts interface over its FusedMoE layers (and return it),
-    or refuse it."""
+    or refuse it. why: what the class lacks, for the log."""
     from vllm.model_executor.models.interfaces import MixtureOfExperts
 
     runners = _moe_runners(model)
@@ -164,9 +230,9 @@ def adapt(model, arch: str):
     model.set_eplb_state = types.MethodType(MixtureOfExperts.set_eplb_state, model)
     model.update_physical_experts_metadata = types.MethodType(_no_elastic_ep, model)
     log.info(
-        "vllm-eplb: %s lacks vLLM's MixtureOfExperts interface: balancing its %d FusedMoE layers "
-        "(%d logical experts in %d slots) through vllm-eplb's adapter",
-        arch, len(layers), logical, physical,
+        "vllm-eplb: %s %s: balancing its %d FusedMoE layers (%d logical experts in %d slots) through "
+        "vllm-eplb's adapter",
+        arch, why, len(layers), logical, physical,
     )
     return model
 

@@ -83,7 +83,8 @@ def check_shapes(cfg: EplbConfig, vllm_config) -> None:
     if physical % ep:
         raise EplbConfigError(
             f"--eplb-config: 'num_redundant_experts' ({cfg.num_redundant_experts}) + {n} experts = {physical} slots "
-            f"do not divide over {ep} expert-parallel ranks; choose num_redundant_experts so the sum is a multiple of {ep}"
+            f"do not divide over {ep} expert-parallel ranks; choose num_redundant_experts so the sum is a multiple of {ep} "
+            f"(e.g. {cfg.num_redundant_experts + (-physical) % ep})"
         )
     if cfg.num_redundant_experts > n * (ep - 1):
         raise EplbConfigError(
