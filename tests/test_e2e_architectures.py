@@ -63,6 +63,12 @@ CASES = [
     # every second layer MoE, top-1 with the router weight on the input; vLLM's Llama-4
     # loader cannot fill redundant slots either
     Case("llama4", 0, 2, False, "transformers"),
+    # classes that declare the interface but build their layers without EPLB (Gemma 4's MoE: a
+    # dense MLP beside the experts in every layer; GLM-4.7-Flash: MLA, GLM-4.5's block built
+    # without passing enable_eplb): balanced only because moe_adapter builds them with EPLB
+    # layers. Neither loader fills redundant slots (refused with them, in one line)
+    Case("gemma4", 0, 4, False, "transformers"),
+    Case("glm4_moe_lite", 0, 3, False, "eplb_off"),
 ]
 
 
