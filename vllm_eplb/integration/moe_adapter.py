@@ -121,7 +121,7 @@ def _blocks_defaulting_eplb_off() -> list:
             init = obj.__dict__.get("__init__") if isinstance(obj, type) and obj.__module__ == name else None
             if not inspect.isfunction(init):
                 continue
-            param = inspect.signature(init).parameters.get("enable_eplb")
+            param = inspect.signature(init, follow_wrapped=False).parameters.get("enable_eplb")  # its own, not a wrapped one
             if param is not None and param.default is False:
                 found.append(init)
     return found
