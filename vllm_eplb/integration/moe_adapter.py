@@ -27,8 +27,10 @@ While vllm-eplb balances, the model loader's `initialize_model` goes through `bu
 
 A class that declares the interface is built under the same defaults (step 1): vLLM's own
 classes pass both arguments and keep theirs, but some (vLLM 0.32: Gemma 4's MoE, Param2MoE,
-Sarvam) pass neither and hard-code their counts without redundant slots, so their layers would
-route without EPLB and the balancer would wait forever for load that is never recorded. Where
+Sarvam) pass neither and hard-code their counts without redundant slots, and others build a
+block whose own `enable_eplb` defaults to False without passing it (GLM-4.7-Flash), so their
+layers would route without EPLB and the balancer would wait forever for load that is never
+recorded (or vLLM asserts, with redundant slots): those blocks default to True too. Where
 the interface's slot count is not its layers', step 2 reads the counts off the layers as for an
 adapted class; a layer built with EPLB outside the interface's `moe_layers` is refused.
 
