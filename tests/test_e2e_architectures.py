@@ -144,6 +144,8 @@ def test_balances_without_a_failed_request(served):
     for rank in (0, 1):
         assert cycles(final, rank) >= 2, pace
         assert (metric(final, "vllm:eplb_committed_layers_total", rank=rank) or 0) >= 1, pace
+        assert (metric(final, "vllm:eplb_unrecorded_windows_total", rank=rank) or 0) == 0, pace  # its layers report load
+    assert re.search(r"window of \d+ passes \([1-9]\d* of them routed tokens here\)", served["log"]), pace
     assert sum(metric(final, "vllm:eplb_moved_bytes_total", rank=r) or 0 for r in (0, 1)) > 0
 
 

@@ -238,9 +238,16 @@ def test_expert_parallel_on_cpu_matches_single_rank(eplb_off_outputs, single_ran
 def windows_logged(log_path: str, rank: int = 0) -> list[float]:
     """Balancedness measured over each window, from the balancer's log line per window
     (the scrapes can miss a window on a loaded machine; the log has them all)."""
-    pattern = re.compile(rf"EPLB rank {rank} pass \d+: window of \d+ passes, \d+ expert-token loads, balancedness ([0-9.]+)")
+    pattern = re.compile(
+        rf"EPLB rank {rank} pass \d+: window of \d+ passes \((\d+) of them routed tokens here\), \d+ expert-token loads, "
+        r"balancedness ([0-9.]+)"
+    )
     with open(log_path) as fh:
-        return [float(m.group(1)) for m in pattern.finditer(fh.read())]
+        found = list(pattern.finditer(fh.read()))
+    # the runner says which passes route real tokens (the check for a model whose layers record
+    # no load, plan_rounds._nothing_recorded): every window here served requests on this rank
+    assert all(int(m.group(1)) > 0 for m in found), [m.group(0) for m in found]
+    return [float(m.group(2)) for m in found]
 
 
 def test_balancedness_rises(eplb_run):

@@ -90,6 +90,21 @@ def test_balancedness_improves_on_skewed_load(steady):
     assert r.stats["balancedness_current"] > r.stats["balancedness_initial"] + 0.1, r.stats
 
 
+def test_a_model_that_records_no_load_is_reported_not_balanced(steady):
+    """MoE layers that never report their routed tokens (a model class the adapter does not wire):
+    every window is counted on every rank (vllm:eplb_unrecorded_windows, a warning once), nothing
+    moves. Where one rank's layers do record, no window is reported."""
+    assert all(r.stats["unrecorded_windows"] == 0 for r in steady)
+    blind = run(ranks=2, passes=200, zipf=1.5, faults=Faults(unrecorded_load=(0, 1)))
+    assert_consistent(blind)
+    for r in blind:
+        windows = r.stats["cycles_started"]
+        assert windows >= 2 and r.stats["unrecorded_windows"] == windows, r.stats
+        assert r.stats["cycles_completed"] == 0 and r.stats["experts_moved"] == 0
+    one = run(ranks=2, passes=140, zipf=1.5, faults=Faults(unrecorded_load=(1,)))
+    assert all(r.stats["unrecorded_windows"] == 0 for r in one)
+
+
 def test_later_cycle_skipped_when_gain_is_small(steady):
     # the load does not move: after the first rebalance nothing is worth 5%
     r = steady[0]

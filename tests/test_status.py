@@ -83,6 +83,17 @@ def test_stalled_server_shows_abort_reasons_and_stall():
         assert f"STALLED: no cycle completed over the last {w} windows" in block
 
 
+def test_a_model_whose_layers_record_no_load_is_named():
+    """vllm:eplb_unrecorded_windows (plan_rounds._nothing_recorded) shows on the rank's block."""
+    extra = (
+        "# HELP vllm:eplb_unrecorded_windows_total windows\n# TYPE vllm:eplb_unrecorded_windows_total counter\n"
+        'vllm:eplb_unrecorded_windows_total{rank="1"} 3.0\n'
+    )
+    screen = status.render(recorded("metrics_idle.txt") + extra, "recorded")
+    assert "NO LOAD RECORDED in 3 window(s) that routed tokens" in rank_block(screen, 1), screen
+    assert "NO LOAD RECORDED" not in rank_block(screen, 0)
+
+
 def single_rank(mode: str) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, str(HERE / "single_rank_metrics.py"), mode], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -147,6 +147,10 @@ class LoadWindow:
         self.size = size
         self.target = size  # passes of the current window: size, or fewer for a load-triggered cycle
         self.filled = 0  # passes summed since the last reset
+        # Passes since the last reset that routed tokens while the router recorded (the runner
+        # says so as each pass starts: `note_routed_pass`). A window that had such passes on
+        # some rank and no load on any is a model whose MoE layers do not report (plan_rounds).
+        self.routed = 0
         # The router records only while this flag is set: outside a window it skips
         # the work entirely.
         self.gate = RecordGate(record_flag)
@@ -173,11 +177,19 @@ class LoadWindow:
         self.sampler.reset(self.target if per_pass else 0)
         self.per_pass = per_pass
         self.filled = 0
+        self.routed = 0
         self.gate.set_window(True)
 
     def reset_watch(self) -> None:
         """Start a watch window of the load trigger (core/load_trigger.py): summed load only."""
         self.reset(per_pass=False)
+
+    def note_routed_pass(self) -> None:
+        """The pass starting now routes real tokens through the MoE layers (the runner calls
+        this before the pass; a dummy pass's tokens are not real): counted if the router
+        records it."""
+        if self.gate.recording:
+            self.routed += 1
 
     def record_pass(self) -> None:
         self.filled += 1
@@ -193,22 +205,24 @@ class LoadWindow:
         self.gate.set_window(False)
         per_pass = self.sampler.per_pass() if self.per_pass else None
         if self.pass_load.device.type == "cpu":
-            return HostSnapshot(self.pass_load.to(torch.int64, copy=True), per_pass, None)
+            return HostSnapshot(self.pass_load.to(torch.int64, copy=True), per_pass, None, self.routed)
         host = self._host
         host.copy_(self.pass_load, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return HostSnapshot(host, per_pass, event)
+        return HostSnapshot(host, per_pass, event, self.routed)
 
 
 class HostSnapshot:
     """Host tensors that are valid once `ready()` (async device->host copies may be in
-    flight): the window's load (layers, slots) and its sampled passes' per-rank load."""
+    flight): the window's load (layers, slots) and its sampled passes' per-rank load;
+    `routed`: the window's passes that routed real tokens while recording (LoadWindow.routed)."""
 
-    def __init__(self, tensor: torch.Tensor, per_pass: torch.Tensor | None, event):
+    def __init__(self, tensor: torch.Tensor, per_pass: torch.Tensor | None, event, routed: int = 0):
         self.tensor = tensor
         self.per_pass = per_pass
         self._event = event
+        self.routed = routed
 
     def ready(self) -> bool:
         return self._event is None or self._event.query()

@@ -68,6 +68,8 @@ class PlanRounds:
         c.post_at = p + 1  # first readiness vote next pass: a fast plan is ready by then
         try:
             physical = v.load.numpy().astype(np.float64)
+            if c.snapshot is not None and c.snapshot.routed and not physical.any():
+                self._nothing_recorded(p, c.snapshot.routed)
             if c.carried is not None:
                 physical = physical + c.carried.load  # the rest of the window: the watch's (core/load_trigger.py)
             observed = balancedness_of(observed_rank_loads(physical, b.topo))
@@ -78,9 +80,11 @@ class PlanRounds:
             b.stats.balancedness_sampled = passes.window_balancedness
             b.stats.straggler_share = passes.straggler_share
             log.info(
-                "EPLB rank %d pass %d: window of %d passes, %d expert-token loads, balancedness %.3f over the window, "
-                "%.3f per pass (%d passes sampled, %.3f summed; stragglers cost %.1f%% of MoE time)",
-                b.comm.rank, p, b.config.window_size, int(physical.sum()), observed,
+                "EPLB rank %d pass %d: window of %d passes (%d of them routed tokens here), %d expert-token loads, "
+                "balancedness %.3f over the window, %.3f per pass (%d passes sampled, %.3f summed; stragglers cost "
+                "%.1f%% of MoE time)",
+                b.comm.rank, p, b.config.window_size, c.snapshot.routed if c.snapshot is not None else 0,
+                int(physical.sum()), observed,
                 passes.pass_balancedness, passes.passes, passes.window_balancedness, 100 * passes.straggler_share,
             )
             logical = physical_to_logical_load(physical, b.placement, b.topo.num_logical)
@@ -95,6 +99,21 @@ class PlanRounds:
             b.faults.report(Fault.PLANNER_DEAD, exc)
         except Exception as exc:
             b.faults.report(fault_of(exc, Fault.PLANNER_ERROR), exc)
+
+    def _nothing_recorded(self, p: int, routed: int) -> None:
+        """This rank routed real tokens in `routed` passes of the window and no rank's MoE layers
+        recorded any load: the model's MoE layers do not report their routed tokens to EPLB (a
+        class vllm-eplb does not know how to wire), so every plan sees no load and nothing is
+        ever balanced. Said once in the log, counted every window (vllm:eplb_unrecorded_windows)."""
+        b = self.b
+        b.stats.unrecorded_windows += 1
+        if b.stats.unrecorded_windows == 1:
+            log.warning(
+                "vllm-eplb rank %d pass %d: %d passes of the last window routed tokens and no rank's MoE layers "
+                "recorded any expert load: this model's MoE layers do not report their routed tokens to EPLB, "
+                "so nothing can be balanced (the server keeps serving; please report the model's architecture)",
+                b.comm.rank, p, routed,
+            )
 
     # ---- planning_waiting
 

@@ -79,5 +79,7 @@ class BalancerStats:
     reenabled: int = 0
     # rounds that showed maps differing across ranks, each healed at once: (pass, layers moved, experts lost)
     maps_healed: int = 0
+    # windows in which this rank routed tokens and no rank recorded load (plan_rounds._nothing_recorded)
+    unrecorded_windows: int = 0
     heals: deque = _history()
     history: deque = _history(100_000)

@@ -100,6 +100,7 @@ class Driver:
         t0 = perf_counter_ns()
         catch_up()
         self.spent_ns = perf_counter_ns() - t0
+        b.window.note_routed_pass()  # the rigs' passes route real tokens
         if self._counted is None or self._counted():
             self.runner.count += 1  # the pass starts
         return self

@@ -64,6 +64,8 @@ class Faults:
     late_round: tuple[int, int, float] | None = None  # (rank, n, seconds): this rank posts its n-th round late
     # the runner's pass count misses that pass (a forward path that bypasses prepare_forward)
     uncounted_pass: tuple[int, str] | None = None  # (rank, phase)
+    # ranks whose MoE layers never record load (a model class whose layers do not report to EPLB)
+    unrecorded_load: tuple[int, ...] = ()
     slow_pass: tuple[int, str, float] | None = None  # (rank, phase, seconds): that pass takes this much longer
     # (rank, n): after the start-up check, this rank moves n layers per step (a bug the check
     # cannot see: its steps hold other layers than its peers')

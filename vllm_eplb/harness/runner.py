@@ -124,6 +124,8 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
     tick_us: dict[str, list[float]] = {}
     max_wait = 0.0
     pass_load = np.zeros((cfg.passes, cfg.layers), dtype=np.int64) if cfg.record_pass_load else None
+    unrecorded = rank in f.unrecorded_load  # this rank's layers record no load (record_rows 0)
+
     def counted() -> bool:  # asked after catch_up(), as the pass starts
         if uncounted.fires(balancer):
             events["uncounted_pass"] = p  # a forward path that bypasses the runner's count
@@ -140,10 +142,10 @@ def _run_scenario(rank: int, world: int, cfg: HarnessConfig) -> RankReport:
                 # The probe batch rides in this pass (its rows computed independently, its load not
                 # recorded): its outputs are those of the maps and weights this pass routes with,
                 # at no collective of its own.
-                out = model.forward(torch.cat([batch, probe]), record_rows=len(batch))
+                out = model.forward(torch.cat([batch, probe]), record_rows=0 if unrecorded else len(batch))
                 checker.check(p, probe_out=out[len(batch):])
             else:
-                model.forward(batch)
+                model.forward(batch, record_rows=0 if unrecorded else None)
             if pass_load is not None:
                 pass_load[p - 1] = (model.pass_load.sum(dim=1) - before).numpy()
             if cfg.pass_sleep_s:

@@ -149,6 +149,13 @@ class _Families:
             ["rank"],
             **_OTHER,
         )
+        self.UNRECORDED = Counter(
+            _PREFIX + "unrecorded_windows",
+            "Windows in which this rank routed tokens and no rank's MoE layers recorded any expert load: "
+            "the model's MoE layers do not report to EPLB, nothing can be balanced (warned once in the log).",
+            ["rank"],
+            **_OTHER,
+        )
         self.STAGING = Gauge(_PREFIX + "staging_bytes_max", "Largest staging memory one transfer step held.", ["rank"], **_GAUGE)
         # Why, not only whether: vllm:eplb_enabled 0 alone does not say what stopped it.
         self.DISABLED = Gauge(
@@ -313,6 +320,7 @@ class BalancerMetrics:
             (m.LOAD_TRIGGERS, "load_triggers", s.load_triggers),
             (m.REENABLED, "reenabled", s.reenabled),
             (m.MAPS_HEALED, "maps_healed", s.maps_healed),
+            (m.UNRECORDED, "unrecorded_windows", s.unrecorded_windows),
         ):
             d = self._delta(key, value)
             if d:

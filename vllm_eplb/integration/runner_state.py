@@ -301,6 +301,8 @@ class VllmEplbState:
             self._dummy_counted = False
         else:
             self._forward_starts()
+        if num_unpadded_tokens > 0 and self.balancer is not None:
+            self.balancer.window.note_routed_pass()  # a dummy pass's gate is off: not counted
         if not self.num_unpadded_tokens:
             return
         if ubatch_slices is None:

@@ -132,6 +132,9 @@ def render_rank(r: Rank) -> list[str]:
     healed = r.get("vllm:eplb_maps_healed_total")
     if healed:
         lines.append(f"  maps healed {healed:.0f} time(s): they differed across ranks, every rank went back to the agreed placement")
+    unrecorded = r.get("vllm:eplb_unrecorded_windows_total")
+    if unrecorded:
+        lines.append(f"  NO LOAD RECORDED in {unrecorded:.0f} window(s) that routed tokens: the model's MoE layers do not report to EPLB")
     if r.get("vllm:eplb_stalled") == 1:
         n = r.get("vllm:eplb_windows_without_cycle", 0)
         lines.append(f"  STALLED: no cycle completed over the last {n:.0f} windows")
