@@ -476,6 +476,9 @@ def test_dp_full_cycle_completes_on_both_ranks(dp_run):
         assert (metric(final, "vllm:eplb_cycles_total", rank=k, outcome="completed") or 0) >= 1, _counts(final, k)
         assert (metric(final, "vllm:eplb_committed_layers_total", rank=k) or 0) >= 1
         assert metric(final, "vllm:eplb_enabled", rank=k) == 1
+        # an idle rank's dummy passes route no real tokens: no window is taken for a model whose
+        # layers record nothing (plan_rounds._nothing_recorded)
+        assert (metric(final, "vllm:eplb_unrecorded_windows_total", rank=k) or 0) == 0
     assert _counts(final, 0) == _counts(final, 1)
 
 

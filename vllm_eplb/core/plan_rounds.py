@@ -51,6 +51,7 @@ class PlanRounds:
                 load, per_pass = c.snapshot.wait()
             except Exception as exc:
                 b.faults.report(Fault.INTERNAL_ERROR, exc)
+                c.snapshot.routed = 0  # a copy that failed says nothing of what the layers recorded
         if load is None:
             load, per_pass = self.load_layout.zeros()
         common = b.votes.common()
