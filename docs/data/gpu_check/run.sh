@@ -4,6 +4,9 @@
 # assemble.sh carried as .gpu/assemble.sh) once per machine, install this tree over it, then run
 # the command given, e.g.
 #   bash docs/data/gpu_check/run.sh python3 benchmarks/gpu_check.py --commit HASH --json $OUT/gpu_check.json
+# A call's limit kills everything it started, the copy of server logs to $OUT after the command
+# included: bound a long command below the call's limit (e.g. `timeout 480 python3 ...; cp ...`) so
+# the logs of a run cut by time come back (2026-12-07: vLLM sync at EP=4 cut with no log).
 set -u
 T0=$(date +%s)
 if [ ! -f /tmp/site/.assembled ]; then
