@@ -43,7 +43,10 @@ its map names, weights and scales (`vllm:eplb_slot_checks_total`), in float32 an
 
 On one GPU, `--deployments hosts --ranks 2` (or 4) puts that many engines on it as hosts: a real
 expert-parallel group of vLLM engines, so every configuration runs there (the correctness checks
-included). TP and DP deployments need a GPU per rank: with one GPU and no `hosts`, vLLM refuses
+included). There a start-up (torch.compile, CUDA graphs, engines sharing the GPU) takes 100-175 s,
+longer than a run: `--resident` starts every configuration's server once, side by side, and
+interleaves the reps on them, one under load at a time (an idle data-parallel deployment runs no
+passes), so interleaved reps of every configuration fit one call. TP and DP deployments need a GPU per rank: with one GPU and no `hosts`, vLLM refuses
 EPLB (it needs TP, DP or PCP > 1) and so does vllm-eplb, and the command runs `--single-gpu`
 checks instead: the plugin with EPLB off against the plugin absent (tokens/s,
 interleaved), one expert-parallel rank refused in one line by vLLM's own CLI, and a slot swap in a
@@ -80,16 +83,70 @@ CONFIGS = ("off", "vllm-sync", "vllm-async", "vllm-eplb")
 # --------------------------------------------------------------------------- one run
 
 
+def run_head(a, deployment: str, config: str, rep: int) -> dict:
+    return {"deployment": deployment, "config": config, "rep": rep, "ranks": a.ranks, "device": a.device}
+
+
 def timed_run(a, workdir: str, model: str, vocab: int, deployment: str, config: str, rep: int) -> dict:
-    tag = f"{deployment}-{config.replace(':', '_')}-r{rep}"
-    res = {"deployment": deployment, "config": config, "rep": rep, "ranks": a.ranks, "device": a.device}
+    """One run on a server of its own: start, warm up, measure, stop."""
+    res = run_head(a, deployment, config, rep)
     t_start = time.monotonic()
-    s = start_server(a, workdir, model, deployment, config, tag)
+    s = start_server(a, workdir, model, deployment, config, f"{deployment}-{config.replace(':', '_')}-r{rep}")
     res["start_s"] = time.monotonic() - t_start
+    try:
+        res.update(measure(a, s, model, vocab, config, a.warmup))
+    finally:
+        s.stop()
+    return res
+
+
+def resident_runs(a, workdir: str, model: str, vocab: int, deployment: str, configs: list[str]):
+    """Every configuration's server started once, side by side, then the reps interleaved on
+    them (rep r in an order rotated by r), one server under load at a time: a start-up per
+    configuration instead of per run, so reps fit where start-ups cost minutes (engines sharing
+    a GPU). An idle server runs no passes (vLLM's data-parallel engines pause together when no
+    request is in flight), so the others take nothing from the run measured; each server warms
+    up before its first run only. Yields each run's row."""
+    import concurrent.futures as cf
+
+    def start(config: str):
+        t0 = time.monotonic()
+        return start_server(a, workdir, model, deployment, config, f"{deployment}-{config.replace(':', '_')}-resident"), \
+            time.monotonic() - t0
+
+    servers: dict[str, tuple] = {}
+    try:
+        with cf.ThreadPoolExecutor(len(configs)) as pool:
+            futures = {c: pool.submit(start, c) for c in configs}
+            errors = []
+            for c, f in futures.items():
+                try:
+                    servers[c] = f.result()
+                except Exception as exc:  # the others still get stopped below
+                    errors.append(f"{c}: {exc}")
+            if errors:
+                raise RuntimeError("resident servers did not start: " + "; ".join(errors))
+        for rep in range(a.reps):
+            for config in configs[rep % len(configs):] + configs[: rep % len(configs)]:
+                s, start_s = servers[config]
+                res = run_head(a, deployment, config, rep)
+                res.update(start_s=start_s, resident=True)
+                res.update(measure(a, s, model, vocab, config, a.warmup if rep == 0 else 0.0))
+                yield res
+    finally:
+        for s, _ in servers.values():
+            s.stop()
+
+
+def measure(a, s, model: str, vocab: int, config: str, warmup: float) -> dict:
+    """Warm-up load, then the measured load on a serving deployment: the run's figures. Counters
+    (cycles, layers moved) count from the start of this run's load, warm-up included."""
     kind = "vllm-eplb" if config.startswith("vllm-eplb") else ("vllm-async" if config.startswith("vllm-async") else "vllm")
+    before = s.metrics(prefix="vllm:") if kind == "vllm-eplb" else {}
     watch = LogWatch(s.log_path, "vllm-eplb" if kind == "vllm-eplb" else "vllm")
     try:
-        Load(s.port, model, a, vocab, a.warmup).run()  # compile caches, first cycles of the window
+        if warmup > 0:
+            Load(s.port, model, a, vocab, warmup).run()  # compile caches, first cycles of the window
         balancedness, stop = [], threading.Event()
 
         def scrape():
@@ -107,17 +164,20 @@ def timed_run(a, workdir: str, model: str, vocab: int, deployment: str, config: 
         load = Load(s.port, model, a, vocab, a.seconds)
         t0, t1 = load.run()
         stop.set()
-        final = s.metrics(prefix="vllm:")
+        final = s.metrics(prefix="vllm:") if kind == "vllm-eplb" else {}
     finally:
         events = watch.stop()
-        s.stop()
+
+    def grown(name: str, **labels) -> float:
+        return (metric(final, name, **labels) or 0.0) - (metric(before, name, **labels) or 0.0)
+
     ok = [r for r in load.requests if not r.error and r.first >= t0]
     itls = [(t, t - prev) for r in ok for prev, t in zip(r.times, r.times[1:])]
     steady_med = statistics.median([d for _, d in itls]) if itls else 0.0
     wins = [(b, e) for b, e in windows_of([ev for ev in events if ev[1] >= t0], kind, steady_med, a.layers) if b <= t1]
     inside = [d for t, d in itls if any(b <= t <= e + 2 * steady_med for b, e in wins)]
     steady = [d for t, d in itls if not any(b <= t <= e + 2 * steady_med for b, e in wins)]
-    res.update(
+    res = dict(
         tokens_per_s=sum(r.tokens for r in ok) / max(1e-9, t1 - t0),
         itl_p50_ms=pct([d for _, d in itls], 50) * 1e3,
         itl_p99_ms=pct([d for _, d in itls], 99) * 1e3,
@@ -128,8 +188,8 @@ def timed_run(a, workdir: str, model: str, vocab: int, deployment: str, config: 
         failed=sum(1 for r in load.requests if r.error),
         requests=len(load.requests),
         balancedness=statistics.median(balancedness) if balancedness else float("nan"),
-        cycles=metric(final, "vllm:eplb_cycles_total", rank=0, outcome="completed") if kind == "vllm-eplb" else len(wins),
-        layers_moved=metric(final, "vllm:eplb_committed_layers_total", rank=0) if kind == "vllm-eplb" else len(wins) * a.layers,
+        cycles=grown("vllm:eplb_cycles_total", rank=0, outcome="completed") if kind == "vllm-eplb" else len(wins),
+        layers_moved=grown("vllm:eplb_committed_layers_total", rank=0) if kind == "vllm-eplb" else len(wins) * a.layers,
     )
     errors = [r.error for r in load.requests if r.error][:3]
     if errors:
@@ -314,6 +374,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache per engine where engines share a GPU")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--resident", action="store_true",
+                    help="start every configuration's server once, side by side, and interleave the reps on them "
+                         "(one under load at a time): a start-up per configuration, not per run")
     ap.add_argument("--seconds", type=float, default=60.0, help="measured load per run")
     ap.add_argument("--warmup", type=float, default=20.0)
     ap.add_argument("--clients", type=int, default=64)
@@ -352,9 +415,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.smoke:
         a.layers, a.experts, a.top_k, a.hidden, a.moe_intermediate, a.vocab = 4, 16, 2, 128, 64, 512
-        a.groups, a.hot, a.reps, a.seconds, a.warmup, a.clients = 2, 2, 1, 20.0, 5.0, 4
-        a.prompt_len, a.max_tokens, a.window, a.interval, a.check_seconds, a.check_window = 16, 16, 16, 32, 25.0, 16
+        a.groups, a.hot, a.clients = 2, 2, 4
+        a.prompt_len, a.max_tokens, a.window, a.interval, a.check_window = 16, 16, 16, 32, 16
         a.check_tokens, a.dtype = 12, "float32"
+        for key, short in (("reps", 1), ("seconds", 20.0), ("warmup", 5.0), ("check_seconds", 25.0)):
+            if getattr(a, key) == ap.get_default(key):  # short runs, unless given
+                setattr(a, key, short)
     a.gpus = 0
     if a.device == "cuda" and not a.report:
         import torch
@@ -420,11 +486,16 @@ def main(argv=None) -> int:
         for row in single_gpu_checks(a, workdir, model, vocab):
             keep(row)
     else:
-        for rep in range(a.reps):
-            order = configs[rep % len(configs):] + configs[: rep % len(configs)]
+        if a.resident:
             for dep in deployments:
-                for cfg in order:
-                    keep(timed_run(a, workdir, model, vocab, dep, cfg, rep))
+                for row in resident_runs(a, workdir, model, vocab, dep, configs):
+                    keep(row)
+        else:
+            for rep in range(a.reps):
+                order = configs[rep % len(configs):] + configs[: rep % len(configs)]
+                for dep in deployments:
+                    for cfg in order:
+                        keep(timed_run(a, workdir, model, vocab, dep, cfg, rep))
         eplb = next((c for c in configs if c.startswith("vllm-eplb")), None)
         for kind, (checked, dtype, quant) in (correctness_models(a, model) if eplb else {}).items():
             keep(correctness(a, workdir, checked, vocab, deployments[0], eplb, dtype, quant, kind))

@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import sys
+import threading
 
 from vllm_eplb.harness.server import Hosts, Server, vllm_bin
 
@@ -83,11 +85,33 @@ def host_env(a, host: int) -> dict[str, str]:
     return env
 
 
+_TAKEN: set[int] = set()
+_TAKEN_LOCK = threading.Lock()
+
+
+def free_port(lo: int, span: int) -> int:
+    """A port in [lo, lo + span) that nothing listens on and that no server this process started
+    was given: servers started side by side (gpu_check's deployments, --resident) must not meet."""
+    with _TAKEN_LOCK:
+        for _ in range(200):
+            port = lo + random.randrange(span)
+            if port in _TAKEN:
+                continue
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _TAKEN.add(port)
+            return port
+    raise RuntimeError(f"no free port in {lo}-{lo + span - 1}")
+
+
 def start_server(a, workdir: str, model: str, deployment: str, config: str, tag: str, verify=False, dtype=None, quant=None,
                  window=None, interval=None, eplb_more: dict | None = None, extra=(), env: dict | None = None):
     """Start a deployment and wait until it serves: a Server, or for `hosts` a Hosts (its front
     end answers as a Server does: url, port, log_path of rank 0's host, metrics())."""
-    port = 8300 + random.randrange(600)
+    port = free_port(8300, 600)
     path = eplb_json(a, config, os.path.join(workdir, f"{tag}.eplb.json"), verify, window, interval, eplb_more)
     argv = server_argv(a, model, deployment, config, path, dtype or a.serve_dtype, quant, extra)
     env = {"VLLM_USE_FLASHINFER_SAMPLER": "0", **(env or {})}
@@ -98,7 +122,7 @@ def start_server(a, workdir: str, model: str, deployment: str, config: str, tag:
     if dtype == "float32" and a.device == "cuda":
         env["VLLM_ATTENTION_BACKEND"] = "TRITON_ATTN"  # FlashAttention serves no float32
     if deployment == "hosts":
-        hosts = Hosts(model, argv, a.ranks, port, 13000 + random.randrange(2000), workdir, tag=f"{tag}-host",
+        hosts = Hosts(model, argv, a.ranks, port, free_port(13000, 2000), workdir, tag=f"{tag}-host",
                       env_of=lambda h: {**env, **host_env(a, h)})
         return hosts.start(a.start_timeout)
     s = Server(model, port, log_path=os.path.join(workdir, f"{tag}.log"), argv=argv + ["--port", str(port)], env=env)
