@@ -37,6 +37,11 @@ The three deployments start together (six engines share the GPU; start-up is tor
 CUDA-graph capture, mostly CPU) and each runs its phase in its own thread. Outputs of vLLM's fp8 MoE
 are not reproducible run to run on this GPU (docs/benchmarks.md, 2026-12-01), so fp8 is checked by
 bytes only. Exit status 0 when every check is ok.
+
+On a machine of two or more GPUs the same command puts one engine on each of GPUs 0 and 1 (hosts on
+one machine, NCCL between GPUs), and `--deployment tp` serves each deployment as one TP=2 + EP server
+instead (its two ranks on one front end's /metrics directly, nothing relayed). Deployments that run
+together share the GPUs, so every engine's KV cache is sized in bytes either way.
 """
 
 from __future__ import annotations
@@ -142,7 +147,8 @@ def settled_metrics(server, timeout_s: float = 60.0, states: tuple = ("idle", "c
         ms = server.metrics()
         state = state_of(ms)
         entered = metric(ms, "vllm:eplb_state_entered_pass", rank=0, state=state) if state else None
-        relayed = [metric(ms, "vllm:eplb_relayed_pass", rank=r) for r in RANKS[1:]]
+        # ranks of other hosts reach the front end relayed by rank 0; one server's ranks directly
+        relayed = [metric(ms, "vllm:eplb_relayed_pass", rank=r) for r in RANKS[1:]] if hasattr(server, "servers") else []
         if entered is not None and all(p is not None and p > entered + 2 for p in relayed) and state in states:
             return ms
         if time.monotonic() > deadline:
@@ -285,7 +291,8 @@ def deployment_phase(a, wd: str, name: str, model: str, vocab: int, eplb: bool, 
     res: dict = {"deployment": name, "model": os.path.basename(model.rstrip("/"))}
     t0 = time.monotonic()
     rpc_args = dict(RPC, env={**RPC["env"], **(env or {})}) if eplb else {"env": env}
-    s = start_server(a, wd, model, "hosts", "vllm-eplb" if eplb else "off", name, verify=eplb,
+    res["serving"] = a.deployments
+    s = start_server(a, wd, model, a.deployments, "vllm-eplb" if eplb else "off", name, verify=eplb,
                      window=a.window, interval=a.interval, eplb_more=EPLB if eplb else None, **rpc_args)
     res["start_s"] = round(time.monotonic() - t0, 1)
     prompts = probe_prompts(a, vocab)
@@ -364,7 +371,8 @@ def verdict(row: dict, off: dict | None) -> bool:
     ok = (
         all(ranks[r]["cycles_completed"] >= 1 and ranks[r]["slot_checks_ok"] > 0 and ranks[r]["slot_checks_mismatch"] == 0
             and ranks[r]["enabled"] == 1 for r in RANKS)
-        and ranks[1]["relayed_pass"] is not None and row["status_shows_every_rank"]
+        and (row.get("serving", "hosts") != "hosts" or ranks[1]["relayed_pass"] is not None)
+        and row["status_shows_every_rank"]
         and ranks[0]["cycles_completed"] == ranks[1]["cycles_completed"]
         and row["final_slots_hold_their_experts"] and row["ranks_read_at_start"] == len(RANKS)
         and logs["clock_mismatch"] == 0 and logs["missed_tick_alarms"] == 0 and logs["tracebacks"] == 0
@@ -389,6 +397,9 @@ def main(argv=None) -> int:
     ap.add_argument("--commit", default=None, help="the commit checked (default: git rev-parse HEAD)")
     ap.add_argument("--seconds", type=float, default=40.0, help="load per deployment")
     ap.add_argument("--no-fp8", action="store_true")
+    ap.add_argument("--deployment", choices=("hosts", "tp"), default="hosts",
+                    help="hosts: two engines as two hosts (front end + headless; on one GPU, sharing it); "
+                         "tp: one server, TP=2 + EP (two GPUs)")
     ap.add_argument("--min-reload-attempts", type=int, default=1,
                     help="reloads before the first one inside a transfer may end the reload check (2 runs both checkpoints)")
     ap.add_argument("--workdir", default=None)
@@ -397,13 +408,14 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     shape = ["--layers", "8", "--experts", "16", "--top-k", "2", "--hidden", "512", "--moe-intermediate", "256",
              "--groups", "2", "--hot", "3", "--vocab", "2048", "--clients", "16", "--prompt-len", "64", "--max-tokens", "64",
-             "--phases", "4", "--window", "32", "--interval", str(INTERVAL), "--ranks", "2", "--deployments", "hosts",
+             "--phases", "4", "--window", "32", "--interval", str(INTERVAL), "--ranks", "2", "--deployments", o.deployment,
              "--check-tokens", "32", "--max-model-len", "512", "--start-timeout", "420", "--device", o.device,
              "--model-dir", o.model_dir]
     if o.device == "cpu":
         shape += ["--dtype", "float32", "--hidden", "128", "--moe-intermediate", "128", "--vocab", "512", "--clients", "4",
                   "--prompt-len", "16", "--max-tokens", "16", "--check-tokens", "12"]
     a = parse_args(shape)
+    a.side_by_side = True  # the deployments below run together: each engine's KV cache sized in bytes
     wd = o.workdir or tempfile.mkdtemp(prefix="eplb-check-")
     os.makedirs(wd, exist_ok=True)
     model = build_model(a.model_dir, a)

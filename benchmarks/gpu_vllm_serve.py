@@ -115,6 +115,7 @@ def resident_runs(a, workdir: str, model: str, vocab: int, deployment: str, conf
             time.monotonic() - t0
 
     servers: dict[str, tuple] = {}
+    a.side_by_side = len(configs) > 1  # the servers share the GPUs: KV cache sized in bytes
     try:
         with cf.ThreadPoolExecutor(len(configs)) as pool:
             futures = {c: pool.submit(start, c) for c in configs}

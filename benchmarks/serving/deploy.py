@@ -44,10 +44,12 @@ def server_argv(a, model: str, deployment: str, config: str, eplb_path: str | No
         # twice max_num_seqs (512 at its default): 21-32 s of each engine's start-up on a shared
         # GPU went to capturing batch sizes no run reaches
         cmd += ["--max-num-seqs", str(max(1, a.clients))]
-        if deployment == "hosts" and a.ranks > a.gpus:
-            # --gpu-memory-utilization is then only vLLM's start-up floor on free memory (share x
-            # the GPU): at its default 0.92 an engine that starts after another on an 80 GB H100
-            # is refused ("Free memory on device ... less than desired GPU memory utilization")
+        if deployment == "hosts" and a.ranks > a.gpus or getattr(a, "side_by_side", False):
+            # engines sharing a GPU: several hosts of one deployment, or deployments started side by
+            # side (gpu_check's, --resident's). --gpu-memory-utilization is then only vLLM's
+            # start-up floor on free memory (share x the GPU): at its default 0.92 an engine that
+            # starts after another on an 80 GB H100 is refused ("Free memory on device ... less than
+            # desired GPU memory utilization")
             cmd += ["--kv-cache-memory-bytes", str(int(a.kv_cache_gib * 2**30)), "--gpu-memory-utilization", "0.25"]
         else:
             cmd += ["--gpu-memory-utilization", str(a.gpu_memory_utilization)]
