@@ -87,11 +87,21 @@ def run_head(a, deployment: str, config: str, rep: int) -> dict:
     return {"deployment": deployment, "config": config, "rep": rep, "ranks": a.ranks, "device": a.device}
 
 
+def rotated(configs: list[str], rep: int) -> list[str]:
+    """The order rep `rep` runs the configurations in: rotated by rep, so none always goes first."""
+    k = rep % len(configs)
+    return configs[k:] + configs[:k]
+
+
+def server_tag(deployment: str, config: str, suffix: str) -> str:
+    return f"{deployment}-{config.replace(':', '_')}-{suffix}"
+
+
 def timed_run(a, workdir: str, model: str, vocab: int, deployment: str, config: str, rep: int) -> dict:
     """One run on a server of its own: start, warm up, measure, stop."""
     res = run_head(a, deployment, config, rep)
     t_start = time.monotonic()
-    s = start_server(a, workdir, model, deployment, config, f"{deployment}-{config.replace(':', '_')}-r{rep}")
+    s = start_server(a, workdir, model, deployment, config, server_tag(deployment, config, f"r{rep}"))
     res["start_s"] = time.monotonic() - t_start
     try:
         res.update(measure(a, s, model, vocab, config, a.warmup))
@@ -111,7 +121,7 @@ def resident_runs(a, workdir: str, model: str, vocab: int, deployment: str, conf
 
     def start(config: str):
         t0 = time.monotonic()
-        return start_server(a, workdir, model, deployment, config, f"{deployment}-{config.replace(':', '_')}-resident"), \
+        return start_server(a, workdir, model, deployment, config, server_tag(deployment, config, "resident")), \
             time.monotonic() - t0
 
     servers: dict[str, tuple] = {}
@@ -128,7 +138,7 @@ def resident_runs(a, workdir: str, model: str, vocab: int, deployment: str, conf
             if errors:
                 raise RuntimeError("resident servers did not start: " + "; ".join(errors))
         for rep in range(a.reps):
-            for config in configs[rep % len(configs):] + configs[: rep % len(configs)]:
+            for config in rotated(configs, rep):
                 s, start_s = servers[config]
                 res = run_head(a, deployment, config, rep)
                 res.update(start_s=start_s, resident=True)
@@ -493,9 +503,8 @@ def main(argv=None) -> int:
                     keep(row)
         else:
             for rep in range(a.reps):
-                order = configs[rep % len(configs):] + configs[: rep % len(configs)]
                 for dep in deployments:
-                    for cfg in order:
+                    for cfg in rotated(configs, rep):
                         keep(timed_run(a, workdir, model, vocab, dep, cfg, rep))
         eplb = next((c for c in configs if c.startswith("vllm-eplb")), None)
         for kind, (checked, dtype, quant) in (correctness_models(a, model) if eplb else {}).items():

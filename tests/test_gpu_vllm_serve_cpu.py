@@ -90,10 +90,10 @@ def test_gpu_servers_capture_graphs_only_up_to_the_runs_clients():
     sys.path.insert(0, ROOT)
     from benchmarks.serving.deploy import server_argv
 
-    def argv(device, ranks, gpus):
+    def argv(device, ranks, gpus, deployment="hosts", **more):
         a = argparse.Namespace(ranks=ranks, gpus=gpus, device=device, clients=16, max_model_len=512,
-                               kv_cache_gib=4.0, gpu_memory_utilization=0.8, window=64, interval=128, redundant=2)
-        return server_argv(a, "/m", "hosts", "vllm-eplb", "/e.json", "bfloat16", None)
+                               kv_cache_gib=4.0, gpu_memory_utilization=0.8, window=64, interval=128, redundant=2, **more)
+        return server_argv(a, "/m", deployment, "vllm-eplb", "/e.json", "bfloat16", None)
 
     shared = argv("cuda", 2, 1)
     assert shared[shared.index("--max-num-seqs") + 1] == "16"
@@ -102,10 +102,8 @@ def test_gpu_servers_capture_graphs_only_up_to_the_runs_clients():
     assert "--kv-cache-memory-bytes" not in own and own[own.index("--gpu-memory-utilization") + 1] == "0.8"
     # deployments side by side (gpu_check's three, --resident's), one engine per GPU: they share
     # the GPUs all the same, so each engine's KV cache is sized in bytes
-    side = argparse.Namespace(ranks=2, gpus=2, device="cuda", clients=16, max_model_len=512, kv_cache_gib=4.0,
-                              gpu_memory_utilization=0.8, window=64, interval=128, redundant=2, side_by_side=True)
     for deployment in ("hosts", "tp"):
-        together = server_argv(side, "/m", deployment, "vllm-eplb", "/e.json", "bfloat16", None)
+        together = argv("cuda", 2, 2, deployment, side_by_side=True)
         assert together[together.index("--kv-cache-memory-bytes") + 1] == str(4 * 2**30), deployment
     cpu = argv("cpu", 2, 0)
     assert "--max-num-seqs" not in cpu and "--enforce-eager" in cpu and cpu[-2:] == ["--eplb-config", "/e.json"]
